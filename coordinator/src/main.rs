@@ -1,0 +1,50 @@
+//! `switchyard`: the operator CLI.
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Expert-parallel MoE serving: placement, models, cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Expert placement: solve, evaluate, compare, simulate, export, benchmark.
+    #[command(subcommand)]
+    Place(cli::place::PlaceCommand),
+    /// Routing traces: synthesise, convert, summarise.
+    #[command(subcommand)]
+    Trace(cli::trace::TraceCommand),
+    /// Model checkpoints: check against reference outputs, show info, benchmark.
+    #[command(subcommand)]
+    Model(cli::model::ModelCommand),
+    /// Generate tokens from a model in this process.
+    Generate(cli::model::GenerateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Place(c) => cli::place::run(c),
+        Command::Trace(c) => cli::trace::run(c),
+        Command::Model(c) => cli::model::run(c),
+        Command::Generate(a) => cli::model::generate(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

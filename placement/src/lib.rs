@@ -1,0 +1,21 @@
+//! Expert placement for expert-parallel MoE serving.
+//!
+//! Pure library: routing traces and their statistics, synthetic traces, the placement file format,
+//! solvers (`contiguous`, `eplb`, `ilp`) and the evaluator. No async, no I/O beyond files.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod placement;
+pub mod topology;
+pub mod trace;
+pub mod stats;
+pub mod synth;
+pub mod eval;
+pub mod plot;
+pub mod solver;
+
+pub use error::{PlacementError, TraceError};
+pub use placement::Placement;
+pub use stats::RoutingStats;
+pub use topology::Topology;
+pub use trace::RoutingTrace;

@@ -1,0 +1,1 @@
+//! Switchyard worker: model loading and execution (in progress).
