@@ -1,1 +1,220 @@
-//! (in progress)
+//! Placement solvers: `contiguous` (baseline), `eplb` (DeepSeek's greedy) and `ilp` (good_lp + HiGHS,
+//! decomposed layer by layer and node → rank, warm-started from `eplb`).
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::eval::{local_dispatch, rank_loads, same_rank_hops};
+use crate::{Placement, PlacementError, RoutingStats, Topology};
+
+pub mod contiguous;
+pub mod eplb;
+pub mod ilp;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SolverKind {
+    Contiguous,
+    Eplb,
+    Ilp,
+}
+
+impl FromStr for SolverKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "contiguous" => Ok(Self::Contiguous),
+            "eplb" => Ok(Self::Eplb),
+            "ilp" => Ok(Self::Ilp),
+            _ => Err(format!("unknown solver {s:?} (expected contiguous, eplb or ilp)")),
+        }
+    }
+}
+
+/// Which data path the traffic term of the objective models (see DESIGN.md, Data path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Tokens return to their home rank after every layer: count dispatches that leave the home node.
+    Home,
+    /// Tokens follow their primary expert: count primary-expert hops that change rank between layers.
+    Affinity,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "home" => Ok(Self::Home),
+            "affinity" => Ok(Self::Affinity),
+            _ => Err(format!("unknown mode {s:?} (expected home or affinity)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SolveOptions {
+    pub topology: Topology,
+    pub slots_per_rank: usize,
+    /// Expert groups (DeepSeek's `n_group`) for hierarchical EPLB.
+    pub groups: Option<usize>,
+    pub mode: Mode,
+    /// Wall-clock budget of the ILP as a whole.
+    pub time_limit: Duration,
+    /// How much the ILP may give up on a layer's rank-load optimum to gain traffic (0.01 = 1 %). It
+    /// never exceeds the warm start's max rank load of that layer.
+    pub balance_slack: f64,
+    /// Weight of the traffic fraction against imbalance in the reported objective.
+    pub traffic_weight: f64,
+    /// Subproblems solved in parallel.
+    pub threads: usize,
+}
+
+impl SolveOptions {
+    pub fn new(topology: Topology, slots_per_rank: usize) -> Self {
+        Self {
+            topology,
+            slots_per_rank,
+            groups: None,
+            mode: Mode::Home,
+            time_limit: Duration::from_secs(60),
+            balance_slack: 0.0,
+            traffic_weight: 1.0,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// The objective every solver is scored on: `imbalance + traffic_weight * traffic`, where imbalance is
+/// Σ_l max rank load / Σ_l mean rank load (1 / balancedness) and traffic is the cross-node dispatch
+/// fraction (home mode) or the cross-rank primary-hop fraction (affinity mode).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Objective {
+    pub imbalance: f64,
+    pub traffic: f64,
+    pub value: f64,
+}
+
+pub fn objective(placement: &Placement, stats: &RoutingStats, mode: Mode, traffic_weight: f64) -> Objective {
+    let node_of_rank = placement.topology.node_of_rank();
+    let ranks = placement.num_ranks() as f64;
+    let (mut max_sum, mut mean_sum, mut kept, mut total) = (0.0, 0.0, 0.0, 0.0);
+    for (l, layer) in placement.layers.iter().enumerate() {
+        let loads = rank_loads(&layer.ranks, &stats.load[l]);
+        max_sum += loads.iter().copied().fold(0.0, f64::max);
+        mean_sum += loads.iter().sum::<f64>() / ranks;
+        match mode {
+            Mode::Home => {
+                kept += local_dispatch(&layer.ranks, &node_of_rank, &stats.node_demand(l, &placement.topology.nodes));
+                total += stats.load[l].iter().sum::<f64>();
+            }
+            Mode::Affinity if l + 1 < placement.layers.len() => {
+                let t = &stats.transitions[l];
+                kept += same_rank_hops(&layer.ranks, &placement.layers[l + 1].ranks, t, stats.num_experts);
+                total += t.iter().sum::<f64>();
+            }
+            Mode::Affinity => {}
+        }
+    }
+    let imbalance = if mean_sum > 0.0 { max_sum / mean_sum } else { 1.0 };
+    let traffic = if total > 0.0 { 1.0 - kept / total } else { 0.0 };
+    Objective { imbalance, traffic, value: imbalance + traffic_weight * traffic }
+}
+
+/// What a solve did, for people and for machines.
+#[derive(Debug, Clone, Serialize)]
+pub struct SolveReport {
+    pub solver: SolverKind,
+    pub mode: Mode,
+    /// The objective of the warm start (`eplb`) when the solver had one.
+    pub warm_start: Option<Objective>,
+    pub objective: Objective,
+    /// Largest relative optimality gap HiGHS proved on a rank-load subproblem (0 = all optimal).
+    pub balance_gap: Option<f64>,
+    /// Largest relative optimality gap proved on a traffic subproblem.
+    pub traffic_gap: Option<f64>,
+    pub sweeps: usize,
+    pub subproblems: usize,
+    pub subproblems_hit_time_limit: usize,
+    pub layers_improved: usize,
+    pub solve_seconds: f64,
+}
+
+/// Progress of a long solve: `done` of `total` layer visits in the current sweep.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub sweep: usize,
+    pub done: usize,
+    pub total: usize,
+}
+
+pub fn solve(
+    kind: SolverKind,
+    stats: &RoutingStats,
+    opts: &SolveOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(Placement, SolveReport), PlacementError> {
+    opts.topology.validate()?;
+    check_capacity(stats.num_experts, &opts.topology, opts.slots_per_rank)?;
+    if !(0.0..=1.0).contains(&opts.balance_slack) {
+        return Err(PlacementError::Solver(format!("balance slack {} is not in 0..=1", opts.balance_slack)));
+    }
+    let started = std::time::Instant::now();
+    let report = |solver, placement: &Placement, warm_start| SolveReport {
+        solver,
+        mode: opts.mode,
+        warm_start,
+        objective: objective(placement, stats, opts.mode, opts.traffic_weight),
+        balance_gap: None,
+        traffic_gap: None,
+        sweeps: 0,
+        subproblems: 0,
+        subproblems_hit_time_limit: 0,
+        layers_improved: 0,
+        solve_seconds: started.elapsed().as_secs_f64(),
+    };
+    match kind {
+        SolverKind::Contiguous => {
+            let p = contiguous::solve(stats.num_layers, stats.num_experts, &opts.topology, opts.slots_per_rank)?;
+            let r = report(kind, &p, None);
+            Ok((p, r))
+        }
+        SolverKind::Eplb => {
+            let p = eplb::solve(stats, &opts.topology, opts.slots_per_rank, opts.groups)?;
+            let r = report(kind, &p, None);
+            Ok((p, r))
+        }
+        SolverKind::Ilp => {
+            let start = eplb::solve(stats, &opts.topology, opts.slots_per_rank, opts.groups)?;
+            let warm = objective(&start, stats, opts.mode, opts.traffic_weight);
+            let (p, run) = ilp::solve(stats, opts, start, progress)?;
+            let mut r = report(kind, &p, Some(warm));
+            r.balance_gap = run.balance_gap;
+            r.traffic_gap = run.traffic_gap;
+            r.sweeps = run.sweeps;
+            r.subproblems = run.subproblems;
+            r.subproblems_hit_time_limit = run.hit_time_limit;
+            r.layers_improved = run.layers_improved;
+            Ok((p, r))
+        }
+    }
+}
+
+pub(crate) fn check_capacity(num_experts: usize, topology: &Topology, slots_per_rank: usize) -> Result<(), PlacementError> {
+    let ranks = topology.num_ranks();
+    if slots_per_rank == 0 {
+        return Err(PlacementError::Solver("slots per rank must be at least 1".into()));
+    }
+    if slots_per_rank > num_experts {
+        return Err(PlacementError::Solver(format!(
+            "{slots_per_rank} slots per rank exceed the {num_experts} experts (a rank holds each expert at most once)"
+        )));
+    }
+    if ranks * slots_per_rank < num_experts {
+        return Err(PlacementError::Solver(format!(
+            "{ranks} ranks x {slots_per_rank} slots cannot hold {num_experts} experts"
+        )));
+    }
+    Ok(())
+}

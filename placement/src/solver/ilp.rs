@@ -1,0 +1,530 @@
+//! The ILP solver: good_lp + HiGHS, decomposed so that DeepSeek-V3 scale takes seconds.
+//!
+//! One monolithic model of every layer, rank and token is hopeless at 58 layers × 256 experts × 32
+//! ranks. Instead the solver starts from the `eplb` placement and improves one layer at a time with
+//! its neighbour layers fixed, in two levels that mirror the hardware:
+//!
+//! 1. **node level** (only with several nodes): how many replicas of each expert every node holds,
+//!    maximising the traffic kept inside a node (home mode: dispatches from tokens whose home rank is
+//!    on that node; affinity mode: primary-expert hops to or from the neighbour layers' experts on
+//!    that node) while no node carries more load than the heaviest node of the current layer;
+//! 2. **rank level**, per node: which rank holds which of the node's replicas. First the minimum
+//!    max-rank load is solved (its proven gap is reported), then traffic kept on one rank is
+//!    maximised with the rank load capped at that optimum plus `balance_slack`, and never above the
+//!    warm start's max rank load of the layer.
+//!
+//! Replica counts stay those of the warm start (EPLB's replicate-the-heaviest is what minimises the
+//! per-replica load). A candidate layer is accepted only when the exact evaluator says it keeps more
+//! traffic without exceeding the layer's load cap, so the result never scores worse than its warm
+//! start. Home mode layers are independent and solved once each; affinity mode sweeps odd layers, then
+//! even layers (each half in parallel, neighbours fixed) until a sweep gains nothing or time runs out.
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use good_lp::{Expression, ProblemVariables, Variable, variable};
+use highs::HighsModelStatus;
+
+use super::{Mode, Progress, SolveOptions};
+use crate::eval::{local_dispatch, rank_loads, same_rank_hops};
+use crate::placement::LayerPlacement;
+use crate::{Placement, PlacementError, RoutingStats};
+
+pub(crate) struct IlpRun {
+    pub balance_gap: Option<f64>,
+    pub traffic_gap: Option<f64>,
+    pub sweeps: usize,
+    pub subproblems: usize,
+    pub hit_time_limit: usize,
+    pub layers_improved: usize,
+}
+
+/// Replicas of items to spread over bins (nodes, or the ranks of one node).
+struct BinProblem {
+    /// Load of one replica of each item.
+    weights: Vec<f64>,
+    copies: Vec<usize>,
+    /// Slots of each bin.
+    capacity: Vec<usize>,
+    /// Most replicas of one item a bin may hold.
+    max_per_bin: Vec<usize>,
+    /// `gain[item][bin]`: traffic kept when the item is present on the bin (counted once).
+    gain: Vec<Vec<f64>>,
+    /// A feasible assignment `[item][bin]` to start from.
+    initial: Vec<Vec<usize>>,
+}
+
+enum Goal {
+    MinLoad,
+    MaxGain { load_cap: f64 },
+}
+
+struct BinSolution {
+    assign: Vec<Vec<usize>>,
+    /// Objective in the problem's units (max bin load, or gain).
+    value: f64,
+    gap: f64,
+    hit_time_limit: bool,
+}
+
+impl BinProblem {
+    fn bin_loads(&self, assign: &[Vec<usize>]) -> Vec<f64> {
+        let mut loads = vec![0.0; self.capacity.len()];
+        for (i, row) in assign.iter().enumerate() {
+            for (b, &n) in row.iter().enumerate() {
+                loads[b] += self.weights[i] * n as f64;
+            }
+        }
+        loads
+    }
+
+    fn has_gain(&self) -> bool {
+        self.gain.iter().flatten().any(|&g| g > 0.0)
+    }
+
+    fn solve(&self, goal: &Goal, time_limit: f64) -> Result<BinSolution, PlacementError> {
+        let (items, bins) = (self.copies.len(), self.capacity.len());
+        // Scale loads and gains to O(1) so HiGHS tolerances mean the same at every trace size.
+        let w_scale = self.weights.iter().copied().fold(0.0, f64::max).max(f64::MIN_POSITIVE);
+        let g_scale = self.gain.iter().flatten().copied().fold(0.0, f64::max).max(f64::MIN_POSITIVE);
+        let mut vars = ProblemVariables::new();
+        let mut start: Vec<f64> = Vec::new();
+        let mut a: Vec<Vec<Option<Variable>>> = vec![vec![None; bins]; items];
+        for i in 0..items {
+            for b in 0..bins {
+                let ub = self.copies[i].min(self.max_per_bin[b]);
+                if ub == 0 {
+                    continue;
+                }
+                let def = if ub == 1 { variable().binary() } else { variable().integer().min(0).max(ub as f64) };
+                a[i][b] = Some(vars.add(def));
+                start.push(self.initial[i][b] as f64);
+            }
+        }
+        let mut objective = Expression::default();
+        let mut presence: Vec<(Variable, Variable)> = Vec::new();
+        let z = match goal {
+            Goal::MinLoad => {
+                let z = vars.add(variable().min(0.0));
+                let init_max = self.bin_loads(&self.initial).into_iter().fold(0.0, f64::max);
+                start.push(init_max / w_scale);
+                objective += z;
+                Some(z)
+            }
+            Goal::MaxGain { .. } => {
+                for i in 0..items {
+                    for b in 0..bins {
+                        let (Some(ab), g) = (a[i][b], self.gain[i][b]) else { continue };
+                        if g <= 0.0 {
+                            continue;
+                        }
+                        if self.copies[i].min(self.max_per_bin[b]) == 1 {
+                            objective += (g / g_scale) * ab;
+                        } else {
+                            let y = vars.add(variable().binary());
+                            start.push(if self.initial[i][b] > 0 { 1.0 } else { 0.0 });
+                            objective += (g / g_scale) * y;
+                            presence.push((y, ab));
+                        }
+                    }
+                }
+                None
+            }
+        };
+        let unsolved = match goal {
+            Goal::MinLoad => vars.minimise(objective),
+            Goal::MaxGain { .. } => vars.maximise(objective),
+        };
+        let mut problem = unsolved.using(good_lp::highs);
+        use good_lp::SolverModel;
+        for i in 0..items {
+            let row: Expression = a[i].iter().flatten().map(|&v| Expression::from(v)).sum();
+            problem.add_constraint(row.eq(self.copies[i] as f64));
+        }
+        for b in 0..bins {
+            let col: Expression = (0..items).filter_map(|i| a[i][b]).map(Expression::from).sum();
+            problem.add_constraint(col.eq(self.capacity[b] as f64));
+            let load: Expression =
+                (0..items).filter_map(|i| a[i][b].map(|v| (self.weights[i] / w_scale) * v)).sum();
+            match (goal, z) {
+                (Goal::MinLoad, Some(z)) => problem.add_constraint((load - z).leq(0.0)),
+                (Goal::MaxGain { load_cap }, _) => problem.add_constraint(load.leq(load_cap / w_scale)),
+                _ => unreachable!("MinLoad always has z"),
+            };
+        }
+        for (y, ab) in presence {
+            problem.add_constraint((Expression::from(y) - ab).leq(0.0));
+        }
+        let mut model = problem
+            .try_into_inner()
+            .map_err(|e| PlacementError::Solver(format!("building the HiGHS model: {e}")))?;
+        model.set_option("output_flag", false);
+        model.set_option("threads", 1i32);
+        model.set_option("time_limit", time_limit.max(0.01));
+        model.set_option("mip_rel_gap", 1e-6);
+        if model.try_set_solution(Some(&start), None, None, None).is_err() {
+            return Err(PlacementError::Solver("HiGHS refused the warm start".into()));
+        }
+        let solved = model.try_solve().map_err(|e| PlacementError::Solver(format!("HiGHS: {e:?}")))?;
+        let status = solved.status();
+        let hit_time_limit = matches!(status, HighsModelStatus::ReachedTimeLimit);
+        match status {
+            HighsModelStatus::Optimal | HighsModelStatus::ReachedTimeLimit => {}
+            HighsModelStatus::Infeasible => {
+                return Err(PlacementError::Solver("subproblem infeasible".into()));
+            }
+            other => return Err(PlacementError::Solver(format!("HiGHS ended with {other:?}"))),
+        }
+        let sol = solved.get_solution();
+        let cols = sol.columns();
+        let mut assign = vec![vec![0usize; bins]; items];
+        let mut k = 0;
+        for i in 0..items {
+            for b in 0..bins {
+                if a[i][b].is_some() {
+                    assign[i][b] = cols[k].round().max(0.0) as usize;
+                    k += 1;
+                }
+            }
+        }
+        let gap = if solved.mip_gap().is_finite() { solved.mip_gap().max(0.0) } else { 1.0 };
+        let value = match goal {
+            Goal::MinLoad => self.bin_loads(&assign).into_iter().fold(0.0, f64::max),
+            Goal::MaxGain { .. } => (0..items)
+                .flat_map(|i| (0..bins).map(move |b| (i, b)))
+                .filter(|&(i, b)| assign[i][b] > 0)
+                .map(|(i, b)| self.gain[i][b])
+                .sum(),
+        };
+        // Defensive: HiGHS returned something that breaks a constraint (tolerances): keep the start.
+        let feasible = (0..items).all(|i| assign[i].iter().sum::<usize>() == self.copies[i])
+            && (0..bins).all(|b| (0..items).map(|i| assign[i][b]).sum::<usize>() == self.capacity[b]);
+        if !feasible {
+            return Err(PlacementError::Solver("HiGHS returned an infeasible assignment".into()));
+        }
+        Ok(BinSolution { assign, value, gap, hit_time_limit })
+    }
+}
+
+/// Everything a layer solve reads; shared by the worker threads.
+struct Ctx<'a> {
+    stats: &'a RoutingStats,
+    opts: &'a SolveOptions,
+    node_of_rank: Vec<usize>,
+    /// `demand[l][node][e]` (home mode).
+    demand: Vec<Vec<Vec<f64>>>,
+    /// Max rank load of each layer in the warm start: never exceeded.
+    load_cap: Vec<f64>,
+}
+
+#[derive(Default)]
+struct LayerOutcome {
+    candidate: Option<Vec<Vec<usize>>>,
+    balance_gap: f64,
+    /// Largest gap of a traffic subproblem; `None` when none was solved.
+    traffic_gap: Option<f64>,
+    subproblems: usize,
+    hit_time_limit: usize,
+}
+
+impl Ctx<'_> {
+    fn num_experts(&self) -> usize {
+        self.stats.num_experts
+    }
+
+    /// Traffic layer `l` keeps (same node in home mode, same rank in affinity mode), exactly.
+    fn kept(&self, l: usize, layer: &[Vec<usize>], layers: &[Vec<Vec<usize>>]) -> f64 {
+        match self.opts.mode {
+            Mode::Home => local_dispatch(layer, &self.node_of_rank, &self.demand[l]),
+            Mode::Affinity => {
+                let ne = self.num_experts();
+                let mut k = 0.0;
+                if l > 0 {
+                    k += same_rank_hops(&layers[l - 1], layer, &self.stats.transitions[l - 1], ne);
+                }
+                if l + 1 < layers.len() {
+                    k += same_rank_hops(layer, &layers[l + 1], &self.stats.transitions[l], ne);
+                }
+                k
+            }
+        }
+    }
+
+    /// `gain[e][g]` of hosting expert e of layer l on group g (a node, or a rank).
+    fn affinity_gain(&self, l: usize, layers: &[Vec<Vec<usize>>], group_of_rank: &[usize], groups: usize) -> Vec<Vec<f64>> {
+        let ne = self.num_experts();
+        let presence = |layer: &[Vec<usize>]| {
+            let mut p = vec![vec![false; groups]; ne];
+            for (r, slots) in layer.iter().enumerate() {
+                if group_of_rank[r] < groups {
+                    for &e in slots {
+                        p[e][group_of_rank[r]] = true;
+                    }
+                }
+            }
+            p
+        };
+        let mut gain = vec![vec![0.0; groups]; ne];
+        if l > 0 {
+            let prev = presence(&layers[l - 1]);
+            let t = &self.stats.transitions[l - 1];
+            for e_prev in 0..ne {
+                for e in 0..ne {
+                    let v = t[e_prev * ne + e];
+                    if v > 0.0 {
+                        for g in 0..groups {
+                            if prev[e_prev][g] {
+                                gain[e][g] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if l + 1 < layers.len() {
+            let next = presence(&layers[l + 1]);
+            let t = &self.stats.transitions[l];
+            for e in 0..ne {
+                for e_next in 0..ne {
+                    let v = t[e * ne + e_next];
+                    if v > 0.0 {
+                        for g in 0..groups {
+                            if next[e_next][g] {
+                                gain[e][g] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gain
+    }
+
+    fn improve_layer(&self, l: usize, layers: &[Vec<Vec<usize>>], time_limit: f64) -> Result<LayerOutcome, PlacementError> {
+        let ne = self.num_experts();
+        let topo = &self.opts.topology;
+        let slots = self.opts.slots_per_rank;
+        let current = &layers[l];
+        let load = &self.stats.load[l];
+        let mut out = LayerOutcome::default();
+
+        let mut copies = vec![0usize; ne];
+        for s in current {
+            for &e in s {
+                copies[e] += 1;
+            }
+        }
+        let weights: Vec<f64> = (0..ne).map(|e| load[e] / copies[e].max(1) as f64).collect();
+
+        // Level 1: replicas per node.
+        let nodes = topo.num_nodes();
+        let mut per_node = vec![vec![0usize; nodes]; ne];
+        for (r, s) in current.iter().enumerate() {
+            for &e in s {
+                per_node[e][self.node_of_rank[r]] += 1;
+            }
+        }
+        let current_per_node = per_node.clone();
+        if nodes > 1 {
+            let gain = match self.opts.mode {
+                Mode::Home => (0..ne).map(|e| (0..nodes).map(|n| self.demand[l][n][e]).collect()).collect(),
+                Mode::Affinity => self.affinity_gain(l, layers, &self.node_of_rank, nodes),
+            };
+            let problem = BinProblem {
+                weights: weights.clone(),
+                copies: copies.clone(),
+                capacity: topo.nodes.iter().map(|n| n.len() * slots).collect(),
+                max_per_bin: topo.nodes.iter().map(Vec::len).collect(),
+                gain,
+                initial: per_node.clone(),
+            };
+            if problem.has_gain() {
+                let cap = problem.bin_loads(&per_node).into_iter().fold(0.0, f64::max) * (1.0 + 1e-9);
+                let sol = problem.solve(&Goal::MaxGain { load_cap: cap }, time_limit)?;
+                out.subproblems += 1;
+                out.hit_time_limit += usize::from(sol.hit_time_limit);
+                out.traffic_gap = Some(out.traffic_gap.unwrap_or(0.0).max(sol.gap));
+                per_node = sol.assign;
+            }
+        }
+
+        // Level 2: ranks within each node.
+        let rank_gain_all: Option<Vec<Vec<f64>>> = match self.opts.mode {
+            Mode::Home => self
+                .stats
+                .home_load
+                .as_ref()
+                .filter(|h| h[l].len() == topo.num_ranks())
+                .map(|h| (0..ne).map(|e| (0..topo.num_ranks()).map(|r| h[l][r][e]).collect()).collect()),
+            Mode::Affinity => {
+                let identity: Vec<usize> = (0..topo.num_ranks()).collect();
+                Some(self.affinity_gain(l, layers, &identity, topo.num_ranks()))
+            }
+        };
+        let mut candidate = vec![Vec::with_capacity(slots); topo.num_ranks()];
+        for (n, ranks) in topo.nodes.iter().enumerate() {
+            let items: Vec<usize> = (0..ne).filter(|&e| per_node[e][n] > 0).collect();
+            let unchanged = (0..ne).all(|e| per_node[e][n] == current_per_node[e][n]);
+            let initial: Vec<Vec<usize>> = if unchanged {
+                items.iter().map(|&e| ranks.iter().map(|&r| usize::from(current[r].contains(&e))).collect()).collect()
+            } else {
+                let packed_items: Vec<(usize, f64)> = items
+                    .iter()
+                    .flat_map(|&e| std::iter::repeat_n((e, weights[e]), per_node[e][n]))
+                    .collect();
+                let packed = super::eplb::balanced_packing(&packed_items, ranks.len(), slots)?;
+                items.iter().map(|&e| packed.iter().map(|p| usize::from(p.contains(&e))).collect()).collect()
+            };
+            let problem = BinProblem {
+                weights: items.iter().map(|&e| weights[e]).collect(),
+                copies: items.iter().map(|&e| per_node[e][n]).collect(),
+                capacity: vec![slots; ranks.len()],
+                max_per_bin: vec![1; ranks.len()],
+                gain: match &rank_gain_all {
+                    Some(g) => items.iter().map(|&e| ranks.iter().map(|&r| g[e][r]).collect()).collect(),
+                    None => vec![vec![0.0; ranks.len()]; items.len()],
+                },
+                initial,
+            };
+            let balanced = problem.solve(&Goal::MinLoad, time_limit)?;
+            out.subproblems += 1;
+            out.hit_time_limit += usize::from(balanced.hit_time_limit);
+            out.balance_gap = out.balance_gap.max(balanced.gap);
+            if balanced.value > self.load_cap[l] * (1.0 + 1e-9) {
+                // This node split cannot be packed within the layer's cap: keep the layer as it is.
+                return Ok(out);
+            }
+            let mut assign = balanced.assign;
+            if problem.has_gain() {
+                let cap = (balanced.value * (1.0 + self.opts.balance_slack)).min(self.load_cap[l]) * (1.0 + 1e-9);
+                let start = BinProblem { initial: assign.clone(), ..problem };
+                let sol = start.solve(&Goal::MaxGain { load_cap: cap }, time_limit)?;
+                out.subproblems += 1;
+                out.hit_time_limit += usize::from(sol.hit_time_limit);
+                out.traffic_gap = Some(out.traffic_gap.unwrap_or(0.0).max(sol.gap));
+                assign = sol.assign;
+            }
+            for (i, &e) in items.iter().enumerate() {
+                for (b, &r) in ranks.iter().enumerate() {
+                    if assign[i][b] > 0 {
+                        candidate[r].push(e);
+                    }
+                }
+            }
+        }
+        for s in &mut candidate {
+            s.sort_unstable();
+        }
+        out.candidate = Some(candidate);
+        Ok(out)
+    }
+}
+
+pub(crate) fn solve(
+    stats: &RoutingStats,
+    opts: &SolveOptions,
+    start: Placement,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(Placement, IlpRun), PlacementError> {
+    let began = Instant::now();
+    let deadline = began + opts.time_limit;
+    let topo = &opts.topology;
+    let nl = stats.num_layers;
+    let ctx = Ctx {
+        stats,
+        opts,
+        node_of_rank: topo.node_of_rank(),
+        demand: match opts.mode {
+            Mode::Home => (0..nl).map(|l| stats.node_demand(l, &topo.nodes)).collect(),
+            Mode::Affinity => Vec::new(),
+        },
+        load_cap: start
+            .layers
+            .iter()
+            .zip(&stats.load)
+            .map(|(layer, load)| rank_loads(&layer.ranks, load).into_iter().fold(0.0, f64::max))
+            .collect(),
+    };
+    let mut layers: Vec<Vec<Vec<usize>>> = start.layers.into_iter().map(|l| l.ranks).collect();
+    let mut run = IlpRun {
+        balance_gap: None,
+        traffic_gap: None,
+        sweeps: 0,
+        subproblems: 0,
+        hit_time_limit: 0,
+        layers_improved: 0,
+    };
+    let batches: Vec<Vec<usize>> = match opts.mode {
+        Mode::Home => vec![(0..nl).collect()],
+        Mode::Affinity => vec![(1..nl).step_by(2).collect(), (0..nl).step_by(2).collect()],
+    };
+    let max_sweeps = if opts.mode == Mode::Home { 1 } else { 50 };
+    // Budget: about three sweeps' worth of subproblems within the time limit.
+    let per_layer = 1 + 2 * topo.num_nodes();
+    let threads = opts.threads.max(1);
+    let per_sub = (opts.time_limit.as_secs_f64() * threads as f64 / (3.0 * (nl * per_layer) as f64)).clamp(0.02, 30.0);
+    while run.sweeps < max_sweeps && Instant::now() < deadline {
+        run.sweeps += 1;
+        let mut gained = 0.0;
+        let done = AtomicUsize::new(0);
+        for batch in &batches {
+            let next = AtomicUsize::new(0);
+            let results: Mutex<Vec<(usize, Result<LayerOutcome, PlacementError>)>> = Mutex::new(Vec::new());
+            let snapshot = &layers;
+            std::thread::scope(|s| {
+                for _ in 0..threads.min(batch.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&l) = batch.get(i) else { break };
+                        let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
+                        if left <= 0.0 {
+                            break;
+                        }
+                        let r = ctx.improve_layer(l, snapshot, per_sub.min(left));
+                        results.lock().expect("no panics while held").push((l, r));
+                        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        progress(Progress { sweep: run.sweeps, done: d, total: nl });
+                    });
+                }
+            });
+            for (l, r) in results.into_inner().expect("threads joined") {
+                let o = r?;
+                run.subproblems += o.subproblems;
+                run.hit_time_limit += o.hit_time_limit;
+                run.balance_gap = Some(run.balance_gap.unwrap_or(0.0).max(o.balance_gap));
+                if let Some(g) = o.traffic_gap {
+                    run.traffic_gap = Some(run.traffic_gap.unwrap_or(0.0).max(g));
+                }
+                let Some(cand) = o.candidate else { continue };
+                let z_new = rank_loads(&cand, &stats.load[l]).into_iter().fold(0.0, f64::max);
+                let z_old = rank_loads(&layers[l], &stats.load[l]).into_iter().fold(0.0, f64::max);
+                if z_new > ctx.load_cap[l] * (1.0 + 1e-9) {
+                    continue;
+                }
+                let k_new = ctx.kept(l, &cand, &layers);
+                let k_old = ctx.kept(l, &layers[l], &layers);
+                let eps = 1e-9 * k_old.abs().max(1.0);
+                let better = k_new > k_old + eps || (k_new >= k_old - eps && z_new < z_old * (1.0 - 1e-9));
+                if better {
+                    gained += (k_new - k_old).max(0.0);
+                    layers[l] = cand;
+                    run.layers_improved += 1;
+                }
+            }
+        }
+        let total: f64 = match opts.mode {
+            Mode::Home => stats.load.iter().flatten().sum(),
+            Mode::Affinity => stats.transitions.iter().flatten().sum(),
+        };
+        if gained <= 1e-6 * total.max(1.0) {
+            break;
+        }
+    }
+    let placement = Placement::new(
+        stats.num_experts,
+        topo.clone(),
+        layers.into_iter().map(|ranks| LayerPlacement { ranks }).collect(),
+    );
+    placement.validate()?;
+    Ok((placement, run))
+}
