@@ -1,1 +1,27 @@
-//! Switchyard worker: model loading and execution (in progress).
+//! Switchyard worker: MoE model loading and execution.
+//!
+//! - [`config`]: `config.json` of the supported architectures.
+//! - [`checkpoint`]: memory-mapped safetensors (single file or sharded), read on demand.
+//! - [`model`]: one model structure for all architectures; batched forward.
+//! - [`moe`]: router → (token, expert, weight) → per-expert FFN → combine; the
+//!   [`moe::ExpertExecutor`] seam for expert parallelism.
+//! - [`engine`]: continuous batching, KV caches, sampling, stop conditions.
+//! - [`kernels`]: the CPU tensor kernels (OpenBLAS + rayon); the only `unsafe` code.
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kernels;
+pub mod model;
+pub mod moe;
+pub mod reference;
+pub mod sampling;
+pub mod synth;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use engine::{Engine, EngineConfig, FinishReason, Request, RequestId, TokenEvent};
+pub use error::ModelError;
+pub use model::{LoadOptions, LogitsMode, Model, SeqInput};
+pub use sampling::SamplingParams;

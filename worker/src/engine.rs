@@ -1,0 +1,287 @@
+#![forbid(unsafe_code)]
+//! The batch engine: continuous batching of many sequences, prefill and decode in one step.
+//!
+//! ```text
+//! let id = engine.add_request(Request::new(prompt, 16))?;
+//! while engine.has_work() { for ev in engine.step()? { ... } }
+//! ```
+
+use crate::attention::KvCache;
+use crate::error::Result;
+use crate::model::{LogitsMode, Model, SeqInput};
+use crate::moe::{ExpertExecutor, LocalExperts, Routing};
+use crate::sampling::{Sampler, SamplingParams};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+pub type RequestId = u64;
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after emitting one of these (the stop token is reported).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Request { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: vec![] }
+    }
+}
+
+/// Why a sequence finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The context (`max_position_embeddings`) is full.
+    ContextFull,
+    /// Aborted by the caller.
+    Aborted,
+}
+
+/// One generated token (or a finish notice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub id: RequestId,
+    /// `None` only for aborted requests.
+    pub token: Option<u32>,
+    /// Index of the token among the generated ones.
+    pub index: usize,
+    pub finished: Option<FinishReason>,
+}
+
+/// Engine limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Running sequences at most.
+    pub max_seqs: usize,
+    /// New tokens (prefill + decode) per step at most; one prefill is always admitted.
+    pub max_batch_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_seqs: 256, max_batch_tokens: 8192 }
+    }
+}
+
+struct Seq {
+    req: Request,
+    cache: KvCache,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    prefilled: bool,
+}
+
+/// Statistics of routed-expert load, per MoE layer and expert.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingStats {
+    /// `counts[moe_layer][expert]` = tokens routed.
+    pub counts: Vec<Vec<u64>>,
+    pub tokens: u64,
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    cfg: EngineConfig,
+    next_id: RequestId,
+    waiting: VecDeque<(RequestId, Seq)>,
+    running: BTreeMap<RequestId, Seq>,
+    executor: Arc<dyn ExpertExecutor + Send>,
+    stats: RoutingStats,
+    last_routing: Vec<Routing>,
+    record_routing: bool,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Self {
+        let n_moe = model.moe_layers().count();
+        let e = model.config.router.n_experts;
+        Engine {
+            model,
+            cfg,
+            next_id: 0,
+            waiting: VecDeque::new(),
+            running: BTreeMap::new(),
+            executor: Arc::new(LocalExperts),
+            stats: RoutingStats { counts: vec![vec![0; e]; n_moe], tokens: 0 },
+            last_routing: vec![],
+            record_routing: true,
+        }
+    }
+
+    /// Replace the routed-expert executor (expert parallelism).
+    pub fn set_executor(&mut self, exec: Arc<dyn ExpertExecutor + Send>) {
+        self.executor = exec;
+    }
+
+    /// Keep the last step's per-layer routing ([`Engine::last_routing`]); on by default.
+    pub fn set_record_routing(&mut self, on: bool) {
+        self.record_routing = on;
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Validate and queue a request.
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
+        self.model.validate(&req.prompt, 0)?;
+        req.sampling.validate()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let sampler = Sampler::new(req.sampling.clone(), id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
+        let seq = Seq { cache: self.model.new_cache(), generated: vec![], sampler, prefilled: false, req };
+        self.waiting.push_back((id, seq));
+        Ok(id)
+    }
+
+    /// Remove a request; `Ok(true)` if it existed.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        if self.running.remove(&id).is_some() {
+            return true;
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|(i, _)| *i != id);
+        before != self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn n_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn n_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Routed-expert load accumulated since the start (or the last reset).
+    pub fn routing_stats(&self) -> &RoutingStats {
+        &self.stats
+    }
+
+    pub fn reset_routing_stats(&mut self) {
+        for c in &mut self.stats.counts {
+            c.fill(0);
+        }
+        self.stats.tokens = 0;
+    }
+
+    /// Per-MoE-layer routing of the last step (tokens in the step's batch order).
+    pub fn last_routing(&self) -> &[Routing] {
+        &self.last_routing
+    }
+
+    /// One engine step: every running sequence decodes one token, and waiting requests are
+    /// admitted (prefilled) while the token budget allows; one forward runs over all of them.
+    pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
+        // Admit.
+        let mut budget = self.cfg.max_batch_tokens.saturating_sub(self.running.len());
+        let mut admitted_any = false;
+        while let Some((_, s)) = self.waiting.front() {
+            if self.running.len() >= self.cfg.max_seqs {
+                break;
+            }
+            let need = s.req.prompt.len();
+            if need > budget && (admitted_any || !self.running.is_empty()) {
+                break;
+            }
+            budget = budget.saturating_sub(need);
+            admitted_any = true;
+            if let Some((id, s)) = self.waiting.pop_front() {
+                self.running.insert(id, s);
+            }
+        }
+        let mut events = Vec::new();
+        if self.running.is_empty() {
+            return Ok(events);
+        }
+        let ids: Vec<RequestId> = self.running.keys().copied().collect();
+        let inputs: Vec<Vec<u32>> = self
+            .running
+            .values()
+            .map(|s| if s.prefilled { vec![*s.generated.last().unwrap_or(&0)] } else { s.req.prompt.clone() })
+            .collect();
+        let out = {
+            let mut seqs: Vec<SeqInput> = self
+                .running
+                .values_mut()
+                .zip(&inputs)
+                .map(|(s, toks)| SeqInput { tokens: toks, cache: &mut s.cache })
+                .collect();
+            self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())?
+        };
+        // Routing statistics.
+        for (l, r) in out.routing.iter().enumerate() {
+            if let Some(c) = self.stats.counts.get_mut(l) {
+                for &e in &r.ids {
+                    if let Some(x) = c.get_mut(e as usize) {
+                        *x += 1;
+                    }
+                }
+            }
+        }
+        self.stats.tokens += inputs.iter().map(|t| t.len() as u64).sum::<u64>();
+        if self.record_routing {
+            self.last_routing = out.routing;
+        }
+        let max_pos = self.model.config.max_position_embeddings;
+        let mut done = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let Some(s) = self.running.get_mut(id) else { continue };
+            s.prefilled = true;
+            let tok = s.sampler.sample(&out.logits[i]);
+            s.generated.push(tok);
+            let finished = if s.req.stop_tokens.contains(&tok) {
+                Some(FinishReason::Stop)
+            } else if s.generated.len() >= s.req.max_tokens {
+                Some(FinishReason::Length)
+            } else if s.cache.len() + 1 > max_pos {
+                Some(FinishReason::ContextFull)
+            } else {
+                None
+            };
+            events.push(TokenEvent { id: *id, token: Some(tok), index: s.generated.len() - 1, finished });
+            if finished.is_some() {
+                done.push(*id);
+            }
+        }
+        for id in done {
+            self.running.remove(&id);
+        }
+        Ok(events)
+    }
+
+    /// Run until every request is finished; returns generated tokens per request id.
+    pub fn run_to_completion(&mut self) -> Result<BTreeMap<RequestId, (Vec<u32>, FinishReason)>> {
+        let mut res: BTreeMap<RequestId, (Vec<u32>, FinishReason)> = BTreeMap::new();
+        let mut acc: BTreeMap<RequestId, Vec<u32>> = BTreeMap::new();
+        while self.has_work() {
+            for ev in self.step()? {
+                if let Some(t) = ev.token {
+                    acc.entry(ev.id).or_default().push(t);
+                }
+                if let Some(f) = ev.finished {
+                    res.insert(ev.id, (acc.remove(&ev.id).unwrap_or_default(), f));
+                }
+            }
+        }
+        Ok(res)
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("running", &self.running.len()).field("waiting", &self.waiting.len()).finish()
+    }
+}

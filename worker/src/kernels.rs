@@ -1,0 +1,239 @@
+//! Tensor kernels of the CPU backend. Every numeric hot path of the model goes through this
+//! module, so that another backend (CUDA) can replace it; the `unsafe` FFI sits in [`ffi`].
+//!
+//! Conventions: matrices are row-major `f32` slices; a linear layer's weight is `[out, in]`
+//! as in PyTorch, so `y = x · Wᵀ`.
+
+mod ffi;
+
+pub use ffi::mmap_file;
+use rayon::prelude::*;
+use std::sync::Once;
+
+static INIT: Once = Once::new();
+
+/// One-time backend set-up: OpenBLAS runs single-threaded and we parallelise with rayon on
+/// top (one pool, no oversubscription). `SWITCHYARD_BLAS_THREADS` overrides.
+pub fn init() {
+    INIT.call_once(|| {
+        let n = std::env::var("SWITCHYARD_BLAS_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        ffi::set_blas_threads(n);
+    });
+}
+
+/// Work (m·n·k) under which a matmul is not worth splitting across threads.
+const PAR_MIN_WORK: usize = 1 << 18;
+
+/// `out[m×n] = x[m×k] · w[n×k]ᵀ`, parallel over rows (large m) or column blocks (small m).
+pub fn matmul_bt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    matmul_bt_impl(x, m, k, w, n, out, false)
+}
+
+/// `out[m×n] += x[m×k] · w[n×k]ᵀ`.
+pub fn matmul_bt_acc(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    matmul_bt_impl(x, m, k, w, n, out, true)
+}
+
+/// The single-threaded matmul (for callers that already run in parallel).
+pub fn matmul_bt_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    ffi::sgemm_bt(x, m, k, w, n, out, n, false)
+}
+
+fn matmul_bt_impl(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], acc: bool) {
+    init();
+    let threads = rayon::current_num_threads();
+    let work = m * n * k;
+    if threads <= 1 || work < PAR_MIN_WORK || m == 0 || n == 0 {
+        ffi::sgemm_bt(x, m, k, w, n, out, n, acc);
+        return;
+    }
+    if m >= 16 * threads {
+        // Row split: contiguous row chunks.
+        let rows = m.div_ceil(threads * 2).max(8);
+        out[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, chunk)| {
+            let r0 = i * rows;
+            let mr = chunk.len() / n;
+            ffi::sgemm_bt(&x[r0 * k..(r0 + mr) * k], mr, k, w, n, chunk, n, acc);
+        });
+    } else {
+        // Column split over the weight's rows (decode-sized m): each thread streams its part of w.
+        let nblocks = threads * 2;
+        let step = n.div_ceil(nblocks).div_ceil(16) * 16;
+        let blocks: Vec<(usize, usize)> =
+            (0..n).step_by(step.max(16)).map(|s| (s, (s + step.max(16)).min(n))).collect();
+        ffi::sgemm_bt_col_blocks(x, m, k, w, n, out, &blocks, acc);
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+impl Linear {
+    /// `y[m×out] = x[m×in]·Wᵀ + b`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * self.out_dim];
+        self.forward_into(x, m, &mut y);
+        y
+    }
+
+    pub fn forward_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        matmul_bt(x, m, self.in_dim, &self.weight, self.out_dim, y);
+        self.add_bias(y, m);
+    }
+
+    /// Single-threaded variant for callers already inside a parallel region.
+    pub fn forward_serial(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * self.out_dim];
+        matmul_bt_serial(x, m, self.in_dim, &self.weight, self.out_dim, &mut y);
+        self.add_bias(&mut y, m);
+        y
+    }
+
+    fn add_bias(&self, y: &mut [f32], m: usize) {
+        if let Some(b) = &self.bias {
+            for row in y[..m * self.out_dim].chunks_mut(self.out_dim) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+    }
+}
+
+/// RMSNorm over each row of length `w.len()`: `x / sqrt(mean(x²) + eps) * w` (in place).
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_mut(d) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * inv * g;
+        }
+    }
+}
+
+/// RMSNorm into a new buffer.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = x.to_vec();
+    rmsnorm_inplace(&mut y, w, eps);
+    y
+}
+
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// `gate_up` rows are `[gate (i) | up (i)]`; returns `silu(gate) * up`, `[m×i]`.
+pub fn silu_mul_fused(gate_up: &[f32], m: usize, i: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * i];
+    for (o, gu) in out.chunks_mut(i).zip(gate_up.chunks(2 * i)) {
+        let (g, u) = gu.split_at(i);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = silu(*g) * u;
+        }
+    }
+    out
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let mx = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - mx).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+pub fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Dot product with several accumulators (vectorises well).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Rotary position embedding tables: `inv_freq[d/2]` and a scale on cos/sin (yarn's attention factor).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub inv_freq: Vec<f32>,
+    pub attention_factor: f32,
+    /// Pairs are adjacent (GPT-J / DeepSeek `rope_interleave`) instead of split halves.
+    pub interleaved: bool,
+}
+
+impl Rope {
+    pub fn dim(&self) -> usize {
+        self.inv_freq.len() * 2
+    }
+
+    /// cos/sin for one position, each `[d/2]`.
+    pub fn cos_sin(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let p = pos as f32;
+        let mut c = Vec::with_capacity(self.inv_freq.len());
+        let mut s = Vec::with_capacity(self.inv_freq.len());
+        for &f in &self.inv_freq {
+            let a = p * f;
+            c.push(a.cos() * self.attention_factor);
+            s.push(a.sin() * self.attention_factor);
+        }
+        (c, s)
+    }
+
+    /// Rotate one head vector `x[d]` in place.
+    ///
+    /// Split-halves form: `x' = x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]`.
+    /// Interleaved form (DeepSeek): first de-interleave (evens then odds), then the same; the result
+    /// stays in de-interleaved order, as in the reference implementation.
+    pub fn apply(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let h = self.inv_freq.len();
+        if self.interleaved {
+            let tmp: Vec<f32> = x[..2 * h].to_vec();
+            for i in 0..h {
+                x[i] = tmp[2 * i];
+                x[h + i] = tmp[2 * i + 1];
+            }
+        }
+        for i in 0..h {
+            let a = x[i];
+            let b = x[h + i];
+            x[i] = a * cos[i] - b * sin[i];
+            x[h + i] = b * cos[i] + a * sin[i];
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The only place with `unsafe`: OpenBLAS (CBLAS) calls and memory-mapping checkpoint files.
+//!
+//! Every function here checks the slice lengths it hands to C before the call, so the safe
+//! wrappers cannot be made to read or write out of bounds.
+
+use std::os::raw::c_int;
+
+// The system OpenBLAS (Debian `libopenblas-dev`) provides CBLAS; `cblas-sys` only declares it.
+// (`openblas-src` 0.10.16 with `system` still builds its downloader, which needs a TLS feature.)
+#[link(name = "openblas")]
+unsafe extern "C" {
+    fn openblas_set_num_threads(n: c_int);
+}
+
+/// Set the number of threads OpenBLAS uses internally (we parallelise with rayon on top).
+pub fn set_blas_threads(n: usize) {
+    let n = n.clamp(1, 1024) as c_int;
+    // SAFETY: plain setter of a global in OpenBLAS; no pointers involved.
+    unsafe { openblas_set_num_threads(n) }
+}
+
+/// `c[m×n] (row stride ldc) = a[m×k] · w[n×k]^T` (+ `c` if `accumulate`).
+///
+/// `c` must hold rows `0..m` with stride `ldc >= n`; only columns `0..n` of each row are written.
+pub fn sgemm_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= m * k, "sgemm: a too short");
+    assert!(w.len() >= n * k, "sgemm: w too short");
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "sgemm: c too short");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if m == 1 {
+        // SAFETY: bounds checked above; row-major w is [n×k] with lda = k.
+        unsafe {
+            cblas_sys::cblas_sgemv(
+                cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
+                cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
+                n as c_int,
+                k as c_int,
+                1.0,
+                w.as_ptr(),
+                k as c_int,
+                a.as_ptr(),
+                1,
+                beta,
+                c.as_mut_ptr(),
+                1,
+            )
+        }
+        return;
+    }
+    // SAFETY: bounds checked above.
+    unsafe {
+        cblas_sys::cblas_sgemm(
+            cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
+            cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
+            cblas_sys::CBLAS_TRANSPOSE::CblasTrans,
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            1.0,
+            a.as_ptr(),
+            k as c_int,
+            w.as_ptr(),
+            k as c_int,
+            beta,
+            c.as_mut_ptr(),
+            ldc as c_int,
+        )
+    }
+}
+
+/// A raw view of an output matrix that several threads write in disjoint column blocks.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: used only by `sgemm_bt_col_blocks`, whose blocks write disjoint columns.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `c[m×n] = a[m×k] · w[n×k]^T`, splitting the `n` columns into `blocks` (given as ranges that
+/// must be disjoint and inside `0..n`) computed in parallel by rayon.
+pub fn sgemm_bt_col_blocks(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    c: &mut [f32],
+    blocks: &[(usize, usize)],
+    accumulate: bool,
+) {
+    use rayon::prelude::*;
+    assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
+    let mut prev_end = 0;
+    for &(s, e) in blocks {
+        assert!(s >= prev_end && s <= e && e <= n, "sgemm: overlapping blocks");
+        prev_end = e;
+    }
+    let out = SharedOut { ptr: c.as_mut_ptr(), len: c.len() };
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    blocks.par_iter().for_each(|&(s, e)| {
+        let out = out;
+        let nb = e - s;
+        if nb == 0 || m == 0 {
+            return;
+        }
+        debug_assert!((m - 1) * n + e <= out.len);
+        // SAFETY: the column blocks are disjoint (checked above), so no two threads write the
+        // same element; all indices stay inside `c` (m×n, checked above); `c` is borrowed
+        // mutably for the whole call.
+        unsafe {
+            if m == 1 {
+                cblas_sys::cblas_sgemv(
+                    cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
+                    cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
+                    nb as c_int,
+                    k as c_int,
+                    1.0,
+                    w.as_ptr().add(s * k),
+                    k as c_int,
+                    a.as_ptr(),
+                    1,
+                    beta,
+                    out.ptr.add(s),
+                    1,
+                )
+            } else {
+                cblas_sys::cblas_sgemm(
+                    cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
+                    cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
+                    cblas_sys::CBLAS_TRANSPOSE::CblasTrans,
+                    m as c_int,
+                    nb as c_int,
+                    k as c_int,
+                    1.0,
+                    a.as_ptr(),
+                    k as c_int,
+                    w.as_ptr().add(s * k),
+                    k as c_int,
+                    beta,
+                    out.ptr.add(s),
+                    n as c_int,
+                )
+            }
+        }
+    });
+}
+
+/// Memory-map a file read-only.
+pub fn mmap_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: checkpoint files are treated as immutable while the model is loaded; we copy
+    // (and convert) every tensor we use out of the map at load time.
+    unsafe { memmap2::Mmap::map(file) }
+}

@@ -1,0 +1,479 @@
+#![forbid(unsafe_code)]
+//! One model structure for every supported architecture: loading from a checkpoint and the
+//! batched forward pass (many sequences of different lengths in one step).
+
+use crate::attention::{Attention, KvCache, MlaQuery, SeqSpan};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Arch, AttnConfig, FfnKind, ModelConfig, QkNorm};
+use crate::error::{ModelError, Result};
+use crate::kernels::{self, Linear, Rope};
+use crate::moe::{ExpertExecutor, ExpertFfn, LocalExperts, MoeLayer, Router, Routing, SharedExpert};
+use std::path::Path;
+
+/// What to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Routed experts to load, per MoE layer (indexed like [`ModelConfig::moe_layers`]).
+    /// `None`: all experts. Experts not listed are never read from the checkpoint.
+    pub experts: Option<Vec<Vec<usize>>>,
+}
+
+/// The feed-forward part of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(ExpertFfn),
+    Moe(MoeLayer),
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub input_norm: Vec<f32>,
+    pub post_norm: Vec<f32>,
+    pub attn: Attention,
+    pub ffn: Ffn,
+}
+
+/// A loaded model (dense parts plus the routed experts of this rank).
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: Vec<f32>,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `None` when tied to the embeddings.
+    pub lm_head: Option<Vec<f32>>,
+    pub rope: Rope,
+    pub attn_scale: f32,
+}
+
+/// One sequence's part of a batched forward.
+pub struct SeqInput<'a> {
+    /// New tokens (appended after what `cache` holds).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which logits to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last new token of each sequence (generation).
+    Last,
+    /// Every new token.
+    All,
+}
+
+/// Result of a forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Per sequence: `[rows × vocab]` (rows = 1 for `Last`, the new tokens for `All`).
+    pub logits: Vec<Vec<f32>>,
+    /// Routing decisions per MoE layer, tokens in batch order (sequence after sequence).
+    pub routing: Vec<Routing>,
+}
+
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+}
+
+impl Loader<'_> {
+    fn t(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.ck.load(name, shape)
+    }
+    fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let weight = self.t(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias { Some(self.t(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias, in_dim, out_dim })
+    }
+    /// A SwiGLU block from three separate projections.
+    fn ffn(&self, gate: &str, up: &str, down: &str, hidden: usize, inter: usize) -> Result<ExpertFfn> {
+        let mut gate_up = self.t(gate, &[inter, hidden])?;
+        gate_up.extend(self.t(up, &[inter, hidden])?);
+        let down = self.t(down, &[hidden, inter])?;
+        Ok(ExpertFfn { gate_up, down, hidden, inter })
+    }
+}
+
+impl Model {
+    /// Load `dir` (config.json + safetensors).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &ck, opts)
+    }
+
+    pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint, opts: &LoadOptions) -> Result<Model> {
+        kernels::init();
+        let c = &config;
+        let ld = Loader { ck };
+        let h = c.hidden_size;
+        let moe_layers = c.moe_layers();
+        if let Some(sel) = &opts.experts {
+            if sel.len() != moe_layers.len() {
+                return Err(ModelError::ExpertSubset(format!(
+                    "{} entries given for {} MoE layers",
+                    sel.len(),
+                    moe_layers.len()
+                )));
+            }
+            for (l, s) in sel.iter().enumerate() {
+                if let Some(&e) = s.iter().find(|&&e| e >= c.router.n_experts) {
+                    return Err(ModelError::ExpertSubset(format!(
+                        "MoE layer {l}: expert {e} out of range ({} experts)",
+                        c.router.n_experts
+                    )));
+                }
+            }
+        }
+        let embed = ld.t("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ld.t("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let norm = ld.t("model.norm.weight", &[h])?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        let mut moe_i = 0;
+        for li in 0..c.n_layers {
+            let p = format!("model.layers.{li}");
+            let attn = Self::load_attention(&ld, c, &p)?;
+            let ffn = match c.layer_kinds[li] {
+                FfnKind::Dense => {
+                    Ffn::Dense(ld.ffn(
+                        &format!("{p}.mlp.gate_proj.weight"),
+                        &format!("{p}.mlp.up_proj.weight"),
+                        &format!("{p}.mlp.down_proj.weight"),
+                        h,
+                        c.intermediate_size,
+                    )?)
+                }
+                FfnKind::Moe => {
+                    let sel = opts.experts.as_ref().map(|s| &s[moe_i]);
+                    let m = Self::load_moe(&ld, c, &p, moe_i, sel)?;
+                    moe_i += 1;
+                    Ffn::Moe(m)
+                }
+            };
+            layers.push(Layer {
+                input_norm: ld.t(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: ld.t(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn,
+                ffn,
+            });
+        }
+        Ok(Model {
+            rope: c.rope_tables(),
+            attn_scale: c.attention_scale(),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    fn load_attention(ld: &Loader, c: &ModelConfig, p: &str) -> Result<Attention> {
+        let h = c.hidden_size;
+        Ok(match &c.attn {
+            AttnConfig::Standard { n_heads, n_kv_heads, head_dim, qkv_bias, o_bias, qk_norm, clip_qkv } => {
+                let (nh, nkv, hd) = (*n_heads, *n_kv_heads, *head_dim);
+                let (q_norm, k_norm) = match qk_norm {
+                    QkNorm::None => (None, None),
+                    QkNorm::PerHead => (
+                        Some(ld.t(&format!("{p}.self_attn.q_norm.weight"), &[hd])?),
+                        Some(ld.t(&format!("{p}.self_attn.k_norm.weight"), &[hd])?),
+                    ),
+                    QkNorm::Full => (
+                        Some(ld.t(&format!("{p}.self_attn.q_norm.weight"), &[nh * hd])?),
+                        Some(ld.t(&format!("{p}.self_attn.k_norm.weight"), &[nkv * hd])?),
+                    ),
+                };
+                Attention::Standard {
+                    q: ld.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, *qkv_bias)?,
+                    k: ld.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, *qkv_bias)?,
+                    v: ld.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, *qkv_bias)?,
+                    o: ld.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, *o_bias)?,
+                    qk_norm: *qk_norm,
+                    q_norm,
+                    k_norm,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    clip_qkv: *clip_qkv,
+                }
+            }
+            AttnConfig::Mla { n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, bias } => {
+                let nh = *n_heads;
+                let qk = qk_nope_head_dim + qk_rope_head_dim;
+                let q = match q_lora_rank {
+                    None => MlaQuery::Direct(ld.linear(&format!("{p}.self_attn.q_proj"), nh * qk, h, false)?),
+                    Some(r) => MlaQuery::LowRank {
+                        a: ld.linear(&format!("{p}.self_attn.q_a_proj"), *r, h, *bias)?,
+                        norm: ld.t(&format!("{p}.self_attn.q_a_layernorm.weight"), &[*r])?,
+                        b: ld.linear(&format!("{p}.self_attn.q_b_proj"), nh * qk, *r, false)?,
+                    },
+                };
+                Attention::Mla {
+                    q,
+                    kv_a: ld.linear(&format!("{p}.self_attn.kv_a_proj_with_mqa"), kv_lora_rank + qk_rope_head_dim, h, *bias)?,
+                    kv_a_norm: ld.t(&format!("{p}.self_attn.kv_a_layernorm.weight"), &[*kv_lora_rank])?,
+                    kv_b: ld.linear(
+                        &format!("{p}.self_attn.kv_b_proj"),
+                        nh * (qk_nope_head_dim + v_head_dim),
+                        *kv_lora_rank,
+                        false,
+                    )?,
+                    o: ld.linear(&format!("{p}.self_attn.o_proj"), h, nh * v_head_dim, *bias)?,
+                    n_heads: nh,
+                    kv_lora_rank: *kv_lora_rank,
+                    nope: *qk_nope_head_dim,
+                    rope_dim: *qk_rope_head_dim,
+                    v_dim: *v_head_dim,
+                }
+            }
+        })
+    }
+
+    fn load_moe(ld: &Loader, c: &ModelConfig, p: &str, moe_index: usize, sel: Option<&Vec<usize>>) -> Result<MoeLayer> {
+        let h = c.hidden_size;
+        let e = c.router.n_experts;
+        let inter = c.moe_intermediate_size;
+        let mp = if c.arch == Arch::Mixtral { format!("{p}.block_sparse_moe") } else { format!("{p}.mlp") };
+        let router = Router {
+            weight: ld.t(&format!("{mp}.gate.weight"), &[e, h])?,
+            correction_bias: if c.router.correction_bias {
+                Some(ld.t(&format!("{mp}.gate.e_score_correction_bias"), &[e])?)
+            } else {
+                None
+            },
+            cfg: c.router.clone(),
+            hidden: h,
+        };
+        let mut wanted = vec![sel.is_none(); e];
+        if let Some(s) = sel {
+            for &x in s {
+                wanted[x] = true;
+            }
+        }
+        let (g, u, d) = if c.arch == Arch::Mixtral { ("w1", "w3", "w2") } else { ("gate_proj", "up_proj", "down_proj") };
+        let fused_gu = format!("{mp}.experts.gate_up_proj");
+        let fused_d = format!("{mp}.experts.down_proj");
+        let per_expert = ld.ck.contains(&format!("{mp}.experts.0.{g}.weight")) || !ld.ck.contains(&fused_gu);
+        let mut experts = Vec::with_capacity(e);
+        for (x, want) in wanted.iter().enumerate() {
+            if !want {
+                experts.push(None);
+                continue;
+            }
+            let ffn = if per_expert {
+                ld.ffn(
+                    &format!("{mp}.experts.{x}.{g}.weight"),
+                    &format!("{mp}.experts.{x}.{u}.weight"),
+                    &format!("{mp}.experts.{x}.{d}.weight"),
+                    h,
+                    inter,
+                )?
+            } else {
+                // transformers 5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+                ExpertFfn {
+                    gate_up: ld.ck.load_slice(&fused_gu, &[e, 2 * inter, h], x)?,
+                    down: ld.ck.load_slice(&fused_d, &[e, h, inter], x)?,
+                    hidden: h,
+                    inter,
+                }
+            };
+            experts.push(Some(ffn));
+        }
+        let shared = match &c.shared_expert {
+            None => None,
+            Some(sc) => {
+                let sp = if c.arch == Arch::Qwen2Moe { format!("{mp}.shared_expert") } else { format!("{mp}.shared_experts") };
+                let ffn = ld.ffn(
+                    &format!("{sp}.gate_proj.weight"),
+                    &format!("{sp}.up_proj.weight"),
+                    &format!("{sp}.down_proj.weight"),
+                    h,
+                    sc.intermediate,
+                )?;
+                let gate =
+                    if sc.sigmoid_gate { Some(ld.t(&format!("{mp}.shared_expert_gate.weight"), &[1, h])?) } else { None };
+                Some(SharedExpert { ffn, gate })
+            }
+        };
+        Ok(MoeLayer { moe_index, router, experts, shared, hidden: h })
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let (kvh, kd, vd) = self.config.attn.kv_layout();
+        KvCache::new(self.config.n_layers, kvh, kd, vd)
+    }
+
+    /// The MoE layers (in order).
+    pub fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer> {
+        self.layers.iter().filter_map(|l| match &l.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// Check new tokens for a sequence whose cache holds `cached` tokens.
+    pub fn validate(&self, tokens: &[u32], cached: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let v = self.config.vocab_size;
+        if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= v) {
+            return Err(ModelError::TokenOutOfRange { token: tok, position: cached + i, vocab_size: v });
+        }
+        let max = self.config.max_position_embeddings;
+        if cached + tokens.len() > max {
+            return Err(ModelError::PromptTooLong { len: cached + tokens.len(), max });
+        }
+        Ok(())
+    }
+
+    /// Forward with the routed experts run in this process.
+    pub fn forward(&self, seqs: &mut [SeqInput], mode: LogitsMode) -> Result<ForwardOutput> {
+        self.forward_with(seqs, mode, &LocalExperts)
+    }
+
+    /// One forward over the concatenation of every sequence's new tokens; attention is per
+    /// sequence (against its own cache), the rest runs on the whole batch. Appends to the caches.
+    pub fn forward_with(&self, seqs: &mut [SeqInput], mode: LogitsMode, exec: &dyn ExpertExecutor) -> Result<ForwardOutput> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut tokens: Vec<u32> = Vec::new();
+        for s in seqs.iter() {
+            self.validate(s.tokens, s.cache.len())?;
+            spans.push(SeqSpan { offset: tokens.len(), n: s.tokens.len(), start: s.cache.len() });
+            tokens.extend_from_slice(s.tokens);
+        }
+        let t = tokens.len();
+        let mut x = Vec::with_capacity(t * h);
+        for &tok in &tokens {
+            x.extend_from_slice(&self.embed[tok as usize * h..(tok as usize + 1) * h]);
+        }
+        let mut cos_sin = Vec::with_capacity(t);
+        for sp in &spans {
+            for j in 0..sp.n {
+                cos_sin.push(self.rope.cos_sin(sp.start + j));
+            }
+        }
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let mut routing = Vec::new();
+        let result: Result<()> = (|| {
+            for (li, layer) in self.layers.iter().enumerate() {
+                let xn = kernels::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps);
+                let a = layer.attn.forward(li, &xn, t, &spans, &mut caches, &self.rope, &cos_sin, c.rms_norm_eps, self.attn_scale);
+                for (xv, av) in x.iter_mut().zip(&a) {
+                    *xv += av;
+                }
+                let xn = kernels::rmsnorm(&x, &layer.post_norm, c.rms_norm_eps);
+                let f = match &layer.ffn {
+                    Ffn::Dense(m) => m.forward(&xn, t),
+                    Ffn::Moe(m) => {
+                        let (y, r) = m.forward(&xn, t, exec)?;
+                        routing.push(r);
+                        y
+                    }
+                };
+                for (xv, fv) in x.iter_mut().zip(&f) {
+                    *xv += fv;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Roll the caches back so a failed step leaves no half-written state.
+            for (sp, cache) in spans.iter().zip(caches.iter_mut()) {
+                for l in cache.layers.iter_mut() {
+                    let (kvh, kd, vd) = c.attn.kv_layout();
+                    l.k.truncate(sp.start * kvh * kd);
+                    l.v.truncate(sp.start * kvh * vd);
+                }
+            }
+            return Err(e);
+        }
+        for (sp, cache) in spans.iter().zip(caches.iter_mut()) {
+            cache.set_len(sp.start + sp.n);
+        }
+        // Final norm + lm head on the rows we need.
+        let rows: Vec<usize> = match mode {
+            LogitsMode::Last => spans.iter().map(|s| s.offset + s.n - 1).collect(),
+            LogitsMode::All => (0..t).collect(),
+        };
+        let mut sel = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            sel.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        kernels::rmsnorm_inplace(&mut sel, &self.norm, c.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let v = c.vocab_size;
+        let mut logits = vec![0.0; rows.len() * v];
+        kernels::matmul_bt(&sel, rows.len(), h, head, v, &mut logits);
+        let mut per_seq = Vec::with_capacity(spans.len());
+        match mode {
+            LogitsMode::Last => {
+                for i in 0..spans.len() {
+                    per_seq.push(logits[i * v..(i + 1) * v].to_vec());
+                }
+            }
+            LogitsMode::All => {
+                for sp in &spans {
+                    per_seq.push(logits[sp.offset * v..(sp.offset + sp.n) * v].to_vec());
+                }
+            }
+        }
+        Ok(ForwardOutput { logits: per_seq, routing })
+    }
+
+    /// Logits of every position of `tokens`, no cache kept (a reference forward).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache();
+        let mut out = self.forward(&mut [SeqInput { tokens, cache: &mut cache }], LogitsMode::All)?;
+        Ok(out.logits.remove(0))
+    }
+
+    /// Greedy generation of `n` tokens with the KV cache (prefill, then one token per step).
+    pub fn generate_greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut out = Vec::with_capacity(n);
+        let mut next: Vec<u32> = prompt.to_vec();
+        for _ in 0..n {
+            let f = self.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], LogitsMode::Last)?;
+            let tok = crate::sampling::argmax(&f.logits[0]) as u32;
+            out.push(tok);
+            next = vec![tok];
+        }
+        Ok(out)
+    }
+
+    /// Bytes of weights held (f32).
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Linear| (l.weight.len() + l.bias.as_ref().map_or(0, |b| b.len())) * 4;
+        let mut b = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |x| x.len())) * 4;
+        for l in &self.layers {
+            b += (l.input_norm.len() + l.post_norm.len()) * 4;
+            b += match &l.attn {
+                Attention::Standard { q, k, v, o, .. } => lin(q) + lin(k) + lin(v) + lin(o),
+                Attention::Mla { q, kv_a, kv_b, o, .. } => {
+                    let qb = match q {
+                        MlaQuery::Direct(l) => lin(l),
+                        MlaQuery::LowRank { a, b, .. } => lin(a) + lin(b),
+                    };
+                    qb + lin(kv_a) + lin(kv_b) + lin(o)
+                }
+            };
+            b += match &l.ffn {
+                Ffn::Dense(f) => f.bytes(),
+                Ffn::Moe(m) => {
+                    m.experts.iter().flatten().map(|e| e.bytes()).sum::<usize>()
+                        + m.shared.as_ref().map_or(0, |s| s.ffn.bytes())
+                        + m.router.weight.len() * 4
+                }
+            };
+        }
+        b
+    }
+}

@@ -1,0 +1,331 @@
+#![forbid(unsafe_code)]
+//! The MoE layer, split into the steps an expert-parallel engine needs to separate:
+//!
+//! 1. [`Router::route`]: router logits → top-k expert ids and weights per token ([`Routing`]);
+//! 2. [`Routing::group_by_expert`]: the (token, expert, weight) assignments grouped per expert
+//!    ([`ExpertBatch`]) — the unit an all-to-all dispatch sends;
+//! 3. [`ExpertFfn::forward`]: one call runs one expert over its batch of tokens;
+//! 4. [`combine_into`]: weighted sum of the expert outputs back into token order, then the shared
+//!    expert(s) are added by [`MoeLayer::forward`].
+//!
+//! Step 2-4 for routed experts go through an [`ExpertExecutor`]; [`LocalExperts`] runs them in
+//! this process, an expert-parallel executor sends batches to the ranks holding the experts.
+
+use crate::config::{GroupScore, RouterConfig, Scoring};
+use crate::error::{ModelError, Result};
+use crate::kernels;
+use rayon::prelude::*;
+
+/// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))` (a routed expert, a shared expert,
+/// or a dense MLP). `gate_up` stacks the gate rows on top of the up rows: `[2·inter, hidden]`.
+#[derive(Debug, Clone)]
+pub struct ExpertFfn {
+    pub gate_up: Vec<f32>,
+    pub down: Vec<f32>,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+impl ExpertFfn {
+    /// `x[n×hidden] → [n×hidden]`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut gu = vec![0.0; n * 2 * self.inter];
+        kernels::matmul_bt(x, n, self.hidden, &self.gate_up, 2 * self.inter, &mut gu);
+        let h = kernels::silu_mul_fused(&gu, n, self.inter);
+        let mut y = vec![0.0; n * self.hidden];
+        kernels::matmul_bt(&h, n, self.inter, &self.down, self.hidden, &mut y);
+        y
+    }
+
+    /// Bytes of weights (as f32).
+    pub fn bytes(&self) -> usize {
+        (self.gate_up.len() + self.down.len()) * 4
+    }
+}
+
+/// Routing decisions of one MoE layer for a batch of tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// `[tokens × top_k]` expert ids, highest weight first.
+    pub ids: Vec<u32>,
+    /// `[tokens × top_k]` combine weights (after normalisation and scaling).
+    pub weights: Vec<f32>,
+}
+
+/// One routed token of an expert batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignment {
+    pub token: usize,
+    pub expert: usize,
+    pub weight: f32,
+}
+
+/// The tokens routed to one expert: `tokens[i]` has combine weight `weights[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBatch {
+    pub expert: usize,
+    pub tokens: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    pub fn n_tokens(&self) -> usize {
+        self.ids.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Expert ids of token `t`.
+    pub fn token_ids(&self, t: usize) -> &[u32] {
+        &self.ids[t * self.top_k..(t + 1) * self.top_k]
+    }
+
+    /// Every (token, expert, weight), token-major.
+    pub fn assignments(&self) -> Vec<Assignment> {
+        self.ids
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (&e, &w))| Assignment { token: i / self.top_k, expert: e as usize, weight: w })
+            .collect()
+    }
+
+    /// Assignments grouped per expert, in increasing expert order; empty experts are left out.
+    pub fn group_by_expert(&self, n_experts: usize) -> Vec<ExpertBatch> {
+        let mut by: Vec<ExpertBatch> =
+            (0..n_experts).map(|e| ExpertBatch { expert: e, tokens: vec![], weights: vec![] }).collect();
+        for a in self.assignments() {
+            if let Some(b) = by.get_mut(a.expert) {
+                b.tokens.push(a.token);
+                b.weights.push(a.weight);
+            }
+        }
+        by.retain(|b| !b.tokens.is_empty());
+        by
+    }
+
+    /// Keep only tokens `range` (used to split a batch's routing per sequence).
+    pub fn slice_tokens(&self, range: std::ops::Range<usize>) -> Routing {
+        let k = self.top_k;
+        Routing {
+            top_k: k,
+            ids: self.ids[range.start * k..range.end * k].to_vec(),
+            weights: self.weights[range.start * k..range.end * k].to_vec(),
+        }
+    }
+}
+
+/// The router (gate) of a MoE layer.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `[n_experts × hidden]`
+    pub weight: Vec<f32>,
+    /// DeepSeek-V3 `e_score_correction_bias` (selection only).
+    pub correction_bias: Option<Vec<f32>>,
+    pub cfg: RouterConfig,
+    pub hidden: usize,
+}
+
+impl Router {
+    /// Route `x[t×hidden]`.
+    pub fn route(&self, x: &[f32], t: usize) -> Routing {
+        let e = self.cfg.n_experts;
+        let k = self.cfg.top_k;
+        let mut logits = vec![0.0; t * e];
+        kernels::matmul_bt(x, t, self.hidden, &self.weight, e, &mut logits);
+        let mut ids = vec![0u32; t * k];
+        let mut weights = vec![0.0f32; t * k];
+        let per_token = |(row, (ids, ws)): (&mut [f32], (&mut [u32], &mut [f32]))| {
+            self.route_one(row, ids, ws);
+        };
+        if t >= 64 {
+            logits.par_chunks_mut(e).zip(ids.par_chunks_mut(k).zip(weights.par_chunks_mut(k))).for_each(per_token);
+        } else {
+            logits.chunks_mut(e).zip(ids.chunks_mut(k).zip(weights.chunks_mut(k))).for_each(per_token);
+        }
+        Routing { top_k: k, ids, weights }
+    }
+
+    fn route_one(&self, scores: &mut [f32], ids: &mut [u32], ws: &mut [f32]) {
+        let cfg = &self.cfg;
+        let e = cfg.n_experts;
+        match cfg.scoring {
+            Scoring::Softmax => kernels::softmax_inplace(scores),
+            Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = kernels::sigmoid(*s)),
+        }
+        // Scores used for choosing (biased), scores used for weighting.
+        let mut choice: Vec<f32> = match &self.correction_bias {
+            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => scores.to_vec(),
+        };
+        let mut weight_src: &[f32] = scores;
+        let masked_scores;
+        if let Some(g) = &cfg.group_limit {
+            let per = e / g.n_group;
+            let group_scores: Vec<f32> = choice
+                .chunks(per)
+                .map(|grp| match g.score {
+                    GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    GroupScore::SumTop2 => {
+                        let top = top_k_indices(grp, 2);
+                        top.iter().map(|&i| grp[i]).sum()
+                    }
+                })
+                .collect();
+            let keep = top_k_indices(&group_scores, g.topk_group);
+            let mut mask = vec![false; g.n_group];
+            for i in keep {
+                mask[i] = true;
+            }
+            for (gi, grp) in choice.chunks_mut(per).enumerate() {
+                if !mask[gi] {
+                    grp.iter_mut().for_each(|v| *v = g.masked_value);
+                }
+            }
+            if self.correction_bias.is_none() {
+                // V2: the weights are gathered from the masked scores.
+                masked_scores = choice.clone();
+                weight_src = &masked_scores;
+            }
+        }
+        let top = top_k_indices(&choice, cfg.top_k);
+        let mut sum = 0.0f32;
+        for (j, &i) in top.iter().enumerate() {
+            ids[j] = i as u32;
+            ws[j] = weight_src[i];
+            sum += ws[j];
+        }
+        if cfg.norm_topk_prob {
+            let d = sum + cfg.norm_eps;
+            ws.iter_mut().for_each(|w| *w /= d);
+        }
+        if cfg.routed_scaling_factor != 1.0 {
+            ws.iter_mut().for_each(|w| *w *= cfg.routed_scaling_factor);
+        }
+        choice.clear();
+    }
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first). NaN sorts last.
+pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    let key = |i: &usize| if v[*i].is_nan() { f32::NEG_INFINITY } else { v[*i] };
+    let k = k.min(v.len());
+    if k < v.len() {
+        idx.select_nth_unstable_by(k, |a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
+        idx.truncate(k);
+    }
+    idx.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
+    idx
+}
+
+/// A shared expert (always active), optionally with Qwen2-MoE's sigmoid gate.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub ffn: ExpertFfn,
+    /// `[hidden]` weight of `shared_expert_gate` (Linear(hidden, 1)).
+    pub gate: Option<Vec<f32>>,
+}
+
+/// A MoE layer on this rank: the router, the routed experts loaded here, the shared experts.
+#[derive(Debug, Clone)]
+pub struct MoeLayer {
+    /// Index among the MoE layers.
+    pub moe_index: usize,
+    pub router: Router,
+    /// `experts[e]` is `None` when expert `e` is not loaded on this rank.
+    pub experts: Vec<Option<ExpertFfn>>,
+    pub shared: Option<SharedExpert>,
+    pub hidden: usize,
+}
+
+impl MoeLayer {
+    pub fn n_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Expert ids loaded here.
+    pub fn loaded_experts(&self) -> Vec<usize> {
+        self.experts.iter().enumerate().filter(|(_, e)| e.is_some()).map(|(i, _)| i).collect()
+    }
+
+    /// Run one loaded expert over rows `x[n×hidden]`.
+    pub fn expert_forward(&self, expert: usize, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        match self.experts.get(expert) {
+            Some(Some(f)) => Ok(f.forward(x, n)),
+            _ => Err(ModelError::ExpertNotLoaded { layer: self.moe_index, expert }),
+        }
+    }
+
+    /// The full layer: route, run routed experts through `exec`, combine, add shared experts.
+    /// Returns the output `[t×hidden]` and the routing decisions.
+    pub fn forward(&self, x: &[f32], t: usize, exec: &dyn ExpertExecutor) -> Result<(Vec<f32>, Routing)> {
+        let routing = self.router.route(x, t);
+        let (routed, shared) = rayon::join(|| exec.run(self, x, t, &routing), || self.shared_forward(x, t));
+        let mut out = routed?;
+        if let Some(s) = shared {
+            for (o, s) in out.iter_mut().zip(s) {
+                *o += s;
+            }
+        }
+        Ok((out, routing))
+    }
+
+    /// Shared-expert output (already gated), if the layer has one.
+    pub fn shared_forward(&self, x: &[f32], t: usize) -> Option<Vec<f32>> {
+        let s = self.shared.as_ref()?;
+        let mut y = s.ffn.forward(x, t);
+        if let Some(g) = &s.gate {
+            for (row, xr) in y.chunks_mut(self.hidden).zip(x.chunks(self.hidden)) {
+                let gv = kernels::sigmoid(kernels::dot(xr, g));
+                row.iter_mut().for_each(|v| *v *= gv);
+            }
+        }
+        Some(y)
+    }
+}
+
+/// Copy rows `tokens` of `x` (row length `hidden`) into one contiguous block.
+pub fn gather_rows(x: &[f32], hidden: usize, tokens: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tokens.len() * hidden);
+    for &t in tokens {
+        out.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+    }
+    out
+}
+
+/// `out[batch.tokens[i]] += batch.weights[i] * y[i]` for every row `i` of an expert's output.
+pub fn combine_into(out: &mut [f32], hidden: usize, batch: &ExpertBatch, y: &[f32]) {
+    for (i, (&t, &w)) in batch.tokens.iter().zip(&batch.weights).enumerate() {
+        kernels::axpy(w, &y[i * hidden..(i + 1) * hidden], &mut out[t * hidden..(t + 1) * hidden]);
+    }
+}
+
+/// Runs the routed experts of a MoE layer: the seam where expert parallelism plugs in.
+pub trait ExpertExecutor: Sync {
+    /// Given the layer input `x[t×hidden]` and its routing, return `Σ_k weight_k · expert_k(x)`
+    /// per token (`[t×hidden]`, shared experts not included).
+    fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>>;
+}
+
+/// Runs every routed expert in this process (all needed experts must be loaded).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalExperts;
+
+impl ExpertExecutor for LocalExperts {
+    fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {
+        let h = layer.hidden;
+        let batches = routing.group_by_expert(layer.n_experts());
+        let outs: Vec<Result<Vec<f32>>> = batches
+            .par_iter()
+            .map(|b| {
+                let rows = gather_rows(x, h, &b.tokens);
+                layer.expert_forward(b.expert, &rows, b.tokens.len())
+            })
+            .collect();
+        let mut out = vec![0.0; t * h];
+        for (b, y) in batches.iter().zip(outs) {
+            combine_into(&mut out, h, b, &y?);
+        }
+        Ok(out)
+    }
+}
