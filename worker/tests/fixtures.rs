@@ -9,6 +9,10 @@ fn fixture_dirs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let mut v = Vec::new();
     let mut stack = vec![root];
+    // Extra fixture trees (e.g. generated holdout sets), separated by ':'.
+    if let Ok(extra) = std::env::var("SWITCHYARD_EXTRA_FIXTURES") {
+        stack.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
+    }
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
             let p = e.path();
