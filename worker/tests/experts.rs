@@ -1,0 +1,114 @@
+//! Loading a subset of routed experts, and the expert-executor seam.
+use std::path::{Path, PathBuf};
+use worker::model::{Ffn, LoadOptions, LogitsMode, Model, SeqInput};
+use worker::moe::{ExpertExecutor, MoeLayer, Routing, combine_into, gather_rows};
+use worker::reference::{read_expected, rel_max_diff};
+use worker::ModelError;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn is_routed_expert(name: &str, keep: &[Vec<usize>], moe_layers: &[usize]) -> Option<bool> {
+    // model.layers.{l}.mlp.experts.{e}.*  (or block_sparse_moe)
+    let parts: Vec<&str> = name.split('.').collect();
+    let ei = parts.iter().position(|p| *p == "experts")?;
+    let e: usize = parts.get(ei + 1)?.parse().ok()?;
+    let l: usize = parts.get(2)?.parse().ok()?;
+    let mi = moe_layers.iter().position(|x| *x == l)?;
+    Some(keep[mi].contains(&e))
+}
+
+#[test]
+fn subset_loads_only_listed_experts_even_when_others_are_deleted() {
+    for name in ["qwen3_moe", "deepseek_v3", "mixtral"] {
+        let src = fixture(name);
+        let cfg = worker::ModelConfig::from_dir(&src).expect("cfg");
+        let moe_layers = cfg.moe_layers();
+        let keep: Vec<Vec<usize>> = (0..moe_layers.len()).map(|l| vec![l % 2, 2 + l, 5]).collect();
+        // Copy the checkpoint without the experts we do not keep.
+        let dst = tempfile::tempdir().expect("tmp");
+        let bytes = std::fs::read(src.join("model.safetensors")).expect("read");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
+        let kept: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| is_routed_expert(n, &keep, &moe_layers).unwrap_or(true))
+            .collect();
+        assert!(kept.len() < st.len());
+        safetensors::serialize_to_file(kept, None, &dst.path().join("model.safetensors")).expect("write");
+        std::fs::copy(src.join("config.json"), dst.path().join("config.json")).expect("cfg");
+        // Full load fails (a deleted expert is missing) ...
+        let e = Model::load(dst.path(), &LoadOptions::default()).expect_err("missing experts");
+        assert!(matches!(e, ModelError::MissingTensor { .. }), "{e}");
+        // ... the subset load succeeds and holds exactly the listed experts.
+        let m = Model::load(dst.path(), &LoadOptions { experts: Some(keep.clone()) }).expect("subset load");
+        for (i, layer) in m.moe_layers().enumerate() {
+            let mut want = keep[i].clone();
+            want.sort();
+            want.dedup();
+            assert_eq!(layer.loaded_experts(), want, "{name} moe layer {i}");
+        }
+        // Running an unloaded expert is a typed error.
+        let layer = m.moe_layers().next().expect("moe layer");
+        let missing = (0..layer.n_experts()).find(|e| !keep[0].contains(e)).expect("some missing");
+        let r = layer.expert_forward(missing, &vec![0.0; cfg.hidden_size], 1);
+        assert!(matches!(r, Err(ModelError::ExpertNotLoaded { layer: 0, expert }) if expert == missing));
+    }
+}
+
+/// Two "ranks", each holding half of the experts; the executor sends each expert batch to the
+/// rank that holds it. Output must equal the single-process model.
+struct TwoRanks<'a> {
+    ranks: [&'a Model; 2],
+}
+
+impl ExpertExecutor for TwoRanks<'_> {
+    fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>, ModelError> {
+        let h = layer.hidden;
+        let mut out = vec![0.0; t * h];
+        for b in routing.group_by_expert(layer.n_experts()) {
+            let rank = self.ranks[b.expert % 2];
+            let remote = rank
+                .layers
+                .iter()
+                .filter_map(|l| match &l.ffn {
+                    Ffn::Moe(m) if m.moe_index == layer.moe_index => Some(m),
+                    _ => None,
+                })
+                .next()
+                .expect("layer");
+            let y = remote.expert_forward(b.expert, &gather_rows(x, h, &b.tokens), b.tokens.len())?;
+            combine_into(&mut out, h, &b, &y);
+        }
+        Ok(out)
+    }
+}
+
+#[test]
+fn split_experts_across_two_ranks_matches_reference() {
+    for name in ["qwen3_moe", "deepseek_v3"] {
+        let dir = fixture(name);
+        let cfg = worker::ModelConfig::from_dir(&dir).expect("cfg");
+        let n = cfg.router.n_experts;
+        let nl = cfg.moe_layers().len();
+        let half = |r: usize| LoadOptions { experts: Some(vec![(0..n).filter(|e| e % 2 == r).collect(); nl]) };
+        let a = Model::load(&dir, &half(0)).expect("rank 0");
+        let b = Model::load(&dir, &half(1)).expect("rank 1");
+        let exec = TwoRanks { ranks: [&a, &b] };
+        for c in read_expected(&dir.join("expected.safetensors")).expect("expected") {
+            let mut cache = a.new_cache();
+            let out = a
+                .forward_with(&mut [SeqInput { tokens: &c.prompt, cache: &mut cache }], LogitsMode::All, &exec)
+                .expect("forward");
+            let d = rel_max_diff(&out.logits[0], &c.logits);
+            assert!(d < 1e-4, "{name}: {d}");
+            // Routing decisions are exposed per MoE layer, top-k per token.
+            assert_eq!(out.routing.len(), nl);
+            for r in &out.routing {
+                assert_eq!(r.n_tokens(), c.prompt.len());
+                assert_eq!(r.top_k, cfg.router.top_k);
+            }
+        }
+    }
+}
