@@ -271,3 +271,72 @@ fn h100_profile_is_sane() {
     assert_close!(hw.flops_per_assignment(), 6.0 * 7168.0 * 2048.0);
     assert_close!(hw.token_bytes(), 14336.0);
 }
+
+mod plots {
+    use super::*;
+    use placement::plot::{line_plot_svg, rank_load_heatmap_svg};
+    use placement::synth::{SynthConfig, synthesize};
+
+    fn count(hay: &str, needle: &str) -> usize {
+        hay.matches(needle).count()
+    }
+
+    #[test]
+    fn heatmap_cells_colours_and_labels() {
+        let stats = RoutingStats::from_trace(&trace(), None);
+        let svg = rank_load_heatmap_svg(&two_nodes(), &stats.load, "tiny <example> & co");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("tiny &lt;example&gt; &amp; co"));
+        // 2 layers x 2 ranks of cells, each with a tooltip
+        assert_eq!(count(&svg, "<title>layer "), 4);
+        // layer 0: r0 = 5 / 4 = 1.25 x mean (above mean, red side), r1 = 0.75 (blue side)
+        assert!(svg.contains("layer 0, rank 0: 1.25 x mean"), "{svg}");
+        assert!(svg.contains("layer 0, rank 1: 0.75 x mean"));
+        assert!(svg.contains("layer 1, rank 1: 1 x mean"));
+        assert!(svg.contains(">rank<") && svg.contains(">layer<") && svg.contains("linearGradient"));
+        // missing layers are drawn as 'no data' rather than panicking
+        let svg = rank_load_heatmap_svg(&two_nodes(), &stats.load[..1], "partial");
+        assert_eq!(count(&svg, "no data"), 2);
+    }
+
+    #[test]
+    fn heatmap_at_deepseek_scale() {
+        let cfg = SynthConfig { num_sequences: 4, tokens_per_sequence: 64, ..SynthConfig::deepseek_v3() };
+        let t = synthesize(&cfg).unwrap();
+        let stats = RoutingStats::from_trace(&t, None);
+        let topo = Topology::uniform(32, 4).unwrap();
+        let ls: Vec<LayerPlacement> = (0..58)
+            .map(|_| LayerPlacement { ranks: (0..32).map(|r| (r * 8..r * 8 + 8).collect()).collect() })
+            .collect();
+        let p = Placement::new(256, topo, ls);
+        let svg = rank_load_heatmap_svg(&p, &stats.load, "DeepSeek-V3 contiguous");
+        assert_eq!(count(&svg, "<title>layer "), 58 * 32);
+        if let Ok(dir) = std::env::var("SWITCHYARD_PLOT_DIR") {
+            std::fs::write(format!("{dir}/heatmap.svg"), &svg).unwrap();
+        }
+    }
+
+    #[test]
+    fn line_plot_series_legend_and_gaps() {
+        let series = vec![
+            ("eplb".to_string(), vec![(0.0, 0.8), (1.0, 0.85), (2.0, 0.9)]),
+            ("ilp".to_string(), vec![(0.0, 0.9), (1.0, f64::NAN), (2.0, 0.95), (3.0, 0.97)]),
+            ("empty".to_string(), vec![]),
+        ];
+        let svg = line_plot_svg("balancedness over time", "window", "balancedness", &series);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">window<") && svg.contains(">balancedness<"));
+        assert!(svg.contains(">eplb<") && svg.contains(">ilp<") && svg.contains(">empty<"));
+        // the NaN point splits ilp into two segments: 1 + 2 polylines
+        assert_eq!(count(&svg, "<polyline"), 3);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        if let Ok(dir) = std::env::var("SWITCHYARD_PLOT_DIR") {
+            std::fs::write(format!("{dir}/lines.svg"), &svg).unwrap();
+        }
+        // degenerate inputs still give a valid picture
+        let flat = line_plot_svg("flat", "x", "y", &[("c".into(), vec![(1.0, 5.0), (1.0, 5.0)])]);
+        assert!(!flat.contains("NaN"));
+        let none = line_plot_svg("none", "x", "y", &[]);
+        assert!(none.contains("</svg>") && !none.contains("NaN"));
+    }
+}
