@@ -126,9 +126,13 @@ pub struct Evaluation {
     /// `Σ_l mean / Σ_l max` rank load.
     pub balancedness: f64,
     pub cross_node_fraction: f64,
-    /// `None` without transitions (statistics from load only).
-    pub same_rank_hop_share: Option<f64>,
-    pub same_node_hop_share: Option<f64>,
+    /// Primary-expert hops counted (Σ transitions); 0 without transitions (statistics from load
+    /// only), and then the hop shares below are 0 and meaningless.
+    pub hops: f64,
+    /// Share of hops that stay on one rank (0 when `hops` is 0).
+    pub same_rank_hop_share: f64,
+    /// Share of hops that stay on one node (0 when `hops` is 0).
+    pub same_node_hop_share: f64,
     pub simulated_step_us: f64,
     /// `false` when evaluated from statistics: the step time has no per-node IB de-duplication.
     pub dedup_inter_node: bool,
@@ -532,8 +536,9 @@ pub fn evaluate_stats(
         dispatches: sum_total,
         balancedness: if sum_max > 0.0 { sum_mean / sum_max } else { 1.0 },
         cross_node_fraction: if sum_total > 0.0 { ((sum_total - sum_local) / sum_total).max(0.0) } else { 0.0 },
-        same_rank_hop_share: (hops > 0.0).then(|| hops_rank / hops),
-        same_node_hop_share: (hops > 0.0).then(|| hops_node / hops),
+        hops,
+        same_rank_hop_share: if hops > 0.0 { hops_rank / hops } else { 0.0 },
+        same_node_hop_share: if hops > 0.0 { hops_node / hops } else { 0.0 },
         simulated_step_us: step_us,
         dedup_inter_node: false,
         layers,
@@ -563,32 +568,17 @@ pub fn evaluate(placement: &Placement, trace: &RoutingTrace, hw: &HardwareProfil
     Ok(ev)
 }
 
-/// A plain-text comparison table, one row per named evaluation.
-pub fn format_table(rows: &[(String, Evaluation)]) -> String {
-    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", x * 100.0));
-    let header = ["placement", "balancedness", "cross-node %", "same-rank hop %", "same-node hop %", "sim step us"];
-    let body: Vec<[String; 6]> = rows
-        .iter()
-        .map(|(name, ev)| {
-            [
-                name.clone(),
-                format!("{:.4}", ev.balancedness),
-                pct(Some(ev.cross_node_fraction)),
-                pct(ev.same_rank_hop_share),
-                pct(ev.same_node_hop_share),
-                format!("{:.1}", ev.simulated_step_us),
-            ]
-        })
-        .collect();
+/// Renders rows as an aligned plain-text table (first column left-aligned, others right-aligned).
+fn render_table(header: &[&str], body: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &body {
+    for row in body {
         for (w, cell) in width.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+        for (i, (c, w)) in cells.zip(&width).enumerate() {
             if i == 0 {
                 s.push_str(&format!("{c:<w$}"));
             } else {
@@ -597,10 +587,86 @@ pub fn format_table(rows: &[(String, Evaluation)]) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = line(header.to_vec());
-    out.push_str(&line(width.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().iter().map(String::as_str).collect()));
-    for row in &body {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    let mut out = line(&mut header.iter().copied());
+    let rule: Vec<String> = width.iter().map(|&w| "-".repeat(w)).collect();
+    out.push_str(&line(&mut rule.iter().map(String::as_str)));
+    for row in body {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
     }
     out
+}
+
+/// A plain-text per-layer table of one evaluation (load, balancedness, cross-node, hops, time).
+pub fn format_layers(ev: &Evaluation) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", x * 100.0));
+    let body: Vec<Vec<String>> = ev
+        .layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.layer.to_string(),
+                format!("{:.1}", l.max_load),
+                format!("{:.1}", l.mean_load),
+                format!("{:.4}", l.balancedness),
+                pct(Some(l.cross_node_fraction)),
+                pct(l.same_rank_hop_share),
+                pct(l.same_node_hop_share),
+                format!("{:.1}", l.simulated_us),
+            ]
+        })
+        .collect();
+    render_table(
+        &["layer", "max load", "mean load", "balancedness", "cross-node %", "same-rank hop %", "same-node hop %", "sim us"],
+        &body,
+    )
+}
+
+/// A plain-text report of the simulated step time: per layer, the time and its share of the step,
+/// then the total with the hardware assumptions.
+pub fn format_simulation(ev: &Evaluation) -> String {
+    let total = ev.simulated_step_us;
+    let body: Vec<Vec<String>> = ev
+        .layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.layer.to_string(),
+                format!("{:.1}", l.simulated_us),
+                format!("{:.1}", if total > 0.0 { 100.0 * l.simulated_us / total } else { 0.0 }),
+                format!("{:.4}", l.balancedness),
+                format!("{:.1}", l.cross_node_fraction * 100.0),
+            ]
+        })
+        .collect();
+    let mut out = render_table(&["layer", "sim us", "% of step", "balancedness", "cross-node %"], &body);
+    out.push_str(&format!(
+        "simulated step: {total:.1} us on {} ({} ranks, {} nodes{}{})\n",
+        ev.hardware,
+        ev.ranks,
+        ev.nodes,
+        ev.tokens.map_or(String::new(), |t| format!(", {t} tokens")),
+        if ev.dedup_inter_node { ", IB de-duplicated per token and node" } else { ", no IB de-duplication" }
+    ));
+    out
+}
+
+/// A plain-text comparison table, one row per named evaluation.
+pub fn format_table(rows: &[(String, Evaluation)]) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", x * 100.0));
+    let hop = |ev: &Evaluation, v: f64| (ev.hops > 0.0).then_some(v);
+    let header = ["placement", "balancedness", "cross-node %", "same-rank hop %", "same-node hop %", "sim step us"];
+    let body: Vec<[String; 6]> = rows
+        .iter()
+        .map(|(name, ev)| {
+            [
+                name.clone(),
+                format!("{:.4}", ev.balancedness),
+                pct(Some(ev.cross_node_fraction)),
+                pct(hop(ev, ev.same_rank_hop_share)),
+                pct(hop(ev, ev.same_node_hop_share)),
+                format!("{:.1}", ev.simulated_step_us),
+            ]
+        })
+        .collect();
+    render_table(&header, &body.iter().map(|r| r.to_vec()).collect::<Vec<_>>())
 }

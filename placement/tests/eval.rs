@@ -1,5 +1,5 @@
 use placement::eval::{
-    HardwareProfile, evaluate, evaluate_stats, format_table, local_dispatch, rank_loads, same_node_hops,
+    HardwareProfile, evaluate, evaluate_stats, format_layers, format_simulation, format_table, local_dispatch, rank_loads, same_node_hops,
     same_rank_hops,
 };
 use placement::placement::LayerPlacement;
@@ -79,8 +79,9 @@ fn hand_worked_example() {
     assert_close!(ev.cross_node_fraction, 9.0 / 16.0);
     assert_close!(ev.layers[0].same_rank_hop_share.unwrap(), 0.75);
     assert_eq!(ev.layers[1].same_rank_hop_share, None);
-    assert_close!(ev.same_rank_hop_share.unwrap(), 0.75);
-    assert_close!(ev.same_node_hop_share.unwrap(), 0.75);
+    assert_close!(ev.hops, 4.0);
+    assert_close!(ev.same_rank_hop_share, 0.75);
+    assert_close!(ev.same_node_hop_share, 0.75);
     // Step time (trace, IB de-duplicated per token and node):
     //   L0: compute r0 5, r1 3; IB bytes sent r0: t1 combine + t2 dispatch (2 experts on node 1,
     //       once) + t3 combine = 3, r1: 3 → r0 = 5 + 3·2 = 11 µs.
@@ -110,8 +111,8 @@ fn one_node_is_all_local_and_uses_nvlink() {
     p.topology = Topology { nodes: vec![vec![0, 1]] };
     let ev = evaluate(&p, &trace(), &unit_hw()).unwrap();
     assert_close!(ev.cross_node_fraction, 0.0);
-    assert_close!(ev.same_node_hop_share.unwrap(), 1.0);
-    assert_close!(ev.same_rank_hop_share.unwrap(), 0.75);
+    assert_close!(ev.same_node_hop_share, 1.0);
+    assert_close!(ev.same_rank_hop_share, 0.75);
     // Intra-node bytes are not de-duplicated: L0 r0 sends t1 combine 1, t2 dispatch 2, t3 combine 2
     // → 5 + 5 = 10; L1 r0: 1 + 2 + 1 → 4 + 4 = 8.
     assert_close!(ev.simulated_step_us, 18.0);
@@ -141,7 +142,7 @@ fn replicas_split_load_evenly() {
     assert_close!(ev.layers[0].max_load, 2.0); // r0: 1 + 1, r1: 1 + 1
     assert_close!(ev.balancedness, 1.0);
     assert_close!(ev.cross_node_fraction, 0.0);
-    assert_eq!(ev.same_rank_hop_share, None);
+    assert_close!(ev.hops, 0.0);
     assert_close!(ev.simulated_step_us, 2.0);
     // t3 (home 1) now picks e1 (only on r0, other node): 1 remote dispatch of 4.
     let t2 = RoutingTrace { topk_ids: vec![0, 0, 1, 1], ..t };
@@ -203,8 +204,9 @@ fn statistics_only_input() {
     // SGLang-style load only: no transitions → no hop shares; cross-node from load spread evenly.
     let stats = RoutingStats::from_load(vec![vec![3.0, 2.0, 2.0, 1.0], vec![2.0; 4]]).unwrap();
     let ev = evaluate_stats(&two_nodes(), &stats, &HardwareProfile::h100()).unwrap();
-    assert_eq!(ev.same_rank_hop_share, None);
-    assert_eq!(ev.same_node_hop_share, None);
+    assert_close!(ev.hops, 0.0);
+    assert_eq!(ev.layers[0].same_rank_hop_share, None);
+    assert_eq!(ev.layers[0].same_node_hop_share, None);
     assert_close!(ev.balancedness, 8.0 / 9.0);
     // every expert lives on one of two nodes; half of each expert's tokens are homed elsewhere
     assert_close!(ev.cross_node_fraction, 0.5);
@@ -256,6 +258,11 @@ fn table_and_serialisation() {
     assert!(lines[2].starts_with("contiguous") && lines[2].contains("0.8889") && lines[2].contains("56.2"));
     assert!(lines[2].contains("75.0") && lines[2].contains("21.0"), "{table}");
     assert!(lines[3].contains(" -"), "missing hop shares shown as '-': {table}");
+    let per_layer = format_layers(&a);
+    assert_eq!(per_layer.lines().count(), 4, "{per_layer}");
+    assert!(per_layer.lines().nth(2).unwrap().starts_with("0 ") && per_layer.contains("0.8000"), "{per_layer}");
+    let sim = format_simulation(&a);
+    assert!(sim.contains("11.0") && sim.contains("52.4") && sim.contains("simulated step: 21.0 us on unit"), "{sim}");
     let json = serde_json::to_value(&a).unwrap();
     assert_eq!(json["tokens"], 4);
     assert!(json["layers"][1]["same_rank_hop_share"].is_null());
