@@ -20,7 +20,8 @@
 //!   with split replicas, the expected number of crossings under a uniform replica choice; the
 //!   combine bytes are attributed to the remote node's ranks by their share of the token's work).
 //!   Forwarding inside the remote node and compute/communication overlap are not modelled. Layer
-//!   time = slowest rank's compute + communication; step time = Σ layers.
+//!   time = slowest rank's compute + communication; step time = Σ layers. The bytes sent over
+//!   NVLink and over the inter-node network are reported per layer and per step.
 //!   From statistics alone ([`evaluate_stats`]) there is no per-token information, so the IB
 //!   de-duplication is not applied (an upper bound); [`evaluate`] applies it.
 //!
@@ -111,6 +112,10 @@ pub struct LayerEvaluation {
     pub same_rank_hop_share: Option<f64>,
     pub same_node_hop_share: Option<f64>,
     pub simulated_us: f64,
+    /// Bytes sent over NVLink in the layer (dispatch + combine, all ranks).
+    pub intra_node_bytes: f64,
+    /// Bytes sent over the inter-node network in the layer (dispatch + combine, all ranks).
+    pub inter_node_bytes: f64,
 }
 
 /// A placement's evaluation against a trace or statistics.
@@ -134,6 +139,10 @@ pub struct Evaluation {
     /// Share of hops that stay on one node (0 when `hops` is 0).
     pub same_node_hop_share: f64,
     pub simulated_step_us: f64,
+    /// Bytes sent over NVLink per step (Σ layers, dispatch + combine).
+    pub intra_node_bytes: f64,
+    /// Bytes sent over the inter-node network per step (Σ layers, dispatch + combine).
+    pub inter_node_bytes: f64,
     /// `false` when evaluated from statistics: the step time has no per-node IB de-duplication.
     pub dedup_inter_node: bool,
     pub layers: Vec<LayerEvaluation>,
@@ -192,24 +201,38 @@ pub fn same_rank_hops(a: &[Vec<usize>], b: &[Vec<usize>], transitions: &[f64], n
     if transitions.len() < ne * ne {
         return 0.0;
     }
-    // ranks hosting each expert in `a`
-    let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); ne];
+    // ranks hosting each expert in `a`, as CSR (offsets into `host_ranks`)
+    let mut offsets = vec![0usize; ne + 1];
+    for slots in a {
+        for &e in slots {
+            if e < ne {
+                offsets[e + 1] += 1;
+            }
+        }
+    }
+    for e in 0..ne {
+        offsets[e + 1] += offsets[e];
+    }
+    let mut fill = offsets.clone();
+    let mut host_ranks = vec![0usize; offsets[ne]];
     for (r, slots) in a.iter().enumerate() {
         for &e in slots {
             if e < ne {
-                hosts[e].push(r);
+                host_ranks[fill[e]] = r;
+                fill[e] += 1;
             }
         }
     }
     let mut stamp = vec![usize::MAX; ne];
     let mut sum = 0.0;
-    for (e, rs) in hosts.iter().enumerate() {
-        for &r in rs {
+    for e in 0..ne {
+        let row = &transitions[e * ne..(e + 1) * ne];
+        for &r in &host_ranks[offsets[e]..offsets[e + 1]] {
             let Some(slots) = b.get(r) else { continue };
             for &e2 in slots {
                 if e2 < ne && stamp[e2] != e {
                     stamp[e2] = e;
-                    sum += transitions[e * ne + e2];
+                    sum += row[e2];
                 }
             }
         }
@@ -316,6 +339,14 @@ fn check_stats(placement: &Placement, stats: &RoutingStats) -> Result<(), Placem
     Ok(())
 }
 
+/// One simulated layer: straggler time and bytes sent.
+#[derive(Debug, Clone, Copy)]
+struct SimResult {
+    us: f64,
+    intra_bytes: f64,
+    inter_bytes: f64,
+}
+
 /// Per-rank accumulators of one simulated layer.
 struct LayerSim {
     /// token-expert assignments
@@ -327,6 +358,14 @@ struct LayerSim {
 impl LayerSim {
     fn new(ranks: usize) -> Self {
         Self { compute: vec![0.0; ranks], intra_bytes: vec![0.0; ranks], inter_bytes: vec![0.0; ranks] }
+    }
+
+    fn result(&self, hw: &HardwareProfile) -> SimResult {
+        SimResult {
+            us: self.time_us(hw),
+            intra_bytes: self.intra_bytes.iter().sum(),
+            inter_bytes: self.inter_bytes.iter().sum(),
+        }
     }
 
     /// Slowest rank's compute + communication, in µs.
@@ -362,7 +401,7 @@ fn simulate_layer_stats(
     node_of_rank: &[usize],
     demand: impl Fn(usize, usize) -> f64,
     hw: &HardwareProfile,
-) -> f64 {
+) -> SimResult {
     let ranks = node_of_rank.len();
     let bytes = hw.token_bytes();
     let mut sim = LayerSim::new(ranks);
@@ -391,7 +430,7 @@ fn simulate_layer_stats(
             }
         }
     }
-    sim.time_us(hw)
+    sim.result(hw)
 }
 
 /// Step time of one layer from the trace's tokens, with per-node IB de-duplication.
@@ -401,7 +440,7 @@ fn simulate_layer_trace(
     reps: &[Vec<usize>],
     node_of_rank: &[usize],
     hw: &HardwareProfile,
-) -> f64 {
+) -> SimResult {
     let ranks = node_of_rank.len();
     let bytes = hw.token_bytes();
     let mut sim = LayerSim::new(ranks);
@@ -461,7 +500,7 @@ fn simulate_layer_trace(
             }
         }
     }
-    sim.time_us(hw)
+    sim.result(hw)
 }
 
 /// Evaluates a placement against routing statistics (e.g. SGLang `logical_count` via
@@ -483,7 +522,7 @@ pub fn evaluate_stats(
     let mut layers = Vec::with_capacity(nl);
     let (mut sum_mean, mut sum_max, mut sum_total, mut sum_local) = (0.0, 0.0, 0.0, 0.0);
     let (mut hops, mut hops_rank, mut hops_node) = (0.0, 0.0, 0.0);
-    let mut step_us = 0.0;
+    let (mut step_us, mut intra_total, mut inter_total) = (0.0, 0.0, 0.0);
     for l in 0..nl {
         let slots = &placement.layers[l].ranks;
         let loads = rank_loads(slots, &stats.load[l]);
@@ -512,11 +551,13 @@ pub fn evaluate_stats(
         }
         let reps = placement.replicas(l);
         let home = stats.home_load.as_ref().map(|h| &h[l]).filter(|h| h.len() == ranks);
-        let sim_us = match home {
+        let sim = match home {
             Some(h) => simulate_layer_stats(&reps, &node_of_rank, |r, e| h[r][e], hw),
             None => simulate_layer_stats(&reps, &node_of_rank, |_, e| stats.load[l][e] / ranks as f64, hw),
         };
-        step_us += sim_us;
+        step_us += sim.us;
+        intra_total += sim.intra_bytes;
+        inter_total += sim.inter_bytes;
         layers.push(LayerEvaluation {
             layer: l,
             max_load: max,
@@ -525,7 +566,9 @@ pub fn evaluate_stats(
             cross_node_fraction: if total > 0.0 { ((total - local) / total).max(0.0) } else { 0.0 },
             same_rank_hop_share: rank_share,
             same_node_hop_share: node_share,
-            simulated_us: sim_us,
+            simulated_us: sim.us,
+            intra_node_bytes: sim.intra_bytes,
+            inter_node_bytes: sim.inter_bytes,
         });
     }
     Ok(Evaluation {
@@ -540,6 +583,8 @@ pub fn evaluate_stats(
         same_rank_hop_share: if hops > 0.0 { hops_rank / hops } else { 0.0 },
         same_node_hop_share: if hops > 0.0 { hops_node / hops } else { 0.0 },
         simulated_step_us: step_us,
+        intra_node_bytes: intra_total,
+        inter_node_bytes: inter_total,
         dedup_inter_node: false,
         layers,
     })
@@ -556,13 +601,20 @@ pub fn evaluate(placement: &Placement, trace: &RoutingTrace, hw: &HardwareProfil
     let stats = RoutingStats::from_trace(trace, Some(ranks));
     let mut ev = evaluate_stats(placement, &stats, hw)?;
     let node_of_rank = placement.topology.node_of_rank();
-    let mut step_us = 0.0;
+    let (mut step_us, mut intra_total, mut inter_total) = (0.0, 0.0, 0.0);
     for (l, row) in ev.layers.iter_mut().enumerate() {
         let reps = placement.replicas(l);
-        row.simulated_us = simulate_layer_trace(trace, l, &reps, &node_of_rank, hw);
-        step_us += row.simulated_us;
+        let sim = simulate_layer_trace(trace, l, &reps, &node_of_rank, hw);
+        row.simulated_us = sim.us;
+        row.intra_node_bytes = sim.intra_bytes;
+        row.inter_node_bytes = sim.inter_bytes;
+        step_us += sim.us;
+        intra_total += sim.intra_bytes;
+        inter_total += sim.inter_bytes;
     }
     ev.simulated_step_us = step_us;
+    ev.intra_node_bytes = intra_total;
+    ev.inter_node_bytes = inter_total;
     ev.tokens = Some(trace.num_tokens());
     ev.dedup_inter_node = true;
     Ok(ev)

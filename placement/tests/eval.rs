@@ -90,6 +90,10 @@ fn hand_worked_example() {
     assert_close!(ev.layers[0].simulated_us, 11.0);
     assert_close!(ev.layers[1].simulated_us, 10.0);
     assert_close!(ev.simulated_step_us, 21.0);
+    // bytes sent over IB: L0 3 + 3, L1 3 + 3; nothing over NVLink (one rank per node)
+    assert_close!(ev.layers[0].inter_node_bytes, 6.0);
+    assert_close!(ev.inter_node_bytes, 12.0);
+    assert_close!(ev.intra_node_bytes, 0.0);
 
     // Statistics path: same metrics; step time without de-duplication:
     //   L0 IB r0 = 1 + 2 + 2 = 5 → 5 + 10 = 15; L1 r0 = 1 + 2 + 1 = 4 → 4 + 8 = 12.
@@ -103,6 +107,7 @@ fn hand_worked_example() {
     assert_close!(es.layers[0].simulated_us, 15.0);
     assert_close!(es.layers[1].simulated_us, 12.0);
     assert_close!(es.simulated_step_us, 27.0);
+    assert_close!(es.inter_node_bytes, 10.0 + 8.0);
 }
 
 #[test]
@@ -116,6 +121,8 @@ fn one_node_is_all_local_and_uses_nvlink() {
     // Intra-node bytes are not de-duplicated: L0 r0 sends t1 combine 1, t2 dispatch 2, t3 combine 2
     // → 5 + 5 = 10; L1 r0: 1 + 2 + 1 → 4 + 4 = 8.
     assert_close!(ev.simulated_step_us, 18.0);
+    assert_close!(ev.inter_node_bytes, 0.0);
+    assert_close!(ev.intra_node_bytes, 10.0 + 8.0);
 }
 
 #[test]
@@ -346,4 +353,33 @@ mod plots {
         let none = line_plot_svg("none", "x", "y", &[]);
         assert!(none.contains("</svg>") && !none.contains("NaN"));
     }
+}
+
+#[test]
+fn deepseek_scale_is_fast() {
+    use placement::synth::{SynthConfig, synthesize};
+    let t = synthesize(&SynthConfig::deepseek_v3()).unwrap(); // 4096 tokens
+    let topo = Topology::uniform(32, 4).unwrap();
+    // contiguous, plus one replica of expert r on rank r (9 slots per rank)
+    let ls: Vec<LayerPlacement> = (0..58)
+        .map(|_| LayerPlacement { ranks: (0..32).map(|r| (r * 8..r * 8 + 8).chain([(r * 8 + 8) % 256]).collect()).collect() })
+        .collect();
+    let p = Placement::new(256, topo, ls);
+    let start = std::time::Instant::now();
+    let ev = evaluate(&p, &t, &HardwareProfile::h100()).unwrap();
+    let dt = start.elapsed();
+    eprintln!("evaluate, DeepSeek-V3 4096 tokens, 32 ranks: {dt:?}, step {:.1} us", ev.simulated_step_us);
+    assert!(ev.balancedness > 0.3 && ev.balancedness < 1.0);
+    assert!(ev.cross_node_fraction > 0.5 && ev.cross_node_fraction < 0.9, "{}", ev.cross_node_fraction);
+    assert!(ev.simulated_step_us > 0.0);
+    assert!(dt.as_secs_f64() < if cfg!(debug_assertions) { 60.0 } else { 2.0 });
+    // the hot primitives agree with the evaluation
+    let stats = RoutingStats::from_trace(&t, Some(32));
+    let start = std::time::Instant::now();
+    let mut hops = 0.0;
+    for l in 0..57 {
+        hops += same_rank_hops(&p.layers[l].ranks, &p.layers[l + 1].ranks, &stats.transitions[l], 256);
+    }
+    eprintln!("same_rank_hops x 57: {:?}", start.elapsed());
+    assert!((hops / ev.hops - ev.same_rank_hop_share).abs() < 1e-12);
 }
