@@ -18,6 +18,9 @@ pub fn init() {
     INIT.call_once(|| {
         let n = std::env::var("SWITCHYARD_BLAS_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         ffi::set_blas_threads(n);
+        if std::env::var_os("SWITCHYARD_DEFAULT_MALLOC").is_none() {
+            ffi::tune_allocator();
+        }
     });
 }
 

@@ -8,6 +8,7 @@ use crate::config::{Arch, AttnConfig, FfnKind, ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
 use crate::kernels::{self, Linear, Rope};
 use crate::moe::{ExpertExecutor, ExpertFfn, LocalExperts, MoeLayer, Router, Routing, SharedExpert};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// What to load.
@@ -131,35 +132,38 @@ impl Model {
             Some(ld.t("lm_head.weight", &[c.vocab_size, h])?)
         };
         let norm = ld.t("model.norm.weight", &[h])?;
-        let mut layers = Vec::with_capacity(c.n_layers);
-        let mut moe_i = 0;
-        for li in 0..c.n_layers {
-            let p = format!("model.layers.{li}");
-            let attn = Self::load_attention(&ld, c, &p)?;
-            let ffn = match c.layer_kinds[li] {
-                FfnKind::Dense => {
-                    Ffn::Dense(ld.ffn(
+        // MoE layer index of every decoder layer.
+        let mut moe_of = vec![None; c.n_layers];
+        for (i, &l) in moe_layers.iter().enumerate() {
+            moe_of[l] = Some(i);
+        }
+        // Layers are read and converted in parallel.
+        let layers: Vec<Layer> = (0..c.n_layers)
+            .into_par_iter()
+            .map(|li| -> Result<Layer> {
+                let p = format!("model.layers.{li}");
+                let attn = Self::load_attention(&ld, c, &p)?;
+                let ffn = match (c.layer_kinds[li], moe_of[li]) {
+                    (FfnKind::Moe, Some(moe_i)) => {
+                        let sel = opts.experts.as_ref().map(|s| &s[moe_i]);
+                        Ffn::Moe(Self::load_moe(&ld, c, &p, moe_i, sel)?)
+                    }
+                    _ => Ffn::Dense(ld.ffn(
                         &format!("{p}.mlp.gate_proj.weight"),
                         &format!("{p}.mlp.up_proj.weight"),
                         &format!("{p}.mlp.down_proj.weight"),
                         h,
                         c.intermediate_size,
-                    )?)
-                }
-                FfnKind::Moe => {
-                    let sel = opts.experts.as_ref().map(|s| &s[moe_i]);
-                    let m = Self::load_moe(&ld, c, &p, moe_i, sel)?;
-                    moe_i += 1;
-                    Ffn::Moe(m)
-                }
-            };
-            layers.push(Layer {
-                input_norm: ld.t(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: ld.t(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                attn,
-                ffn,
-            });
-        }
+                    )?),
+                };
+                Ok(Layer {
+                    input_norm: ld.t(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    post_norm: ld.t(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    attn,
+                    ffn,
+                })
+            })
+            .collect::<Result<Vec<Layer>>>()?;
         Ok(Model {
             rope: c.rope_tables(),
             attn_scale: c.attention_scale(),
