@@ -142,5 +142,5 @@ fn jsonl_logs_and_sglang_counts_are_accepted() {
     let layer0: Vec<u64> = v["layers"][0]["ranks"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap())).collect();
     assert_eq!(layer0.iter().filter(|&&e| e == 0).count(), 2);
     std::fs::write(&counts, "[[1, 2], [3]]").unwrap();
-    fails(&["place", "solve", "--trace", &counts, "--ranks", "2", "--slots-per-rank", "1", "--out", &out], "logical_count");
+    fails(&["place", "solve", "--trace", &counts, "--ranks", "2", "--slots-per-rank", "1", "--out", &out], "ragged");
 }

@@ -1,15 +1,392 @@
-//! `switchyard place ...` (in progress).
+//! `switchyard place ...`: solve, evaluate, compare, simulate, export and benchmark placements.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use placement::eval::{Evaluation, HardwareProfile};
+use placement::solver::{self, Mode, SolveOptions, SolveReport, SolverKind};
+use placement::synth::{SynthConfig, synthesize};
+use placement::{Placement, RoutingTrace, Topology};
+
+use super::routing::Routing;
 
 #[derive(clap::Subcommand)]
 pub enum PlaceCommand {
-    /// Evaluate a placement on a trace.
+    /// Solve a placement from routing statistics and write it as `switchyard.placement.v1` JSON.
+    Solve(SolveArgs),
+    /// Score a placement on a trace: balancedness, cross-node dispatch, same-rank hops, step time.
     Eval {
         #[arg(long)]
-        placement: std::path::PathBuf,
+        placement: PathBuf,
+        #[arg(long)]
+        trace: PathBuf,
+        #[command(flatten)]
+        hw: HardwareArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG heat map of rank load per layer here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
+    /// Score several placements on one trace, one table.
+    Compare {
+        #[arg(long)]
+        trace: PathBuf,
+        /// Placement files.
+        #[arg(required = true)]
+        placements: Vec<PathBuf>,
+        #[command(flatten)]
+        hw: HardwareArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-layer simulated step time of a placement on a trace: compute and communication of the
+    /// straggler rank, layer by layer.
+    Simulate {
+        #[arg(long)]
+        placement: PathBuf,
+        #[arg(long)]
+        trace: PathBuf,
+        #[command(flatten)]
+        hw: HardwareArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a placement to another system's format.
+    Export {
+        #[arg(long)]
+        placement: PathBuf,
+        /// Target format: `sglang` (`{"physical_to_logical_map": [[...]]}` for --init-expert-location).
+        #[arg(long, default_value = "sglang")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmark contiguous / eplb / ilp side by side on synthetic DeepSeek-V3-like and Mixtral-like
+    /// traces, solving on one sample and scoring on another.
+    Bench(BenchArgs),
 }
 
-pub fn run(_c: PlaceCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+#[derive(clap::Args)]
+pub struct SolveArgs {
+    /// Routing input: trace `.safetensors`, token log `.jsonl`, or SGLang `logical_count` `.json`.
+    #[arg(long)]
+    trace: PathBuf,
+    /// Experts per layer when a `.jsonl` log cannot tell (default: largest id + 1).
+    #[arg(long)]
+    num_experts: Option<usize>,
+    #[arg(long)]
+    ranks: usize,
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    #[arg(long)]
+    slots_per_rank: usize,
+    #[arg(long, default_value = "ilp")]
+    solver: SolverKind,
+    #[arg(long, default_value = "home")]
+    mode: Mode,
+    /// Expert groups (DeepSeek's n_group) for hierarchical EPLB.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Seconds the ILP may spend.
+    #[arg(long, default_value_t = 60.0)]
+    time_limit: f64,
+    /// Share of a layer's optimal max rank load the ILP may give up for traffic (never above EPLB's).
+    #[arg(long, default_value_t = 0.0)]
+    balance_slack: f64,
+    /// ILP subproblems solved in parallel (default: available cores).
+    #[arg(long, env = "SWITCHYARD_SOLVER_THREADS")]
+    threads: Option<usize>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the solve report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG heat map of rank load per layer here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct HardwareArgs {
+    /// Hardware profile for the simulated step time: `h100` (H100 + NVLink + 400 Gb/s IB) or a JSON file.
+    #[arg(long, default_value = "h100")]
+    hardware: String,
+}
+
+impl HardwareArgs {
+    fn profile(&self) -> anyhow::Result<HardwareProfile> {
+        if self.hardware == "h100" {
+            return Ok(HardwareProfile::h100());
+        }
+        let text = std::fs::read_to_string(&self.hardware)
+            .with_context(|| format!("hardware profile {} (not `h100`, not a readable file)", self.hardware))?;
+        serde_json::from_str(&text).with_context(|| format!("hardware profile {}", self.hardware))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Time limit of every ILP solve, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    time_limit: f64,
+    /// Tokens in each synthetic sample (solve sample and held-out sample).
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Only the Mixtral-like scenarios (fast).
+    #[arg(long)]
+    mixtral_only: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PlaceCommand::Solve(a) => solve_cmd(a),
+        PlaceCommand::Eval { placement, trace, hw, json, plot } => {
+            let p = Placement::read(&placement)?;
+            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+            let ev = placement::eval::evaluate(&p, &t, &hw.profile()?)?;
+            if let Some(path) = plot {
+                let stats = placement::RoutingStats::from_trace(&t, None);
+                write_plot(&path, &p, &stats.load, &format!("rank load / layer mean: {}", placement.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ev)?);
+            } else {
+                print!("{}", placement::eval::format_layers(&ev));
+                print!("{}", placement::eval::format_table(&[(placement.display().to_string(), ev)]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PlaceCommand::Compare { trace, placements, hw, json } => {
+            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+            let hw = hw.profile()?;
+            let rows = placements
+                .iter()
+                .map(|path| {
+                    let p = Placement::read(path)?;
+                    let ev = placement::eval::evaluate(&p, &t, &hw)
+                        .with_context(|| format!("evaluating {}", path.display()))?;
+                    Ok((path.display().to_string(), ev))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if json {
+                let v: Vec<_> = rows.iter().map(|(n, e)| serde_json::json!({"placement": n, "evaluation": e})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", placement::eval::format_table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PlaceCommand::Simulate { placement, trace, hw, json } => {
+            let p = Placement::read(&placement)?;
+            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+            let ev = placement::eval::evaluate(&p, &t, &hw.profile()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ev.layers)?);
+            } else {
+                print!("{}", placement::eval::format_simulation(&ev));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PlaceCommand::Export { placement, format, out } => {
+            let p = Placement::read(&placement)?;
+            let value = match format.as_str() {
+                "sglang" => p.to_sglang(),
+                other => anyhow::bail!("unknown export format {other:?} (supported: sglang)"),
+            };
+            std::fs::write(&out, serde_json::to_string(&value)?).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        PlaceCommand::Bench(a) => bench(a),
+    }
+}
+
+fn write_plot(path: &Path, p: &Placement, load: &[Vec<f64>], title: &str) -> anyhow::Result<()> {
+    let svg = placement::plot::rank_load_heatmap_svg(p, load, title);
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn progress_bar(kind: SolverKind) -> indicatif::ProgressBar {
+    if kind != SolverKind::Ilp {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} ilp sweep {prefix} [{bar:30}] {pos}/{len} layers {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
+    let routing = Routing::read(&a.trace, a.num_experts)?;
+    let stats = routing.stats(a.ranks)?;
+    let topology = Topology::uniform(a.ranks, a.nodes)?;
+    let mut opts = SolveOptions::new(topology, a.slots_per_rank);
+    opts.mode = a.mode;
+    opts.groups = a.groups;
+    anyhow::ensure!(a.time_limit.is_finite() && a.time_limit > 0.0, "--time-limit must be positive");
+    opts.time_limit = Duration::from_secs_f64(a.time_limit);
+    opts.balance_slack = a.balance_slack;
+    if let Some(t) = a.threads {
+        opts.threads = t.max(1);
+    }
+    let bar = progress_bar(a.solver);
+    let (p, report) = solver::solve(a.solver, &stats, &opts, &|pr| {
+        bar.set_prefix(pr.sweep.to_string());
+        bar.set_length(pr.total as u64);
+        bar.set_position(pr.done as u64);
+    })?;
+    bar.finish_and_clear();
+    p.write(&a.out)?;
+    if let Some(path) = &a.plot {
+        write_plot(path, &p, &stats.load, &format!("{:?} placement, rank load / layer mean", a.solver))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+        println!("wrote {}", a.out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &SolveReport) {
+    let obj = |o: &solver::Objective| {
+        format!("{:.4} (imbalance {:.4}, traffic {:.4})", o.value, o.imbalance, o.traffic)
+    };
+    println!("solver      {:?}, mode {:?}", r.solver, r.mode);
+    if let Some(w) = &r.warm_start {
+        println!("warm start  {}", obj(w));
+    }
+    println!("objective   {}", obj(&r.objective));
+    if let Some(g) = r.balance_gap {
+        println!("gap         balance {:.2e}, traffic {}", g, r.traffic_gap.map_or("-".into(), |g| format!("{g:.2e}")));
+        println!(
+            "search      {} sweeps, {} subproblems ({} hit the time limit), {} layers improved",
+            r.sweeps, r.subproblems, r.subproblems_hit_time_limit, r.layers_improved
+        );
+    }
+    println!("time        {:.2} s", r.solve_seconds);
+}
+
+/// One row of the benchmark table.
+#[derive(serde::Serialize)]
+struct BenchRow {
+    scenario: String,
+    solver: String,
+    balancedness: f64,
+    cross_node_fraction: f64,
+    same_rank_hop_share: f64,
+    same_node_hop_share: f64,
+    simulated_step_us: f64,
+    solve_seconds: f64,
+}
+
+struct Scenario {
+    name: &'static str,
+    synth: SynthConfig,
+    ranks: usize,
+    nodes: usize,
+    slots: usize,
+    groups: Option<usize>,
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut scenarios = Vec::new();
+    let per_seq = 64;
+    let seqs = a.tokens.div_ceil(per_seq).max(1);
+    if !a.mixtral_only {
+        let mut s = SynthConfig::deepseek_v3();
+        s.num_sequences = seqs;
+        s.tokens_per_sequence = per_seq;
+        scenarios.push(Scenario { name: "deepseek-v3 (58x256 top-8, 32 ranks / 4 nodes, 9 slots)", synth: s, ranks: 32, nodes: 4, slots: 9, groups: Some(8) });
+    }
+    for slots in [2, 3] {
+        let mut s = SynthConfig::mixtral();
+        s.num_sequences = seqs;
+        s.tokens_per_sequence = per_seq;
+        let name = if slots == 2 { "mixtral (32x8 top-2, 4 ranks, 2 slots)" } else { "mixtral (32x8 top-2, 4 ranks, 3 slots)" };
+        scenarios.push(Scenario { name, synth: s, ranks: 4, nodes: 1, slots, groups: None });
+    }
+    let hw = HardwareProfile::h100();
+    let mut rows = Vec::new();
+    for sc in &scenarios {
+        // Same routing model (model_seed), two independent samples: solve on one, score on the other.
+        let solve_trace = synthesize(&SynthConfig { seed: sc.synth.seed, ..sc.synth.clone() })?;
+        let held_out = synthesize(&SynthConfig { seed: sc.synth.seed.wrapping_add(1_000_003), ..sc.synth.clone() })?;
+        let stats = placement::RoutingStats::from_trace(&solve_trace, Some(sc.ranks));
+        let topology = Topology::uniform(sc.ranks, sc.nodes)?;
+        let runs: [(&str, SolverKind, Mode); 4] = [
+            ("contiguous", SolverKind::Contiguous, Mode::Home),
+            ("eplb", SolverKind::Eplb, Mode::Home),
+            ("ilp home", SolverKind::Ilp, Mode::Home),
+            ("ilp affinity", SolverKind::Ilp, Mode::Affinity),
+        ];
+        for (label, kind, mode) in runs {
+            let mut opts = SolveOptions::new(topology.clone(), sc.slots);
+            opts.mode = mode;
+            opts.groups = sc.groups;
+            opts.time_limit = Duration::from_secs_f64(a.time_limit);
+            let started = Instant::now();
+            let (p, _) = solver::solve(kind, &stats, &opts, &|_| {})?;
+            let secs = started.elapsed().as_secs_f64();
+            let ev: Evaluation = placement::eval::evaluate(&p, &held_out, &hw)?;
+            rows.push(BenchRow {
+                scenario: sc.name.to_string(),
+                solver: label.to_string(),
+                balancedness: ev.balancedness,
+                cross_node_fraction: ev.cross_node_fraction,
+                same_rank_hop_share: ev.same_rank_hop_share,
+                same_node_hop_share: ev.same_node_hop_share,
+                simulated_step_us: ev.simulated_step_us,
+                solve_seconds: secs,
+            });
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("solved on one synthetic sample, scored on a held-out sample of the same routing model ({} tokens each)\n", seqs * per_seq);
+    println!(
+        "{:<58} {:<13} {:>8} {:>10} {:>10} {:>10} {:>12} {:>9}",
+        "scenario", "solver", "balance", "x-node %", "rank-hop %", "node-hop %", "step µs", "solve s"
+    );
+    for r in &rows {
+        println!(
+            "{:<58} {:<13} {:>8.4} {:>10.2} {:>10.2} {:>10.2} {:>12.1} {:>9.2}",
+            r.scenario,
+            r.solver,
+            r.balancedness,
+            100.0 * r.cross_node_fraction,
+            100.0 * r.same_rank_hop_share,
+            100.0 * r.same_node_hop_share,
+            r.simulated_step_us,
+            r.solve_seconds
+        );
+    }
+    println!();
+    for sc in &scenarios {
+        let get = |s: &str| rows.iter().find(|r| r.scenario == sc.name && r.solver == s).expect("row exists");
+        let (e, h, f) = (get("eplb"), get("ilp home"), get("ilp affinity"));
+        let xnode = if e.cross_node_fraction > 0.0 { format!("{:.2}x", h.cross_node_fraction / e.cross_node_fraction) } else { "n/a (one node)".into() };
+        println!(
+            "{}: ilp/eplb balancedness home {:.3}x affinity {:.3}x; same-rank hops (affinity) {:.2}x; cross-node (home) {}",
+            sc.name,
+            h.balancedness / e.balancedness,
+            f.balancedness / e.balancedness,
+            f.same_rank_hop_share / e.same_rank_hop_share.max(f64::MIN_POSITIVE),
+            xnode
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

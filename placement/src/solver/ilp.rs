@@ -37,6 +37,7 @@ pub(crate) struct IlpRun {
     pub subproblems: usize,
     pub hit_time_limit: usize,
     pub layers_improved: usize,
+    pub layer_errors: Option<String>,
 }
 
 /// Replicas of items to spread over bins (nodes, or the ranks of one node).
@@ -52,7 +53,15 @@ struct BinProblem {
     gain: Vec<Vec<f64>>,
     /// A feasible assignment `[item][bin]` to start from.
     initial: Vec<Vec<usize>>,
+    /// Cap on Σ_bins max(0, load − mean load) in the traffic phase: a solution may not spread load
+    /// more unevenly than the reference, only its maximum is capped otherwise. Keeps the balance that
+    /// held on the solved trace from degrading on the next one.
+    spread_cap: Option<f64>,
 }
+
+/// Weight of the load spread against the max load in the balance phase: small enough that a lower
+/// maximum always wins, large enough to break ties between equal maxima.
+const SPREAD_TIEBREAK: f64 = 1e-3;
 
 enum Goal {
     MinLoad,
@@ -76,6 +85,13 @@ impl BinProblem {
             }
         }
         loads
+    }
+
+    /// Σ_bins max(0, load − mean) of an assignment.
+    fn spread(&self, assign: &[Vec<usize>]) -> f64 {
+        let loads = self.bin_loads(assign);
+        let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+        loads.iter().map(|&x| (x - mean).max(0.0)).sum()
     }
 
     fn has_gain(&self) -> bool {
@@ -131,6 +147,28 @@ impl BinProblem {
                 None
             }
         };
+        // Load above the mean per bin: minimised lightly in the balance phase (among equal maxima,
+        // prefer the evener spread), capped in the traffic phase.
+        let excess: Option<Vec<Variable>> = match (goal, self.spread_cap) {
+            (Goal::MinLoad, _) | (Goal::MaxGain { .. }, Some(_)) => {
+                let loads = self.bin_loads(&self.initial);
+                let mean = loads.iter().sum::<f64>() / bins as f64;
+                let xs: Vec<Variable> = loads
+                    .iter()
+                    .map(|&l| {
+                        start.push((l - mean).max(0.0) / w_scale);
+                        vars.add(variable().min(0.0))
+                    })
+                    .collect();
+                if matches!(goal, Goal::MinLoad) {
+                    for &x in &xs {
+                        objective += (SPREAD_TIEBREAK / bins as f64) * x;
+                    }
+                }
+                Some(xs)
+            }
+            _ => None,
+        };
         let unsolved = match goal {
             Goal::MinLoad => vars.minimise(objective),
             Goal::MaxGain { .. } => vars.maximise(objective),
@@ -154,6 +192,19 @@ impl BinProblem {
         }
         for (y, ab) in presence {
             problem.add_constraint((Expression::from(y) - ab).leq(0.0));
+        }
+        if let Some(excess) = &excess {
+            // excess_b >= load_b - mean (excess_b >= 0 by its bound); in the traffic phase Σ excess_b <= cap.
+            let mean = self.weights.iter().zip(&self.copies).map(|(w, &c)| w * c as f64).sum::<f64>() / bins as f64;
+            for (b, &x) in excess.iter().enumerate() {
+                let load: Expression =
+                    (0..items).filter_map(|i| a[i][b].map(|v| (self.weights[i] / w_scale) * v)).sum();
+                problem.add_constraint((load - x).leq(mean / w_scale));
+            }
+            if let (Goal::MaxGain { .. }, Some(cap)) = (goal, self.spread_cap) {
+                let total: Expression = excess.iter().map(|&x| Expression::from(x)).sum();
+                problem.add_constraint(total.leq(cap / w_scale * (1.0 + 1e-9) + 1e-12));
+            }
         }
         let mut model = problem
             .try_into_inner()
@@ -300,7 +351,15 @@ impl Ctx<'_> {
         gain
     }
 
-    fn improve_layer(&self, l: usize, layers: &[Vec<Vec<usize>>], time_limit: f64) -> Result<LayerOutcome, PlacementError> {
+    fn improve_layer(
+        &self,
+        l: usize,
+        layers: &[Vec<Vec<usize>>],
+        time_limit: f64,
+        deadline: Instant,
+    ) -> Result<LayerOutcome, PlacementError> {
+        // Every subproblem gets its share, but none runs past the overall deadline.
+        let budget = || time_limit.min(deadline.saturating_duration_since(Instant::now()).as_secs_f64()).max(0.01);
         let ne = self.num_experts();
         let topo = &self.opts.topology;
         let slots = self.opts.slots_per_rank;
@@ -314,10 +373,23 @@ impl Ctx<'_> {
                 copies[e] += 1;
             }
         }
+        let nodes = topo.num_nodes();
+        // Node loads of the layer as it is: the node level never exceeds the heaviest.
+        let current_node_cap = {
+            let mut node_load = vec![0.0; nodes];
+            for (r, s) in current.iter().enumerate() {
+                for &e in s {
+                    node_load[self.node_of_rank[r]] += load[e] / copies[e].max(1) as f64;
+                }
+            }
+            node_load.into_iter().fold(0.0, f64::max)
+        };
+        if self.opts.mode == Mode::Home && nodes > 1 {
+            copies = locality_counts(load, &copies, nodes, topo.num_ranks());
+        }
         let weights: Vec<f64> = (0..ne).map(|e| load[e] / copies[e].max(1) as f64).collect();
 
         // Level 1: replicas per node.
-        let nodes = topo.num_nodes();
         let mut per_node = vec![vec![0usize; nodes]; ne];
         for (r, s) in current.iter().enumerate() {
             for &e in s {
@@ -325,6 +397,11 @@ impl Ctx<'_> {
             }
         }
         let current_per_node = per_node.clone();
+        if per_node.iter().zip(&copies).any(|(row, &c)| row.iter().sum::<usize>() != c) {
+            // Counts changed: start the node level from a spread that honours them (round-robin
+            // over nodes by current node load), which the ILP then improves.
+            per_node = spread_over_nodes(&copies, &weights, topo);
+        }
         if nodes > 1 {
             let gain = match self.opts.mode {
                 Mode::Home => (0..ne).map(|e| (0..nodes).map(|n| self.demand[l][n][e]).collect()).collect(),
@@ -337,10 +414,11 @@ impl Ctx<'_> {
                 max_per_bin: topo.nodes.iter().map(Vec::len).collect(),
                 gain,
                 initial: per_node.clone(),
+                spread_cap: None,
             };
             if problem.has_gain() {
-                let cap = problem.bin_loads(&per_node).into_iter().fold(0.0, f64::max) * (1.0 + 1e-9);
-                let sol = problem.solve(&Goal::MaxGain { load_cap: cap }, time_limit)?;
+                let cap = current_node_cap * (1.0 + 1e-9);
+                let sol = problem.solve(&Goal::MaxGain { load_cap: cap }, budget())?;
                 out.subproblems += 1;
                 out.hit_time_limit += usize::from(sol.hit_time_limit);
                 out.traffic_gap = Some(out.traffic_gap.unwrap_or(0.0).max(sol.gap));
@@ -349,13 +427,9 @@ impl Ctx<'_> {
         }
 
         // Level 2: ranks within each node.
+        // Home mode's traffic is decided at the node level; inside a node only balance matters.
         let rank_gain_all: Option<Vec<Vec<f64>>> = match self.opts.mode {
-            Mode::Home => self
-                .stats
-                .home_load
-                .as_ref()
-                .filter(|h| h[l].len() == topo.num_ranks())
-                .map(|h| (0..ne).map(|e| (0..topo.num_ranks()).map(|r| h[l][r][e]).collect()).collect()),
+            Mode::Home => None,
             Mode::Affinity => {
                 let identity: Vec<usize> = (0..topo.num_ranks()).collect();
                 Some(self.affinity_gain(l, layers, &identity, topo.num_ranks()))
@@ -385,8 +459,9 @@ impl Ctx<'_> {
                     None => vec![vec![0.0; ranks.len()]; items.len()],
                 },
                 initial,
+                spread_cap: None,
             };
-            let balanced = problem.solve(&Goal::MinLoad, time_limit)?;
+            let balanced = problem.solve(&Goal::MinLoad, budget())?;
             out.subproblems += 1;
             out.hit_time_limit += usize::from(balanced.hit_time_limit);
             out.balance_gap = out.balance_gap.max(balanced.gap);
@@ -397,8 +472,10 @@ impl Ctx<'_> {
             let mut assign = balanced.assign;
             if problem.has_gain() {
                 let cap = (balanced.value * (1.0 + self.opts.balance_slack)).min(self.load_cap[l]) * (1.0 + 1e-9);
-                let start = BinProblem { initial: assign.clone(), ..problem };
-                let sol = start.solve(&Goal::MaxGain { load_cap: cap }, time_limit)?;
+                // No more uneven than the balance optimum (which already prefers an even spread).
+                let spread_cap = Some(problem.spread(&assign));
+                let start = BinProblem { initial: assign.clone(), spread_cap, ..problem };
+                let sol = start.solve(&Goal::MaxGain { load_cap: cap }, budget())?;
                 out.subproblems += 1;
                 out.hit_time_limit += usize::from(sol.hit_time_limit);
                 out.traffic_gap = Some(out.traffic_gap.unwrap_or(0.0).max(sol.gap));
@@ -420,6 +497,64 @@ impl Ctx<'_> {
     }
 }
 
+/// Replica counts for home mode: no expert's per-replica load may exceed the warm start's largest
+/// (so balance stays reachable), and the slots this frees go, heaviest expert first, to experts not
+/// yet on every node — each such replica turns `load / nodes` of cross-node dispatch local.
+fn locality_counts(load: &[f64], counts: &[usize], nodes: usize, ranks: usize) -> Vec<usize> {
+    let per_replica_max = load.iter().zip(counts).map(|(&n, &c)| n / c.max(1) as f64).fold(0.0, f64::max);
+    if per_replica_max <= 0.0 {
+        return counts.to_vec();
+    }
+    let mut out: Vec<usize> = load
+        .iter()
+        .map(|&n| ((n / per_replica_max) * (1.0 - 1e-12)).ceil().max(1.0) as usize)
+        .collect();
+    let total: usize = counts.iter().sum();
+    let mut spare = total.saturating_sub(out.iter().sum());
+    while spare > 0 {
+        let spread = (0..load.len())
+            .filter(|&e| out[e] < nodes.min(ranks))
+            .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)));
+        let pick = spread.or_else(|| {
+            (0..load.len())
+                .filter(|&e| out[e] < ranks)
+                .max_by(|&a, &b| (load[a] / out[a] as f64).total_cmp(&(load[b] / out[b] as f64)).then(b.cmp(&a)))
+        });
+        let Some(e) = pick else { break };
+        out[e] += 1;
+        spare -= 1;
+    }
+    out
+}
+
+/// A feasible replicas-per-node matrix for `copies`: replicas of the heaviest experts first, each to
+/// the least loaded node with a free slot that holds fewer than its rank count of that expert.
+fn spread_over_nodes(copies: &[usize], weights: &[f64], topo: &crate::Topology) -> Vec<Vec<usize>> {
+    let nodes = topo.num_nodes();
+    let slots_total: usize = copies.iter().sum();
+    let capacity: Vec<usize> = {
+        let ranks = topo.num_ranks();
+        topo.nodes.iter().map(|n| slots_total * n.len() / ranks).collect()
+    };
+    let mut per_node = vec![vec![0usize; nodes]; copies.len()];
+    let mut used = vec![0usize; nodes];
+    let mut node_load = vec![0.0f64; nodes];
+    let mut order: Vec<usize> = (0..copies.len()).collect();
+    order.sort_by(|&a, &b| (weights[b] * copies[b] as f64).total_cmp(&(weights[a] * copies[a] as f64)));
+    for e in order {
+        for _ in 0..copies[e] {
+            let n = (0..nodes)
+                .filter(|&n| used[n] < capacity[n] && per_node[e][n] < topo.nodes[n].len())
+                .min_by(|&a, &b| (per_node[e][a], node_load[a]).partial_cmp(&(per_node[e][b], node_load[b])).unwrap_or(std::cmp::Ordering::Equal))
+                .unwrap_or(0);
+            per_node[e][n] += 1;
+            used[n] += 1;
+            node_load[n] += weights[e];
+        }
+    }
+    per_node
+}
+
 pub(crate) fn solve(
     stats: &RoutingStats,
     opts: &SolveOptions,
@@ -434,8 +569,16 @@ pub(crate) fn solve(
         stats,
         opts,
         node_of_rank: topo.node_of_rank(),
+        // Requests land on ranks at random, so which node a token's home is on does not carry over
+        // from the solved trace to the next one: plan for every node seeing the layer's load in
+        // proportion to its ranks (fitting the trace's own per-node split overfits its noise).
         demand: match opts.mode {
-            Mode::Home => (0..nl).map(|l| stats.node_demand(l, &topo.nodes)).collect(),
+            Mode::Home => (0..nl)
+                .map(|l| {
+                    let ranks = topo.num_ranks() as f64;
+                    topo.nodes.iter().map(|n| stats.load[l].iter().map(|&x| x * n.len() as f64 / ranks).collect()).collect()
+                })
+                .collect(),
             Mode::Affinity => Vec::new(),
         },
         load_cap: start
@@ -453,16 +596,24 @@ pub(crate) fn solve(
         subproblems: 0,
         hit_time_limit: 0,
         layers_improved: 0,
+        layer_errors: None,
     };
     let batches: Vec<Vec<usize>> = match opts.mode {
         Mode::Home => vec![(0..nl).collect()],
         Mode::Affinity => vec![(1..nl).step_by(2).collect(), (0..nl).step_by(2).collect()],
     };
     let max_sweeps = if opts.mode == Mode::Home { 1 } else { 50 };
-    // Budget: about three sweeps' worth of subproblems within the time limit.
-    let per_layer = 1 + 2 * topo.num_nodes();
+    // Budget: the time limit spread over the subproblems of the sweeps we expect (home: one sweep of
+    // node level + rank balance per node; affinity: about three sweeps, each with node level + rank
+    // balance + rank traffic per node).
+    let nodes = topo.num_nodes();
+    let (planned_sweeps, per_layer) = match opts.mode {
+        Mode::Home => (1.0, usize::from(nodes > 1) + nodes),
+        Mode::Affinity => (3.0, usize::from(nodes > 1) + 2 * nodes),
+    };
     let threads = opts.threads.max(1);
-    let per_sub = (opts.time_limit.as_secs_f64() * threads as f64 / (3.0 * (nl * per_layer) as f64)).clamp(0.02, 30.0);
+    let per_sub = (0.9 * opts.time_limit.as_secs_f64() * threads as f64 / (planned_sweeps * (nl * per_layer) as f64))
+        .clamp(0.02, 30.0);
     while run.sweeps < max_sweeps && Instant::now() < deadline {
         run.sweeps += 1;
         let mut gained = 0.0;
@@ -480,7 +631,7 @@ pub(crate) fn solve(
                         if left <= 0.0 {
                             break;
                         }
-                        let r = ctx.improve_layer(l, snapshot, per_sub.min(left));
+                        let r = ctx.improve_layer(l, snapshot, per_sub.min(left), deadline);
                         results.lock().expect("no panics while held").push((l, r));
                         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
                         progress(Progress { sweep: run.sweeps, done: d, total: nl });
@@ -488,7 +639,14 @@ pub(crate) fn solve(
                 }
             });
             for (l, r) in results.into_inner().expect("threads joined") {
-                let o = r?;
+                let o = match r {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // The layer keeps its current (valid) placement; say why in the report.
+                        run.layer_errors.get_or_insert_with(|| format!("layer {l}: {e}"));
+                        continue;
+                    }
+                };
                 run.subproblems += o.subproblems;
                 run.hit_time_limit += o.hit_time_limit;
                 run.balance_gap = Some(run.balance_gap.unwrap_or(0.0).max(o.balance_gap));

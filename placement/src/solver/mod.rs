@@ -138,6 +138,8 @@ pub struct SolveReport {
     pub subproblems: usize,
     pub subproblems_hit_time_limit: usize,
     pub layers_improved: usize,
+    /// The first subproblem failure, if any (that layer kept its warm-start placement).
+    pub layer_error: Option<String>,
     pub solve_seconds: f64,
 }
 
@@ -172,6 +174,7 @@ pub fn solve(
         subproblems: 0,
         subproblems_hit_time_limit: 0,
         layers_improved: 0,
+        layer_error: None,
         solve_seconds: started.elapsed().as_secs_f64(),
     };
     match kind {
@@ -196,6 +199,7 @@ pub fn solve(
             r.subproblems = run.subproblems;
             r.subproblems_hit_time_limit = run.hit_time_limit;
             r.layers_improved = run.layers_improved;
+            r.layer_error = run.layer_errors;
             Ok((p, r))
         }
     }
