@@ -138,6 +138,12 @@ pub struct BenchArgs {
     /// Only the Mixtral-like scenarios (fast).
     #[arg(long)]
     mixtral_only: bool,
+    /// Override the presets' cross-layer transition strength (0 = none, 1 = fully determined).
+    #[arg(long)]
+    transition_strength: Option<f64>,
+    /// Override the presets' Zipf exponent of expert popularity.
+    #[arg(long)]
+    zipf: Option<f64>,
     #[arg(long)]
     json: bool,
 }
@@ -317,6 +323,14 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let name = if slots == 2 { "mixtral (32x8 top-2, 4 ranks, 2 slots)" } else { "mixtral (32x8 top-2, 4 ranks, 3 slots)" };
         scenarios.push(Scenario { name, synth: s, ranks: 4, nodes: 1, slots, groups: None });
     }
+    for sc in &mut scenarios {
+        if let Some(t) = a.transition_strength {
+            sc.synth.transition_strength = t;
+        }
+        if let Some(z) = a.zipf {
+            sc.synth.zipf_exponent = z;
+        }
+    }
     let hw = HardwareProfile::h100();
     let mut rows = Vec::new();
     for sc in &scenarios {
@@ -356,7 +370,14 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("solved on one synthetic sample, scored on a held-out sample of the same routing model ({} tokens each)\n", seqs * per_seq);
+    println!("solved on one synthetic sample, scored on a held-out sample of the same routing model ({} tokens each)", seqs * per_seq);
+    for sc in &scenarios {
+        println!(
+            "  {}: zipf {}, transition strength {} (fanout {}), {} domains",
+            sc.name, sc.synth.zipf_exponent, sc.synth.transition_strength, sc.synth.transition_fanout, sc.synth.domains
+        );
+    }
+    println!();
     println!(
         "{:<58} {:<13} {:>8} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "scenario", "solver", "balance", "x-node %", "rank-hop %", "node-hop %", "step µs", "solve s"
