@@ -202,7 +202,7 @@ impl SynthModel {
         cfg.validate()?;
         let (nl, ne) = (cfg.num_layers, cfg.num_experts);
         let fanout = cfg.transition_fanout.min(ne);
-        let mut rng = StdRng::seed_from_u64(cfg.model_seed ^ 0x5EED_0F_A0DE1);
+        let mut rng = StdRng::seed_from_u64(cfg.model_seed ^ 0x0005_EED0_FA0D_E1A5);
         let zipf: Vec<f64> = (0..ne).map(|r| ((r + 1) as f64).powf(-cfg.zipf_exponent)).collect();
         let zsum: f64 = zipf.iter().sum();
 

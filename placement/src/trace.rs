@@ -76,7 +76,7 @@ impl RoutingTrace {
             return bad(format!("top_k {} exceeds num_experts {}", self.top_k, self.num_experts));
         }
         let per_token = self.num_layers * self.top_k;
-        if self.topk_ids.len() % per_token != 0 {
+        if !self.topk_ids.len().is_multiple_of(per_token) {
             return bad(format!(
                 "topk_ids has {} entries, not a multiple of layers x k = {per_token}",
                 self.topk_ids.len()
@@ -106,10 +106,8 @@ impl RoutingTrace {
                 return bad(format!("topk_weights[{t}, {l}, {j}] = {} is not a finite non-negative weight", w[i]));
             }
         }
-        if let Some(s) = &self.seq_ids {
-            if s.len() != tokens {
-                return bad(format!("seq_ids has {} entries for {tokens} tokens", s.len()));
-            }
+        if let Some(s) = self.seq_ids.as_ref().filter(|s| s.len() != tokens) {
+            return bad(format!("seq_ids has {} entries for {tokens} tokens", s.len()));
         }
         Ok(())
     }
@@ -286,10 +284,8 @@ impl RoutingTrace {
     /// skipped. `num_experts` defaults to the largest id + 1.
     pub fn import_jsonl(path: &Path, num_experts: Option<usize>) -> Result<Self, TraceError> {
         let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io { path: path.into(), source })?;
-        if let Some(n) = num_experts {
-            if n == 0 || n > MAX_EXPERTS {
-                return Err(TraceError::Invalid(format!("num_experts {n} is not in 1..={MAX_EXPERTS}")));
-            }
+        if let Some(n) = num_experts.filter(|&n| n == 0 || n > MAX_EXPERTS) {
+            return Err(TraceError::Invalid(format!("num_experts {n} is not in 1..={MAX_EXPERTS}")));
         }
         let bad_line = |line: usize, reason: String| TraceError::BadLine { path: path.into(), line, reason };
 

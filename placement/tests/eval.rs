@@ -374,7 +374,12 @@ fn deepseek_scale_is_fast() {
     assert!(ev.simulated_step_us > 0.0);
     assert!(dt.as_secs_f64() < if cfg!(debug_assertions) { 60.0 } else { 2.0 });
     // the hot primitives agree with the evaluation
+    let start = std::time::Instant::now();
     let stats = RoutingStats::from_trace(&t, Some(32));
+    eprintln!("RoutingStats::from_trace: {:?}", start.elapsed());
+    let start = std::time::Instant::now();
+    evaluate_stats(&p, &stats, &HardwareProfile::h100()).unwrap();
+    eprintln!("evaluate_stats: {:?}", start.elapsed());
     let start = std::time::Instant::now();
     let mut hops = 0.0;
     for l in 0..57 {
