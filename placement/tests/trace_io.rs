@@ -377,3 +377,30 @@ fn split_by_sequence_keeps_sequences_whole() {
     assert_eq!(t.split_by_sequence(0.99, 1).0.sequences().len(), 1);
     assert_eq!(t.split_by_sequence(0.0, 1).1.num_tokens(), 0);
 }
+
+#[test]
+fn mutated_bytes_never_panic() {
+    let bytes = tiny().to_bytes().unwrap();
+    let path = Path::new("mutated.safetensors");
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..5000 {
+        let mut b = bytes.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let i = (next() % b.len() as u64) as usize;
+            b[i] = next() as u8;
+        }
+        if next() % 5 == 0 {
+            b.truncate((next() % b.len() as u64) as usize);
+        }
+        // any outcome but a panic is fine; an accepted trace must be valid
+        if let Ok(t) = RoutingTrace::from_bytes(&b, path) {
+            t.validate().unwrap();
+        }
+    }
+}
