@@ -9,9 +9,10 @@ but tiny (hidden 32) so they can be committed under tests/fixtures/holdout:
   deepseek_v2_lite   DeepSeek-V2: q without LoRA, softmax greedy top-k, no norm, routed scaling
   deepseek_v2_group  DeepSeek-V2: group_limited_greedy, q-LoRA
   deepseek_v3_yarn   DeepSeek-V3: yarn rope (mscale), q without LoRA, moe_layer_freq, legacy rope_scaling key
+  mixtral_sliding    Mixtral with sliding_window 6 (prompts up to 23 tokens)
   mixtral_tied       Mixtral with tied embeddings
 
-Usage: python bench/gen_extra_fixtures.py OUT_DIR
+Usage: python bench/gen_extra_fixtures.py OUT_DIR [NAME ...]
 """
 import importlib.util, json, os, sys
 import torch, transformers
@@ -52,6 +53,9 @@ CONFIGS = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         routed_scaling_factor=2.0, norm_topk_prob=True, rope_parameters=yarn), "legacy"),
+    "mixtral_sliding": (transformers.MixtralConfig, transformers.MixtralForCausalLM, torch.float32, dict(
+        common, intermediate_size=24, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=6), True),
     "mixtral_tied": (transformers.MixtralConfig, transformers.MixtralForCausalLM, torch.float32, dict(
         common, tie_word_embeddings=True, intermediate_size=24, num_key_value_heads=1, num_local_experts=4,
         num_experts_per_tok=2), True),
@@ -70,7 +74,10 @@ def legacy_rope(path):
 def main():
     out = sys.argv[1]
     seed = 20261123
+    only = set(sys.argv[2:])
     for name, (Cfg, Model, dtype, kw, hub) in CONFIGS.items():
+        if only and name not in only:
+            continue
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed + 1)
         cfg = Cfg(**kw)

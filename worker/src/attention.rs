@@ -123,6 +123,7 @@ impl Attention {
         cos_sin: &[(Vec<f32>, Vec<f32>)],
         eps: f32,
         scale: f32,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let (q, k, v, n_heads, n_kv, qd, vd, o) = match self {
             Attention::Standard { q, k, v, o, qk_norm, q_norm, k_norm, n_heads, n_kv_heads, head_dim, clip_qkv } => {
@@ -224,17 +225,21 @@ impl Attention {
             let slot = slots[i];
             let l = &caches_ro[slot.seq].layers[layer];
             let n_ctx = slot.pos + 1;
-            let mut scores = vec![0.0f32; n_ctx];
+            // Sliding window: the last `w` positions, this one included.
+            let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
+            let mut scores = vec![0.0f32; n_ctx - first];
             for h in 0..n_heads {
                 let kvh = h / group;
                 let qh = &q[(i * n_heads + h) * qd..(i * n_heads + h + 1) * qd];
-                for (j, s) in scores.iter_mut().enumerate() {
+                for (jj, s) in scores.iter_mut().enumerate() {
+                    let j = first + jj;
                     let kj = &l.k[j * k_row + kvh * qd..j * k_row + (kvh + 1) * qd];
                     *s = kernels::dot(qh, kj) * scale;
                 }
                 kernels::softmax_inplace(&mut scores);
                 let oh = &mut orow[h * vd..(h + 1) * vd];
-                for (j, &p) in scores.iter().enumerate() {
+                for (jj, &p) in scores.iter().enumerate() {
+                    let j = first + jj;
                     kernels::axpy(p, &l.v[j * v_row + kvh * vd..j * v_row + (kvh + 1) * vd], oh);
                 }
             }

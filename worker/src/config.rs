@@ -206,6 +206,8 @@ pub struct ModelConfig {
     pub shared_expert: Option<SharedExpertConfig>,
     /// FFN kind of every layer.
     pub layer_kinds: Vec<FfnKind>,
+    /// Sliding attention window of every layer (`None`: full causal attention).
+    pub sliding_windows: Vec<Option<usize>>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     /// The config file as read.
@@ -480,8 +482,31 @@ impl ModelConfig {
             }
         };
 
+        // Sliding-window attention: Mixtral's `sliding_window`; Qwen's when `use_sliding_window`
+        // and `layer_types` marks the layer "sliding_attention".
+        let window = c.usize_opt(&["sliding_window"])?.filter(|w| *w > 0);
+        let layer_types: Option<Vec<String>> = c
+            .get("layer_types")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().map(|x| x.as_str().unwrap_or("").to_string()).collect());
+        let sliding_windows: Vec<Option<usize>> = (0..n_layers)
+            .map(|i| -> Result<Option<usize>> {
+                Ok(match arch {
+                    Arch::Mixtral => window,
+                    Arch::Qwen2Moe | Arch::Qwen3Moe if c.bool_or("use_sliding_window", false)? => {
+                        match &layer_types {
+                            Some(t) => window.filter(|_| t.get(i).is_some_and(|x| x == "sliding_attention")),
+                            None => return Err(c.err("use_sliding_window without layer_types is not supported")),
+                        }
+                    }
+                    _ => None,
+                })
+            })
+            .collect::<Result<_>>()?;
+
         Ok(ModelConfig {
             arch,
+            sliding_windows,
             vocab_size,
             hidden_size,
             n_layers,

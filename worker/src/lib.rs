@@ -1,4 +1,5 @@
 //! Switchyard worker: MoE model loading and execution.
+#![deny(unsafe_code)]
 //!
 //! - [`config`]: `config.json` of the supported architectures.
 //! - [`checkpoint`]: memory-mapped safetensors (single file or sharded), read on demand.

@@ -369,7 +369,18 @@ impl Model {
         let result: Result<()> = (|| {
             for (li, layer) in self.layers.iter().enumerate() {
                 let xn = kernels::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps);
-                let a = layer.attn.forward(li, &xn, t, &spans, &mut caches, &self.rope, &cos_sin, c.rms_norm_eps, self.attn_scale);
+                let a = layer.attn.forward(
+                    li,
+                    &xn,
+                    t,
+                    &spans,
+                    &mut caches,
+                    &self.rope,
+                    &cos_sin,
+                    c.rms_norm_eps,
+                    self.attn_scale,
+                    c.sliding_windows[li],
+                );
                 for (xv, av) in x.iter_mut().zip(&a) {
                     *xv += av;
                 }

@@ -1,3 +1,4 @@
+#![allow(unsafe_code)]
 //! The only place with `unsafe`: OpenBLAS (CBLAS) calls and memory-mapping checkpoint files.
 //!
 //! Every function here checks the slice lengths it hands to C before the call, so the safe
