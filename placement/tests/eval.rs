@@ -356,7 +356,7 @@ mod plots {
 }
 
 #[test]
-fn deepseek_scale_is_fast() {
+fn deepseek_scale_evaluation_agrees_with_primitives() {
     use placement::synth::{SynthConfig, synthesize};
     let t = synthesize(&SynthConfig::deepseek_v3()).unwrap(); // 4096 tokens
     let topo = Topology::uniform(32, 4).unwrap();
@@ -365,26 +365,16 @@ fn deepseek_scale_is_fast() {
         .map(|_| LayerPlacement { ranks: (0..32).map(|r| (r * 8..r * 8 + 8).chain([(r * 8 + 8) % 256]).collect()).collect() })
         .collect();
     let p = Placement::new(256, topo, ls);
-    let start = std::time::Instant::now();
     let ev = evaluate(&p, &t, &HardwareProfile::h100()).unwrap();
-    let dt = start.elapsed();
-    eprintln!("evaluate, DeepSeek-V3 4096 tokens, 32 ranks: {dt:?}, step {:.1} us", ev.simulated_step_us);
     assert!(ev.balancedness > 0.3 && ev.balancedness < 1.0);
     assert!(ev.cross_node_fraction > 0.5 && ev.cross_node_fraction < 0.9, "{}", ev.cross_node_fraction);
     assert!(ev.simulated_step_us > 0.0);
-    assert!(dt.as_secs_f64() < if cfg!(debug_assertions) { 60.0 } else { 2.0 });
     // the hot primitives agree with the evaluation
-    let start = std::time::Instant::now();
     let stats = RoutingStats::from_trace(&t, Some(32));
-    eprintln!("RoutingStats::from_trace: {:?}", start.elapsed());
-    let start = std::time::Instant::now();
     evaluate_stats(&p, &stats, &HardwareProfile::h100()).unwrap();
-    eprintln!("evaluate_stats: {:?}", start.elapsed());
-    let start = std::time::Instant::now();
     let mut hops = 0.0;
     for l in 0..57 {
         hops += same_rank_hops(&p.layers[l].ranks, &p.layers[l + 1].ranks, &stats.transitions[l], 256);
     }
-    eprintln!("same_rank_hops x 57: {:?}", start.elapsed());
     assert!((hops / ev.hops - ev.same_rank_hop_share).abs() < 1e-12);
 }

@@ -126,19 +126,14 @@ fn transition_strength_controls_successor_frequency() {
 }
 
 #[test]
-fn presets_and_speed() {
+fn presets_have_their_shapes() {
     let cfg = SynthConfig::deepseek_v3();
     assert_eq!((cfg.num_layers, cfg.num_experts, cfg.top_k), (58, 256, 8));
     let m = SynthConfig::mixtral();
     assert_eq!((m.num_layers, m.num_experts, m.top_k), (32, 8, 2));
     synthesize(&m).unwrap().validate().unwrap();
-    let start = std::time::Instant::now();
     let t = synthesize(&cfg).unwrap();
-    let dt = start.elapsed();
     assert_eq!(t.num_tokens(), 4096);
-    eprintln!("deepseek_v3 preset, 4096 tokens: {dt:?}");
-    // generous: the target is well under a second in release; debug builds are much slower
-    assert!(dt.as_secs_f64() < if cfg!(debug_assertions) { 30.0 } else { 1.0 });
 }
 
 #[test]
