@@ -42,10 +42,71 @@ pub fn matmul_bt_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out:
     ffi::sgemm_bt(x, m, k, w, n, out, n, false)
 }
 
+fn small_m_min() -> usize {
+    static L: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L.get_or_init(|| std::env::var("SWITCHYARD_SMALL_M_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(2))
+}
+
+fn small_m_limit() -> usize {
+    static L: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L.get_or_init(|| std::env::var("SWITCHYARD_SMALL_M").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
+}
+
+/// Small-m product through the transposed formulation `outᵀ = W·xᵀ`.
+fn matmul_small_m(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], acc: bool) {
+    let mut ct = vec![0.0f32; n * m];
+    ffi::sgemm_wt(x, m, k, w, n, &mut ct);
+    for (j, row) in ct.chunks(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            if acc {
+                out[i * n + j] += v;
+            } else {
+                out[i * n + j] = *v;
+            }
+        }
+    }
+}
+
 fn matmul_bt_impl(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], acc: bool) {
     init();
     let threads = rayon::current_num_threads();
     let work = m * n * k;
+    if m >= small_m_min() && m <= small_m_limit() && ffi::small_m_matmul(x, m, k, w, n, out, acc, threads > 1 && work >= PAR_MIN_WORK) {
+        return;
+    }
+    if m > 1 && m <= std::env::var("SWITCHYARD_SMALL_M_T").ok().and_then(|v| v.parse().ok()).unwrap_or(0) {
+        if threads <= 1 || work < PAR_MIN_WORK {
+            matmul_small_m(x, m, k, w, n, out, acc);
+        } else {
+            // Split the weight rows in blocks; each block writes its own columns.
+            let nb = (threads * 2).min(n.div_ceil(64)).max(1);
+            let step = n.div_ceil(nb);
+            let parts: Vec<(usize, Vec<f32>)> = (0..n)
+                .step_by(step)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|s| {
+                    let e = (s + step).min(n);
+                    let mut o = vec![0.0f32; m * (e - s)];
+                    matmul_small_m(x, m, k, &w[s * k..e * k], e - s, &mut o, false);
+                    (s, o)
+                })
+                .collect();
+            for (s, o) in parts {
+                let nbk = o.len() / m;
+                for i in 0..m {
+                    let dst = &mut out[i * n + s..i * n + s + nbk];
+                    let src = &o[i * nbk..(i + 1) * nbk];
+                    if acc {
+                        dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        return;
+    }
     if threads <= 1 || work < PAR_MIN_WORK || m == 0 || n == 0 {
         ffi::sgemm_bt(x, m, k, w, n, out, n, acc);
         return;
@@ -237,6 +298,57 @@ impl Rope {
             let b = x[h + i];
             x[i] = a * cos[i] - b * sin[i];
             x[h + i] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut o = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        o
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn matmul_paths_agree_with_naive() {
+        // Shapes cover the sgemv, small-m, column-split and row-split paths and odd tails.
+        for &(m, k, n) in &[(1, 37, 13), (2, 64, 96), (3, 37, 13), (7, 129, 301), (16, 1024, 640), (17, 33, 5), (40, 512, 1024), (300, 96, 130)] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let want = naive(&x, m, k, &w, n);
+            let mut got = vec![0.0; m * n];
+            matmul_bt(&x, m, k, &w, n, &mut got);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-3, "{m}x{k}x{n}: {err}");
+            matmul_bt_acc(&x, m, k, &w, n, &mut got);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - 2.0 * b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 2e-3, "acc {m}x{k}x{n}: {err}");
+        }
+    }
+
+    #[test]
+    fn rope_interleaved_is_a_permutation_of_split_halves() {
+        let r = Rope { inv_freq: vec![1.0, 0.1], attention_factor: 1.0, interleaved: true };
+        let (c, s) = r.cos_sin(3);
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        r.apply(&mut x, &c, &s);
+        // Pairs (1,2) and (3,4) rotated by 3 and 0.3 rad, output de-interleaved.
+        let a = 3.0f32;
+        let b = 0.3f32;
+        let want = [1.0 * a.cos() - 2.0 * a.sin(), 3.0 * b.cos() - 4.0 * b.sin(), 2.0 * a.cos() + 1.0 * a.sin(), 4.0 * b.cos() + 3.0 * b.sin()];
+        for (g, w) in x.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5);
         }
     }
 }

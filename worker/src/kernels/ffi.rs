@@ -101,6 +101,33 @@ pub fn sgemm_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32
     }
 }
 
+/// `ct[n×m] = w[n×k] · a[m×k]ᵀ` (the transposed product; the caller transposes back).
+pub fn sgemm_wt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, ct: &mut [f32]) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= m * k && w.len() >= n * k && ct.len() >= n * m, "sgemm_wt: short slice");
+    // SAFETY: bounds checked above.
+    unsafe {
+        cblas_sys::cblas_sgemm(
+            cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
+            cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
+            cblas_sys::CBLAS_TRANSPOSE::CblasTrans,
+            n as c_int,
+            m as c_int,
+            k as c_int,
+            1.0,
+            w.as_ptr(),
+            k as c_int,
+            a.as_ptr(),
+            k as c_int,
+            0.0,
+            ct.as_mut_ptr(),
+            m as c_int,
+        )
+    }
+}
+
 /// A raw view of an output matrix that several threads write in disjoint column blocks.
 #[derive(Clone, Copy)]
 struct SharedOut {
@@ -185,4 +212,115 @@ pub fn mmap_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: checkpoint files are treated as immutable while the model is loaded; we copy
     // (and convert) every tensor we use out of the map at load time.
     unsafe { memmap2::Mmap::map(file) }
+}
+
+/// Whether the AVX2+FMA small-m kernel can run on this CPU.
+pub fn have_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static H: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *H.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `c[m×n] (+)= a[m×k] · w[n×k]ᵀ` for small `m`, streaming each weight row once (no packing),
+/// parallel over column blocks. Returns `false` (and does nothing) without AVX2+FMA.
+pub fn small_m_matmul(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32], accumulate: bool, parallel: bool) -> bool {
+    if !have_avx2_fma() {
+        return false;
+    }
+    assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n, "small_m_matmul: short slice");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+        let out = SharedOut { ptr: c.as_mut_ptr(), len: c.len() };
+        let run = |n0: usize, n1: usize| {
+            let out = out;
+            debug_assert!(m * n <= out.len);
+            // SAFETY: AVX2+FMA checked above; every index is bounded by m, k, n (slices checked);
+            // blocks [n0, n1) are disjoint, so parallel writes never overlap.
+            unsafe { small_m_avx2(a.as_ptr(), m, k, w.as_ptr(), n0, n1, out.ptr, n, accumulate) }
+        };
+        if parallel {
+            let nb = (rayon::current_num_threads() * 4).min(n.div_ceil(32)).max(1);
+            let step = n.div_ceil(nb).div_ceil(4) * 4;
+            let blocks: Vec<usize> = (0..n).step_by(step.max(4)).collect();
+            blocks.par_iter().for_each(|&s| run(s, (s + step.max(4)).min(n)));
+        } else {
+            run(0, n);
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_avx2(a: *const f32, m: usize, k: usize, w: *const f32, n0: usize, n1: usize, c: *mut f32, ldc: usize, acc: bool) {
+    use std::arch::x86_64::*;
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let k8 = k / 8 * 8;
+    let store = |i: usize, j: usize, v: f32| {
+        // SAFETY (caller): i < m, j < n1 <= ldc.
+        let p = unsafe { c.add(i * ldc + j) };
+        unsafe {
+            if acc {
+                *p += v
+            } else {
+                *p = v
+            }
+        }
+    };
+    let mut j = n0;
+    while j < n1 {
+        let jn = (n1 - j).min(4);
+        let wr: [*const f32; 4] = std::array::from_fn(|r| unsafe { w.add((j + r.min(jn - 1)) * k) });
+        let mut i = 0;
+        while i < m {
+            let two = i + 1 < m;
+            let x0 = unsafe { a.add(i * k) };
+            let x1 = unsafe { a.add((i + two as usize) * k) };
+            let mut s0 = [_mm256_setzero_ps(); 4];
+            let mut s1 = [_mm256_setzero_ps(); 4];
+            let mut p = 0;
+            while p < k8 {
+                let xa = unsafe { _mm256_loadu_ps(x0.add(p)) };
+                let xb = unsafe { _mm256_loadu_ps(x1.add(p)) };
+                for r in 0..4 {
+                    let wv = unsafe { _mm256_loadu_ps(wr[r].add(p)) };
+                    s0[r] = _mm256_fmadd_ps(wv, xa, s0[r]);
+                    s1[r] = _mm256_fmadd_ps(wv, xb, s1[r]);
+                }
+                p += 8;
+            }
+            for r in 0..jn {
+                let mut t0 = hsum(s0[r]);
+                let mut t1 = hsum(s1[r]);
+                for q in k8..k {
+                    let wq = unsafe { *wr[r].add(q) };
+                    t0 += wq * unsafe { *x0.add(q) };
+                    t1 += wq * unsafe { *x1.add(q) };
+                }
+                store(i, j + r, t0);
+                if two {
+                    store(i + 1, j + r, t1);
+                }
+            }
+            i += 2;
+        }
+        j += 4;
+    }
 }
