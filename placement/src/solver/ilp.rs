@@ -268,6 +268,9 @@ struct Ctx<'a> {
     load_cap: Vec<f64>,
 }
 
+/// Per-replica load growth tried for locality-driven replica counts (home mode), in order.
+const LOCALITY_STRETCH: [f64; 2] = [1.5, 1.0];
+
 #[derive(Default)]
 struct LayerOutcome {
     candidate: Option<Vec<Vec<usize>>>,
@@ -276,6 +279,22 @@ struct LayerOutcome {
     traffic_gap: Option<f64>,
     subproblems: usize,
     hit_time_limit: usize,
+}
+
+impl LayerOutcome {
+    /// Adds the work of another attempt at the same layer; its candidate wins if it has one.
+    fn absorb(&mut self, other: LayerOutcome) {
+        self.balance_gap = self.balance_gap.max(other.balance_gap);
+        self.traffic_gap = match (self.traffic_gap, other.traffic_gap) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.subproblems += other.subproblems;
+        self.hit_time_limit += other.hit_time_limit;
+        if other.candidate.is_some() {
+            self.candidate = other.candidate;
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -351,10 +370,46 @@ impl Ctx<'_> {
         gain
     }
 
+    /// Improves layer `l`. Home mode with several nodes first tries replica counts chosen for
+    /// locality (per-replica load allowed to grow by `LOCALITY_STRETCH`, then not at all) and falls
+    /// back to the current counts when such a layer cannot be packed within its load cap.
     fn improve_layer(
         &self,
         l: usize,
         layers: &[Vec<Vec<usize>>],
+        time_limit: f64,
+        deadline: Instant,
+    ) -> Result<LayerOutcome, PlacementError> {
+        let ne = self.num_experts();
+        let topo = &self.opts.topology;
+        let mut current_copies = vec![0usize; ne];
+        for s in &layers[l] {
+            for &e in s {
+                current_copies[e] += 1;
+            }
+        }
+        let mut total = LayerOutcome::default();
+        if self.opts.mode == Mode::Home && topo.num_nodes() > 1 {
+            for stretch in LOCALITY_STRETCH {
+                let copies = locality_counts(&self.stats.load[l], &current_copies, topo.num_nodes(), topo.num_ranks(), stretch);
+                let out = self.improve_layer_with(l, layers, &current_copies, copies, time_limit, deadline)?;
+                total.absorb(out);
+                if total.candidate.is_some() || Instant::now() >= deadline {
+                    return Ok(total);
+                }
+            }
+        }
+        let out = self.improve_layer_with(l, layers, &current_copies, current_copies.clone(), time_limit, deadline)?;
+        total.absorb(out);
+        Ok(total)
+    }
+
+    fn improve_layer_with(
+        &self,
+        l: usize,
+        layers: &[Vec<Vec<usize>>],
+        current_copies: &[usize],
+        copies: Vec<usize>,
         time_limit: f64,
         deadline: Instant,
     ) -> Result<LayerOutcome, PlacementError> {
@@ -366,27 +421,17 @@ impl Ctx<'_> {
         let current = &layers[l];
         let load = &self.stats.load[l];
         let mut out = LayerOutcome::default();
-
-        let mut copies = vec![0usize; ne];
-        for s in current {
-            for &e in s {
-                copies[e] += 1;
-            }
-        }
         let nodes = topo.num_nodes();
         // Node loads of the layer as it is: the node level never exceeds the heaviest.
         let current_node_cap = {
             let mut node_load = vec![0.0; nodes];
             for (r, s) in current.iter().enumerate() {
                 for &e in s {
-                    node_load[self.node_of_rank[r]] += load[e] / copies[e].max(1) as f64;
+                    node_load[self.node_of_rank[r]] += load[e] / current_copies[e].max(1) as f64;
                 }
             }
             node_load.into_iter().fold(0.0, f64::max)
         };
-        if self.opts.mode == Mode::Home && nodes > 1 {
-            copies = locality_counts(load, &copies, nodes, topo.num_ranks());
-        }
         let weights: Vec<f64> = (0..ne).map(|e| load[e] / copies[e].max(1) as f64).collect();
 
         // Level 1: replicas per node.
@@ -497,11 +542,11 @@ impl Ctx<'_> {
     }
 }
 
-/// Replica counts for home mode: no expert's per-replica load may exceed the warm start's largest
-/// (so balance stays reachable), and the slots this frees go, heaviest expert first, to experts not
+/// Replica counts for home mode: no expert's per-replica load may exceed `stretch` times the warm
+/// start's largest (so balance stays reachable), and the slots this frees go, heaviest expert first, to experts not
 /// yet on every node — each such replica turns `load / nodes` of cross-node dispatch local.
-fn locality_counts(load: &[f64], counts: &[usize], nodes: usize, ranks: usize) -> Vec<usize> {
-    let per_replica_max = load.iter().zip(counts).map(|(&n, &c)| n / c.max(1) as f64).fold(0.0, f64::max);
+fn locality_counts(load: &[f64], counts: &[usize], nodes: usize, ranks: usize, stretch: f64) -> Vec<usize> {
+    let per_replica_max = stretch * load.iter().zip(counts).map(|(&n, &c)| n / c.max(1) as f64).fold(0.0, f64::max);
     if per_replica_max <= 0.0 {
         return counts.to_vec();
     }
