@@ -26,3 +26,4 @@ pub use engine::{Engine, EngineConfig, FinishReason, Request, RequestId, TokenEv
 pub use error::ModelError;
 pub use model::{LoadOptions, LogitsMode, Model, SeqInput};
 pub use sampling::SamplingParams;
+pub mod transport;

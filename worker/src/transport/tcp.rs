@@ -1,0 +1,407 @@
+#![forbid(unsafe_code)]
+//! Full-mesh TCP all-to-all-v.
+//!
+//! Rank `i` connects to every rank `j < i` and accepts from every `j > i`; each connection starts
+//! with a hello (magic, rank, world). One sender thread per peer writes frames (`[seq u64][len u64]`
+//! then the payload, straight from the caller's buffer) while the calling thread reads the frames of
+//! every peer, so large exchanges in both directions cannot deadlock on full socket buffers.
+//! Reads and writes time out; a closed connection is reported as [`TransportError::PeerClosed`].
+
+use super::{Transport, TransportError};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const MAGIC: u32 = 0x5359_4131; // "SYA1"
+
+struct Peer {
+    reader: TcpStream,
+    jobs: Option<mpsc::Sender<([u8; 16], Vec<u8>)>>,
+    done: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A connected full mesh. See the module docs.
+pub struct TcpTransport {
+    rank: usize,
+    world: usize,
+    peers: Vec<Option<Peer>>,
+    timeout: Duration,
+    seq: u64,
+    failed: Option<String>,
+    /// Bytes sent to other ranks so far.
+    pub bytes_sent: u64,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport").field("rank", &self.rank).field("world", &self.world).finish()
+    }
+}
+
+fn io_err(rank: usize, peer: usize, timeout: Duration, e: std::io::Error) -> TransportError {
+    match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            TransportError::PeerClosed { rank, peer }
+        }
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => TransportError::Timeout { rank, peer, timeout },
+        _ => TransportError::Io { rank, peer, source: e },
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
+    addr.to_socket_addrs()
+        .map_err(|e| TransportError::Setup(format!("bad peer address {addr:?}: {e}")))?
+        .next()
+        .ok_or_else(|| TransportError::Setup(format!("peer address {addr:?} resolves to nothing")))
+}
+
+impl TcpTransport {
+    /// Build the mesh. `listener` is this rank's bound listener (its address is `peers[rank]`);
+    /// `peers` lists every rank's address. Waits at most `connect_timeout` for the others;
+    /// `timeout` bounds every later read and write.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        peers: &[String],
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<TcpTransport, TransportError> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(TransportError::Setup(format!("rank {rank} outside a world of {world}")));
+        }
+        let deadline = Instant::now() + connect_timeout;
+        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        // Connect to lower ranks.
+        for (j, addr) in peers.iter().enumerate().take(rank) {
+            let sa = resolve(addr)?;
+            let mut s = loop {
+                match TcpStream::connect_timeout(&sa, Duration::from_millis(500)) {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        if Instant::now() >= deadline {
+                            return Err(TransportError::Setup(format!(
+                                "rank {rank}: cannot connect to rank {j} at {addr}: {e}"
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            };
+            let mut hello = Vec::with_capacity(12);
+            hello.extend_from_slice(&MAGIC.to_le_bytes());
+            hello.extend_from_slice(&(rank as u32).to_le_bytes());
+            hello.extend_from_slice(&(world as u32).to_le_bytes());
+            s.write_all(&hello).map_err(|e| TransportError::Setup(format!("rank {rank}: hello to rank {j}: {e}")))?;
+            streams[j] = Some(s);
+        }
+        // Accept from higher ranks.
+        listener.set_nonblocking(true).map_err(|e| TransportError::Setup(e.to_string()))?;
+        let mut missing = world - rank - 1;
+        while missing > 0 {
+            match listener.accept() {
+                Ok((mut s, from)) => {
+                    s.set_nonblocking(false).map_err(|e| TransportError::Setup(e.to_string()))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let mut hello = [0u8; 12];
+                    if let Err(e) = s.read_exact(&mut hello) {
+                        tracing::warn!("rank {rank}: dropping connection from {from}: {e}");
+                        continue;
+                    }
+                    let magic = u32::from_le_bytes(hello[0..4].try_into().unwrap_or_default());
+                    let r = u32::from_le_bytes(hello[4..8].try_into().unwrap_or_default()) as usize;
+                    let w = u32::from_le_bytes(hello[8..12].try_into().unwrap_or_default()) as usize;
+                    if magic != MAGIC || w != world || r <= rank || r >= world || streams[r].is_some() {
+                        tracing::warn!("rank {rank}: unexpected hello from {from} (rank {r}, world {w})");
+                        continue;
+                    }
+                    streams[r] = Some(s);
+                    missing -= 1;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let absent: Vec<usize> = (rank + 1..world).filter(|&r| streams[r].is_none()).collect();
+                        return Err(TransportError::Setup(format!(
+                            "rank {rank}: ranks {absent:?} did not connect within {connect_timeout:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(TransportError::Setup(format!("rank {rank}: accept: {e}"))),
+            }
+        }
+        let mut peers_v = Vec::with_capacity(world);
+        for (j, s) in streams.into_iter().enumerate() {
+            let Some(s) = s else {
+                peers_v.push(None);
+                continue;
+            };
+            let setup = |e: std::io::Error| TransportError::Setup(format!("rank {rank}: socket to rank {j}: {e}"));
+            s.set_nodelay(true).map_err(setup)?;
+            s.set_read_timeout(Some(timeout)).map_err(setup)?;
+            s.set_write_timeout(Some(timeout)).map_err(setup)?;
+            let mut writer = s.try_clone().map_err(setup)?;
+            let (jobs_tx, jobs_rx) = mpsc::channel::<([u8; 16], Vec<u8>)>();
+            let (done_tx, done_rx) = mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("a2a-send-{rank}->{j}"))
+                .spawn(move || {
+                    while let Ok((hdr, buf)) = jobs_rx.recv() {
+                        // The header, then the payload straight from the caller's buffer.
+                        let r = writer.write_all(&hdr).and_then(|_| writer.write_all(&buf)).map(|_| buf);
+                        if done_tx.send(r).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(setup)?;
+            peers_v.push(Some(Peer { reader: s, jobs: Some(jobs_tx), done: done_rx, thread: Some(thread) }));
+        }
+        Ok(TcpTransport { rank, world, peers: peers_v, timeout, seq: 0, failed: None, bytes_sent: 0 })
+    }
+
+    /// Bind a listener for [`TcpTransport::connect`] on `addr` (port 0: any free port).
+    pub fn bind(addr: &str) -> Result<TcpListener, TransportError> {
+        TcpListener::bind(addr).map_err(|e| TransportError::Setup(format!("bind {addr}: {e}")))
+    }
+
+    /// Build a whole mesh of `world` ranks inside this process over 127.0.0.1 (tests, benchmarks).
+    pub fn local_mesh(world: usize, timeout: Duration) -> Result<Vec<TcpTransport>, TransportError> {
+        let listeners: Vec<TcpListener> =
+            (0..world).map(|_| Self::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()).map_err(|e| TransportError::Setup(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || TcpTransport::connect(r, l, &addrs, Duration::from_secs(10), timeout))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| TransportError::Setup("mesh thread panicked".into()))?)
+            .collect()
+    }
+
+    fn fail(&mut self, e: TransportError) -> TransportError {
+        self.failed = Some(e.to_string());
+        // Make every peer notice at once instead of waiting for its timeout.
+        for p in self.peers.iter().flatten() {
+            let _ = p.reader.shutdown(Shutdown::Both);
+        }
+        e
+    }
+
+    fn read_frame(&mut self, j: usize) -> Result<Vec<u8>, TransportError> {
+        let (rank, timeout, seq) = (self.rank, self.timeout, self.seq);
+        let Some(p) = self.peers[j].as_mut() else {
+            return Err(TransportError::Usage { rank, msg: format!("no connection to rank {j}") });
+        };
+        let mut hdr = [0u8; 16];
+        p.reader.read_exact(&mut hdr).map_err(|e| io_err(rank, j, timeout, e))?;
+        let got_seq = u64::from_le_bytes(hdr[0..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        if got_seq != seq {
+            return Err(TransportError::Protocol { rank, peer: j, msg: format!("collective {got_seq} arrived during {seq}") });
+        }
+        if len > (1u64 << 40) {
+            return Err(TransportError::Protocol { rank, peer: j, msg: format!("frame of {len} bytes") });
+        }
+        let mut buf = vec![0u8; len as usize];
+        p.reader.read_exact(&mut buf).map_err(|e| io_err(rank, j, timeout, e))?;
+        Ok(buf)
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn all_to_all_v(&mut self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError> {
+        if let Some(f) = &self.failed {
+            return Err(TransportError::Failed(f.clone()));
+        }
+        if send.len() != self.world {
+            return Err(TransportError::Usage {
+                rank: self.rank,
+                msg: format!("{} buffers for a world of {}", send.len(), self.world),
+            });
+        }
+        let (rank, seq) = (self.rank, self.seq);
+        let mut own = Vec::new();
+        let mut posted = vec![false; self.world];
+        for (j, payload) in send.into_iter().enumerate() {
+            if j == rank {
+                own = payload;
+                continue;
+            }
+            let mut hdr = [0u8; 16];
+            hdr[0..8].copy_from_slice(&seq.to_le_bytes());
+            hdr[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            self.bytes_sent += payload.len() as u64;
+            let ok =
+                self.peers[j].as_ref().and_then(|p| p.jobs.as_ref()).is_some_and(|tx| tx.send((hdr, payload)).is_ok());
+            if !ok {
+                let e = TransportError::PeerClosed { rank, peer: j };
+                return Err(self.fail(e));
+            }
+            posted[j] = true;
+        }
+        let mut recv: Vec<Vec<u8>> = Vec::with_capacity(self.world);
+        for j in 0..self.world {
+            if j == rank {
+                recv.push(std::mem::take(&mut own));
+                continue;
+            }
+            match self.read_frame(j) {
+                Ok(b) => recv.push(b),
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        for j in 0..self.world {
+            if !posted[j] {
+                continue;
+            }
+            let timeout = self.timeout;
+            let r = match self.peers[j].as_ref() {
+                Some(p) => p.done.recv_timeout(timeout + Duration::from_secs(1)),
+                None => continue,
+            };
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    let e = io_err(rank, j, timeout, e);
+                    return Err(self.fail(e));
+                }
+                Err(_) => {
+                    let e = TransportError::Timeout { rank, peer: j, timeout };
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        self.seq += 1;
+        Ok(recv)
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        for p in self.peers.iter_mut().flatten() {
+            let _ = p.reader.shutdown(Shutdown::Both);
+            p.jobs.take();
+            if let Some(t) = p.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Encode `[u32 count][count × u32][f32 rows]` helpers used by the expert-parallel dispatch.
+pub fn put_u32s(buf: &mut Vec<u8>, v: &[u32]) {
+    for x in v {
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+pub fn put_f32s(buf: &mut Vec<u8>, v: &[f32]) {
+    for x in v {
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(from: usize, to: usize, round: usize) -> Vec<u8> {
+        let n = ((from * 7 + to * 13 + round * 5) % 5) * 1000 + if (from + to + round) % 3 == 0 { 0 } else { 17 };
+        (0..n).map(|i| (i + from * 31 + to * 17 + round) as u8).collect()
+    }
+
+    #[test]
+    fn all_to_all_v_delivers_every_buffer_across_ranks() {
+        for world in [1usize, 2, 3, 4] {
+            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(20)).expect("mesh");
+            let handles: Vec<_> = mesh
+                .into_iter()
+                .map(|mut t| {
+                    std::thread::spawn(move || {
+                        let r = t.rank();
+                        for round in 0..5 {
+                            let send: Vec<Vec<u8>> = (0..t.world()).map(|j| pattern(r, j, round)).collect();
+                            let recv = t.all_to_all_v(send).expect("a2a");
+                            for (j, b) in recv.iter().enumerate() {
+                                assert_eq!(b, &pattern(j, r, round), "world {} rank {r} from {j} round {round}", t.world());
+                            }
+                        }
+                        // A large exchange both ways (bigger than socket buffers).
+                        let big: Vec<Vec<u8>> = (0..t.world()).map(|j| vec![(r * 10 + j) as u8; 8 << 20]).collect();
+                        let recv = t.all_to_all_v(big).expect("big a2a");
+                        for (j, b) in recv.iter().enumerate() {
+                            assert_eq!(b.len(), 8 << 20);
+                            assert!(b.iter().all(|&x| x == (j * 10 + r) as u8));
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("rank thread");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_reported_not_hung() {
+        let mut mesh = TcpTransport::local_mesh(3, Duration::from_secs(30)).expect("mesh");
+        let dead = mesh.pop().expect("rank 2");
+        drop(dead); // rank 2 dies
+        let handles: Vec<_> = mesh
+            .into_iter()
+            .map(|mut t| {
+                std::thread::spawn(move || {
+                    let send = vec![vec![1u8; 100]; 3];
+                    let err = t.all_to_all_v(send).expect_err("peer is dead");
+                    let msg = err.to_string();
+                    assert!(matches!(err, TransportError::PeerClosed { .. }), "{msg}");
+                    // Poisoned afterwards.
+                    assert!(t.all_to_all_v(vec![vec![]; 3]).is_err());
+                    msg
+                })
+            })
+            .collect();
+        for h in handles {
+            let msg = h.join().expect("rank thread");
+            assert!(msg.contains("closed the connection"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn silent_peer_times_out() {
+        let mut mesh = TcpTransport::local_mesh(2, Duration::from_millis(300)).expect("mesh");
+        let _silent = mesh.pop();
+        let mut t = mesh.pop().expect("rank 0");
+        let err = t.all_to_all_v(vec![vec![], vec![]]).expect_err("timeout");
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn wrong_buffer_count_is_a_usage_error() {
+        let mut mesh = TcpTransport::local_mesh(2, Duration::from_secs(5)).expect("mesh");
+        let err = mesh[0].all_to_all_v(vec![vec![]]).expect_err("usage");
+        assert!(matches!(err, TransportError::Usage { .. }), "{err}");
+    }
+}
