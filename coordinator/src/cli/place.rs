@@ -144,6 +144,9 @@ pub struct BenchArgs {
     /// Override the presets' Zipf exponent of expert popularity.
     #[arg(long)]
     zipf: Option<f64>,
+    /// The ILP's balance slack (see `place solve --balance-slack`).
+    #[arg(long, default_value_t = 0.0)]
+    balance_slack: f64,
     #[arg(long)]
     json: bool,
 }
@@ -350,6 +353,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             opts.mode = mode;
             opts.groups = sc.groups;
             opts.time_limit = Duration::from_secs_f64(a.time_limit);
+            opts.balance_slack = a.balance_slack;
             let started = Instant::now();
             let (p, _) = solver::solve(kind, &stats, &opts, &|_| {})?;
             let secs = started.elapsed().as_secs_f64();

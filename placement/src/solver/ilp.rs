@@ -542,6 +542,66 @@ impl Ctx<'_> {
     }
 }
 
+/// Rank order of every layer, exactly, for small clusters: the layer-by-layer sweep can stall in a
+/// local optimum of which rank gets which expert set, although balance does not depend on it. With
+/// one node of at most `MAX_RELABEL_RANKS` ranks, a Viterbi pass over all rank permutations of
+/// every layer finds the order that keeps the most primary hops on one rank.
+fn relabel_ranks(layers: &mut [Vec<Vec<usize>>], stats: &RoutingStats, topo: &crate::Topology) {
+    let ranks = topo.num_ranks();
+    if topo.num_nodes() != 1 || ranks > MAX_RELABEL_RANKS || layers.len() < 2 {
+        return;
+    }
+    let perms = permutations(ranks);
+    let permuted = |layer: &[Vec<usize>], p: &[usize]| -> Vec<Vec<usize>> { p.iter().map(|&r| layer[r].clone()).collect() };
+    let ne = stats.num_experts;
+    // best[p]: most hops kept up to layer l with layer l in order p; back[l][p]: order of layer l-1.
+    let mut best = vec![0.0f64; perms.len()];
+    let mut back: Vec<Vec<usize>> = Vec::with_capacity(layers.len());
+    back.push(Vec::new());
+    for l in 1..layers.len() {
+        let prev: Vec<Vec<Vec<usize>>> = perms.iter().map(|p| permuted(&layers[l - 1], p)).collect();
+        let cur: Vec<Vec<Vec<usize>>> = perms.iter().map(|p| permuted(&layers[l], p)).collect();
+        let mut next_best = vec![f64::NEG_INFINITY; perms.len()];
+        let mut arg = vec![0usize; perms.len()];
+        for (j, c) in cur.iter().enumerate() {
+            for (i, pv) in prev.iter().enumerate() {
+                let v = best[i] + same_rank_hops(pv, c, &stats.transitions[l - 1], ne);
+                if v > next_best[j] {
+                    next_best[j] = v;
+                    arg[j] = i;
+                }
+            }
+        }
+        best = next_best;
+        back.push(arg);
+    }
+    let mut p = (0..perms.len()).max_by(|&a, &b| best[a].total_cmp(&best[b])).unwrap_or(0);
+    for l in (0..layers.len()).rev() {
+        let order = perms[p].clone();
+        if l > 0 {
+            p = back[l][p];
+        }
+        layers[l] = permuted(&layers[l], &order);
+    }
+}
+
+const MAX_RELABEL_RANKS: usize = 5;
+
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for p in permutations(n - 1) {
+        for i in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(i, n - 1);
+            out.push(q);
+        }
+    }
+    out
+}
+
 /// Replica counts for home mode: no expert's per-replica load may exceed `stretch` times the warm
 /// start's largest (so balance stays reachable), and the slots this frees go, heaviest expert first, to experts not
 /// yet on every node — each such replica turns `load / nodes` of cross-node dispatch local.
@@ -722,6 +782,9 @@ pub(crate) fn solve(
         if gained <= 1e-6 * total.max(1.0) {
             break;
         }
+    }
+    if opts.mode == Mode::Affinity {
+        relabel_ranks(&mut layers, stats, topo);
     }
     let placement = Placement::new(
         stats.num_experts,
