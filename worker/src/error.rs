@@ -46,6 +46,8 @@ pub enum ModelError {
     InvalidSampling(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("expert parallel: {0}")]
+    ExpertParallel(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

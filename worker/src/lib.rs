@@ -27,3 +27,4 @@ pub use error::ModelError;
 pub use model::{LoadOptions, LogitsMode, Model, SeqInput};
 pub use sampling::SamplingParams;
 pub mod transport;
+pub mod expert_parallel;
