@@ -335,37 +335,30 @@ impl Ctx<'_> {
             p
         };
         let mut gain = vec![vec![0.0; groups]; ne];
-        if l > 0 {
-            let prev = presence(&layers[l - 1]);
-            let t = &self.stats.transitions[l - 1];
-            for e_prev in 0..ne {
-                for e in 0..ne {
-                    let v = t[e_prev * ne + e];
-                    if v > 0.0 {
-                        for g in 0..groups {
-                            if prev[e_prev][g] {
-                                gain[e][g] += v;
-                            }
+        // `incoming`: hops from the neighbour's expert a to this layer's expert b; otherwise hops from
+        // this layer's a to the neighbour's b. Either way the gain goes to this layer's expert.
+        let mut add = |neighbour: &[Vec<usize>], t: &[f64], incoming: bool| {
+            let present = presence(neighbour);
+            for a in 0..ne {
+                for b in 0..ne {
+                    let v = t[a * ne + b];
+                    if v <= 0.0 {
+                        continue;
+                    }
+                    let (mine, theirs) = if incoming { (b, a) } else { (a, b) };
+                    for g in 0..groups {
+                        if present[theirs][g] {
+                            gain[mine][g] += v;
                         }
                     }
                 }
             }
+        };
+        if l > 0 {
+            add(&layers[l - 1], &self.stats.transitions[l - 1], true);
         }
         if l + 1 < layers.len() {
-            let next = presence(&layers[l + 1]);
-            let t = &self.stats.transitions[l];
-            for e in 0..ne {
-                for e_next in 0..ne {
-                    let v = t[e * ne + e_next];
-                    if v > 0.0 {
-                        for g in 0..groups {
-                            if next[e_next][g] {
-                                gain[e][g] += v;
-                            }
-                        }
-                    }
-                }
-            }
+            add(&layers[l + 1], &self.stats.transitions[l], false);
         }
         gain
     }
