@@ -17,15 +17,8 @@ pub enum PlaceCommand {
     Solve(SolveArgs),
     /// Score a placement on a trace: balancedness, cross-node dispatch, same-rank hops, step time.
     Eval {
-        #[arg(long)]
-        placement: PathBuf,
-        #[arg(long)]
-        trace: PathBuf,
         #[command(flatten)]
-        hw: HardwareArgs,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
+        score: ScoreArgs,
         /// Write an SVG heat map of rank load per layer here.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -44,16 +37,7 @@ pub enum PlaceCommand {
     },
     /// Per-layer simulated step time of a placement on a trace: compute and communication of the
     /// straggler rank, layer by layer.
-    Simulate {
-        #[arg(long)]
-        placement: PathBuf,
-        #[arg(long)]
-        trace: PathBuf,
-        #[command(flatten)]
-        hw: HardwareArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Simulate(ScoreArgs),
     /// Convert a placement to another system's format.
     Export {
         #[arg(long)]
@@ -109,6 +93,33 @@ pub struct SolveArgs {
     plot: Option<PathBuf>,
 }
 
+/// One placement scored on one trace.
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    #[arg(long)]
+    placement: PathBuf,
+    #[arg(long)]
+    trace: PathBuf,
+    #[command(flatten)]
+    hw: HardwareArgs,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ScoreArgs {
+    fn evaluate(&self) -> anyhow::Result<(Placement, RoutingTrace, Evaluation)> {
+        let p = Placement::read(&self.placement)?;
+        let t = read_trace(&self.trace)?;
+        let ev = placement::eval::evaluate(&p, &t, &self.hw.profile()?)?;
+        Ok((p, t, ev))
+    }
+}
+
+fn read_trace(path: &Path) -> anyhow::Result<RoutingTrace> {
+    RoutingTrace::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 #[derive(clap::Args)]
 pub struct HardwareArgs {
     /// Hardware profile for the simulated step time: `h100` (H100 + NVLink + 400 Gb/s IB) or a JSON file.
@@ -154,24 +165,22 @@ pub struct BenchArgs {
 pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PlaceCommand::Solve(a) => solve_cmd(a),
-        PlaceCommand::Eval { placement, trace, hw, json, plot } => {
-            let p = Placement::read(&placement)?;
-            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
-            let ev = placement::eval::evaluate(&p, &t, &hw.profile()?)?;
+        PlaceCommand::Eval { score, plot } => {
+            let (p, t, ev) = score.evaluate()?;
             if let Some(path) = plot {
                 let stats = placement::RoutingStats::from_trace(&t, None);
-                write_plot(&path, &p, &stats.load, &format!("rank load / layer mean: {}", placement.display()))?;
+                write_plot(&path, &p, &stats.load, &format!("rank load / layer mean: {}", score.placement.display()))?;
             }
-            if json {
+            if score.json {
                 println!("{}", serde_json::to_string_pretty(&ev)?);
             } else {
                 print!("{}", placement::eval::format_layers(&ev));
-                print!("{}", placement::eval::format_table(&[(placement.display().to_string(), ev)]));
+                print!("{}", placement::eval::format_table(&[(score.placement.display().to_string(), ev)]));
             }
             Ok(ExitCode::SUCCESS)
         }
         PlaceCommand::Compare { trace, placements, hw, json } => {
-            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
+            let t = read_trace(&trace)?;
             let hw = hw.profile()?;
             let rows = placements
                 .iter()
@@ -190,11 +199,9 @@ pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PlaceCommand::Simulate { placement, trace, hw, json } => {
-            let p = Placement::read(&placement)?;
-            let t = RoutingTrace::read(&trace).with_context(|| format!("reading {}", trace.display()))?;
-            let ev = placement::eval::evaluate(&p, &t, &hw.profile()?)?;
-            if json {
+        PlaceCommand::Simulate(score) => {
+            let (_, _, ev) = score.evaluate()?;
+            if score.json {
                 println!("{}", serde_json::to_string_pretty(&ev.layers)?);
             } else {
                 print!("{}", placement::eval::format_simulation(&ev));
