@@ -65,7 +65,7 @@ fn structured_trace(tokens: usize, layers: usize, experts: usize, k: usize, seed
 fn options(ranks: usize, nodes: usize, slots: usize, mode: Mode) -> SolveOptions {
     let mut o = SolveOptions::new(Topology::uniform(ranks, nodes).unwrap(), slots);
     o.mode = mode;
-    o.time_limit = Duration::from_secs(20);
+    o.time_limit = Duration::from_secs(4);
     o
 }
 
