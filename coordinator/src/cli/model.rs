@@ -23,6 +23,12 @@ pub enum ModelCommand {
         /// Tolerance on max |Δ| / max |expected|.
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f32,
+        /// Run the check through a real cluster of this many worker processes.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Placement JSON for --workers (default: contiguous).
+        #[arg(long, requires = "workers")]
+        placement: Option<PathBuf>,
     },
     /// Print what a checkpoint holds.
     Info {
@@ -70,8 +76,12 @@ pub struct BenchArgs {
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
+    /// Model directory (generate in this process).
+    #[arg(long, required_unless_present = "endpoint", conflicts_with = "endpoint")]
+    pub model: Option<PathBuf>,
+    /// Cluster address (stream from `switchyard up` / a coordinator), e.g. http://127.0.0.1:50051.
     #[arg(long)]
-    pub model: PathBuf,
+    pub endpoint: Option<String>,
     /// Prompt text (needs tokenizer.json).
     #[arg(long, conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
@@ -97,7 +107,10 @@ pub struct GenerateArgs {
 
 pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
     match c {
-        ModelCommand::Check { model, expected, tolerance } => check(&model, &expected, tolerance),
+        ModelCommand::Check { model, expected, tolerance, workers: None, .. } => check(&model, &expected, tolerance),
+        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement } => {
+            super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref())
+        }
         ModelCommand::Info { model } => info(&model),
         ModelCommand::Bench(a) => bench(a),
     }
@@ -158,12 +171,18 @@ fn info(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
-    let model = Arc::new(Model::load(&a.model, &LoadOptions::default()).with_context(|| format!("loading {}", a.model.display()))?);
-    let tok = Tokenizer::from_dir(&a.model)?;
+    let Some(model_dir) = a.model.clone() else {
+        let endpoint = a.endpoint.clone().context("give --model DIR or --endpoint URL")?;
+        return super::cluster::generate_endpoint(&endpoint, &a);
+    };
+    let a = GenerateArgs { model: Some(model_dir.clone()), ..a };
+    let a_model = model_dir;
+    let model = Arc::new(Model::load(&a_model, &LoadOptions::default()).with_context(|| format!("loading {}", a_model.display()))?);
+    let tok = Tokenizer::from_dir(&a_model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), None) => match &tok {
             Some(t) => t.encode(text)?,
-            None => bail!("--prompt needs {}/tokenizer.json; use --prompt-ids", a.model.display()),
+            None => bail!("--prompt needs {}/tokenizer.json; use --prompt-ids", a_model.display()),
         },
         (None, Some(ids)) => ids.clone(),
         _ => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
@@ -194,6 +213,11 @@ fn vm_hwm_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// 1-minute load average (other processes skew timings on a shared machine).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "n/a".into())
 }
 
 struct BenchRow {
@@ -241,6 +265,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         load_s,
         rayon::current_num_threads(),
     );
+    let load_before = loadavg();
     let plen = a.prompt_len.min(c.max_position_embeddings.saturating_sub(a.decode_steps + 1)).max(1);
     let mut rows = Vec::new();
     let mut seed = 12345u64;
@@ -280,10 +305,17 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("batch {b}: prefill {:.1} tok/s, decode {:.1} tok/s", row.prefill_tps, row.decode_tps);
         rows.push(row);
     }
+    let load_after_ours = loadavg();
     let hwm = vm_hwm_kib().map(|k| format!("{:.2} GiB", k as f64 / (1 << 20) as f64)).unwrap_or_else(|| "n/a".into());
     let torch = if a.compare_torch { Some(run_torch(&a, &dir, plen)?) } else { None };
     println!();
-    println!("prompt length {plen}, {} decode steps per batch size", a.decode_steps);
+    println!(
+        "prompt length {plen}, {} decode steps per batch size; load average before/after our run: {} / {}{}",
+        a.decode_steps,
+        load_before,
+        load_after_ours,
+        if torch.is_some() { format!(", after torch: {}", loadavg()) } else { String::new() }
+    );
     match &torch {
         None => {
             println!("{:>6} {:>18} {:>18}", "batch", "prefill tok/s", "decode tok/s");
