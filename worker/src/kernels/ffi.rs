@@ -44,6 +44,7 @@ pub fn set_blas_threads(n: usize) {
 /// `c[m×n] (row stride ldc) = a[m×k] · w[n×k]^T` (+ `c` if `accumulate`).
 ///
 /// `c` must hold rows `0..m` with stride `ldc >= n`; only columns `0..n` of each row are written.
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
@@ -140,6 +141,7 @@ unsafe impl Sync for SharedOut {}
 
 /// `c[m×n] = a[m×k] · w[n×k]^T`, splitting the `n` columns into `blocks` (given as ranges that
 /// must be disjoint and inside `0..n`) computed in parallel by rayon.
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm_bt_col_blocks(
     a: &[f32],
     m: usize,
@@ -160,6 +162,8 @@ pub fn sgemm_bt_col_blocks(
     let out = SharedOut { ptr: c.as_mut_ptr(), len: c.len() };
     let beta = if accumulate { 1.0 } else { 0.0 };
     blocks.par_iter().for_each(|&(s, e)| {
+        // Capture the whole (Send) wrapper, not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         let nb = e - s;
         if nb == 0 || m == 0 {
@@ -229,6 +233,7 @@ pub fn have_avx2_fma() -> bool {
 
 /// `c[m×n] (+)= a[m×k] · w[n×k]ᵀ` for small `m`, streaming each weight row once (no packing),
 /// parallel over column blocks. Returns `false` (and does nothing) without AVX2+FMA.
+#[allow(clippy::too_many_arguments)]
 pub fn small_m_matmul(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32], accumulate: bool, parallel: bool) -> bool {
     if !have_avx2_fma() {
         return false;
@@ -239,6 +244,7 @@ pub fn small_m_matmul(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mu
         use rayon::prelude::*;
         let out = SharedOut { ptr: c.as_mut_ptr(), len: c.len() };
         let run = |n0: usize, n1: usize| {
+            #[allow(clippy::redundant_locals)]
             let out = out;
             debug_assert!(m * n <= out.len);
             // SAFETY: AVX2+FMA checked above; every index is bounded by m, k, n (slices checked);
