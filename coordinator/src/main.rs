@@ -21,8 +21,14 @@ enum Command {
     /// Model checkpoints: check against reference outputs, show info, benchmark.
     #[command(subcommand)]
     Model(cli::model::ModelCommand),
-    /// Generate tokens from a model in this process.
+    /// Generate tokens from a model in this process (--model) or from a cluster (--endpoint).
     Generate(cli::model::GenerateArgs),
+    /// Start a whole cluster on this machine (coordinator + N CPU workers) and serve until Ctrl-C.
+    Up(cli::cluster::UpArgs),
+    /// Run the coordinator (client API + worker control plane).
+    Coordinator(cli::cluster::CoordinatorArgs),
+    /// Run one worker (a rank) that registers with a coordinator.
+    Worker(cli::cluster::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +45,9 @@ fn main() -> std::process::ExitCode {
         Command::Trace(c) => cli::trace::run(c),
         Command::Model(c) => cli::model::run(c),
         Command::Generate(a) => cli::model::generate(a),
+        Command::Up(a) => cli::cluster::up(a),
+        Command::Coordinator(a) => cli::cluster::coordinator(a),
+        Command::Worker(a) => cli::cluster::worker(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,952 @@
+//! The expert-parallel cluster: `switchyard coordinator`, `switchyard worker`, `switchyard up`,
+//! `switchyard generate --endpoint` and `switchyard model check --workers N`.
+//!
+//! The coordinator serves the client API (`switchyard.v1.Inference`, gRPC health, reflection) and
+//! the `Control` service workers register with. Once every expected worker has registered it
+//! calls `Worker.Start` on each with its assignment (rank, world, peers' transport addresses,
+//! placement JSON, model path); workers load the dense parts and their slots, build the TCP mesh
+//! and start stepping. Requests go to the rank with the least outstanding tokens and are streamed
+//! back; a worker that fails mid-request fails its requests with `UNAVAILABLE`.
+use anyhow::{Context, bail};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::control_client::ControlClient;
+use switchyard_proto::v1::control_server::{Control, ControlServer};
+use switchyard_proto::v1::inference_client::InferenceClient;
+use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
+use switchyard_proto::v1::worker_client::WorkerClient;
+use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+use worker::ModelConfig;
+use worker::engine::FinishReason;
+use worker::expert_parallel::{EpExecutor, Job, RankEvent, RankLoop, RankLoopConfig, experts_of_rank};
+use worker::model::{LoadOptions, Model};
+use worker::sampling::SamplingParams;
+use worker::tokenizer::Tokenizer;
+use worker::transport::tcp::TcpTransport;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Exit when stdin closes (the parent `switchyard up` is gone, even if it was killed).
+fn exit_on_stdin_eof() {
+    std::thread::spawn(|| {
+        let mut buf = String::new();
+        let stdin = std::io::stdin();
+        loop {
+            buf.clear();
+            match stdin.lock().read_line(&mut buf) {
+                Ok(0) | Err(_) => std::process::exit(0),
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placement
+// ---------------------------------------------------------------------------------------------
+
+/// The placement for `workers` ranks: from a file (validated against the model) or contiguous.
+pub fn load_placement(cfg: &ModelConfig, workers: usize, file: Option<&Path>) -> anyhow::Result<placement::Placement> {
+    let n_l = cfg.moe_layers().len();
+    let n_e = cfg.router.n_experts;
+    let p = match file {
+        Some(f) => {
+            let p = placement::Placement::read(f).with_context(|| format!("placement {}", f.display()))?;
+            p.validate().with_context(|| format!("placement {}", f.display()))?;
+            if p.num_layers != n_l || p.num_experts != n_e {
+                bail!(
+                    "placement {} has {} MoE layers x {} experts, the model has {n_l} x {n_e}",
+                    f.display(),
+                    p.num_layers,
+                    p.num_experts
+                );
+            }
+            if p.num_ranks() != workers {
+                bail!("placement {} is for {} ranks, the cluster has {workers} workers", f.display(), p.num_ranks());
+            }
+            p
+        }
+        None => {
+            let topo = placement::Topology::uniform(workers, 1)?;
+            placement::solver::contiguous::solve(n_l, n_e, &topo, n_e.div_ceil(workers))?
+        }
+    };
+    Ok(p)
+}
+
+fn placement_ranks(p: &placement::Placement) -> Vec<Vec<Vec<usize>>> {
+    p.layers.iter().map(|l| l.ranks.clone()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker
+// ---------------------------------------------------------------------------------------------
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Coordinator address (host:port or http://host:port).
+    #[arg(long)]
+    pub coordinator: String,
+    /// gRPC listen address of this worker.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// All-to-all transport listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub transport_listen: String,
+    /// Node (machine) name, for replica choice.
+    #[arg(long, default_value = "local")]
+    pub node: String,
+    /// Seconds a collective may wait for a peer.
+    #[arg(long, default_value_t = 300)]
+    pub transport_timeout: u64,
+    /// Exit when stdin closes (used by `switchyard up`).
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+}
+
+struct WorkerState {
+    transport_listener: Mutex<Option<std::net::TcpListener>>,
+    rank_loop: Mutex<Option<RankLoop>>,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    rank: AtomicU64,
+    draining: AtomicBool,
+    transport_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct WorkerSvc(Arc<WorkerState>);
+
+fn url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
+    let p = placement::Placement::from_json(&a.placement_json).map_err(|e| format!("placement: {e}"))?;
+    let ranks = placement_ranks(&p);
+    let rank = a.rank as usize;
+    let world = a.world_size as usize;
+    if a.peer_addresses.len() != world || rank >= world {
+        return Err(format!("assignment: rank {rank}, world {world}, {} peers", a.peer_addresses.len()));
+    }
+    let dir = PathBuf::from(&a.model_path);
+    let mine = experts_of_rank(&ranks, rank);
+    let slots = mine.first().map_or(0, |v| v.len()) as u32;
+    let model = Model::load(&dir, &LoadOptions { experts: Some(mine) }).map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let n_e = model.config.router.n_experts;
+    let executor = if world > 1 {
+        let listener = st.transport_listener.lock().map_err(|e| e.to_string())?.take().ok_or("already started")?;
+        let t = TcpTransport::connect(rank, listener, &a.peer_addresses, Duration::from_secs(60), st.transport_timeout)
+            .map_err(|e| e.to_string())?;
+        let nodes: Vec<usize> = a.peer_nodes.iter().map(|&n| n as usize).collect();
+        Some(Arc::new(EpExecutor::new(Box::new(t), &ranks, n_e, nodes).map_err(|e| e.to_string())?))
+    } else {
+        None
+    };
+    let cfg = RankLoopConfig { model_dir: Some(dir), ..Default::default() };
+    let rl = RankLoop::spawn(Arc::new(model), executor, cfg);
+    *st.jobs.lock().map_err(|e| e.to_string())? = Some(rl.jobs.clone());
+    *st.rank_loop.lock().map_err(|e| e.to_string())? = Some(rl);
+    st.rank.store(rank as u64, Ordering::SeqCst);
+    Ok(slots)
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerSvc {
+    type GenerateStream = BoxStream<pb::GenerateResponse>;
+
+    async fn start(&self, req: Request<pb::StartRequest>) -> Result<Response<pb::StartResponse>, Status> {
+        let a = req.into_inner().assignment.ok_or_else(|| Status::invalid_argument("no assignment"))?;
+        let st = self.0.clone();
+        let slots = tokio::task::spawn_blocking(move || start_rank(&st, a))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::StartResponse { loaded_slots: slots }))
+    }
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        if self.0.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        let r = req.into_inner();
+        let prompt = match r.prompt {
+            Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids,
+            _ => return Err(Status::invalid_argument("workers take token ids")),
+        };
+        let s = r.sampling.unwrap_or_default();
+        let request = worker::Request {
+            prompt,
+            max_tokens: r.max_tokens as usize,
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+                top_k: s.top_k as usize,
+                seed: s.seed,
+            },
+            stop_tokens: r.stop_token_ids,
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let rank = self.0.rank.load(Ordering::SeqCst) as u32;
+        let sink = Box::new(move |ev: RankEvent| {
+            let msg = match ev {
+                RankEvent::PromptLogits(l) => Ok(pb::GenerateResponse { prompt_logits: l, rank, ..Default::default() }),
+                RankEvent::Token { token, index, finished } => Ok(pb::GenerateResponse {
+                    token_id: token,
+                    index: index as u32,
+                    finish_reason: finish_code(finished) as i32,
+                    rank,
+                    ..Default::default()
+                }),
+                RankEvent::Error(m) => {
+                    if m.contains("expert parallel") || m.contains("worker stopped") {
+                        Err(Status::unavailable(m))
+                    } else {
+                        Err(Status::invalid_argument(m))
+                    }
+                }
+            };
+            tx.send(msg).is_ok()
+        });
+        let jobs = self.0.jobs.lock().map_err(|e| Status::internal(e.to_string()))?.clone();
+        let Some(jobs) = jobs else { return Err(Status::unavailable("worker not started")) };
+        jobs.send(Job { request, prompt_logits: r.return_prompt_logits, sink })
+            .map_err(|_| Status::unavailable("worker loop stopped"))?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn drain(&self, _req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        self.0.draining.store(true, Ordering::SeqCst);
+        let remaining = self.0.rank_loop.lock().ok().and_then(|g| g.as_ref().map(|r| r.stats.active.load(Ordering::Relaxed)));
+        Ok(Response::new(pb::DrainResponse { remaining: remaining.unwrap_or(0) as u32 }))
+    }
+
+    async fn health(&self, _req: Request<pb::WorkerHealthRequest>) -> Result<Response<pb::WorkerHealthResponse>, Status> {
+        let g = self.0.rank_loop.lock().map_err(|e| Status::internal(e.to_string()))?;
+        let mut h = pb::WorkerHealthResponse { rank: self.0.rank.load(Ordering::SeqCst) as u32, ..Default::default() };
+        if let Some(rl) = g.as_ref() {
+            let s = &rl.stats;
+            h.serving = !self.0.draining.load(Ordering::SeqCst);
+            h.active_requests = s.active.load(Ordering::Relaxed) as u32;
+            h.steps = s.steps.load(Ordering::Relaxed);
+            h.busy_steps = s.busy_steps.load(Ordering::Relaxed);
+            h.forward_us = s.forward_us.load(Ordering::Relaxed);
+            h.degraded = s.degraded.load(Ordering::Relaxed);
+            h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
+            h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+            if let Some(ex) = &rl.executor {
+                h.dispatch_us = ex.timers.dispatch_us.load(Ordering::Relaxed);
+                h.expert_us = ex.timers.expert_us.load(Ordering::Relaxed);
+                h.combine_us = ex.timers.combine_us.load(Ordering::Relaxed);
+            }
+        }
+        Ok(Response::new(h))
+    }
+}
+
+fn finish_code(f: Option<FinishReason>) -> pb::FinishReason {
+    match f {
+        None | Some(FinishReason::Aborted) => pb::FinishReason::Unspecified,
+        Some(FinishReason::Stop) => pb::FinishReason::Stop,
+        Some(FinishReason::Length) => pb::FinishReason::Length,
+        Some(FinishReason::ContextFull) => pb::FinishReason::ContextFull,
+    }
+}
+
+async fn health_and_reflection() -> anyhow::Result<(
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_health::server::HealthReporter,
+)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok((health, reflection, reporter))
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    if a.exit_on_stdin_eof {
+        exit_on_stdin_eof();
+    }
+    runtime()?.block_on(async move {
+        let tl = TcpTransport::bind(&a.transport_listen)?;
+        let transport_addr = tl.local_addr()?.to_string();
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
+        let grpc_addr = listener.local_addr()?.to_string();
+        let st = Arc::new(WorkerState {
+            transport_listener: Mutex::new(Some(tl)),
+            rank_loop: Mutex::new(None),
+            jobs: Mutex::new(None),
+            rank: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            transport_timeout: Duration::from_secs(a.transport_timeout),
+        });
+        let (health, reflection, reporter) = health_and_reflection().await?;
+        reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
+        let server = Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(WorkerServer::new(WorkerSvc(st.clone())))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        // Register (the coordinator may still be starting).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let reg = loop {
+            match ControlClient::connect(url(&a.coordinator)).await {
+                Ok(mut c) => {
+                    let r = c
+                        .register(pb::RegisterRequest {
+                            grpc_address: grpc_addr.clone(),
+                            transport_address: transport_addr.clone(),
+                            rank_hint: -1,
+                            node: a.node.clone(),
+                        })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("register: {}: {}", s.code(), s.message()))?;
+                    break r.into_inner();
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("coordinator not reachable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => bail!("cannot reach the coordinator at {}: {e}", a.coordinator),
+            }
+        };
+        println!("worker rank {} of {} listening on {grpc_addr} (transport {transport_addr}) pid {}", reg.rank, reg.world_size, std::process::id());
+        server.await??;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordinator
+// ---------------------------------------------------------------------------------------------
+
+#[derive(clap::Args, Clone)]
+pub struct CoordinatorArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Workers to wait for.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Placement JSON (switchyard.placement.v1); default: contiguous.
+    #[arg(long)]
+    pub placement: Option<PathBuf>,
+    /// Client API listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Exit when stdin closes (used by `switchyard up`).
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+}
+
+struct WorkerEntry {
+    grpc: String,
+    transport: String,
+    node: String,
+    client: Option<WorkerClient<Channel>>,
+    outstanding: Arc<AtomicU64>,
+    alive: Arc<AtomicBool>,
+}
+
+struct CoordState {
+    model_dir: PathBuf,
+    cfg: ModelConfig,
+    tok: Option<Arc<Tokenizer>>,
+    placement_json: String,
+    n_workers: usize,
+    workers: Mutex<Vec<WorkerEntry>>,
+    ready: tokio::sync::watch::Sender<bool>,
+    start_error: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+struct CoordSvc(Arc<CoordState>);
+
+impl CoordSvc {
+    async fn start_all(self) {
+        let (assign, clients): (Vec<pb::Assignment>, Vec<(String, usize)>) = {
+            let Ok(ws) = self.0.workers.lock() else { return };
+            let peers: Vec<String> = ws.iter().map(|w| w.transport.clone()).collect();
+            let mut names: Vec<String> = Vec::new();
+            let nodes: Vec<u32> = ws
+                .iter()
+                .map(|w| {
+                    if let Some(i) = names.iter().position(|n| *n == w.node) {
+                        i as u32
+                    } else {
+                        names.push(w.node.clone());
+                        (names.len() - 1) as u32
+                    }
+                })
+                .collect();
+            let a = (0..ws.len())
+                .map(|r| pb::Assignment {
+                    rank: r as u32,
+                    world_size: ws.len() as u32,
+                    peer_addresses: peers.clone(),
+                    peer_nodes: nodes.clone(),
+                    placement_json: self.0.placement_json.clone(),
+                    model_path: self.0.model_dir.display().to_string(),
+                    epoch: 1,
+                    transport: "tcp".into(),
+                    nccl_unique_id: vec![],
+                })
+                .collect();
+            (a, ws.iter().enumerate().map(|(i, w)| (w.grpc.clone(), i)).collect())
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for ((addr, rank), a) in clients.into_iter().zip(assign) {
+            set.spawn(async move {
+                let ch = Endpoint::from_shared(url(&addr))
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .map_err(|e| format!("rank {rank} at {addr}: {e}"))?;
+                let mut c = WorkerClient::new(ch).max_decoding_message_size(1 << 30);
+                c.start(pb::StartRequest { assignment: Some(a) })
+                    .await
+                    .map_err(|s| format!("rank {rank}: start: {}", s.message()))?;
+                Ok::<_, String>((rank, c))
+            });
+        }
+        let mut errors = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok((rank, c))) => {
+                    if let Ok(mut ws) = self.0.workers.lock() {
+                        ws[rank].client = Some(c);
+                    }
+                }
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            println!("cluster ready: {} workers", self.0.n_workers);
+            self.0.ready.send_replace(true);
+        } else {
+            eprintln!("cluster start failed: {}", errors.join("; "));
+            if let Ok(mut e) = self.0.start_error.lock() {
+                *e = Some(errors.join("; "));
+            }
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<(), Status> {
+        let mut rx = self.0.ready.subscribe();
+        let r = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|r| *r)).await;
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                let e = self.0.start_error.lock().ok().and_then(|e| e.clone());
+                Err(Status::unavailable(format!("cluster not ready{}", e.map(|e| format!(": {e}")).unwrap_or_default())))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for CoordSvc {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let (rank, full) = {
+            let mut ws = self.0.workers.lock().map_err(|e| Status::internal(e.to_string()))?;
+            if ws.len() >= self.0.n_workers {
+                return Err(Status::failed_precondition(format!("cluster already has {} workers", self.0.n_workers)));
+            }
+            ws.push(WorkerEntry {
+                grpc: r.grpc_address,
+                transport: r.transport_address,
+                node: r.node,
+                client: None,
+                outstanding: Arc::new(AtomicU64::new(0)),
+                alive: Arc::new(AtomicBool::new(true)),
+            });
+            (ws.len() - 1, ws.len() == self.0.n_workers)
+        };
+        if full {
+            tokio::spawn(self.clone().start_all());
+        }
+        Ok(Response::new(pb::RegisterResponse { rank: rank as u32, world_size: self.0.n_workers as u32 }))
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for CoordSvc {
+    type GenerateStream = BoxStream<pb::GenerateResponse>;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let r = req.into_inner();
+        let cfg = &self.0.cfg;
+        let prompt = match &r.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => match &self.0.tok {
+                Some(tok) => tok.encode(t).map_err(|e| Status::invalid_argument(e.to_string()))?,
+                None => return Err(Status::invalid_argument("the model has no tokenizer.json: send token_ids")),
+            },
+            Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
+            None => return Err(Status::invalid_argument("no prompt: set text or token_ids")),
+        };
+        if prompt.is_empty() {
+            return Err(Status::invalid_argument("empty prompt"));
+        }
+        if let Some((i, t)) = prompt.iter().enumerate().find(|(_, t)| **t as usize >= cfg.vocab_size) {
+            return Err(Status::invalid_argument(format!(
+                "token id {t} at position {i} is out of range (vocab size {})",
+                cfg.vocab_size
+            )));
+        }
+        let max_pos = cfg.max_position_embeddings;
+        if r.max_tokens == 0 {
+            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+        }
+        if prompt.len() + r.max_tokens as usize > max_pos {
+            return Err(Status::invalid_argument(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {max_pos} tokens",
+                prompt.len(),
+                r.max_tokens
+            )));
+        }
+        let s = r.sampling.unwrap_or_default();
+        let sp = SamplingParams {
+            temperature: s.temperature,
+            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+            top_k: s.top_k as usize,
+            seed: s.seed,
+        };
+        sp.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut stop = r.stop_token_ids.clone();
+        if stop.is_empty() && !r.ignore_eos {
+            stop = cfg.eos_token_ids.clone();
+        }
+        self.wait_ready().await?;
+        // Least outstanding tokens among the live ranks.
+        let (rank, mut client, outstanding, alive) = {
+            let ws = self.0.workers.lock().map_err(|e| Status::internal(e.to_string()))?;
+            let best = ws
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.alive.load(Ordering::SeqCst) && w.client.is_some())
+                .min_by_key(|(i, w)| (w.outstanding.load(Ordering::SeqCst), *i));
+            let Some((i, w)) = best else { return Err(Status::unavailable("no live worker")) };
+            (i, w.client.clone().ok_or_else(|| Status::unavailable("no live worker"))?, w.outstanding.clone(), w.alive.clone())
+        };
+        let budget = r.max_tokens as u64;
+        outstanding.fetch_add(budget, Ordering::SeqCst);
+        let wreq = pb::GenerateRequest {
+            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
+            sampling: Some(pb::SamplingParams { temperature: sp.temperature, top_p: sp.top_p, top_k: sp.top_k as u32, seed: sp.seed }),
+            stop_token_ids: stop,
+            max_tokens: r.max_tokens,
+            ignore_eos: r.ignore_eos,
+            return_prompt_logits: r.return_prompt_logits,
+        };
+        let mut stream = match client.generate(wreq).await {
+            Ok(s) => s.into_inner(),
+            Err(st) => {
+                outstanding.fetch_sub(budget, Ordering::SeqCst);
+                return Err(worker_failure(rank, &alive, st));
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let tok = self.0.tok.clone();
+        tokio::spawn(async move {
+            let mut left = budget;
+            loop {
+                match stream.message().await {
+                    Ok(Some(mut m)) => {
+                        if m.prompt_logits.is_empty() {
+                            left = left.saturating_sub(1);
+                            outstanding.fetch_sub(1.min(left + 1), Ordering::SeqCst);
+                            if let Some(t) = &tok {
+                                m.text = t.decode(&[m.token_id]).unwrap_or_default();
+                            }
+                        }
+                        let fin = m.finish_reason != 0;
+                        if tx.send(Ok(m)).await.is_err() || fin {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(st) => {
+                        let _ = tx.send(Err(worker_failure(rank, &alive, st))).await;
+                        break;
+                    }
+                }
+            }
+            outstanding.fetch_sub(left.min(outstanding.load(Ordering::SeqCst)), Ordering::SeqCst);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let Some(tok) = &self.0.tok else { return Err(Status::failed_precondition("the model has no tokenizer.json")) };
+        let ids = tok.encode(&req.into_inner().text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::TokenizeResponse { ids }))
+    }
+
+    async fn model_info(&self, _req: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let c = &self.0.cfg;
+        Ok(Response::new(pb::ModelInfoResponse {
+            architecture: format!("{:?}", c.arch),
+            vocab_size: c.vocab_size as u32,
+            hidden_size: c.hidden_size as u32,
+            num_layers: c.n_layers as u32,
+            num_moe_layers: c.moe_layers().len() as u32,
+            num_experts: c.router.n_experts as u32,
+            top_k: c.router.top_k as u32,
+            max_position_embeddings: c.max_position_embeddings as u32,
+            world_size: self.0.n_workers as u32,
+            placement_json: self.0.placement_json.clone(),
+            eos_token_ids: c.eos_token_ids.clone(),
+            model_path: self.0.model_dir.display().to_string(),
+            ready: *self.0.ready.borrow(),
+        }))
+    }
+}
+
+/// A failed worker stream: transport and connection failures are retryable (`UNAVAILABLE`),
+/// the worker's own verdicts on the request keep their code.
+fn worker_failure(rank: usize, alive: &AtomicBool, st: Status) -> Status {
+    match st.code() {
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange => st,
+        _ => {
+            if matches!(st.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled)
+                && !st.message().contains("expert parallel")
+            {
+                alive.store(false, Ordering::SeqCst);
+            }
+            Status::unavailable(format!("worker rank {rank} failed: {} (retry)", st.message()))
+        }
+    }
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    if a.exit_on_stdin_eof {
+        exit_on_stdin_eof();
+    }
+    let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let p = load_placement(&cfg, a.workers, a.placement.as_deref())?;
+    let placement_json = serde_json::to_string(&p)?;
+    let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
+    let model_dir = std::fs::canonicalize(&a.model)?;
+    runtime()?.block_on(async move {
+        let (ready, _) = tokio::sync::watch::channel(false);
+        let svc = CoordSvc(Arc::new(CoordState {
+            model_dir,
+            cfg,
+            tok,
+            placement_json,
+            n_workers: a.workers,
+            workers: Mutex::new(Vec::new()),
+            ready,
+            start_error: Mutex::new(None),
+        }));
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let (health, reflection, reporter) = health_and_reflection().await?;
+        reporter.set_serving::<InferenceServer<CoordSvc>>().await;
+        println!("listening on {addr}");
+        Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
+            .add_service(ControlServer::new(svc))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// up: a whole cluster on this machine
+// ---------------------------------------------------------------------------------------------
+
+#[derive(clap::Args, Clone)]
+pub struct UpArgs {
+    /// Model directory; default: tests/fixtures/mixtral when present, else a small generated
+    /// checkpoint.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long)]
+    pub placement: Option<PathBuf>,
+    /// Client API listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+}
+
+/// Child processes of a local cluster; killed on drop.
+pub struct LocalCluster {
+    pub addr: String,
+    children: Vec<Child>,
+    pub worker_pids: Vec<u32>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) -> anyhow::Result<(Child, String)> {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want_t = want.to_string();
+    std::thread::spawn(move || {
+        let want = want_t;
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains(&want) {
+                let _ = tx.send(line.clone());
+                sent = true;
+            }
+            println!("{line}");
+        }
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("child did not print {want:?} within {timeout:?}")
+        }
+    }
+}
+
+/// Start a coordinator and `workers` worker processes of this binary; returns once serving.
+pub fn start_local_cluster(model: &Path, workers: usize, placement: Option<&Path>, listen: &str) -> anyhow::Result<LocalCluster> {
+    let exe = std::env::current_exe()?;
+    // Validate here first, for a clear error before any process starts.
+    let cfg = ModelConfig::from_dir(model).with_context(|| format!("model {}", model.display()))?;
+    load_placement(&cfg, workers, placement)?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(["coordinator", "--exit-on-stdin-eof", "--workers", &workers.to_string(), "--listen", listen, "--model"]).arg(model);
+    if let Some(p) = placement {
+        cmd.arg("--placement").arg(p);
+    }
+    let (coord, line) = spawn_reading(cmd, "listening on ", Duration::from_secs(60))?;
+    let addr = line.trim().trim_start_matches("listening on ").to_string();
+    let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![] };
+    for _ in 0..workers {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]);
+        let (w, line) = spawn_reading(cmd, "worker rank", Duration::from_secs(60))?;
+        // "worker rank R of N ... pid P"
+        let rank: usize = line.split_whitespace().nth(2).and_then(|r| r.parse().ok()).unwrap_or(cl.worker_pids.len());
+        let _ = rank;
+        cl.worker_pids.push(w.id());
+        cl.children.push(w);
+    }
+    // Wait until every worker started.
+    let rt = runtime()?;
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok(mut c) = InferenceClient::connect(url(&addr)).await
+                && let Ok(i) = c.model_info(pb::ModelInfoRequest {}).await
+                && i.into_inner().ready
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("cluster at {addr} not ready within 180 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })?;
+    Ok(cl)
+}
+
+/// The default model of `switchyard up`.
+fn default_model() -> anyhow::Result<PathBuf> {
+    let fx = PathBuf::from("tests/fixtures/mixtral");
+    if fx.join("config.json").exists() {
+        return Ok(std::fs::canonicalize(fx)?);
+    }
+    let dir = std::env::temp_dir().join("switchyard-up-tiny-model");
+    if !dir.join("config.json").exists() {
+        let mut spec = worker::synth::SynthSpec::tiny();
+        spec.arch = "mixtral".into();
+        worker::synth::write_checkpoint(&dir, &spec)?;
+    }
+    Ok(dir)
+}
+
+pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
+    let model = match a.model {
+        Some(m) => m,
+        None => default_model()?,
+    };
+    let cl = start_local_cluster(&model, a.workers, a.placement.as_deref(), &a.listen)?;
+    println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
+    println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
+    println!("press Ctrl-C to stop");
+    runtime()?.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    drop(cl);
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side: generate --endpoint, model check --workers
+// ---------------------------------------------------------------------------------------------
+
+/// What `generate_remote` returns.
+pub struct RemoteResult {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub prompt_logits: Vec<f32>,
+    pub finish: i32,
+}
+
+pub async fn generate_remote(endpoint: &str, req: pb::GenerateRequest, print: bool) -> Result<RemoteResult, Status> {
+    let ch = Endpoint::from_shared(url(endpoint))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))?;
+    let mut c = InferenceClient::new(ch).max_decoding_message_size(1 << 30);
+    let mut s = c.generate(req).await?.into_inner();
+    let mut out = RemoteResult { ids: vec![], text: String::new(), prompt_logits: vec![], finish: 0 };
+    while let Some(m) = s.message().await? {
+        if !m.prompt_logits.is_empty() {
+            out.prompt_logits = m.prompt_logits;
+            continue;
+        }
+        out.ids.push(m.token_id);
+        out.text.push_str(&m.text);
+        if print {
+            use std::io::Write;
+            print!("{}", m.text);
+            let _ = std::io::stdout().flush();
+        }
+        if m.finish_reason != 0 {
+            out.finish = m.finish_reason;
+            break;
+        }
+    }
+    Ok(out)
+}
+
+pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyhow::Result<ExitCode> {
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(t), None) => pb::generate_request::Prompt::Text(t.clone()),
+        (None, Some(ids)) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() }),
+        _ => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let req = pb::GenerateRequest {
+        prompt: Some(prompt),
+        sampling: Some(pb::SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k as u32, seed: a.seed }),
+        stop_token_ids: a.stop_ids.clone().unwrap_or_default(),
+        max_tokens: a.max_tokens as u32,
+        ignore_eos: false,
+        return_prompt_logits: false,
+    };
+    let t0 = std::time::Instant::now();
+    let r = runtime()?.block_on(generate_remote(endpoint, req, true));
+    match r {
+        Ok(r) => {
+            println!();
+            println!("ids: {}", r.ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+            let fin = pb::FinishReason::try_from(r.finish).map(|f| f.as_str_name()).unwrap_or("?");
+            eprintln!("{} generated, finish {fin}, {:.2} s", r.ids.len(), t0.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => {
+            eprintln!("error: status {:?}: {}", s.code(), s.message());
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+/// `model check --workers N`: every reference case through a real N-worker cluster.
+pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, placement: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cases = worker::reference::read_expected(expected)?;
+    if cases.is_empty() {
+        bail!("{} holds no prompt_0", expected.display());
+    }
+    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0")?;
+    let rt = runtime()?;
+    let mut ok_all = true;
+    // All cases at once: concurrent requests exercise the least-outstanding routing too.
+    let results: Vec<Result<RemoteResult, Status>> = rt.block_on(async {
+        let mut handles = Vec::new();
+        for c in &cases {
+            let req = pb::GenerateRequest {
+                prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: c.prompt.clone() })),
+                sampling: None,
+                stop_token_ids: vec![],
+                max_tokens: c.greedy.len().max(1) as u32,
+                ignore_eos: true,
+                return_prompt_logits: true,
+            };
+            let addr = cl.addr.clone();
+            handles.push(tokio::spawn(async move { generate_remote(&addr, req, false).await }));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap_or_else(|e| Err(Status::internal(e.to_string()))));
+        }
+        out
+    });
+    let mut by: HashMap<usize, ()> = HashMap::new();
+    for (c, r) in cases.iter().zip(results) {
+        by.insert(c.index, ());
+        let r = r.map_err(|s| anyhow::anyhow!("prompt {}: {:?}: {}", c.index, s.code(), s.message()))?;
+        let d = worker::reference::rel_max_diff(&r.prompt_logits, &c.logits);
+        let greedy = &r.ids[..c.greedy.len().min(r.ids.len())];
+        let greedy_ok = greedy == c.greedy.as_slice();
+        let ok = d < tol && greedy_ok;
+        ok_all &= ok;
+        println!(
+            "prompt {} (len {}): logits max|Δ|/max|expected| = {:.3e} {}, greedy {} {:?}{}",
+            c.index,
+            c.prompt.len(),
+            d,
+            if d < tol { "ok" } else { "MISMATCH" },
+            if greedy_ok { "ok" } else { "MISMATCH" },
+            greedy,
+            if greedy_ok { String::new() } else { format!(" expected {:?}", c.greedy) }
+        );
+    }
+    drop(cl);
+    if ok_all {
+        println!("all match ({workers} workers)");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("MISMATCH ({workers} workers)");
+        Ok(ExitCode::from(1))
+    }
+}
