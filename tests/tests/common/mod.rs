@@ -1,0 +1,145 @@
+//! Shared helpers of the cluster tests: a `switchyard up` child killed on drop, placements.
+#![allow(dead_code)]
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use switchyard_tests::{fixtures_dir, switchyard_bin};
+
+pub const FIXTURES: [&str; 4] = ["mixtral", "qwen3_moe", "qwen3_moe_bf16", "deepseek_v3"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
+}
+
+/// (MoE layers, experts) from `switchyard model info`.
+pub fn moe_shape(model: &Path) -> (usize, usize) {
+    let out = Command::new(switchyard_bin()).args(["model", "info", "--model"]).arg(model).output().expect("info");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let experts = s
+        .lines()
+        .find(|l| l.starts_with("experts "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|x| x.parse().ok())
+        .expect("experts line");
+    let layers = s.lines().find(|l| l.starts_with("moe layers")).map(|l| l.matches(|c: char| c == ',').count() + 1).expect("moe layers");
+    (layers, experts)
+}
+
+/// A placement with replicas and uneven spreads: contiguous base plus one extra slot per rank
+/// holding a replica of a different expert per layer (some experts end up on 1 rank, some on 2-3).
+pub fn replica_placement(layers: usize, experts: usize, ranks: usize) -> String {
+    let base = experts.div_ceil(ranks);
+    let slots = base + 1;
+    let mut ls = Vec::new();
+    for l in 0..layers {
+        let mut rs: Vec<Vec<usize>> = Vec::new();
+        for r in 0..ranks {
+            let mut v: Vec<usize> = (0..base).map(|j| (r * base + j) % experts).collect();
+            v.dedup();
+            let mut x = (l * 5 + r * 3 + 1) % experts;
+            while v.len() < slots {
+                if !v.contains(&x) {
+                    v.push(x);
+                }
+                x = (x + 1) % experts;
+            }
+            rs.push(v);
+        }
+        ls.push(serde_json::json!({ "ranks": rs }));
+    }
+    let nodes: Vec<usize> = (0..ranks).collect();
+    serde_json::json!({
+        "format": "switchyard.placement.v1", "num_layers": layers, "num_experts": experts,
+        "topology": {"nodes": [nodes]}, "layers": ls
+    })
+    .to_string()
+}
+
+/// A running `switchyard up` (coordinator + workers), killed on drop (its children exit when
+/// its pipes close).
+pub struct Cluster {
+    child: Child,
+    pub addr: String,
+    pub worker_pids: Vec<u32>,
+}
+
+impl Cluster {
+    pub fn up(model: &Path, workers: usize, placement: Option<&Path>) -> Cluster {
+        let mut cmd = Command::new(switchyard_bin());
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--workers", &workers.to_string(), "--model"]).arg(model);
+        if let Some(p) = placement {
+            cmd.arg("--placement").arg(p);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // keep draining
+                }
+            }
+        });
+        let mut cl = Cluster { child, addr: String::new(), worker_pids: vec![] };
+        loop {
+            let line = rx.recv_timeout(Duration::from_secs(120)).expect("switchyard up did not become ready");
+            if let Some(a) = line.strip_prefix("listening on ") {
+                cl.addr = a.trim().to_string();
+            }
+            if line.starts_with("worker rank")
+                && let Some(pid) = line.rsplit("pid ").next().and_then(|p| p.trim().parse().ok())
+            {
+                cl.worker_pids.push(pid);
+            }
+            if line.starts_with("switchyard is serving") {
+                break;
+            }
+        }
+        cl
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `switchyard generate --endpoint` with extra args.
+    pub fn generate(&self, args: &[&str]) -> Output {
+        generate_at(&self.endpoint(), args)
+    }
+}
+
+pub fn generate_at(endpoint: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(switchyard_bin())
+        .args(["generate", "--endpoint", endpoint])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn generate");
+    // Bounded wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("generate did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn ids_line(out: &Output) -> Option<String> {
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("ids: ")).map(|l| l.to_string())
+}
