@@ -29,6 +29,9 @@ enum Command {
     Coordinator(cli::cluster::CoordinatorArgs),
     /// Run one worker (a rank) that registers with a coordinator.
     Worker(cli::cluster::WorkerArgs),
+    /// Cluster benchmarks: all-to-all transport, end-to-end decode.
+    #[command(subcommand)]
+    Bench(cli::bench_cluster::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cli::cluster::up(a),
         Command::Coordinator(a) => cli::cluster::coordinator(a),
         Command::Worker(a) => cli::cluster::worker(a),
+        Command::Bench(c) => cli::bench_cluster::run(c),
     };
     match result {
         Ok(code) => code,

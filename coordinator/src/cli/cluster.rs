@@ -762,8 +762,11 @@ pub fn start_local_cluster(model: &Path, workers: usize, placement: Option<&Path
         cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]);
         let (w, line) = spawn_reading(cmd, "worker rank", Duration::from_secs(60))?;
         // "worker rank R of N ... pid P"
-        let rank: usize = line.split_whitespace().nth(2).and_then(|r| r.parse().ok()).unwrap_or(cl.worker_pids.len());
-        let _ = rank;
+        if let Some(a) = line.split("listening on ").nth(1).and_then(|r| r.split_whitespace().next())
+            && let Ok(mut v) = WORKER_ADDRS.lock()
+        {
+            v.push(a.to_string());
+        }
         cl.worker_pids.push(w.id());
         cl.children.push(w);
     }
@@ -950,3 +953,32 @@ pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, plac
         Ok(ExitCode::from(1))
     }
 }
+
+/// (busy steps, dispatch µs, expert µs, combine µs) summed over the workers of a local cluster,
+/// averaged per worker.
+pub async fn worker_timings(addr: &str) -> (u64, u64, u64, u64) {
+    let Ok(mut c) = InferenceClient::connect(url(addr)).await else { return (0, 0, 0, 0) };
+    let _ = c.model_info(pb::ModelInfoRequest {}).await;
+    // The coordinator does not expose worker health; ask the workers it knows through the
+    // placement's world size by scanning registered workers is not possible from a client, so
+    // local clusters record worker addresses in WORKER_ADDRS.
+    let addrs: Vec<String> = WORKER_ADDRS.lock().map(|v| v.clone()).unwrap_or_default();
+    let (mut b, mut d, mut e, mut cm, mut n) = (0, 0, 0, 0, 0u64);
+    for a in addrs {
+        if let Ok(mut w) = WorkerClient::connect(url(&a)).await
+            && let Ok(h) = w.health(pb::WorkerHealthRequest {}).await
+        {
+            let h = h.into_inner();
+            b += h.busy_steps;
+            d += h.dispatch_us;
+            e += h.expert_us;
+            cm += h.combine_us;
+            n += 1;
+        }
+    }
+    let n = n.max(1);
+    (b / n, d / n, e / n, cm / n)
+}
+
+/// gRPC addresses of the workers started by [`start_local_cluster`] in this process.
+pub static WORKER_ADDRS: Mutex<Vec<String>> = Mutex::new(Vec::new());

@@ -1,3 +1,4 @@
+pub mod bench_cluster;
 pub mod cluster;
 pub mod model;
 pub mod place;

@@ -1,0 +1,163 @@
+//! `switchyard bench transport` and `switchyard bench decode`: all-to-all throughput beside a
+//! plain TCP stream, and end-to-end decode tokens/s of 1/2/4-worker clusters.
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use switchyard_proto::v1 as pb;
+use worker::transport::Transport;
+use worker::transport::tcp::TcpTransport;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// TCP all-to-all-v throughput and latency (1 KiB … 16 MiB per peer, 2 and 4 ranks) beside a
+    /// plain TCP stream on loopback.
+    Transport {
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        ranks: Vec<usize>,
+        /// Largest message per peer, MiB.
+        #[arg(long, default_value_t = 16)]
+        max_mib: usize,
+    },
+    /// End-to-end decode tokens/s through 1/2/4-worker clusters, with dispatch / expert / combine
+    /// time per step.
+    Decode {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<usize>,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+    },
+}
+
+fn sizes(max_mib: usize) -> Vec<usize> {
+    let mut v = vec![];
+    let mut s = 1024;
+    while s <= max_mib << 20 {
+        v.push(s);
+        s *= 4;
+    }
+    v
+}
+
+fn iters(size: usize) -> usize {
+    ((64usize << 20) / size.max(1)).clamp(5, 2000)
+}
+
+/// Plain TCP: one stream, `size` bytes one way then a 1-byte ack; GB/s and µs per message.
+fn plain_tcp(size: usize) -> anyhow::Result<(f64, f64)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let n = iters(size);
+    let h = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; size];
+        for _ in 0..n {
+            s.read_exact(&mut buf)?;
+            s.write_all(&[1])?;
+        }
+        Ok(())
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let buf = vec![7u8; size];
+    let mut ack = [0u8; 1];
+    let t0 = Instant::now();
+    for _ in 0..n {
+        s.write_all(&buf)?;
+        s.read_exact(&mut ack)?;
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    h.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok(((size * n) as f64 / dt / 1e9, dt / n as f64 * 1e6))
+}
+
+/// All-to-all-v with `size` bytes to every peer; per-rank GB/s sent and µs per collective.
+fn a2a(world: usize, size: usize) -> anyhow::Result<(f64, f64)> {
+    let mesh = TcpTransport::local_mesh(world, Duration::from_secs(60))?;
+    let n = iters(size * (world - 1)).max(5);
+    let hs: Vec<_> = mesh
+        .into_iter()
+        .map(|mut t| {
+            std::thread::spawn(move || -> anyhow::Result<f64> {
+                let w = t.world();
+                t.all_to_all_v(vec![vec![0u8; size]; w])?; // warm-up
+                let t0 = Instant::now();
+                for _ in 0..n {
+                    t.all_to_all_v(vec![vec![1u8; size]; w])?;
+                }
+                Ok(t0.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut dt: f64 = 0.0;
+    for h in hs {
+        dt = dt.max(h.join().map_err(|_| anyhow::anyhow!("rank panicked"))??);
+    }
+    Ok(((size * (world - 1) * n) as f64 / dt / 1e9, dt / n as f64 * 1e6))
+}
+
+fn fmt_size(s: usize) -> String {
+    if s >= 1 << 20 { format!("{} MiB", s >> 20) } else { format!("{} KiB", s >> 10) }
+}
+
+pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        BenchCommand::Transport { ranks, max_mib } => {
+            println!("{:>8} {:>14} {:>12} | {}", "size", "tcp GB/s", "tcp µs", ranks.iter().map(|r| format!("{:>10} {:>10} {:>7}", format!("a2a{r} GB/s"), format!("a2a{r} µs"), "vs tcp")).collect::<Vec<_>>().join(" "));
+            for s in sizes(max_mib) {
+                let (g, us) = plain_tcp(s)?;
+                let mut row = format!("{:>8} {:>14.3} {:>12.1} |", fmt_size(s), g, us);
+                for &r in &ranks {
+                    let (ag, aus) = a2a(r, s)?;
+                    row.push_str(&format!(" {:>10.3} {:>10.1} {:>6.0}%", ag, aus, ag / g * 100.0));
+                }
+                println!("{row}");
+            }
+            println!("a2a GB/s = bytes one rank sends to its peers per second (per-peer message = size); tcp = one stream, same size, acked");
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Decode { model, workers, requests, max_tokens } => {
+            let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));
+            println!("{:>7} {:>10} {:>12} {:>14} {:>12} {:>12} {:>12}", "workers", "tokens", "tokens/s", "busy steps", "dispatch µs", "expert µs", "combine µs");
+            for &n in &workers {
+                let cl = super::cluster::start_local_cluster(&model, n, None, "127.0.0.1:0")?;
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                let (tokens, dt) = rt.block_on(async {
+                    let t0 = Instant::now();
+                    let mut hs = Vec::new();
+                    for i in 0..requests {
+                        let req = pb::GenerateRequest {
+                            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1 + i as u32, 2, 3, 4] })),
+                            max_tokens,
+                            ignore_eos: true,
+                            ..Default::default()
+                        };
+                        let addr = cl.addr.clone();
+                        hs.push(tokio::spawn(async move { super::cluster::generate_remote(&addr, req, false).await }));
+                    }
+                    let mut tokens = 0usize;
+                    for h in hs {
+                        if let Ok(Ok(r)) = h.await {
+                            tokens += r.ids.len();
+                        }
+                    }
+                    (tokens, t0.elapsed().as_secs_f64())
+                });
+                let (busy, d, e, c) = rt.block_on(super::cluster::worker_timings(&cl.addr));
+                let per = |x: u64| if busy == 0 { 0.0 } else { x as f64 / busy as f64 };
+                println!(
+                    "{:>7} {:>10} {:>12.1} {:>14} {:>12.1} {:>12.1} {:>12.1}",
+                    n, tokens, tokens as f64 / dt, busy, per(d), per(e), per(c)
+                );
+            }
+            println!("per-step times: summed over MoE layers, averaged over ranks' busy steps");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
