@@ -16,6 +16,16 @@ echo "== model check: $model against transformers' logits and greedy tokens"
 $bin model check --model "$model" --expected "$model/expected.safetensors"
 echo "== generate"
 $bin generate --model "$model" --prompt "Switchyard routes tokens" --max-tokens 16
+echo "== cluster: switchyard up (coordinator + 2 workers, expert-parallel over TCP), 3 streamed requests"
+$bin up --model "$model" --workers 2 --listen 127.0.0.1:0 > "$work/up.log" 2>&1 &
+up_pid=$!
+for _ in $(seq 1 600); do grep -q "switchyard is serving" "$work/up.log" && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' "$work/up.log" | head -1)
+[ -n "$addr" ] || { cat "$work/up.log"; kill $up_pid; exit 1; }
+for p in "Switchyard routes tokens" "Experts on every rank" "hello"; do
+  $bin generate --endpoint "http://$addr" --prompt "$p" --max-tokens 12
+done
+kill -INT $up_pid; wait $up_pid || true
 echo "== placement: solve on one synthetic sample, score on another"
 $bin trace synth --preset mixtral --sequences 64 --seed 1 --out "$work/solve.safetensors"
 $bin trace synth --preset mixtral --sequences 64 --seed 2 --out "$work/heldout.safetensors"
