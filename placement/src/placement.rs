@@ -114,18 +114,21 @@ impl Placement {
         Ok(())
     }
 
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let p: Placement = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        p.validate().map_err(|e| e.to_string())?;
-        Ok(p)
+    /// Parses and validates placement JSON received from elsewhere than a file (e.g. over gRPC).
+    pub fn from_json(text: &str) -> Result<Self, PlacementError> {
+        Self::parse(text, Path::new("<placement json>"))
     }
 
     /// Reads and validates a placement file.
     pub fn read(path: &Path) -> Result<Self, PlacementError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| PlacementError::Io { path: path.into(), source })?;
-        let p: Placement = serde_json::from_str(&text)
-            .map_err(|e| PlacementError::Parse { path: path.into(), reason: e.to_string() })?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, origin: &Path) -> Result<Self, PlacementError> {
+        let p: Placement = serde_json::from_str(text)
+            .map_err(|e| PlacementError::Parse { path: origin.into(), reason: e.to_string() })?;
         p.validate()?;
         Ok(p)
     }
