@@ -1,0 +1,2 @@
+//! Switchyard control-plane library: the state store (etcd or embedded).
+pub mod store;
