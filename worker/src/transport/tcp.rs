@@ -3,24 +3,44 @@
 //!
 //! Rank `i` connects to every rank `j < i` and accepts from every `j > i`; each connection starts
 //! with a hello (magic, rank, world). One sender thread per peer writes frames (`[seq u64][len u64]`
-//! then the payload, straight from the caller's buffer) while the calling thread reads the frames of
-//! every peer, so large exchanges in both directions cannot deadlock on full socket buffers.
+//! then the payload, straight from the caller's buffer, in one vectored write) so large exchanges in
+//! both directions cannot deadlock on full socket buffers. Frames are received from all peers at
+//! once: the calling thread reads one peer itself and a reader thread per other peer reads the rest.
+//! Payloads are read straight into their destination without zero-filling, and buffers the sender
+//! threads hand back are reused as the next collective's receive buffers.
 //! Reads and writes time out; a closed connection is reported as [`TransportError::PeerClosed`].
 
 use super::{Transport, TransportError};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const MAGIC: u32 = 0x5359_4131; // "SYA1"
+/// Largest frame a peer may announce.
+const MAX_FRAME: u64 = 1 << 40;
+/// Spare buffers bigger than this are dropped instead of kept for reuse.
+const MAX_SPARE: usize = 256 << 20;
+/// Frames up to this size are written by the calling thread (see `all_to_all_v`).
+const INLINE_SEND: usize = 16 << 10;
+
+/// What a reader thread is asked to do: read the frame of collective `seq` into `buf`.
+struct RecvJob {
+    seq: u64,
+    buf: Vec<u8>,
+}
 
 struct Peer {
-    reader: TcpStream,
+    /// The connection (also used for shutdown).
+    sock: TcpStream,
     jobs: Option<mpsc::Sender<([u8; 16], Vec<u8>)>>,
     done: mpsc::Receiver<std::io::Result<Vec<u8>>>,
     thread: Option<JoinHandle<()>>,
+    /// Reader thread (every peer but the one the calling thread reads itself).
+    recv_jobs: Option<mpsc::Sender<RecvJob>>,
+    recv_done: Option<mpsc::Receiver<Result<Vec<u8>, TransportError>>>,
+    recv_thread: Option<JoinHandle<()>>,
 }
 
 /// A connected full mesh. See the module docs.
@@ -31,6 +51,8 @@ pub struct TcpTransport {
     timeout: Duration,
     seq: u64,
     failed: Option<String>,
+    /// Buffers handed back by the sender threads, reused as receive buffers.
+    spare: Vec<Vec<u8>>,
     /// Bytes sent to other ranks so far.
     pub bytes_sent: u64,
 }
@@ -56,6 +78,56 @@ fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
         .map_err(|e| TransportError::Setup(format!("bad peer address {addr:?}: {e}")))?
         .next()
         .ok_or_else(|| TransportError::Setup(format!("peer address {addr:?} resolves to nothing")))
+}
+
+/// Header and payload in as few syscalls (and segments) as possible.
+fn write_frame(w: &mut TcpStream, hdr: &[u8; 16], payload: &[u8]) -> std::io::Result<()> {
+    let mut bufs = [IoSlice::new(hdr), IoSlice::new(payload)];
+    let mut slices: &mut [IoSlice<'_>] = if payload.is_empty() { &mut bufs[..1] } else { &mut bufs[..] };
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read `[seq][len]` then the payload into `buf` (reused: its old contents are overwritten, the
+/// part beyond its old length is read into spare capacity without zero-filling).
+fn read_frame(
+    r: &mut TcpStream,
+    rank: usize,
+    j: usize,
+    timeout: Duration,
+    seq: u64,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, TransportError> {
+    let mut hdr = [0u8; 16];
+    r.read_exact(&mut hdr).map_err(|e| io_err(rank, j, timeout, e))?;
+    let got_seq = u64::from_le_bytes(hdr[0..8].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+    if got_seq != seq {
+        return Err(TransportError::Protocol { rank, peer: j, msg: format!("collective {got_seq} arrived during {seq}") });
+    }
+    if len > MAX_FRAME {
+        return Err(TransportError::Protocol { rank, peer: j, msg: format!("frame of {len} bytes") });
+    }
+    let len = len as usize;
+    // Overwrite the initialised prefix in place, then read the rest into the spare capacity.
+    buf.truncate(len);
+    r.read_exact(&mut buf).map_err(|e| io_err(rank, j, timeout, e))?;
+    let rest = len - buf.len();
+    if rest > 0 {
+        buf.reserve_exact(rest);
+        let n = (&mut *r).take(rest as u64).read_to_end(&mut buf).map_err(|e| io_err(rank, j, timeout, e))?;
+        if n != rest {
+            return Err(TransportError::PeerClosed { rank, peer: j });
+        }
+    }
+    Ok(buf)
 }
 
 impl TcpTransport {
@@ -133,6 +205,7 @@ impl TcpTransport {
                 Err(e) => return Err(TransportError::Setup(format!("rank {rank}: accept: {e}"))),
             }
         }
+        let direct = Self::direct_peer(rank, world);
         let mut peers_v = Vec::with_capacity(world);
         for (j, s) in streams.into_iter().enumerate() {
             let Some(s) = s else {
@@ -151,16 +224,49 @@ impl TcpTransport {
                 .spawn(move || {
                     while let Ok((hdr, buf)) = jobs_rx.recv() {
                         // The header, then the payload straight from the caller's buffer.
-                        let r = writer.write_all(&hdr).and_then(|_| writer.write_all(&buf)).map(|_| buf);
+                        let r = write_frame(&mut writer, &hdr, &buf).map(|_| buf);
                         if done_tx.send(r).is_err() {
                             break;
                         }
                     }
                 })
                 .map_err(setup)?;
-            peers_v.push(Some(Peer { reader: s, jobs: Some(jobs_tx), done: done_rx, thread: Some(thread) }));
+            let (mut recv_jobs, mut recv_done, mut recv_thread) = (None, None, None);
+            if Some(j) != direct {
+                let mut reader = s.try_clone().map_err(setup)?;
+                let (rj_tx, rj_rx) = mpsc::channel::<RecvJob>();
+                let (rd_tx, rd_rx) = mpsc::channel();
+                let t = std::thread::Builder::new()
+                    .name(format!("a2a-recv-{rank}<-{j}"))
+                    .spawn(move || {
+                        while let Ok(job) = rj_rx.recv() {
+                            let r = read_frame(&mut reader, rank, j, timeout, job.seq, job.buf);
+                            if rd_tx.send(r).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .map_err(setup)?;
+                recv_jobs = Some(rj_tx);
+                recv_done = Some(rd_rx);
+                recv_thread = Some(t);
+            }
+            peers_v.push(Some(Peer {
+                sock: s,
+                jobs: Some(jobs_tx),
+                done: done_rx,
+                thread: Some(thread),
+                recv_jobs,
+                recv_done,
+                recv_thread,
+            }));
         }
-        Ok(TcpTransport { rank, world, peers: peers_v, timeout, seq: 0, failed: None, bytes_sent: 0 })
+        Ok(TcpTransport { rank, world, peers: peers_v, timeout, seq: 0, failed: None, spare: Vec::new(), bytes_sent: 0 })
+    }
+
+    /// The peer the calling thread reads itself (no reader thread): the next rank.
+    fn direct_peer(rank: usize, world: usize) -> Option<usize> {
+        (world > 1).then(|| (rank + 1) % world)
     }
 
     /// Bind a listener for [`TcpTransport::connect`] on `addr` (port 0: any free port).
@@ -194,29 +300,15 @@ impl TcpTransport {
         self.failed = Some(e.to_string());
         // Make every peer notice at once instead of waiting for its timeout.
         for p in self.peers.iter().flatten() {
-            let _ = p.reader.shutdown(Shutdown::Both);
+            let _ = p.sock.shutdown(Shutdown::Both);
         }
         e
     }
 
-    fn read_frame(&mut self, j: usize) -> Result<Vec<u8>, TransportError> {
-        let (rank, timeout, seq) = (self.rank, self.timeout, self.seq);
-        let Some(p) = self.peers[j].as_mut() else {
-            return Err(TransportError::Usage { rank, msg: format!("no connection to rank {j}") });
-        };
-        let mut hdr = [0u8; 16];
-        p.reader.read_exact(&mut hdr).map_err(|e| io_err(rank, j, timeout, e))?;
-        let got_seq = u64::from_le_bytes(hdr[0..8].try_into().unwrap_or_default());
-        let len = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
-        if got_seq != seq {
-            return Err(TransportError::Protocol { rank, peer: j, msg: format!("collective {got_seq} arrived during {seq}") });
+    fn keep_spare(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > 0 && buf.capacity() <= MAX_SPARE && self.spare.len() < self.world {
+            self.spare.push(buf);
         }
-        if len > (1u64 << 40) {
-            return Err(TransportError::Protocol { rank, peer: j, msg: format!("frame of {len} bytes") });
-        }
-        let mut buf = vec![0u8; len as usize];
-        p.reader.read_exact(&mut buf).map_err(|e| io_err(rank, j, timeout, e))?;
-        Ok(buf)
     }
 }
 
@@ -241,18 +333,25 @@ impl Transport for TcpTransport {
                 msg: format!("{} buffers for a world of {}", send.len(), self.world),
             });
         }
-        let (rank, seq) = (self.rank, self.seq);
-        let mut own = Vec::new();
+        let (rank, seq, timeout) = (self.rank, self.seq, self.timeout);
+        let direct = Self::direct_peer(rank, self.world);
+        let mut recv: Vec<Vec<u8>> = (0..self.world).map(|_| Vec::new()).collect();
         let mut posted = vec![false; self.world];
+        let mut inline = Vec::new();
+        // Start sending to everyone.
         for (j, payload) in send.into_iter().enumerate() {
             if j == rank {
-                own = payload;
+                recv[j] = payload;
                 continue;
             }
             let mut hdr = [0u8; 16];
             hdr[0..8].copy_from_slice(&seq.to_le_bytes());
             hdr[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
             self.bytes_sent += payload.len() as u64;
+            if payload.len() <= INLINE_SEND {
+                inline.push((j, hdr, payload));
+                continue;
+            }
             let ok =
                 self.peers[j].as_ref().and_then(|p| p.jobs.as_ref()).is_some_and(|tx| tx.send((hdr, payload)).is_ok());
             if !ok {
@@ -261,14 +360,62 @@ impl Transport for TcpTransport {
             }
             posted[j] = true;
         }
-        let mut recv: Vec<Vec<u8>> = Vec::with_capacity(self.world);
+        // Small frames are written here, sparing a thread hand-off: they always fit the socket
+        // buffers (the peer has read every earlier frame of ours before we got here, and the sender
+        // thread of this peer is idle), so this cannot block on a peer that is writing to us.
+        for (j, hdr, payload) in inline {
+            let r = match self.peers[j].as_mut() {
+                Some(p) => write_frame(&mut p.sock, &hdr, &payload).map_err(|e| io_err(rank, j, timeout, e)),
+                None => Err(TransportError::PeerClosed { rank, peer: j }),
+            };
+            if let Err(e) = r {
+                return Err(self.fail(e));
+            }
+            self.keep_spare(payload);
+        }
+        // Start receiving from everyone but the direct peer on the reader threads.
+        let mut reading = vec![false; self.world];
         for j in 0..self.world {
-            if j == rank {
-                recv.push(std::mem::take(&mut own));
+            if j == rank || Some(j) == direct {
                 continue;
             }
-            match self.read_frame(j) {
-                Ok(b) => recv.push(b),
+            let buf = self.spare.pop().unwrap_or_default();
+            let ok = self.peers[j]
+                .as_ref()
+                .and_then(|p| p.recv_jobs.as_ref())
+                .is_some_and(|tx| tx.send(RecvJob { seq, buf }).is_ok());
+            if !ok {
+                let e = TransportError::PeerClosed { rank, peer: j };
+                return Err(self.fail(e));
+            }
+            reading[j] = true;
+        }
+        // Read the direct peer here.
+        if let Some(j) = direct {
+            let buf = self.spare.pop().unwrap_or_default();
+            let r = match self.peers[j].as_mut() {
+                Some(p) => read_frame(&mut p.sock, rank, j, timeout, seq, buf),
+                None => Err(TransportError::Usage { rank, msg: format!("no connection to rank {j}") }),
+            };
+            match r {
+                Ok(b) => recv[j] = b,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        for j in 0..self.world {
+            if !reading[j] {
+                continue;
+            }
+            let r = match self.peers[j].as_ref().and_then(|p| p.recv_done.as_ref()) {
+                Some(rx) => match rx.recv_timeout(timeout + Duration::from_secs(1)) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => Err(TransportError::Timeout { rank, peer: j, timeout }),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(TransportError::PeerClosed { rank, peer: j }),
+                },
+                None => continue,
+            };
+            match r {
+                Ok(b) => recv[j] = b,
                 Err(e) => return Err(self.fail(e)),
             }
         }
@@ -276,13 +423,12 @@ impl Transport for TcpTransport {
             if !posted[j] {
                 continue;
             }
-            let timeout = self.timeout;
             let r = match self.peers[j].as_ref() {
                 Some(p) => p.done.recv_timeout(timeout + Duration::from_secs(1)),
                 None => continue,
             };
             match r {
-                Ok(Ok(_)) => {}
+                Ok(Ok(buf)) => self.keep_spare(buf),
                 Ok(Err(e)) => {
                     let e = io_err(rank, j, timeout, e);
                     return Err(self.fail(e));
@@ -301,9 +447,13 @@ impl Transport for TcpTransport {
 impl Drop for TcpTransport {
     fn drop(&mut self) {
         for p in self.peers.iter_mut().flatten() {
-            let _ = p.reader.shutdown(Shutdown::Both);
+            let _ = p.sock.shutdown(Shutdown::Both);
             p.jobs.take();
+            p.recv_jobs.take();
             if let Some(t) = p.thread.take() {
+                let _ = t.join();
+            }
+            if let Some(t) = p.recv_thread.take() {
                 let _ = t.join();
             }
         }
@@ -354,6 +504,46 @@ mod tests {
                         for (j, b) in recv.iter().enumerate() {
                             assert_eq!(b.len(), 8 << 20);
                             assert!(b.iter().all(|&x| x == (j * 10 + r) as u8));
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("rank thread");
+            }
+        }
+    }
+
+    #[test]
+    fn reused_buffers_never_leak_old_bytes_across_growing_and_shrinking_frames() {
+        // Sizes straddle the inline-send threshold and the reuse of returned buffers (which were
+        // bigger or smaller than the next frame), with the returned buffers sent again.
+        let sizes = [0usize, 100 << 10, 10, INLINE_SEND, INLINE_SEND + 1, 3 << 20, 1, 0, 200 << 10, 5];
+        for world in [2usize, 3] {
+            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(20)).expect("mesh");
+            let handles: Vec<_> = mesh
+                .into_iter()
+                .map(|mut t| {
+                    std::thread::spawn(move || {
+                        let (r, w) = (t.rank(), t.world());
+                        let fill = |from: usize, to: usize, round: usize| -> Vec<u8> {
+                            let n = sizes[(round + from + to) % sizes.len()];
+                            (0..n).map(|i| (i * 7 + from * 3 + to * 5 + round) as u8).collect()
+                        };
+                        let mut prev: Vec<Vec<u8>> = Vec::new();
+                        for round in 0..2 * sizes.len() {
+                            // Reuse what came back: overwrite it with this round's content.
+                            let mut send = std::mem::take(&mut prev);
+                            send.resize_with(w, Vec::new);
+                            for (j, b) in send.iter_mut().enumerate() {
+                                b.clear();
+                                b.extend_from_slice(&fill(r, j, round));
+                            }
+                            let recv = t.all_to_all_v(send).expect("a2a");
+                            for (j, b) in recv.iter().enumerate() {
+                                assert!(b == &fill(j, r, round), "world {w} rank {r} from {j} round {round}");
+                            }
+                            prev = recv;
                         }
                     })
                 })
