@@ -85,7 +85,44 @@ struct Seq {
 pub struct RoutingStats {
     /// `counts[moe_layer][expert]` = tokens routed.
     pub counts: Vec<Vec<u64>>,
+    /// `transitions[moe_layer][e * E + e2]` = tokens whose primary (highest-weight) expert is `e`
+    /// at this MoE layer and `e2` at the next one (`moe_layers - 1` rows): the cross-layer affinity
+    /// the placement engine and the scheduler use.
+    pub transitions: Vec<Vec<u64>>,
     pub tokens: u64,
+}
+
+impl RoutingStats {
+    fn new(moe_layers: usize, experts: usize) -> Self {
+        RoutingStats {
+            counts: vec![vec![0; experts]; moe_layers],
+            transitions: vec![vec![0; experts * experts]; moe_layers.saturating_sub(1)],
+            tokens: 0,
+        }
+    }
+
+    fn record(&mut self, routing: &[Routing], experts: usize) {
+        for (l, r) in routing.iter().enumerate() {
+            if let Some(c) = self.counts.get_mut(l) {
+                for &e in &r.ids {
+                    if let Some(x) = c.get_mut(e as usize) {
+                        *x += 1;
+                    }
+                }
+            }
+        }
+        for (l, pair) in routing.windows(2).enumerate() {
+            let (a, b) = (&pair[0], &pair[1]);
+            let Some(row) = self.transitions.get_mut(l) else { break };
+            let tokens = if a.top_k == 0 || b.top_k == 0 { 0 } else { (a.ids.len() / a.top_k).min(b.ids.len() / b.top_k) };
+            for t in 0..tokens {
+                let (e, e2) = (a.ids[t * a.top_k] as usize, b.ids[t * b.top_k] as usize);
+                if e < experts && e2 < experts {
+                    row[e * experts + e2] += 1;
+                }
+            }
+        }
+    }
 }
 
 pub struct Engine {
@@ -111,7 +148,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: BTreeMap::new(),
             executor: Arc::new(LocalExperts),
-            stats: RoutingStats { counts: vec![vec![0; e]; n_moe], tokens: 0 },
+            stats: RoutingStats::new(n_moe, e),
             last_routing: vec![],
             record_routing: true,
         }
@@ -171,7 +208,7 @@ impl Engine {
     }
 
     pub fn reset_routing_stats(&mut self) {
-        for c in &mut self.stats.counts {
+        for c in self.stats.counts.iter_mut().chain(self.stats.transitions.iter_mut()) {
             c.fill(0);
         }
         self.stats.tokens = 0;
@@ -221,16 +258,7 @@ impl Engine {
                 .collect();
             self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())?
         };
-        // Routing statistics.
-        for (l, r) in out.routing.iter().enumerate() {
-            if let Some(c) = self.stats.counts.get_mut(l) {
-                for &e in &r.ids {
-                    if let Some(x) = c.get_mut(e as usize) {
-                        *x += 1;
-                    }
-                }
-            }
-        }
+        self.stats.record(&out.routing, self.model.config.router.n_experts);
         self.stats.tokens += inputs.iter().map(|t| t.len() as u64).sum::<u64>();
         if self.record_routing {
             self.last_routing = out.routing;

@@ -49,6 +49,11 @@ fn continuous_batching_reproduces_reference_greedy() {
         for layer in &stats.counts {
             assert_eq!(layer.iter().sum::<u64>(), stats.tokens * k);
         }
+        // Every token makes one primary-expert hop between consecutive MoE layers.
+        assert_eq!(stats.transitions.len(), stats.counts.len() - 1);
+        for layer in &stats.transitions {
+            assert_eq!(layer.iter().sum::<u64>(), stats.tokens);
+        }
     }
 }
 
