@@ -131,8 +131,27 @@ def validate(name, objs):
                   len(scraped) == 2 and all(any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in scraped))
 
 
+def leaves(v, path=()):
+    # Resource maps are documented as a whole.
+    if isinstance(v, dict) and v and path[-1:] != ("resources",):
+        for k, x in v.items():
+            yield from leaves(x, path + (k,))
+    else:
+        yield ".".join(path)
+
+
+def documentation_checks():
+    with open(os.path.join(CHART, "values.yaml")) as fh:
+        values = yaml.safe_load(fh)
+    with open(os.path.join(CHART, "README.md")) as fh:
+        readme = fh.read()
+    missing = [k for k in leaves(values) if f"| `{k}` |" not in readme]
+    check("every value is documented in the chart README", not missing, str(missing))
+
+
 def main():
     chart = helm.Chart.load(CHART)
+    documentation_checks()
     for name, vals in VALUE_SETS.items():
         rep = helm.lint(CHART, vals, strict=True, kube_version="v1.30.0")
         errs = [m for m in rep.get("messages", []) if m.get("severity", 0) >= 2] + rep.get("errors", [])
