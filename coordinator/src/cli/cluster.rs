@@ -60,33 +60,74 @@ fn exit_on_stdin_eof() {
 // Placement
 // ---------------------------------------------------------------------------------------------
 
-/// The placement for `workers` ranks: from a file (validated against the model) or contiguous.
-pub fn load_placement(cfg: &ModelConfig, workers: usize, file: Option<&Path>) -> anyhow::Result<placement::Placement> {
-    let n_l = cfg.moe_layers().len();
-    let n_e = cfg.router.n_experts;
-    let p = match file {
-        Some(f) => {
-            let p = placement::Placement::read(f).with_context(|| format!("placement {}", f.display()))?;
-            p.validate().with_context(|| format!("placement {}", f.display()))?;
-            if p.num_layers != n_l || p.num_experts != n_e {
+/// Where the cluster's placement comes from: a file, a solve on routing statistics, or contiguous.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PlacementArgs {
+    /// Placement JSON (switchyard.placement.v1), validated against the model.
+    #[arg(long, conflicts_with = "routing_trace")]
+    pub placement: Option<PathBuf>,
+    /// Solve the placement with the placement engine from this routing trace (`.safetensors`),
+    /// token log (`.jsonl`) or SGLang `logical_count` (`.json`). Default without either: contiguous.
+    #[arg(long)]
+    pub routing_trace: Option<PathBuf>,
+    /// Solver for --routing-trace.
+    #[arg(long, default_value = "eplb", requires = "routing_trace")]
+    pub solver: placement::solver::SolverKind,
+    /// Traffic model of the ILP (home or affinity).
+    #[arg(long, default_value = "home", requires = "routing_trace")]
+    pub mode: placement::solver::Mode,
+    /// Expert slots per worker (default: experts / workers, rounded up).
+    #[arg(long)]
+    pub slots_per_rank: Option<usize>,
+    /// Seconds the ILP may spend.
+    #[arg(long, default_value_t = 30.0, requires = "routing_trace")]
+    pub solve_time_limit: f64,
+}
+
+impl PlacementArgs {
+    /// The placement for `workers` ranks of this model.
+    pub fn resolve(&self, cfg: &ModelConfig, workers: usize) -> anyhow::Result<placement::Placement> {
+        let n_l = cfg.moe_layers().len();
+        let n_e = cfg.router.n_experts;
+        let slots = self.slots_per_rank.unwrap_or(n_e.div_ceil(workers));
+        let topo = placement::Topology::uniform(workers, 1)?;
+        let (p, origin) = if let Some(f) = &self.placement {
+            (placement::Placement::read(f)?, format!("placement {}", f.display()))
+        } else if let Some(trace) = &self.routing_trace {
+            let routing = super::routing::Routing::read(trace, Some(n_e))?;
+            let stats = routing.stats(workers)?;
+            if stats.num_layers != n_l || stats.num_experts != n_e {
                 bail!(
-                    "placement {} has {} MoE layers x {} experts, the model has {n_l} x {n_e}",
-                    f.display(),
-                    p.num_layers,
-                    p.num_experts
+                    "routing trace {} has {} MoE layers x {} experts, the model has {n_l} x {n_e}",
+                    trace.display(),
+                    stats.num_layers,
+                    stats.num_experts
                 );
             }
-            if p.num_ranks() != workers {
-                bail!("placement {} is for {} ranks, the cluster has {workers} workers", f.display(), p.num_ranks());
-            }
-            p
+            let mut opts = placement::solver::SolveOptions::new(topo, slots);
+            opts.mode = self.mode;
+            anyhow::ensure!(self.solve_time_limit > 0.0 && self.solve_time_limit.is_finite(), "--solve-time-limit must be positive");
+            opts.time_limit = std::time::Duration::from_secs_f64(self.solve_time_limit);
+            let (p, report) = placement::solver::solve(self.solver, &stats, &opts, &|_| {})
+                .with_context(|| format!("solving a placement from {}", trace.display()))?;
+            tracing::info!(objective = ?report.objective, "placement solved from {}", trace.display());
+            (p, format!("the placement solved from {}", trace.display()))
+        } else {
+            (placement::solver::contiguous::solve(n_l, n_e, &topo, slots)?, "the contiguous placement".into())
+        };
+        if p.num_layers != n_l || p.num_experts != n_e {
+            bail!("{origin} has {} MoE layers x {} experts, the model has {n_l} x {n_e}", p.num_layers, p.num_experts);
         }
-        None => {
-            let topo = placement::Topology::uniform(workers, 1)?;
-            placement::solver::contiguous::solve(n_l, n_e, &topo, n_e.div_ceil(workers))?
+        if p.num_ranks() != workers {
+            bail!("{origin} is for {} ranks, the cluster has {workers} workers", p.num_ranks());
         }
-    };
-    Ok(p)
+        Ok(p)
+    }
+}
+
+/// The placement for `workers` ranks from a file (validated against the model), or contiguous.
+pub fn load_placement(cfg: &ModelConfig, workers: usize, file: Option<&Path>) -> anyhow::Result<placement::Placement> {
+    PlacementArgs { placement: file.map(Path::to_path_buf), ..Default::default() }.resolve(cfg, workers)
 }
 
 fn placement_ranks(p: &placement::Placement) -> Vec<Vec<Vec<usize>>> {
@@ -693,8 +734,8 @@ pub struct UpArgs {
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    #[arg(long)]
-    pub placement: Option<PathBuf>,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
     /// Client API listen address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
@@ -810,7 +851,14 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         Some(m) => m,
         None => default_model()?,
     };
-    let cl = start_local_cluster(&model, a.workers, a.placement.as_deref(), &a.listen)?;
+    // Resolve (and, from a routing trace, solve) the placement once, here; the coordinator reads
+    // the result as a file.
+    let cfg = ModelConfig::from_dir(&model).with_context(|| format!("model {}", model.display()))?;
+    let resolved = a.placement.resolve(&cfg, a.workers)?;
+    let dir = tempfile::tempdir()?;
+    let placement_file = dir.path().join("placement.json");
+    resolved.write(&placement_file)?;
+    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen)?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
     println!("press Ctrl-C to stop");

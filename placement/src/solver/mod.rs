@@ -12,10 +12,11 @@ pub mod contiguous;
 pub mod eplb;
 pub mod ilp;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SolverKind {
     Contiguous,
+    #[default]
     Eplb,
     Ilp,
 }
@@ -33,10 +34,11 @@ impl FromStr for SolverKind {
 }
 
 /// Which data path the traffic term of the objective models (see DESIGN.md, Data path).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Tokens return to their home rank after every layer: count dispatches that leave the home node.
+    #[default]
     Home,
     /// Tokens follow their primary expert: count primary-expert hops that change rank between layers.
     Affinity,

@@ -67,11 +67,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn up(model: &Path, workers: usize, placement: Option<&Path>) -> Cluster {
+        let extra: Vec<std::ffi::OsString> = match placement {
+            Some(p) => vec!["--placement".into(), p.into()],
+            None => vec![],
+        };
+        Cluster::up_with(model, workers, &extra)
+    }
+
+    /// `switchyard up` with extra arguments (e.g. `--routing-trace`).
+    pub fn up_with(model: &Path, workers: usize, extra: &[std::ffi::OsString]) -> Cluster {
         let mut cmd = Command::new(switchyard_bin());
         cmd.args(["up", "--listen", "127.0.0.1:0", "--workers", &workers.to_string(), "--model"]).arg(model);
-        if let Some(p) = placement {
-            cmd.arg("--placement").arg(p);
-        }
+        cmd.args(extra);
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn up");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
