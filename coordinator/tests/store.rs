@@ -27,17 +27,33 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Starts etcd on fresh free ports; retries with other ports if it exits at start (a port
+    /// taken between probing and binding).
     fn start() -> Etcd {
-        let mut e = Etcd { child: None, dir: tempfile::tempdir().unwrap(), client_port: free_port(), peer_port: free_port() };
-        e.spawn();
-        e
+        let mut e = Etcd { child: None, dir: tempfile::tempdir().unwrap(), client_port: 0, peer_port: 0 };
+        for attempt in 1..=3 {
+            e.client_port = free_port();
+            e.peer_port = free_port();
+            match e.try_spawn() {
+                Ok(()) => return e,
+                Err(msg) if attempt < 3 => eprintln!("etcd start attempt {attempt} failed, retrying: {msg}"),
+                Err(msg) => panic!("{msg}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn(&mut self) {
+        if let Err(msg) = self.try_spawn() {
+            panic!("{msg}");
+        }
     }
 
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> Result<(), String> {
         let data: PathBuf = self.dir.path().join("data");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
         let client = self.endpoint();
@@ -54,14 +70,19 @@ impl Etcd {
             .spawn()
             .expect("start etcd (install etcd-server: scripts/install-deps.sh)");
         self.child = Some(child);
-        self.wait_healthy();
+        let r = self.wait_healthy();
+        if r.is_err() {
+            self.kill();
+            let _ = std::fs::remove_dir_all(&data);
+        }
+        r
     }
 
-    fn wait_healthy(&mut self) {
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("etcd exited with {st}: {}", self.log());
+                return Err(format!("etcd exited with {st}: {}", self.log()));
             }
             let ok = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
@@ -72,9 +93,11 @@ impl Etcd {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "etcd not healthy within {WAIT:?}: {}", self.log());
+            if Instant::now() > deadline {
+                return Err(format!("etcd not healthy within {WAIT:?}: {}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -282,6 +305,19 @@ async fn case_typed<S: StateStore>(s: &S) {
     assert!(matches!(typed::get_model(s, "bad").await, Err(StoreError::Decode { .. })));
 }
 
+/// Run on a current-thread runtime: the test blocks that only thread for twice the TTL, as a
+/// saturated runtime would; the keep-alive thread must keep the lease anyway.
+async fn case_keepalive_busy_runtime<S: StateStore>(s: &S) {
+    let lease = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    s.put("members/busy", b"1".to_vec(), Some(lease)).await.unwrap();
+    let ka = s.keep_alive(lease, Duration::from_millis(300));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!ka.is_lost());
+    assert!(s.get("members/busy").await.unwrap().is_some(), "lease expired while the runtime was busy");
+    drop(ka);
+    s.revoke_lease(lease).await.unwrap();
+}
+
 // ---------------------------------------------------------------- embedded
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,6 +345,11 @@ async fn embedded_watch_order_and_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_typed_records() {
     case_typed(&EmbeddedStore::new("/t")).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_keepalive_survives_busy_runtime() {
+    case_keepalive_busy_runtime(&EmbeddedStore::new("/t")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +394,27 @@ async fn etcd_watch_order_and_resume() {
 async fn etcd_typed_records() {
     let etcd = Etcd::start();
     case_typed(&etcd_store(&etcd, "/t").await).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn etcd_keepalive_survives_busy_runtime() {
+    let etcd = Etcd::start();
+    case_keepalive_busy_runtime(&etcd_store(&etcd, "/t").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_gives_unavailable() {
+    // Nothing listens on this port: every call fails with a clear, retryable error, no panic.
+    let url = format!("etcd://127.0.0.1:{}/t", free_port());
+    match coordinator::store::AnyStore::open(&url).await {
+        Err(e) => assert!(e.is_retryable(), "{e:?}"),
+        Ok(s) => {
+            let e = s.get("k").await.expect_err("no etcd");
+            assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+            assert!(matches!(s.put("k", vec![], None).await, Err(StoreError::Unavailable(_))));
+            assert!(matches!(s.grant_lease(Duration::from_secs(5)).await, Err(StoreError::Unavailable(_))));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
