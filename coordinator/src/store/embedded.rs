@@ -78,10 +78,10 @@ impl Inner {
     }
 
     fn put(&mut self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
-        if let Some(l) = lease {
-            if !self.leases.contains_key(&l.0) {
-                return Err(StoreError::LeaseNotFound(l.0));
-            }
+        if let Some(l) = lease
+            && !self.leases.contains_key(&l.0)
+        {
+            return Err(StoreError::LeaseNotFound(l.0));
         }
         self.revision += 1;
         let rev = self.revision;
@@ -89,10 +89,10 @@ impl Inner {
             Some(e) => (e.create_revision, e.version + 1, e.lease),
             None => (rev, 1, None),
         };
-        if let Some(old) = old_lease {
-            if let Some(l) = self.leases.get_mut(&old.0) {
-                l.keys.remove(key);
-            }
+        if let Some(old) = old_lease
+            && let Some(l) = self.leases.get_mut(&old.0)
+        {
+            l.keys.remove(key);
         }
         if let Some(l) = lease {
             self.leases.get_mut(&l.0).expect("checked").keys.insert(key.to_string());
@@ -106,10 +106,10 @@ impl Inner {
 
     fn delete(&mut self, key: &str) -> bool {
         let Some(e) = self.kv.remove(key) else { return false };
-        if let Some(l) = e.lease {
-            if let Some(l) = self.leases.get_mut(&l.0) {
-                l.keys.remove(key);
-            }
+        if let Some(l) = e.lease
+            && let Some(l) = self.leases.get_mut(&l.0)
+        {
+            l.keys.remove(key);
         }
         self.revision += 1;
         let kv = KeyValue {

@@ -247,7 +247,7 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
 /// A store chosen at run time from a URL; implements [`StateStore`] by delegation.
 #[derive(Clone)]
 pub enum AnyStore {
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
     Embedded(EmbeddedStore),
 }
 
@@ -265,7 +265,7 @@ impl AnyStore {
                 return Err(StoreError::InvalidArgument(format!("no etcd endpoint in {url:?}")));
             }
             let prefix = if prefix.is_empty() { "switchyard" } else { prefix };
-            Ok(AnyStore::Etcd(EtcdStore::connect(endpoints, prefix, EtcdOptions::default()).await?))
+            Ok(AnyStore::Etcd(Box::new(EtcdStore::connect(endpoints, prefix, EtcdOptions::default()).await?)))
         } else if let Some(rest) = url.strip_prefix("embedded://") {
             let prefix = if rest.trim_matches('/').is_empty() { "switchyard" } else { rest };
             Ok(AnyStore::Embedded(EmbeddedStore::new(prefix)))
