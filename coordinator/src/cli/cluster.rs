@@ -155,6 +155,9 @@ pub struct WorkerArgs {
     /// Seconds a collective may wait for a peer.
     #[arg(long, default_value_t = 300)]
     pub transport_timeout: u64,
+    /// GPU this worker's NCCL communicator uses (when the coordinator picks the NCCL transport).
+    #[arg(long, env = "SWITCHYARD_GPU", default_value_t = 0)]
+    pub gpu: usize,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -167,6 +170,7 @@ struct WorkerState {
     rank: AtomicU64,
     draining: AtomicBool,
     transport_timeout: Duration,
+    gpu: usize,
 }
 
 #[derive(Clone)]
@@ -190,11 +194,19 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
     let model = Model::load(&dir, &LoadOptions { experts: Some(mine) }).map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let n_e = model.config.router.n_experts;
     let executor = if world > 1 {
-        let listener = st.transport_listener.lock().map_err(|e| e.to_string())?.take().ok_or("already started")?;
-        let t = TcpTransport::connect(rank, listener, &a.peer_addresses, Duration::from_secs(60), st.transport_timeout)
-            .map_err(|e| e.to_string())?;
+        let t: Box<dyn worker::transport::Transport> = match a.transport.as_str() {
+            "tcp" | "" => {
+                let listener = st.transport_listener.lock().map_err(|e| e.to_string())?.take().ok_or("already started")?;
+                Box::new(
+                    TcpTransport::connect(rank, listener, &a.peer_addresses, Duration::from_secs(60), st.transport_timeout)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            "nccl" => nccl_transport(st.gpu, rank, world, &a.nccl_unique_id)?,
+            other => return Err(format!("unknown transport {other:?} (tcp or nccl)")),
+        };
         let nodes: Vec<usize> = a.peer_nodes.iter().map(|&n| n as usize).collect();
-        Some(Arc::new(EpExecutor::new(Box::new(t), &ranks, n_e, nodes).map_err(|e| e.to_string())?))
+        Some(Arc::new(EpExecutor::new(t, &ranks, n_e, nodes).map_err(|e| e.to_string())?))
     } else {
         None
     };
@@ -204,6 +216,30 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
     *st.rank_loop.lock().map_err(|e| e.to_string())? = Some(rl);
     st.rank.store(rank as u64, Ordering::SeqCst);
     Ok(slots)
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_transport(gpu: usize, rank: usize, world: usize, id: &[u8]) -> Result<Box<dyn worker::transport::Transport>, String> {
+    let t = worker::transport::nccl::NcclTransport::new(gpu, rank, world, id).map_err(|e| e.to_string())?;
+    Ok(Box::new(t))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_transport(_gpu: usize, _rank: usize, _world: usize, _id: &[u8]) -> Result<Box<dyn worker::transport::Transport>, String> {
+    Err("the coordinator chose the NCCL transport, but this worker was built without the `cuda` feature".into())
+}
+
+/// What the coordinator hands every worker to build its all-to-all: the kind, and for NCCL a unique
+/// id made once here (so every rank joins the same communicator).
+fn transport_setup(kind: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    match kind {
+        "tcp" => Ok(("tcp".into(), Vec::new())),
+        #[cfg(feature = "cuda")]
+        "nccl" => Ok(("nccl".into(), worker::transport::nccl::new_unique_id()?)),
+        #[cfg(not(feature = "cuda"))]
+        "nccl" => bail!("--transport nccl needs a build with the `cuda` feature (cargo build --features cuda)"),
+        other => bail!("unknown transport {other:?} (tcp or nccl)"),
+    }
 }
 
 #[tonic::async_trait]
@@ -337,6 +373,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             rank: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             transport_timeout: Duration::from_secs(a.transport_timeout),
+            gpu: a.gpu,
         });
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
@@ -393,6 +430,9 @@ pub struct CoordinatorArgs {
     /// Client API listen address.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// All-to-all between workers: `tcp`, or `nccl` (GPUs; needs the `cuda` feature).
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -412,6 +452,8 @@ struct CoordState {
     cfg: ModelConfig,
     tok: Option<Arc<Tokenizer>>,
     placement_json: String,
+    /// Transport kind and NCCL unique id handed to every worker.
+    transport: (String, Vec<u8>),
     n_workers: usize,
     workers: Mutex<Vec<WorkerEntry>>,
     ready: tokio::sync::watch::Sender<bool>,
@@ -447,8 +489,8 @@ impl CoordSvc {
                     placement_json: self.0.placement_json.clone(),
                     model_path: self.0.model_dir.display().to_string(),
                     epoch: 1,
-                    transport: "tcp".into(),
-                    nccl_unique_id: vec![],
+                    transport: self.0.transport.0.clone(),
+                    nccl_unique_id: self.0.transport.1.clone(),
                 })
                 .collect();
             (a, ws.iter().enumerate().map(|(i, w)| (w.grpc.clone(), i)).collect())
@@ -689,6 +731,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         bail!("--workers must be at least 1");
     }
     let p = load_placement(&cfg, a.workers, a.placement.as_deref())?;
+    let transport = transport_setup(&a.transport)?;
     let placement_json = serde_json::to_string(&p)?;
     let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
     let model_dir = std::fs::canonicalize(&a.model)?;
@@ -699,6 +742,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             cfg,
             tok,
             placement_json,
+            transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
             ready,
