@@ -174,22 +174,31 @@ pub fn rank_loads(ranks: &[Vec<usize>], load: &[f64]) -> Vec<f64> {
 /// node of rank r; `node_demand[node][e]` the tokens of the layer whose home is on that node
 /// ([`crate::RoutingStats::node_demand`]). O(slots + nodes x E).
 pub fn local_dispatch(ranks: &[Vec<usize>], node_of_rank: &[usize], node_demand: &[Vec<f64>]) -> f64 {
-    let nodes = node_demand.len();
     let ne = node_demand.iter().map(Vec::len).max().unwrap_or(0);
-    let mut seen = vec![false; nodes * ne];
-    let mut sum = 0.0;
+    experts_per_node(ranks, node_of_rank, node_demand.len(), ne)
+        .iter()
+        .zip(node_demand)
+        .map(|(experts, demand)| experts.iter().map(|&e| demand.get(e).copied().unwrap_or(0.0)).sum::<f64>())
+        .sum()
+}
+
+/// The distinct experts (`< num_experts`) every node hosts, in first-seen order; ranks without a
+/// node below `nodes` are skipped.
+fn experts_per_node(ranks: &[Vec<usize>], node_of_rank: &[usize], nodes: usize, num_experts: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); nodes];
+    let mut seen = vec![false; nodes * num_experts];
     for (r, slots) in ranks.iter().enumerate() {
         let Some(&n) = node_of_rank.get(r) else { continue };
         if n >= nodes {
             continue;
         }
         for &e in slots {
-            if e < ne && !std::mem::replace(&mut seen[n * ne + e], true) {
-                sum += node_demand[n].get(e).copied().unwrap_or(0.0);
+            if e < num_experts && !std::mem::replace(&mut seen[n * num_experts + e], true) {
+                out[n].push(e);
             }
         }
     }
-    sum
+    out
 }
 
 /// Primary-expert hops between layer placements `a` (layer l) and `b` (layer l + 1) that stay on one
@@ -254,31 +263,12 @@ pub fn same_node_hops(
         return 0.0;
     }
     let nodes = node_of_rank.iter().filter(|&&n| n != usize::MAX).map(|&n| n + 1).max().unwrap_or(0);
-    // distinct experts of `b` on every node
-    let mut node_b: Vec<Vec<usize>> = vec![Vec::new(); nodes];
-    let mut seen = vec![false; nodes * ne];
-    for (r, slots) in b.iter().enumerate() {
-        let Some(&n) = node_of_rank.get(r) else { continue };
-        if n >= nodes {
-            continue;
-        }
-        for &e2 in slots {
-            if e2 < ne && !std::mem::replace(&mut seen[n * ne + e2], true) {
-                node_b[n].push(e2);
-            }
-        }
-    }
+    let node_b = experts_per_node(b, node_of_rank, nodes, ne);
     // distinct nodes hosting every expert of `a`
     let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); ne];
-    for (r, slots) in a.iter().enumerate() {
-        let Some(&n) = node_of_rank.get(r) else { continue };
-        if n >= nodes {
-            continue;
-        }
-        for &e in slots {
-            if e < ne && !hosts[e].contains(&n) {
-                hosts[e].push(n);
-            }
+    for (n, experts) in experts_per_node(a, node_of_rank, nodes, ne).iter().enumerate() {
+        for &e in experts {
+            hosts[e].push(n);
         }
     }
     let mut stamp = vec![usize::MAX; ne];
