@@ -52,59 +52,11 @@ fn small_m_limit() -> usize {
     *L.get_or_init(|| std::env::var("SWITCHYARD_SMALL_M").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
 }
 
-/// Small-m product through the transposed formulation `outᵀ = W·xᵀ`.
-fn matmul_small_m(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], acc: bool) {
-    let mut ct = vec![0.0f32; n * m];
-    ffi::sgemm_wt(x, m, k, w, n, &mut ct);
-    for (j, row) in ct.chunks(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            if acc {
-                out[i * n + j] += v;
-            } else {
-                out[i * n + j] = *v;
-            }
-        }
-    }
-}
-
 fn matmul_bt_impl(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], acc: bool) {
     init();
     let threads = rayon::current_num_threads();
     let work = m * n * k;
     if m >= small_m_min() && m <= small_m_limit() && ffi::small_m_matmul(x, m, k, w, n, out, acc, threads > 1 && work >= PAR_MIN_WORK) {
-        return;
-    }
-    if m > 1 && m <= std::env::var("SWITCHYARD_SMALL_M_T").ok().and_then(|v| v.parse().ok()).unwrap_or(0) {
-        if threads <= 1 || work < PAR_MIN_WORK {
-            matmul_small_m(x, m, k, w, n, out, acc);
-        } else {
-            // Split the weight rows in blocks; each block writes its own columns.
-            let nb = (threads * 2).min(n.div_ceil(64)).max(1);
-            let step = n.div_ceil(nb);
-            let parts: Vec<(usize, Vec<f32>)> = (0..n)
-                .step_by(step)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|s| {
-                    let e = (s + step).min(n);
-                    let mut o = vec![0.0f32; m * (e - s)];
-                    matmul_small_m(x, m, k, &w[s * k..e * k], e - s, &mut o, false);
-                    (s, o)
-                })
-                .collect();
-            for (s, o) in parts {
-                let nbk = o.len() / m;
-                for i in 0..m {
-                    let dst = &mut out[i * n + s..i * n + s + nbk];
-                    let src = &o[i * nbk..(i + 1) * nbk];
-                    if acc {
-                        dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
-                }
-            }
-        }
         return;
     }
     if threads <= 1 || work < PAR_MIN_WORK || m == 0 || n == 0 {

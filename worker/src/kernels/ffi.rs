@@ -102,33 +102,6 @@ pub fn sgemm_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32
     }
 }
 
-/// `ct[n×m] = w[n×k] · a[m×k]ᵀ` (the transposed product; the caller transposes back).
-pub fn sgemm_wt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, ct: &mut [f32]) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= m * k && w.len() >= n * k && ct.len() >= n * m, "sgemm_wt: short slice");
-    // SAFETY: bounds checked above.
-    unsafe {
-        cblas_sys::cblas_sgemm(
-            cblas_sys::CBLAS_LAYOUT::CblasRowMajor,
-            cblas_sys::CBLAS_TRANSPOSE::CblasNoTrans,
-            cblas_sys::CBLAS_TRANSPOSE::CblasTrans,
-            n as c_int,
-            m as c_int,
-            k as c_int,
-            1.0,
-            w.as_ptr(),
-            k as c_int,
-            a.as_ptr(),
-            k as c_int,
-            0.0,
-            ct.as_mut_ptr(),
-            m as c_int,
-        )
-    }
-}
-
 /// A raw view of an output matrix that several threads write in disjoint column blocks.
 #[derive(Clone, Copy)]
 struct SharedOut {
