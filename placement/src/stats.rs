@@ -84,18 +84,28 @@ impl RoutingStats {
         })
     }
 
-    /// Tokens of layer `l` whose home is on each node, per expert: `[node][e]`. Without a home split
-    /// the load is spread over ranks evenly.
+    /// Tokens of layer `l` whose home is on each node, per expert: `[node][e]`, as the trace split
+    /// them. Without a home split, [`Self::expected_node_demand`].
     pub fn node_demand(&self, l: usize, nodes: &[Vec<usize>]) -> Vec<Vec<f64>> {
+        let ranks: usize = nodes.iter().map(Vec::len).sum();
+        match &self.home_load {
+            Some(h) if h[l].len() == ranks => nodes
+                .iter()
+                .map(|members| (0..self.num_experts).map(|e| members.iter().map(|&r| h[l][r][e]).sum()).collect())
+                .collect(),
+            _ => self.expected_node_demand(l, nodes),
+        }
+    }
+
+    /// Tokens of layer `l` per node and expert when requests land on ranks at random: the layer's
+    /// load in proportion to each node's ranks. This is what a placement solved now meets later —
+    /// the solved trace's own per-node split is noise that does not carry over — so the solvers
+    /// plan and score home-mode traffic with it.
+    pub fn expected_node_demand(&self, l: usize, nodes: &[Vec<usize>]) -> Vec<Vec<f64>> {
         let ranks: usize = nodes.iter().map(Vec::len).sum();
         nodes
             .iter()
-            .map(|members| match &self.home_load {
-                Some(h) if h[l].len() == ranks => (0..self.num_experts)
-                    .map(|e| members.iter().map(|&r| h[l][r][e]).sum())
-                    .collect(),
-                _ => self.load[l].iter().map(|&n| n * members.len() as f64 / ranks as f64).collect(),
-            })
+            .map(|members| self.load[l].iter().map(|&n| n * members.len() as f64 / ranks as f64).collect())
             .collect()
     }
 }

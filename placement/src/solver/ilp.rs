@@ -667,16 +667,8 @@ pub(crate) fn solve(
         stats,
         opts,
         node_of_rank: topo.node_of_rank(),
-        // Requests land on ranks at random, so which node a token's home is on does not carry over
-        // from the solved trace to the next one: plan for every node seeing the layer's load in
-        // proportion to its ranks (fitting the trace's own per-node split overfits its noise).
         demand: match opts.mode {
-            Mode::Home => (0..nl)
-                .map(|l| {
-                    let ranks = topo.num_ranks() as f64;
-                    topo.nodes.iter().map(|n| stats.load[l].iter().map(|&x| x * n.len() as f64 / ranks).collect()).collect()
-                })
-                .collect(),
+            Mode::Home => (0..nl).map(|l| stats.expected_node_demand(l, &topo.nodes)).collect(),
             Mode::Affinity => Vec::new(),
         },
         load_cap: start

@@ -90,7 +90,8 @@ impl SolveOptions {
 
 /// The objective every solver is scored on: `imbalance + traffic_weight * traffic`, where imbalance is
 /// Σ_l max rank load / Σ_l mean rank load (1 / balancedness) and traffic is the cross-node dispatch
-/// fraction (home mode) or the cross-rank primary-hop fraction (affinity mode).
+/// fraction (home mode, with requests spread over ranks at random:
+/// [`RoutingStats::expected_node_demand`]) or the cross-rank primary-hop fraction (affinity mode).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Objective {
     pub imbalance: f64,
@@ -108,7 +109,7 @@ pub fn objective(placement: &Placement, stats: &RoutingStats, mode: Mode, traffi
         mean_sum += loads.iter().sum::<f64>() / ranks;
         match mode {
             Mode::Home => {
-                kept += local_dispatch(&layer.ranks, &node_of_rank, &stats.node_demand(l, &placement.topology.nodes));
+                kept += local_dispatch(&layer.ranks, &node_of_rank, &stats.expected_node_demand(l, &placement.topology.nodes));
                 total += stats.load[l].iter().sum::<f64>();
             }
             Mode::Affinity if l + 1 < placement.layers.len() => {
