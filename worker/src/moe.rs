@@ -260,7 +260,15 @@ impl MoeLayer {
     /// Returns the output `[t×hidden]` and the routing decisions.
     pub fn forward(&self, x: &[f32], t: usize, exec: &dyn ExpertExecutor) -> Result<(Vec<f32>, Routing)> {
         let routing = self.router.route(x, t);
-        let (routed, shared) = rayon::join(|| exec.run(self, x, t, &routing), || self.shared_forward(x, t));
+        // The executor may block in collectives (expert parallelism), so it runs on the calling
+        // thread: a rayon worker blocked on a peer would starve the pool that the peer ranks of
+        // this process (tests, benchmarks) or its own expert FFNs need. The shared experts run
+        // on the pool meanwhile.
+        let mut shared = None;
+        let routed = rayon::in_place_scope(|s| {
+            s.spawn(|_| shared = self.shared_forward(x, t));
+            exec.run(self, x, t, &routing)
+        });
         let mut out = routed?;
         if let Some(s) = shared {
             for (o, s) in out.iter_mut().zip(s) {
