@@ -29,6 +29,14 @@ enum Command {
     Coordinator(cli::cluster::CoordinatorArgs),
     /// Run one worker (a rank) that registers with a coordinator.
     Worker(cli::cluster::WorkerArgs),
+    /// The cluster as the leading coordinator sees it (admin API).
+    Status {
+        #[command(flatten)]
+        endpoint: cli::admin::AdminEndpoint,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster benchmarks: all-to-all transport, end-to-end decode.
     #[command(subcommand)]
     Bench(cli::bench_cluster::BenchCommand),
@@ -51,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cli::cluster::up(a),
         Command::Coordinator(a) => cli::cluster::coordinator(a),
         Command::Worker(a) => cli::cluster::worker(a),
+        Command::Status { endpoint, json } => cli::admin::status(endpoint, json),
         Command::Bench(c) => cli::bench_cluster::run(c),
     };
     match result {

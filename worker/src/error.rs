@@ -48,6 +48,8 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("expert parallel: {0}")]
     ExpertParallel(String),
+    #[error("failpoint {0} is switched on (SWITCHYARD_FAILPOINTS)")]
+    Failpoint(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

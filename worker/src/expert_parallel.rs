@@ -15,11 +15,11 @@
 use crate::engine::{Engine, EngineConfig, FinishReason, Request, RequestId};
 use crate::error::{ModelError, Result};
 use crate::model::{LoadOptions, LogitsMode, Model, SeqInput};
-use crate::moe::{ExpertExecutor, MoeLayer, Routing, gather_rows};
+use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing, gather_rows};
 use crate::transport::{Transport, TransportError};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -39,13 +39,94 @@ pub struct EpTimers {
     pub local_rows: AtomicU64,
 }
 
+/// One placement epoch as this rank runs it: the ranks holding every expert, and this rank's
+/// expert weights. A placement change builds the next one beside it (sharing the weights it
+/// keeps) and all ranks switch at the same engine step.
+pub struct EpSlots {
+    epoch: u64,
+    /// `replicas[moe_layer][expert]` = ranks holding it.
+    replicas: Vec<Vec<Vec<usize>>>,
+    /// `experts[moe_layer][expert]`: this rank's weights, `None` where it holds no slot.
+    experts: Vec<Vec<Option<Arc<ExpertFfn>>>>,
+}
+
+impl EpSlots {
+    /// Checks `placement[moe_layer][rank]` against the group and the weights this rank holds.
+    fn new(
+        epoch: u64,
+        placement: &[Vec<Vec<usize>>],
+        rank: usize,
+        world: usize,
+        n_experts: usize,
+        experts: Vec<Vec<Option<Arc<ExpertFfn>>>>,
+    ) -> Result<Self> {
+        let replicas = replicas_of(placement, world, n_experts)?;
+        if experts.len() != placement.len() {
+            return Err(proto_err(format!("{} MoE layers of weights for {} in the placement", experts.len(), placement.len())));
+        }
+        for (l, ranks) in placement.iter().enumerate() {
+            if let Some(&e) = ranks[rank].iter().find(|&&e| experts[l].get(e).is_none_or(|w| w.is_none())) {
+                return Err(proto_err(format!("rank {rank}: MoE layer {l}: expert {e} of the placement is not loaded")));
+            }
+        }
+        Ok(EpSlots { epoch, replicas, experts })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// `placement[moe_layer][rank]` → `[moe_layer][expert]` = ranks, every expert with a slot.
+fn replicas_of(placement: &[Vec<Vec<usize>>], world: usize, n_experts: usize) -> Result<Vec<Vec<Vec<usize>>>> {
+    let mut replicas = Vec::with_capacity(placement.len());
+    for (l, ranks) in placement.iter().enumerate() {
+        if ranks.len() != world {
+            return Err(proto_err(format!("placement layer {l} has {} ranks, the group has {world}", ranks.len())));
+        }
+        let mut by = vec![Vec::new(); n_experts];
+        for (r, es) in ranks.iter().enumerate() {
+            for &e in es {
+                if e >= n_experts {
+                    return Err(proto_err(format!("placement layer {l}: expert {e} out of range ({n_experts})")));
+                }
+                if by[e].contains(&r) {
+                    return Err(proto_err(format!("placement layer {l}: rank {r} holds expert {e} twice")));
+                }
+                by[e].push(r);
+            }
+        }
+        if let Some(e) = by.iter().position(|v| v.is_empty()) {
+            return Err(proto_err(format!("placement layer {l}: expert {e} has no slot")));
+        }
+        replicas.push(by);
+    }
+    Ok(replicas)
+}
+
+/// What [`EpExecutor::prepare`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    pub epoch: u64,
+    /// Expert weights read from the checkpoint (slots this rank gains).
+    pub loaded: usize,
+    /// Expert weights kept from the current epoch.
+    pub kept: usize,
+}
+
 /// Runs routed experts across ranks. One collective pair (dispatch, combine) per MoE layer call.
 pub struct EpExecutor {
     rank: usize,
     world: usize,
+    n_experts: usize,
     node_of_rank: Vec<usize>,
-    /// `replicas[moe_layer][expert]` = ranks holding it.
-    replicas: Vec<Vec<Vec<usize>>>,
+    /// The epoch every forward uses; swapped only by the rank loop between steps.
+    active: Mutex<Arc<EpSlots>>,
+    /// The next epoch, loaded beside the active one.
+    prepared: Mutex<Option<Arc<EpSlots>>>,
+    /// The epoch the coordinator told this rank to switch to (0: none). Exchanged every step; the
+    /// group switches at the first step where every rank reports it.
+    committed: AtomicU64,
     transport: Mutex<Box<dyn Transport>>,
     pub timers: EpTimers,
 }
@@ -65,37 +146,32 @@ fn proto_err(m: String) -> ModelError {
 }
 
 impl EpExecutor {
-    /// `placement[moe_layer][rank]` lists the experts each rank holds; `node_of_rank` groups ranks
-    /// into machines (replica choice prefers the own node).
+    /// `placement[moe_layer][rank]` lists the experts each rank holds (epoch 1); `experts` are this
+    /// rank's weights (see [`Model::take_routed_experts`]); `node_of_rank` groups ranks into
+    /// machines (replica choice prefers the own node).
     pub fn new(
         transport: Box<dyn Transport>,
         placement: &[Vec<Vec<usize>>],
         n_experts: usize,
         node_of_rank: Vec<usize>,
+        experts: Vec<Vec<Option<ExpertFfn>>>,
     ) -> Result<Self> {
         let rank = transport.rank();
         let world = transport.world();
-        let mut replicas = Vec::with_capacity(placement.len());
-        for (l, ranks) in placement.iter().enumerate() {
-            if ranks.len() != world {
-                return Err(proto_err(format!("placement layer {l} has {} ranks, the group has {world}", ranks.len())));
-            }
-            let mut by = vec![Vec::new(); n_experts];
-            for (r, es) in ranks.iter().enumerate() {
-                for &e in es {
-                    if e >= n_experts {
-                        return Err(proto_err(format!("placement layer {l}: expert {e} out of range ({n_experts})")));
-                    }
-                    by[e].push(r);
-                }
-            }
-            if let Some(e) = by.iter().position(|v| v.is_empty()) {
-                return Err(proto_err(format!("placement layer {l}: expert {e} has no slot")));
-            }
-            replicas.push(by);
-        }
+        let experts = experts.into_iter().map(|l| l.into_iter().map(|e| e.map(Arc::new)).collect()).collect();
+        let slots = EpSlots::new(1, placement, rank, world, n_experts, experts)?;
         let node_of_rank = if node_of_rank.len() == world { node_of_rank } else { vec![0; world] };
-        Ok(EpExecutor { rank, world, node_of_rank, replicas, transport: Mutex::new(transport), timers: EpTimers::default() })
+        Ok(EpExecutor {
+            rank,
+            world,
+            n_experts,
+            node_of_rank,
+            active: Mutex::new(Arc::new(slots)),
+            prepared: Mutex::new(None),
+            committed: AtomicU64::new(0),
+            transport: Mutex::new(transport),
+            timers: EpTimers::default(),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -105,11 +181,123 @@ impl EpExecutor {
         self.world
     }
 
-    /// A plain all-to-all of one byte per rank: every rank's flag (the "have work" exchange).
-    pub fn exchange_flags(&self, flag: u8) -> Result<Vec<u8>> {
-        let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
-        let recv = t.all_to_all_v(vec![vec![flag]; self.world]).map_err(ep_err)?;
-        Ok(recv.iter().map(|b| b.first().copied().unwrap_or(0)).collect())
+    fn slots(&self) -> Arc<EpSlots> {
+        match self.active.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The placement epoch forwards run with now.
+    pub fn epoch(&self) -> u64 {
+        self.slots().epoch
+    }
+
+    /// The prepared (loaded, not yet active) epoch, if any.
+    pub fn prepared_epoch(&self) -> Option<u64> {
+        self.prepared.lock().ok().and_then(|p| p.as_ref().map(|s| s.epoch))
+    }
+
+    /// Phase one of a placement change: build `epoch` for `placement` beside the active one,
+    /// reading from the checkpoint in `dir` only the experts this rank gains. Serving goes on
+    /// meanwhile (call it off the rank loop's thread).
+    pub fn prepare(&self, epoch: u64, placement: &[Vec<Vec<usize>>], dir: &Path) -> Result<Prepared> {
+        let cur = self.slots();
+        if epoch <= cur.epoch {
+            return Err(proto_err(format!("epoch {epoch} is not after the active epoch {}", cur.epoch)));
+        }
+        let c = self.committed.load(Ordering::SeqCst);
+        if c > cur.epoch {
+            return Err(proto_err(format!("epoch {c} is committed and not yet active; prepare after the switch")));
+        }
+        replicas_of(placement, self.world, self.n_experts)?;
+        let mine = experts_of_rank(placement, self.rank);
+        let mut experts: Vec<Vec<Option<Arc<ExpertFfn>>>> = vec![vec![None; self.n_experts]; placement.len()];
+        let mut missing: Vec<Vec<usize>> = vec![Vec::new(); placement.len()];
+        let mut kept = 0;
+        for (l, es) in mine.iter().enumerate() {
+            for &e in es {
+                match cur.experts.get(l).and_then(|v| v.get(e)).cloned().flatten() {
+                    Some(w) => {
+                        experts[l][e] = Some(w);
+                        kept += 1;
+                    }
+                    None => missing[l].push(e),
+                }
+            }
+        }
+        crate::failpoint::check("worker.prepare")?;
+        crate::failpoint::check(&format!("worker.prepare.rank{}", self.rank))?;
+        let loaded_now = Model::load_routed_experts(dir, &missing)?;
+        let mut loaded = 0;
+        for (l, es) in loaded_now.into_iter().enumerate() {
+            for (e, w) in es {
+                experts[l][e] = Some(Arc::new(w));
+                loaded += 1;
+            }
+        }
+        let next = EpSlots::new(epoch, placement, self.rank, self.world, self.n_experts, experts)?;
+        let mut p = self.prepared.lock().map_err(|_| proto_err("prepared lock poisoned".into()))?;
+        *p = Some(Arc::new(next));
+        Ok(Prepared { epoch, loaded, kept })
+    }
+
+    /// Phase two: switch to the prepared `epoch` as soon as every rank has committed it.
+    pub fn commit(&self, epoch: u64) -> Result<()> {
+        if self.prepared_epoch() != Some(epoch) {
+            return Err(proto_err(format!("epoch {epoch} is not prepared on rank {}", self.rank)));
+        }
+        self.committed.store(epoch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Drop a prepared (or committed, not yet active) epoch. Safe while the group has not
+    /// switched: a switch needs every rank to report the epoch, and this rank stops reporting it.
+    pub fn abort(&self, epoch: u64) -> Result<bool> {
+        let mut p = self.prepared.lock().map_err(|_| proto_err("prepared lock poisoned".into()))?;
+        if self.epoch() >= epoch {
+            return Err(proto_err(format!("epoch {epoch} is already active on rank {}", self.rank)));
+        }
+        let _ = self.committed.compare_exchange(epoch, 0, Ordering::SeqCst, Ordering::SeqCst);
+        if p.as_ref().is_some_and(|s| s.epoch == epoch) {
+            *p = None;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The step's all-to-all of every rank's "have work" flag and committed epoch. Returns whether
+    /// any rank has work; switches to the committed epoch when every rank reports it (every rank
+    /// sees the same reports, so all switch before the same step).
+    pub fn exchange_step(&self, have_work: bool) -> Result<bool> {
+        let mut msg = Vec::with_capacity(9);
+        msg.push(have_work as u8);
+        msg.extend_from_slice(&self.committed.load(Ordering::SeqCst).to_le_bytes());
+        let recv = {
+            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
+            t.all_to_all_v(vec![msg; self.world]).map_err(ep_err)?
+        };
+        let mut any = false;
+        let mut epochs = Vec::with_capacity(self.world);
+        for (r, b) in recv.iter().enumerate() {
+            if b.len() != 9 {
+                return Err(proto_err(format!("rank {}: step header from rank {r} has {} bytes", self.rank, b.len())));
+            }
+            any |= b[0] != 0;
+            epochs.push(u64::from_le_bytes(b[1..9].try_into().unwrap_or_default()));
+        }
+        let target = epochs[0];
+        if target > self.epoch() && epochs.iter().all(|&e| e == target) {
+            let next = self.prepared.lock().map_err(|_| proto_err("prepared lock poisoned".into()))?.take();
+            match next {
+                Some(n) if n.epoch == target => {
+                    *self.active.lock().map_err(|_| proto_err("slots lock poisoned".into()))? = n;
+                    tracing::info!(rank = self.rank, epoch = target, "switched placement epoch");
+                }
+                _ => return Err(proto_err(format!("rank {}: epoch {target} committed but not prepared", self.rank))),
+            }
+        }
+        Ok(any)
     }
 
     /// Join every MoE layer's collectives with zero tokens (a rank without work in a busy step).
@@ -122,8 +310,8 @@ impl EpExecutor {
     }
 
     /// Pick the rank that runs (token, expert): own rank, then own node, then least loaded.
-    fn choose(&self, layer: usize, expert: usize, load: &mut [u64]) -> usize {
-        let reps = &self.replicas[layer][expert];
+    fn choose(&self, slots: &EpSlots, layer: usize, expert: usize, load: &mut [u64]) -> usize {
+        let reps = &slots.replicas[layer][expert];
         let r = if reps.contains(&self.rank) {
             self.rank
         } else {
@@ -157,7 +345,8 @@ impl ExpertExecutor for EpExecutor {
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {
         let h = layer.hidden;
         let li = layer.moe_index;
-        if li >= self.replicas.len() {
+        let slots = self.slots();
+        if li >= slots.replicas.len() {
             return Err(proto_err(format!("MoE layer {li} is not in the placement")));
         }
         let started = Instant::now();
@@ -168,7 +357,7 @@ impl ExpertExecutor for EpExecutor {
             for k in 0..routing.top_k {
                 let e = routing.ids[tok * routing.top_k + k];
                 let w = routing.weights[tok * routing.top_k + k];
-                let r = self.choose(li, e as usize, &mut load);
+                let r = self.choose(&slots, li, e as usize, &mut load);
                 items[r].push((tok, e, w));
             }
         }
@@ -222,7 +411,10 @@ impl ExpertExecutor for EpExecutor {
                 for &(s, i) in rows {
                     xin.extend_from_slice(&srcs[s].1[i * h..(i + 1) * h]);
                 }
-                layer.expert_forward(*e as usize, &xin, rows.len())
+                match slots.experts[li].get(*e as usize) {
+                    Some(Some(w)) => Ok(w.forward(&xin, rows.len())),
+                    _ => Err(ModelError::ExpertNotLoaded { layer: li, expert: *e as usize }),
+                }
             })
             .collect();
         let mut back: Vec<Vec<f32>> = srcs.iter().map(|(ids, _)| vec![0.0; ids.len() * h]).collect();
@@ -432,8 +624,8 @@ fn run_loop(
         }
         let mine = engine.has_work() || !scoring.is_empty();
         let any = match &executor {
-            Some(ex) => match ex.exchange_flags(mine as u8) {
-                Ok(f) => f.iter().any(|&x| x != 0),
+            Some(ex) => match ex.exchange_step(mine) {
+                Ok(any) => any,
                 Err(e) => {
                     degrade(&mut engine, &mut executor, &cfg, &stats, &e.to_string());
                     if executor.is_some() {
@@ -609,8 +801,9 @@ mod tests {
                     std::thread::spawn(move || {
                         let r = t.rank();
                         let opts = LoadOptions { experts: Some(experts_of_rank(&placement, r)) };
-                        let m = Model::load(&dir, &opts).expect("load slots");
-                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world]).expect("ep");
+                        let mut m = Model::load(&dir, &opts).expect("load slots");
+                        let experts = m.take_routed_experts();
+                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
                         if r == 0 {
                             let mut cache = m.new_cache();
                             let out = m
@@ -628,5 +821,83 @@ mod tests {
             let d = crate::reference::rel_max_diff(&got, &want);
             assert!(d < 1e-5, "world {world}: rel diff {d}");
         }
+    }
+
+    /// A placement change across 2 ranks: prepare loads only the gained experts, nothing switches
+    /// until every rank committed, then all switch at the same step and logits stay those of the
+    /// single-process run.
+    #[test]
+    fn epoch_switch_is_simultaneous_and_keeps_logits() {
+        let dir = fixture("mixtral");
+        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
+        let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let want = full.logits(&prompt).expect("local logits");
+        let n_e = full.config.router.n_experts;
+        let n_l = full.moe_layers().count();
+        let world = 2;
+        // Epoch 1: contiguous halves. Epoch 2: interleaved, with expert 0 replicated on both.
+        let first: Vec<Vec<Vec<usize>>> =
+            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        let second: Vec<Vec<Vec<usize>>> = (0..n_l)
+            .map(|_| {
+                (0..world)
+                    .map(|r| {
+                        let mut v: Vec<usize> = (0..n_e).filter(|e| e % world == r).collect();
+                        if !v.contains(&0) {
+                            v.push(0);
+                        }
+                        v
+                    })
+                    .collect()
+            })
+            .collect();
+        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+        let barrier = Arc::new(std::sync::Barrier::new(world));
+        let handles: Vec<_> = mesh
+            .into_iter()
+            .map(|t| {
+                let (first, second, dir, prompt, barrier) =
+                    (first.clone(), second.clone(), dir.clone(), prompt.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let r = t.rank();
+                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&first, r)) }).expect("load");
+                    let experts = m.take_routed_experts();
+                    let ex = EpExecutor::new(Box::new(t), &first, n_e, vec![0; world], experts).expect("ep");
+                    assert!(ex.commit(2).is_err(), "commit before prepare must fail");
+                    let p = ex.prepare(2, &second, &dir).expect("prepare");
+                    let gained: usize = (0..n_l)
+                        .map(|l| second[l][r].iter().filter(|e| !first[l][r].contains(e)).count())
+                        .sum();
+                    assert_eq!(p.loaded, gained, "rank {r} loads exactly the experts it gains");
+                    // Rank 0 commits first; one step later nobody may have switched.
+                    if r == 0 {
+                        ex.commit(2).expect("commit");
+                    }
+                    ex.exchange_step(false).expect("step");
+                    assert_eq!(ex.epoch(), 1, "rank {r} switched before every rank committed");
+                    barrier.wait();
+                    if r == 1 {
+                        ex.commit(2).expect("commit");
+                    }
+                    barrier.wait();
+                    ex.exchange_step(false).expect("step");
+                    assert_eq!(ex.epoch(), 2, "rank {r} did not switch");
+                    assert_eq!(ex.prepared_epoch(), None);
+                    if r == 0 {
+                        let mut cache = m.new_cache();
+                        let out = m
+                            .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
+                            .expect("ep forward");
+                        Some(out.logits[0].clone())
+                    } else {
+                        ex.idle_forward(&m).expect("idle");
+                        None
+                    }
+                })
+            })
+            .collect();
+        let got = handles.into_iter().map(|h| h.join().expect("rank")).next().flatten().expect("rank 0 logits");
+        let d = crate::reference::rel_max_diff(&got, &want);
+        assert!(d < 1e-5, "rel diff {d} after the switch");
     }
 }

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod kernels;
 pub mod model;
 pub mod moe;

@@ -240,8 +240,7 @@ impl Model {
     fn load_moe(ld: &Loader, c: &ModelConfig, p: &str, moe_index: usize, sel: Option<&Vec<usize>>) -> Result<MoeLayer> {
         let h = c.hidden_size;
         let e = c.router.n_experts;
-        let inter = c.moe_intermediate_size;
-        let mp = if c.arch == Arch::Mixtral { format!("{p}.block_sparse_moe") } else { format!("{p}.mlp") };
+        let mp = Self::moe_prefix(c, p);
         let router = Router {
             weight: ld.t(&format!("{mp}.gate.weight"), &[e, h])?,
             correction_bias: if c.router.correction_bias {
@@ -258,34 +257,9 @@ impl Model {
                 wanted[x] = true;
             }
         }
-        let (g, u, d) = if c.arch == Arch::Mixtral { ("w1", "w3", "w2") } else { ("gate_proj", "up_proj", "down_proj") };
-        let fused_gu = format!("{mp}.experts.gate_up_proj");
-        let fused_d = format!("{mp}.experts.down_proj");
-        let per_expert = ld.ck.contains(&format!("{mp}.experts.0.{g}.weight")) || !ld.ck.contains(&fused_gu);
         let mut experts = Vec::with_capacity(e);
         for (x, want) in wanted.iter().enumerate() {
-            if !want {
-                experts.push(None);
-                continue;
-            }
-            let ffn = if per_expert {
-                ld.ffn(
-                    &format!("{mp}.experts.{x}.{g}.weight"),
-                    &format!("{mp}.experts.{x}.{u}.weight"),
-                    &format!("{mp}.experts.{x}.{d}.weight"),
-                    h,
-                    inter,
-                )?
-            } else {
-                // transformers 5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
-                ExpertFfn {
-                    gate_up: ld.ck.load_slice(&fused_gu, &[e, 2 * inter, h], x)?,
-                    down: ld.ck.load_slice(&fused_d, &[e, h, inter], x)?,
-                    hidden: h,
-                    inter,
-                }
-            };
-            experts.push(Some(ffn));
+            experts.push(if *want { Some(Self::load_expert(ld, c, &mp, x)?) } else { None });
         }
         let shared = match &c.shared_expert {
             None => None,
@@ -304,6 +278,81 @@ impl Model {
             }
         };
         Ok(MoeLayer { moe_index, router, experts, shared, hidden: h })
+    }
+
+    /// The tensor prefix of decoder layer `p`'s MoE block.
+    fn moe_prefix(c: &ModelConfig, p: &str) -> String {
+        if c.arch == Arch::Mixtral { format!("{p}.block_sparse_moe") } else { format!("{p}.mlp") }
+    }
+
+    /// Routed expert `x` of the MoE block at tensor prefix `mp`.
+    fn load_expert(ld: &Loader, c: &ModelConfig, mp: &str, x: usize) -> Result<ExpertFfn> {
+        let (h, e, inter) = (c.hidden_size, c.router.n_experts, c.moe_intermediate_size);
+        let (g, u, d) = if c.arch == Arch::Mixtral { ("w1", "w3", "w2") } else { ("gate_proj", "up_proj", "down_proj") };
+        let fused_gu = format!("{mp}.experts.gate_up_proj");
+        let fused_d = format!("{mp}.experts.down_proj");
+        let per_expert = ld.ck.contains(&format!("{mp}.experts.0.{g}.weight")) || !ld.ck.contains(&fused_gu);
+        if per_expert {
+            ld.ffn(
+                &format!("{mp}.experts.{x}.{g}.weight"),
+                &format!("{mp}.experts.{x}.{u}.weight"),
+                &format!("{mp}.experts.{x}.{d}.weight"),
+                h,
+                inter,
+            )
+        } else {
+            // transformers 5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+            Ok(ExpertFfn {
+                gate_up: ld.ck.load_slice(&fused_gu, &[e, 2 * inter, h], x)?,
+                down: ld.ck.load_slice(&fused_d, &[e, h, inter], x)?,
+                hidden: h,
+                inter,
+            })
+        }
+    }
+
+    /// Load only the routed experts `wanted[moe_layer]` of the checkpoint in `dir` (a placement
+    /// change loads the slots a rank gains beside the ones it keeps; nothing else is read).
+    /// Returns `(expert, weights)` per MoE layer, in the order asked.
+    pub fn load_routed_experts(dir: &Path, wanted: &[Vec<usize>]) -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
+        kernels::init();
+        let c = ModelConfig::from_dir(dir)?;
+        let moe_layers = c.moe_layers();
+        if wanted.len() != moe_layers.len() {
+            return Err(ModelError::ExpertSubset(format!("{} entries given for {} MoE layers", wanted.len(), moe_layers.len())));
+        }
+        let ck = Checkpoint::open(dir)?;
+        let ld = Loader { ck: &ck };
+        wanted
+            .par_iter()
+            .enumerate()
+            .map(|(moe_i, es)| {
+                let mp = Self::moe_prefix(&c, &format!("model.layers.{}", moe_layers[moe_i]));
+                es.iter()
+                    .map(|&x| {
+                        if x >= c.router.n_experts {
+                            return Err(ModelError::ExpertSubset(format!(
+                                "MoE layer {moe_i}: expert {x} out of range ({} experts)",
+                                c.router.n_experts
+                            )));
+                        }
+                        Ok((x, Self::load_expert(&ld, &c, &mp, x)?))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Move the routed experts out of the model (`[moe_layer][expert]`, `None` where not loaded),
+    /// for an executor that owns and swaps its slots itself.
+    pub fn take_routed_experts(&mut self) -> Vec<Vec<Option<ExpertFfn>>> {
+        self.layers
+            .iter_mut()
+            .filter_map(|l| match &mut l.ffn {
+                Ffn::Moe(m) => Some(m.experts.iter_mut().map(Option::take).collect()),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// A fresh, empty KV cache for one sequence.

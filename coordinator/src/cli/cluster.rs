@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
+use super::admin::AdminAuth;
+use switchyard_proto::v1::admin_server::AdminServer;
 use switchyard_proto::v1::control_client::ControlClient;
 use switchyard_proto::v1::control_server::{Control, ControlServer};
 use switchyard_proto::v1::inference_client::InferenceClient;
@@ -115,12 +117,7 @@ impl PlacementArgs {
         } else {
             (placement::solver::contiguous::solve(n_l, n_e, &topo, slots)?, "the contiguous placement".into())
         };
-        if p.num_layers != n_l || p.num_experts != n_e {
-            bail!("{origin} has {} MoE layers x {} experts, the model has {n_l} x {n_e}", p.num_layers, p.num_experts);
-        }
-        if p.num_ranks() != workers {
-            bail!("{origin} is for {} ranks, the cluster has {workers} workers", p.num_ranks());
-        }
+        check_placement(&p, cfg, workers, &origin)?;
         Ok(p)
     }
 }
@@ -171,12 +168,30 @@ struct WorkerState {
     draining: AtomicBool,
     transport_timeout: Duration,
     gpu: usize,
+    /// Model directory of the assignment (placement changes read new slots from it).
+    model_dir: Mutex<Option<PathBuf>>,
+    /// Placement epoch of a single-rank group (no expert-parallel executor: it holds every
+    /// expert, so a placement change only moves the epoch).
+    solo_epoch: AtomicU64,
 }
 
 #[derive(Clone)]
 struct WorkerSvc(Arc<WorkerState>);
 
-fn url(addr: &str) -> String {
+impl WorkerState {
+    /// The expert-parallel executor of a started multi-rank group (`None` for a single rank);
+    /// an error once the group broke up (placement changes need every rank).
+    fn executor(&self) -> Result<Option<Arc<EpExecutor>>, Status> {
+        let g = self.rank_loop.lock().map_err(|e| Status::internal(e.to_string()))?;
+        let Some(rl) = g.as_ref() else { return Err(Status::unavailable("worker not started")) };
+        if rl.stats.degraded.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition("the expert-parallel group broke up; this rank serves alone"));
+        }
+        Ok(rl.executor.clone())
+    }
+}
+
+pub(super) fn url(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
@@ -191,7 +206,7 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
     let dir = PathBuf::from(&a.model_path);
     let mine = experts_of_rank(&ranks, rank);
     let slots = mine.first().map_or(0, |v| v.len()) as u32;
-    let model = Model::load(&dir, &LoadOptions { experts: Some(mine) }).map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let mut model = Model::load(&dir, &LoadOptions { experts: Some(mine) }).map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let n_e = model.config.router.n_experts;
     let executor = if world > 1 {
         let t: Box<dyn worker::transport::Transport> = match a.transport.as_str() {
@@ -206,10 +221,13 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
             other => return Err(format!("unknown transport {other:?} (tcp or nccl)")),
         };
         let nodes: Vec<usize> = a.peer_nodes.iter().map(|&n| n as usize).collect();
-        Some(Arc::new(EpExecutor::new(t, &ranks, n_e, nodes).map_err(|e| e.to_string())?))
+        let experts = model.take_routed_experts();
+        Some(Arc::new(EpExecutor::new(t, &ranks, n_e, nodes, experts).map_err(|e| e.to_string())?))
     } else {
         None
     };
+    *st.model_dir.lock().map_err(|e| e.to_string())? = Some(dir.clone());
+    st.solo_epoch.store(a.epoch.max(1), Ordering::SeqCst);
     let cfg = RankLoopConfig { model_dir: Some(dir), ..Default::default() };
     let rl = RankLoop::spawn(Arc::new(model), executor, cfg);
     *st.jobs.lock().map_err(|e| e.to_string())? = Some(rl.jobs.clone());
@@ -306,6 +324,50 @@ impl Worker for WorkerSvc {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
+    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.0.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<pb::PrepareResponse, Status> {
+            let p = placement::Placement::from_json(&r.placement_json)
+                .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
+            let ranks = placement_ranks(&p);
+            match st.executor()? {
+                Some(ex) => {
+                    let dir = st.model_dir.lock().ok().and_then(|d| d.clone()).ok_or_else(|| Status::unavailable("worker not started"))?;
+                    let done = ex.prepare(r.epoch, &ranks, &dir).map_err(|e| Status::failed_precondition(e.to_string()))?;
+                    Ok(pb::PrepareResponse { epoch: done.epoch, loaded: done.loaded as u32, kept: done.kept as u32 })
+                }
+                None => {
+                    if ranks.first().is_some_and(|l| l.len() != 1) {
+                        return Err(Status::failed_precondition("a single-rank group takes one-rank placements"));
+                    }
+                    Ok(pb::PrepareResponse { epoch: r.epoch, loaded: 0, kept: 0 })
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(done))
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        match self.0.executor()? {
+            Some(ex) => ex.commit(epoch).map_err(|e| Status::failed_precondition(e.to_string()))?,
+            None => self.0.solo_epoch.store(epoch, Ordering::SeqCst),
+        }
+        Ok(Response::new(pb::CommitResponse {}))
+    }
+
+    async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        let dropped = match self.0.executor()? {
+            Some(ex) => ex.abort(epoch).map_err(|e| Status::failed_precondition(e.to_string()))?,
+            None => false,
+        };
+        Ok(Response::new(pb::AbortResponse { dropped }))
+    }
+
     async fn drain(&self, _req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         self.0.draining.store(true, Ordering::SeqCst);
         let remaining = self.0.rank_loop.lock().ok().and_then(|g| g.as_ref().map(|r| r.stats.active.load(Ordering::Relaxed)));
@@ -325,7 +387,10 @@ impl Worker for WorkerSvc {
             h.degraded = s.degraded.load(Ordering::Relaxed);
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+            h.epoch = self.0.solo_epoch.load(Ordering::SeqCst);
             if let Some(ex) = &rl.executor {
+                h.epoch = ex.epoch();
+                h.prepared_epoch = ex.prepared_epoch().unwrap_or(0);
                 h.dispatch_us = ex.timers.dispatch_us.load(Ordering::Relaxed);
                 h.expert_us = ex.timers.expert_us.load(Ordering::Relaxed);
                 h.combine_us = ex.timers.combine_us.load(Ordering::Relaxed);
@@ -374,6 +439,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             draining: AtomicBool::new(false),
             transport_timeout: Duration::from_secs(a.transport_timeout),
             gpu: a.gpu,
+            model_dir: Mutex::new(None),
+            solo_epoch: AtomicU64::new(0),
         });
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
@@ -433,6 +500,10 @@ pub struct CoordinatorArgs {
     /// All-to-all between workers: `tcp`, or `nccl` (GPUs; needs the `cuda` feature).
     #[arg(long, default_value = "tcp")]
     pub transport: String,
+    /// Bearer token of the admin API (placement changes, status); without one the admin API
+    /// refuses every call.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -451,7 +522,12 @@ struct CoordState {
     model_dir: PathBuf,
     cfg: ModelConfig,
     tok: Option<Arc<Tokenizer>>,
-    placement_json: String,
+    /// The active placement epoch and its switchyard.placement.v1 JSON.
+    placement: Mutex<(u64, String)>,
+    /// Placement changes run one at a time.
+    apply_lock: tokio::sync::Mutex<()>,
+    /// Client API address this coordinator listens on.
+    listen: Mutex<String>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -461,10 +537,75 @@ struct CoordState {
 }
 
 #[derive(Clone)]
-struct CoordSvc(Arc<CoordState>);
+pub(super) struct CoordSvc(Arc<CoordState>);
+
+/// Checks a placement against the model and the number of workers (`origin` names it in errors).
+pub(super) fn check_placement(p: &placement::Placement, cfg: &ModelConfig, workers: usize, origin: &str) -> anyhow::Result<()> {
+    let (n_l, n_e) = (cfg.moe_layers().len(), cfg.router.n_experts);
+    if p.num_layers != n_l || p.num_experts != n_e {
+        bail!("{origin} has {} MoE layers x {} experts, the model has {n_l} x {n_e}", p.num_layers, p.num_experts);
+    }
+    if p.num_ranks() != workers {
+        bail!("{origin} is for {} ranks, the cluster has {workers} workers", p.num_ranks());
+    }
+    Ok(())
+}
 
 impl CoordSvc {
+    /// The active placement epoch and JSON.
+    pub(super) fn placement(&self) -> (u64, String) {
+        self.0.placement.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub(super) async fn set_placement(&self, epoch: u64, json: String) {
+        if let Ok(mut p) = self.0.placement.lock() {
+            *p = (epoch, json);
+        }
+    }
+
+    pub(super) fn apply_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.0.apply_lock
+    }
+
+    pub(super) fn model_config(&self) -> &ModelConfig {
+        &self.0.cfg
+    }
+
+    pub(super) fn world_size(&self) -> usize {
+        self.0.n_workers
+    }
+
+    pub(super) fn listen_addr(&self) -> String {
+        self.0.listen.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn is_ready(&self) -> bool {
+        *self.0.ready.borrow()
+    }
+
+    /// Per rank: gRPC address, node, alive, client.
+    pub(super) fn worker_entries(&self) -> Vec<(String, String, bool, Option<WorkerClient<Channel>>)> {
+        self.0
+            .workers
+            .lock()
+            .map(|ws| ws.iter().map(|w| (w.grpc.clone(), w.node.clone(), w.alive.load(Ordering::SeqCst), w.client.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// A client of every rank, or UNAVAILABLE when one is gone (placement changes need all).
+    pub(super) fn live_clients(&self) -> Result<Vec<WorkerClient<Channel>>, Status> {
+        self.worker_entries()
+            .into_iter()
+            .enumerate()
+            .map(|(r, (_, _, alive, c))| match (alive, c) {
+                (true, Some(c)) => Ok(c),
+                _ => Err(Status::unavailable(format!("worker rank {r} is gone; placement changes need every worker"))),
+            })
+            .collect()
+    }
+
     async fn start_all(self) {
+        let (epoch, placement_json) = self.placement();
         let (assign, clients): (Vec<pb::Assignment>, Vec<(String, usize)>) = {
             let Ok(ws) = self.0.workers.lock() else { return };
             let peers: Vec<String> = ws.iter().map(|w| w.transport.clone()).collect();
@@ -486,9 +627,9 @@ impl CoordSvc {
                     world_size: ws.len() as u32,
                     peer_addresses: peers.clone(),
                     peer_nodes: nodes.clone(),
-                    placement_json: self.0.placement_json.clone(),
+                    placement_json: placement_json.clone(),
                     model_path: self.0.model_dir.display().to_string(),
-                    epoch: 1,
+                    epoch,
                     transport: self.0.transport.0.clone(),
                     nccl_unique_id: self.0.transport.1.clone(),
                 })
@@ -534,7 +675,7 @@ impl CoordSvc {
         }
     }
 
-    async fn wait_ready(&self) -> Result<(), Status> {
+    pub(super) async fn wait_ready(&self) -> Result<(), Status> {
         let mut rx = self.0.ready.subscribe();
         let r = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|r| *r)).await;
         match r {
@@ -698,7 +839,7 @@ impl Inference for CoordSvc {
             top_k: c.router.top_k as u32,
             max_position_embeddings: c.max_position_embeddings as u32,
             world_size: self.0.n_workers as u32,
-            placement_json: self.0.placement_json.clone(),
+            placement_json: self.placement().1,
             eos_token_ids: c.eos_token_ids.clone(),
             model_path: self.0.model_dir.display().to_string(),
             ready: *self.0.ready.borrow(),
@@ -741,7 +882,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             model_dir,
             cfg,
             tok,
-            placement_json,
+            placement: Mutex::new((1, placement_json)),
+            apply_lock: tokio::sync::Mutex::new(()),
+            listen: Mutex::new(String::new()),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
@@ -750,6 +893,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         }));
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
         let addr = listener.local_addr()?;
+        if let Ok(mut l) = svc.0.listen.lock() {
+            *l = addr.to_string();
+        }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<InferenceServer<CoordSvc>>().await;
         println!("listening on {addr}");
@@ -757,6 +903,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             .add_service(health)
             .add_service(reflection)
             .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
+            .add_service(AdminServer::with_interceptor(svc.clone(), AdminAuth::new(a.admin_token.clone())))
             .add_service(ControlServer::new(svc))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -783,6 +930,9 @@ pub struct UpArgs {
     /// Client API listen address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Bearer token of the coordinator's admin API (`switchyard place apply`, `switchyard status`).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// Child processes of a local cluster; killed on drop.
@@ -829,7 +979,13 @@ fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) 
 }
 
 /// Start a coordinator and `workers` worker processes of this binary; returns once serving.
-pub fn start_local_cluster(model: &Path, workers: usize, placement: Option<&Path>, listen: &str) -> anyhow::Result<LocalCluster> {
+pub fn start_local_cluster(
+    model: &Path,
+    workers: usize,
+    placement: Option<&Path>,
+    listen: &str,
+    admin_token: Option<&str>,
+) -> anyhow::Result<LocalCluster> {
     let exe = std::env::current_exe()?;
     // Validate here first, for a clear error before any process starts.
     let cfg = ModelConfig::from_dir(model).with_context(|| format!("model {}", model.display()))?;
@@ -838,6 +994,9 @@ pub fn start_local_cluster(model: &Path, workers: usize, placement: Option<&Path
     cmd.args(["coordinator", "--exit-on-stdin-eof", "--workers", &workers.to_string(), "--listen", listen, "--model"]).arg(model);
     if let Some(p) = placement {
         cmd.arg("--placement").arg(p);
+    }
+    if let Some(t) = admin_token {
+        cmd.env("SWITCHYARD_ADMIN_TOKEN", t); // not on the command line, where `ps` shows it
     }
     let (coord, line) = spawn_reading(cmd, "listening on ", Duration::from_secs(60))?;
     let addr = line.trim().trim_start_matches("listening on ").to_string();
@@ -902,7 +1061,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let placement_file = dir.path().join("placement.json");
     resolved.write(&placement_file)?;
-    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen)?;
+    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen, a.admin_token.as_deref())?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
     println!("press Ctrl-C to stop");
@@ -992,7 +1151,7 @@ pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, plac
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
-    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0")?;
+    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None)?;
     let rt = runtime()?;
     let mut ok_all = true;
     // All cases at once: concurrent requests exercise the least-outstanding routing too.

@@ -1,3 +1,4 @@
+pub mod admin;
 pub mod bench_cluster;
 pub mod cluster;
 pub mod model;

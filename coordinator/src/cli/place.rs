@@ -51,6 +51,14 @@ pub enum PlaceCommand {
     /// Benchmark contiguous / eplb / ilp side by side on synthetic DeepSeek-V3-like and Mixtral-like
     /// traces, solving on one sample and scoring on another.
     Bench(BenchArgs),
+    /// Apply a placement to a running cluster as a new epoch (two-phase: every worker loads the
+    /// slots it gains beside the old ones, then all switch at the same engine step).
+    Apply {
+        /// Placement JSON (switchyard.placement.v1); validated here and by the coordinator.
+        placement: PathBuf,
+        #[command(flatten)]
+        endpoint: super::admin::AdminEndpoint,
+    },
 }
 
 #[derive(clap::Args)]
@@ -219,6 +227,7 @@ pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         PlaceCommand::Bench(a) => bench(a),
+        PlaceCommand::Apply { placement, endpoint } => super::admin::apply(placement, endpoint),
     }
 }
 

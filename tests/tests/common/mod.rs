@@ -76,7 +76,14 @@ impl Cluster {
 
     /// `switchyard up` with extra arguments (e.g. `--routing-trace`).
     pub fn up_with(model: &Path, workers: usize, extra: &[std::ffi::OsString]) -> Cluster {
+        Cluster::up_with_env(model, workers, extra, &[])
+    }
+
+    /// `switchyard up` with extra arguments and environment variables (inherited by its
+    /// coordinator and workers, e.g. `SWITCHYARD_FAILPOINTS`).
+    pub fn up_with_env(model: &Path, workers: usize, extra: &[std::ffi::OsString], env: &[(&str, &str)]) -> Cluster {
         let mut cmd = Command::new(switchyard_bin());
+        cmd.envs(env.iter().copied());
         cmd.args(["up", "--listen", "127.0.0.1:0", "--workers", &workers.to_string(), "--model"]).arg(model);
         cmd.args(extra);
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn up");
@@ -149,4 +156,37 @@ impl Drop for Cluster {
 
 pub fn ids_line(out: &Output) -> Option<String> {
     String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("ids: ")).map(|l| l.to_string())
+}
+
+/// `switchyard <args>` with a bounded wait.
+pub fn switchyard(args: &[&str]) -> Output {
+    let mut child = Command::new(switchyard_bin())
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchyard");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("switchyard {args:?} did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Greedy token ids of `prompt` generated in this process (no cluster), as `ids: ...`.
+pub fn local_ids(model: &Path, prompt: &str, max_tokens: usize) -> String {
+    let o = Command::new(switchyard_bin())
+        .args(["generate", "--model"])
+        .arg(model)
+        .args(["--prompt-ids", prompt, "--max-tokens", &max_tokens.to_string()])
+        .output()
+        .expect("local generate");
+    ids_line(&o).unwrap_or_else(|| panic!("local generate: {}", String::from_utf8_lossy(&o.stderr)))
 }

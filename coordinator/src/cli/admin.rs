@@ -1,0 +1,300 @@
+//! The operator API (`switchyard.v1.Admin`) of the coordinator and its CLI commands
+//! (`switchyard place apply`, `switchyard status`).
+//!
+//! Every call must carry `authorization: Bearer <token>` matching the coordinator's
+//! `--admin-token`; a coordinator started without one refuses every admin call.
+//!
+//! `ApplyPlacement` is the two-phase placement change: the placement is checked against the model
+//! and the cluster before any worker hears of it; then every worker prepares epoch N+1 (loads the
+//! slots it gains beside the active ones, serving meanwhile), and only when all acked does the
+//! coordinator commit it everywhere. The workers switch at the first engine step where every rank
+//! reports the commit (see `worker::expert_parallel`). A failed prepare abandons the epoch: the
+//! prepared slots are dropped everywhere and the old epoch keeps serving.
+
+use super::cluster::{CoordSvc, check_placement, url};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::admin_client::AdminClient;
+use switchyard_proto::v1::admin_server::Admin;
+use switchyard_proto::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// How long every worker gets to load the slots of a new epoch.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the group gets to switch after the commit (it switches within a step or an idle poll).
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Checks the bearer token of an admin call. `None`: the admin API is off.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: Option<String>,
+}
+
+impl AdminAuth {
+    pub fn new(token: Option<String>) -> Self {
+        AdminAuth { token: token.filter(|t| !t.is_empty()) }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(want) = &self.token else {
+            return Err(Status::unauthenticated("the admin API is off: start the coordinator with --admin-token"));
+        };
+        let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            None => Err(Status::unauthenticated("missing `authorization: Bearer <token>`")),
+            Some(t) if constant_time_eq(t.as_bytes(), want.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong admin token")),
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs `call` on every worker concurrently; the per-rank results in rank order.
+async fn on_all<T, F, Fut>(clients: &[WorkerClient<Channel>], timeout: Duration, call: F) -> Vec<Result<T, Status>>
+where
+    T: Send + 'static,
+    F: Fn(WorkerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for (rank, c) in clients.iter().enumerate() {
+        let fut = call(c.clone());
+        set.spawn(async move {
+            let r = match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
+            };
+            (rank, r)
+        });
+    }
+    let mut out: Vec<Option<Result<T, Status>>> = (0..clients.len()).map(|_| None).collect();
+    while let Some(j) = set.join_next().await {
+        if let Ok((rank, r)) = j {
+            out[rank] = Some(r);
+        }
+    }
+    out.into_iter().map(|r| r.unwrap_or_else(|| Err(Status::internal("task failed")))).collect()
+}
+
+fn first_failure<T>(results: &[Result<T, Status>]) -> Option<String> {
+    let msgs: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(r, x)| x.as_ref().err().map(|s| format!("rank {r}: {}", s.message())))
+        .collect();
+    (!msgs.is_empty()).then(|| msgs.join("; "))
+}
+
+#[tonic::async_trait]
+impl Admin for CoordSvc {
+    async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let (epoch, _) = self.placement();
+        let entries = self.worker_entries();
+        let mut workers = Vec::with_capacity(entries.len());
+        for (rank, (addr, node, alive, client)) in entries.into_iter().enumerate() {
+            let mut w = pb::WorkerStatus { rank: rank as u32, grpc_address: addr, alive, node, ..Default::default() };
+            if let (true, Some(mut c)) = (alive, client) {
+                if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), c.health(pb::WorkerHealthRequest {})).await {
+                    let h = h.into_inner();
+                    w.epoch = h.epoch;
+                    w.active_requests = h.active_requests;
+                    w.steps = h.steps;
+                    w.degraded = h.degraded;
+                } else {
+                    w.alive = false;
+                }
+            }
+            workers.push(w);
+        }
+        Ok(Response::new(pb::ClusterStatusResponse {
+            epoch,
+            world_size: self.world_size() as u32,
+            workers,
+            leader: self.listen_addr(),
+            ready: self.is_ready(),
+        }))
+    }
+
+    async fn get_placement(&self, _req: Request<pb::GetPlacementRequest>) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        let (epoch, placement_json) = self.placement();
+        Ok(Response::new(pb::GetPlacementResponse { epoch, placement_json }))
+    }
+
+    async fn apply_placement(&self, req: Request<pb::ApplyPlacementRequest>) -> Result<Response<pb::ApplyPlacementResponse>, Status> {
+        let started = Instant::now();
+        let json = req.into_inner().placement_json;
+        // 1. Check everything before any worker changes.
+        let p = placement::Placement::from_json(&json).map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
+        check_placement(&p, self.model_config(), self.world_size(), "the placement")
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
+        let _one_at_a_time = self.apply_lock().lock().await;
+        self.wait_ready().await?;
+        let clients = self.live_clients()?;
+        let epoch = self.placement().0 + 1;
+        // 2. Prepare everywhere.
+        let prepared = on_all(&clients, PREPARE_TIMEOUT, |mut c| {
+            let placement_json = json.clone();
+            async move { c.prepare(pb::PrepareRequest { epoch, placement_json }).await.map(Response::into_inner) }
+        })
+        .await;
+        if let Some(why) = first_failure(&prepared) {
+            let aborted = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+                c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
+            })
+            .await;
+            tracing::warn!(epoch, "placement epoch abandoned: {why}");
+            let unclean = first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default();
+            return Err(Status::failed_precondition(format!(
+                "placement epoch {epoch} abandoned, epoch {} keeps serving: {why}{unclean}",
+                epoch - 1
+            )));
+        }
+        // 3. Commit everywhere; the group switches at the first step where every rank committed.
+        let committed = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+            c.commit(pb::CommitRequest { epoch }).await.map(Response::into_inner)
+        })
+        .await;
+        if let Some(why) = first_failure(&committed) {
+            let _ = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+                c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
+            })
+            .await;
+            return Err(Status::unavailable(format!("placement epoch {epoch} not committed everywhere: {why}")));
+        }
+        // 4. Wait for every worker to serve the new epoch.
+        let deadline = Instant::now() + SWITCH_TIMEOUT;
+        loop {
+            let health = on_all(&clients, Duration::from_secs(5), |mut c| async move {
+                c.health(pb::WorkerHealthRequest {}).await.map(Response::into_inner)
+            })
+            .await;
+            if let Some(why) = first_failure(&health) {
+                return Err(Status::unavailable(format!("placement epoch {epoch}: lost a worker while switching: {why}")));
+            }
+            if health.iter().flatten().all(|h| h.epoch >= epoch) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!("placement epoch {epoch} committed but not active within {SWITCH_TIMEOUT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.set_placement(epoch, json).await;
+        let switch_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(epoch, switch_ms, "placement epoch active");
+        let (loaded_per_rank, kept_per_rank) = prepared.iter().flatten().map(|p| (p.loaded, p.kept)).unzip();
+        Ok(Response::new(pb::ApplyPlacementResponse { epoch, loaded_per_rank, kept_per_rank, switch_ms }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI
+// ---------------------------------------------------------------------------------------------
+
+/// Where and how to reach the admin API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AdminEndpoint {
+    /// Coordinator address (host:port or http://host:port).
+    #[arg(long, env = "SWITCHYARD_ENDPOINT", default_value = "127.0.0.1:50051")]
+    pub endpoint: String,
+    /// Admin bearer token (the coordinator's --admin-token).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+impl AdminEndpoint {
+    async fn client(&self) -> anyhow::Result<AdminClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>> {
+        let ch = tonic::transport::Endpoint::from_shared(url(&self.endpoint))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", self.endpoint))?;
+        let header = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the admin token must be printable ASCII"))?;
+        Ok(AdminClient::with_interceptor(ch, BearerToken(header)).max_decoding_message_size(1 << 30))
+    }
+}
+
+/// Adds the admin bearer token to every call.
+#[derive(Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn status_err(what: &str, s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {:?}: {}", s.code(), s.message())
+}
+
+/// `switchyard place apply P.json`: validates the file here, then drives the two-phase change.
+pub fn apply(placement: PathBuf, ep: AdminEndpoint) -> anyhow::Result<ExitCode> {
+    // Read and validate locally first: a malformed file never reaches the cluster.
+    let p = placement::Placement::read(&placement)?;
+    let json = serde_json::to_string(&p)?;
+    rt()?.block_on(async move {
+        let mut c = ep.client().await?;
+        let r = c
+            .apply_placement(pb::ApplyPlacementRequest { placement_json: json })
+            .await
+            .map_err(|s| status_err("apply placement", s))?
+            .into_inner();
+        println!(
+            "placement epoch {} active after {} ms; experts loaded per rank {:?}, kept {:?}",
+            r.epoch, r.switch_ms, r.loaded_per_rank, r.kept_per_rank
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `switchyard status`: the cluster as the leading coordinator sees it.
+pub fn status(ep: AdminEndpoint, json: bool) -> anyhow::Result<ExitCode> {
+    rt()?.block_on(async move {
+        let mut c = ep.client().await?;
+        let s = c.cluster_status(pb::ClusterStatusRequest {}).await.map_err(|s| status_err("cluster status", s))?.into_inner();
+        if json {
+            let workers: Vec<serde_json::Value> = s
+                .workers
+                .iter()
+                .map(|w| {
+                    serde_json::json!({"rank": w.rank, "address": w.grpc_address, "node": w.node, "alive": w.alive,
+                        "epoch": w.epoch, "active_requests": w.active_requests, "steps": w.steps, "degraded": w.degraded})
+                })
+                .collect();
+            let v = serde_json::json!({"epoch": s.epoch, "world_size": s.world_size, "ready": s.ready,
+                "leader": s.leader, "workers": workers});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("leader {}  world {}  placement epoch {}  ready {}", s.leader, s.world_size, s.epoch, s.ready);
+            println!("{:>4} {:<22} {:<10} {:>5} {:>6} {:>7} {:>10} {:>8}", "rank", "address", "node", "alive", "epoch", "active", "steps", "degraded");
+            for w in &s.workers {
+                println!(
+                    "{:>4} {:<22} {:<10} {:>5} {:>6} {:>7} {:>10} {:>8}",
+                    w.rank, w.grpc_address, w.node, w.alive, w.epoch, w.active_requests, w.steps, w.degraded
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
