@@ -77,7 +77,7 @@ fn cluster_serving_killed_worker_fails_its_requests_as_unavailable_others_finish
             let ep = ep.clone();
             std::thread::spawn(move || {
                 let p = format!("{},{},{}", i + 1, i + 2, i + 3);
-                generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "500"])
+                generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "500", "--retries", "0"])
             })
         })
         .collect();

@@ -12,6 +12,7 @@
 //! prepared slots are dropped everywhere and the old epoch keeps serving.
 
 use super::cluster::{CoordSvc, check_placement, url};
+use coordinator::store::typed::EpochState;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -100,6 +101,7 @@ fn first_failure<T>(results: &[Result<T, Status>]) -> Option<String> {
 #[tonic::async_trait]
 impl Admin for CoordSvc {
     async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.require_leader()?;
         let (epoch, _) = self.placement();
         let entries = self.worker_entries();
         let mut workers = Vec::with_capacity(entries.len());
@@ -128,11 +130,13 @@ impl Admin for CoordSvc {
     }
 
     async fn get_placement(&self, _req: Request<pb::GetPlacementRequest>) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        self.require_leader()?;
         let (epoch, placement_json) = self.placement();
         Ok(Response::new(pb::GetPlacementResponse { epoch, placement_json }))
     }
 
     async fn apply_placement(&self, req: Request<pb::ApplyPlacementRequest>) -> Result<Response<pb::ApplyPlacementResponse>, Status> {
+        self.require_leader()?;
         let started = Instant::now();
         let json = req.into_inner().placement_json;
         // 1. Check everything before any worker changes.
@@ -156,6 +160,7 @@ impl Admin for CoordSvc {
             })
             .await;
             tracing::warn!(epoch, "placement epoch abandoned: {why}");
+            self.record_epoch(epoch, &json, EpochState::Abandoned);
             let unclean = first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default();
             return Err(Status::failed_precondition(format!(
                 "placement epoch {epoch} abandoned, epoch {} keeps serving: {why}{unclean}",
@@ -192,6 +197,7 @@ impl Admin for CoordSvc {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.record_epoch(epoch, &json, EpochState::Committed);
         self.set_placement(epoch, json).await;
         let switch_ms = started.elapsed().as_millis() as u64;
         tracing::info!(epoch, switch_ms, "placement epoch active");

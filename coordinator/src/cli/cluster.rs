@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use super::admin::AdminAuth;
+use super::ha::{Role, Seat, with_store_retries};
+use coordinator::store::typed::{self, ClusterRecord, EpochState, Member, PlacementEpoch};
+use coordinator::store::{AnyStore, EventKind, StateStore};
 use switchyard_proto::v1::admin_server::AdminServer;
 use switchyard_proto::v1::control_client::ControlClient;
 use switchyard_proto::v1::control_server::{Control, ControlServer};
@@ -137,9 +140,18 @@ fn placement_ranks(p: &placement::Placement) -> Vec<Vec<Vec<usize>>> {
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// Coordinator address (host:port or http://host:port).
-    #[arg(long)]
+    /// Coordinator address (host:port or http://host:port); several, comma separated, are tried
+    /// in turn until the leader accepts the registration.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
     pub coordinator: String,
+    /// State store to hold this worker's membership lease in (`etcd://HOST:PORT/PREFIX`, the
+    /// coordinators' store): when the worker dies, its lease expires and the leader stops
+    /// routing to it. Without one the leader notices through failed health checks.
+    #[arg(long, env = "SWITCHYARD_STORE")]
+    pub store: Option<String>,
+    /// Seconds of the membership lease.
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 3)]
+    pub lease_ttl: u64,
     /// gRPC listen address of this worker.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -450,28 +462,56 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             .add_service(WorkerServer::new(WorkerSvc(st.clone())))
             .serve_with_incoming(TcpListenerStream::new(listener));
         let server = tokio::spawn(server);
-        // Register (the coordinator may still be starting).
+        // Register with the leader (coordinators may still be starting or electing).
+        let coordinators: Vec<String> = a.coordinator.split(',').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect();
+        anyhow::ensure!(!coordinators.is_empty(), "--coordinator names no address");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let request = pb::RegisterRequest {
+            grpc_address: grpc_addr.clone(),
+            transport_address: transport_addr.clone(),
+            rank_hint: -1,
+            node: a.node.clone(),
+        };
+        let mut attempt = 0usize;
         let reg = loop {
-            match ControlClient::connect(url(&a.coordinator)).await {
-                Ok(mut c) => {
-                    let r = c
-                        .register(pb::RegisterRequest {
-                            grpc_address: grpc_addr.clone(),
-                            transport_address: transport_addr.clone(),
-                            rank_hint: -1,
-                            node: a.node.clone(),
-                        })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("register: {}: {}", s.code(), s.message()))?;
-                    break r.into_inner();
-                }
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!("coordinator not reachable yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => bail!("cannot reach the coordinator at {}: {e}", a.coordinator),
+            let c = &coordinators[attempt % coordinators.len()];
+            attempt += 1;
+            let why = match ControlClient::connect(url(c)).await {
+                Ok(mut client) => match client.register(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(s) if s.code() == tonic::Code::Unavailable => format!("{c}: {}", s.message()),
+                    Err(s) => bail!("register at {c}: {:?}: {}", s.code(), s.message()),
+                },
+                Err(e) => format!("{c}: {e}"),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                bail!("no coordinator accepted the registration within 60 s (last: {why})");
             }
+            tracing::debug!("registration not accepted yet: {why}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // Membership lease: the key vanishes when this process dies or stalls.
+        let _membership = match &a.store {
+            Some(u) if u.starts_with("embedded:") => {
+                bail!("--store {u}: the embedded store lives inside the coordinator; workers take etcd://")
+            }
+            Some(u) => {
+                let store = AnyStore::open(u).await.with_context(|| format!("state store {u}"))?;
+                anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
+                let ttl = Duration::from_secs(a.lease_ttl);
+                let lease = store.grant_lease(ttl).await?;
+                let m = Member {
+                    id: format!("rank-{}", reg.rank),
+                    rank: reg.rank,
+                    node: a.node.clone(),
+                    addr: grpc_addr.clone(),
+                    transport_addr: transport_addr.clone(),
+                    gpus: 0,
+                };
+                typed::put_member(&store, &m, Some(lease)).await?;
+                Some(store.keep_alive(lease, ttl / 3))
+            }
+            None => None,
         };
         println!("worker rank {} of {} listening on {grpc_addr} (transport {transport_addr}) pid {}", reg.rank, reg.world_size, std::process::id());
         server.await??;
@@ -504,6 +544,17 @@ pub struct CoordinatorArgs {
     /// refuses every call.
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// State store: `embedded:///PREFIX` (in this process: one coordinator) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (several coordinators elect a leader; a standby
+    /// takes over the running workers when the leader dies).
+    #[arg(long, env = "SWITCHYARD_STORE", default_value = "embedded:///switchyard")]
+    pub store: String,
+    /// Seconds of the coordinator's lease (a dead leader is replaced after about this long).
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 3)]
+    pub lease_ttl: u64,
+    /// Address clients and standbys reach this coordinator at (default: the bound listen address).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -528,6 +579,12 @@ struct CoordState {
     apply_lock: tokio::sync::Mutex<()>,
     /// Client API address this coordinator listens on.
     listen: Mutex<String>,
+    /// Leader or standby (only the leader serves requests and drives workers).
+    role: tokio::sync::watch::Sender<Role>,
+    /// This coordinator's lease and store.
+    seat: std::sync::OnceLock<Arc<Seat>>,
+    /// Workers lost since start (lease expired, health failed, stream broke).
+    membership_changes: AtomicU64,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -552,6 +609,147 @@ pub(super) fn check_placement(p: &placement::Placement, cfg: &ModelConfig, worke
 }
 
 impl CoordSvc {
+    /// UNAVAILABLE (retryable: clients try the next coordinator) unless this one leads.
+    pub(super) fn require_leader(&self) -> Result<(), Status> {
+        match &*self.0.role.borrow() {
+            Role::Leader => Ok(()),
+            Role::Standby(Some(l)) => Err(Status::unavailable(format!("standby coordinator; the leader is at {l}"))),
+            Role::Standby(None) => Err(Status::unavailable("standby coordinator; no leader elected yet")),
+        }
+    }
+
+    /// Store writes of the leader go on in the background: serving never waits on the store.
+    fn record(&self, what: &'static str, f: impl FnOnce(AnyStore) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), coordinator::store::StoreError>> + Send>> + Send + 'static) {
+        let Some(seat) = self.0.seat.get().cloned() else { return };
+        tokio::spawn(async move {
+            let store = seat.store.clone();
+            let fut = f(store);
+            if let Err(e) = fut.await {
+                tracing::error!("recording {what} in the state store failed: {e}");
+            }
+        });
+    }
+
+    /// Records a placement epoch (and, committed, makes it current) in the store.
+    pub(super) fn record_epoch(&self, epoch: u64, json: &str, state: EpochState) {
+        let placement = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+        let rec = PlacementEpoch { epoch, state, placement, switch_step: None, acks: vec![] };
+        self.record("placement epoch", move |store| {
+            Box::pin(async move { with_store_retries("placement epoch", || typed::record_epoch(&store, &rec)).await.map(|_| ()) })
+        });
+    }
+
+    /// This coordinator won the election: adopt the workers a previous leader recorded, or wait
+    /// for registrations.
+    async fn lead(self, seat: Arc<Seat>) {
+        match seat.recorded_cluster().await {
+            Ok(Some(rec)) if rec.world as usize == self.0.n_workers && rec.members.len() == self.0.n_workers => {
+                if self.adopt(&seat, rec).await {
+                    self.0.role.send_replace(Role::Leader);
+                    tokio::spawn(self.clone().watch_membership(seat));
+                    return;
+                }
+            }
+            Ok(Some(rec)) => tracing::warn!("ignoring the recorded cluster of {} workers (this one expects {})", rec.world, self.0.n_workers),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot read the recorded cluster: {e}; waiting for workers to register"),
+        }
+        self.0.role.send_replace(Role::Leader);
+        println!("leading; waiting for {} workers", self.0.n_workers);
+        tokio::spawn(self.clone().watch_membership(seat));
+    }
+
+    /// Takes over running workers. False when none of them answers (a stale record).
+    async fn adopt(&self, seat: &Seat, rec: ClusterRecord) -> bool {
+        let mut entries = Vec::with_capacity(rec.members.len());
+        let mut alive_n = 0;
+        for (rank, m) in rec.members.iter().enumerate() {
+            let client = Endpoint::from_shared(url(&m.addr)).ok().map(|e| {
+                WorkerClient::new(e.connect_timeout(Duration::from_secs(2)).connect_lazy()).max_decoding_message_size(1 << 30)
+            });
+            let mut alive = false;
+            if let Some(mut c) = client.clone()
+                && let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest {})).await
+            {
+                alive = h.into_inner().rank as usize == rank;
+            }
+            alive_n += alive as usize;
+            entries.push(WorkerEntry {
+                grpc: m.addr.clone(),
+                transport: m.transport_addr.clone(),
+                node: m.node.clone(),
+                client,
+                outstanding: Arc::new(AtomicU64::new(0)),
+                alive: Arc::new(AtomicBool::new(alive)),
+            });
+        }
+        if alive_n == 0 {
+            tracing::warn!("no worker of the recorded cluster answers; starting a new cluster");
+            return false;
+        }
+        if let Ok((Some(e), _)) = typed::current_epoch(&seat.store).await
+            && let Ok(Some(rec)) = typed::get_epoch(&seat.store, e).await
+            && let Ok(json) = serde_json::to_string(&rec.value.placement)
+            && placement::Placement::from_json(&json).is_ok()
+        {
+            self.set_placement(e, json).await;
+        }
+        let n = entries.len();
+        if let Ok(mut ws) = self.0.workers.lock() {
+            *ws = entries;
+        }
+        self.0.ready.send_replace(true);
+        println!("leading; adopted {alive_n} of {n} running workers at placement epoch {}", self.placement().0);
+        true
+    }
+
+    fn lose_worker(&self, rank: usize, why: &str) {
+        let ws = self.0.workers.lock();
+        if let Ok(ws) = ws
+            && let Some(w) = ws.get(rank)
+            && w.alive.swap(false, Ordering::SeqCst)
+        {
+            self.0.membership_changes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(rank, "worker lost: {why}");
+            eprintln!("worker rank {rank} lost: {why}");
+        }
+    }
+
+    /// Leader only: a worker whose lease expired (its `members/` key vanished) or whose health
+    /// checks fail three times in a row is taken out of request routing.
+    async fn watch_membership(self, seat: Arc<Seat>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut watch = match seat.store.watch(typed::MEMBERS, None).await {
+                Ok(w) => w,
+                Err(e) => return tracing::warn!("cannot watch members: {e}"),
+            };
+            while let Some(Ok(ev)) = watch.next().await {
+                if ev.kind == EventKind::Delete
+                    && let Some(rank) = ev.kv.key.strip_prefix(typed::MEMBERS).and_then(|k| k.strip_prefix("rank-")).and_then(|r| r.parse().ok())
+                {
+                    me.lose_worker(rank, "its lease expired");
+                }
+            }
+        });
+        let mut failures: HashMap<usize, u32> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !self.is_ready() {
+                continue;
+            }
+            for (rank, (_, _, alive, client)) in self.worker_entries().into_iter().enumerate() {
+                let (true, Some(mut c)) = (alive, client) else { continue };
+                let ok = matches!(tokio::time::timeout(Duration::from_secs(1), c.health(pb::WorkerHealthRequest {})).await, Ok(Ok(_)));
+                let f = failures.entry(rank).or_default();
+                *f = if ok { 0 } else { *f + 1 };
+                if *f >= 3 {
+                    self.lose_worker(rank, "3 health checks failed");
+                }
+            }
+        }
+    }
+
     /// The active placement epoch and JSON.
     pub(super) fn placement(&self) -> (u64, String) {
         self.0.placement.lock().map(|p| p.clone()).unwrap_or_default()
@@ -666,6 +864,35 @@ impl CoordSvc {
         }
         if errors.is_empty() {
             println!("cluster ready: {} workers", self.0.n_workers);
+            let members: Vec<Member> = self
+                .0
+                .workers
+                .lock()
+                .map(|ws| {
+                    ws.iter()
+                        .enumerate()
+                        .map(|(r, w)| Member {
+                            id: format!("rank-{r}"),
+                            rank: r as u32,
+                            node: w.node.clone(),
+                            addr: w.grpc.clone(),
+                            transport_addr: w.transport.clone(),
+                            gpus: 0,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let rec = ClusterRecord {
+                world: self.0.n_workers as u32,
+                model_path: self.0.model_dir.display().to_string(),
+                transport: self.0.transport.0.clone(),
+                members,
+            };
+            self.record("cluster", move |store| {
+                Box::pin(async move { with_store_retries("cluster", || typed::put_cluster(&store, &rec)).await.map(|_| ()) })
+            });
+            let (epoch, json) = self.placement();
+            self.record_epoch(epoch, &json, EpochState::Committed);
             self.0.ready.send_replace(true);
         } else {
             eprintln!("cluster start failed: {}", errors.join("; "));
@@ -691,6 +918,7 @@ impl CoordSvc {
 #[tonic::async_trait]
 impl Control for CoordSvc {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.require_leader()?;
         let r = req.into_inner();
         let (rank, full) = {
             let mut ws = self.0.workers.lock().map_err(|e| Status::internal(e.to_string()))?;
@@ -719,6 +947,7 @@ impl Inference for CoordSvc {
     type GenerateStream = BoxStream<pb::GenerateResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        self.require_leader()?;
         let r = req.into_inner();
         let cfg = &self.0.cfg;
         let prompt = match &r.prompt {
@@ -842,7 +1071,7 @@ impl Inference for CoordSvc {
             placement_json: self.placement().1,
             eos_token_ids: c.eos_token_ids.clone(),
             model_path: self.0.model_dir.display().to_string(),
-            ready: *self.0.ready.borrow(),
+            ready: *self.0.ready.borrow() && self.require_leader().is_ok(),
         }))
     }
 }
@@ -885,6 +1114,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             placement: Mutex::new((1, placement_json)),
             apply_lock: tokio::sync::Mutex::new(()),
             listen: Mutex::new(String::new()),
+            role: tokio::sync::watch::channel(Role::Standby(None)).0,
+            seat: std::sync::OnceLock::new(),
+            membership_changes: AtomicU64::new(0),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
@@ -893,8 +1125,43 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         }));
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
         let addr = listener.local_addr()?;
+        let advertise = a.advertise.clone().unwrap_or_else(|| addr.to_string());
         if let Ok(mut l) = svc.0.listen.lock() {
-            *l = addr.to_string();
+            *l = advertise.clone();
+        }
+        anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
+        let store = AnyStore::open(&a.store).await.with_context(|| format!("state store {}", a.store))?;
+        let seat = Arc::new(
+            Seat::take(store, advertise, Duration::from_secs(a.lease_ttl)).await.with_context(|| format!("lease in {}", a.store))?,
+        );
+        let _ = svc.0.seat.set(seat.clone());
+        {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let role = svc.0.role.clone();
+                match seat.campaign(|leader| {
+                    if let Some(l) = &leader {
+                        println!("standby; the leader is at {l}");
+                    }
+                    role.send_replace(Role::Standby(leader));
+                })
+                .await
+                {
+                    Ok(()) => svc.clone().lead(seat.clone()).await,
+                    Err(e) => {
+                        eprintln!("error: lost the coordinator lease while campaigning: {e}");
+                        std::process::exit(4);
+                    }
+                }
+                // Fail-stop: a leader whose lease is gone may already have a successor.
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if seat.keep_alive.is_lost() {
+                        eprintln!("error: the coordinator lease expired; exiting so that a single leader acts");
+                        std::process::exit(4);
+                    }
+                }
+            });
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<InferenceServer<CoordSvc>>().await;
@@ -1085,15 +1352,15 @@ pub struct RemoteResult {
 }
 
 pub async fn generate_remote(endpoint: &str, req: pb::GenerateRequest, print: bool) -> Result<RemoteResult, Status> {
-    let ch = Endpoint::from_shared(url(endpoint))
-        .map_err(|e| Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))?;
-    let mut c = InferenceClient::new(ch).max_decoding_message_size(1 << 30);
-    let mut s = c.generate(req).await?.into_inner();
     let mut out = RemoteResult { ids: vec![], text: String::new(), prompt_logits: vec![], finish: 0 };
+    generate_remote_into(endpoint, req, print, &mut out).await?;
+    Ok(out)
+}
+
+/// Streams one request, appending what arrives to `out` (kept when the stream fails midway).
+async fn generate_remote_into(endpoint: &str, req: pb::GenerateRequest, print: bool, out: &mut RemoteResult) -> Result<(), Status> {
+    let mut c = InferenceClient::new(connect(endpoint).await?).max_decoding_message_size(1 << 30);
+    let mut s = c.generate(req).await?.into_inner();
     while let Some(m) = s.message().await? {
         if !m.prompt_logits.is_empty() {
             out.prompt_logits = m.prompt_logits;
@@ -1108,10 +1375,79 @@ pub async fn generate_remote(endpoint: &str, req: pb::GenerateRequest, print: bo
         }
         if m.finish_reason != 0 {
             out.finish = m.finish_reason;
-            break;
+            return Ok(());
         }
     }
-    Ok(out)
+    // The stream ended without a finish reason: the coordinator went away mid-request.
+    Err(Status::unavailable(format!("the stream from {endpoint} ended before the request finished")))
+}
+
+/// Streams `req` from one of `endpoints`, retrying retryable failures (`UNAVAILABLE`: a
+/// coordinator that died or is a standby, a worker that died) on the next endpoint up to
+/// `retries` times. A retry continues the generation: the tokens received so far are appended to
+/// the prompt and `max_tokens` shrinks by as many, so the stream the caller sees is one sequence.
+pub async fn generate_with_retries(
+    endpoints: &[String],
+    mut req: pb::GenerateRequest,
+    retries: u32,
+    print: bool,
+) -> Result<(RemoteResult, u32), Status> {
+    let mut got = RemoteResult { ids: vec![], text: String::new(), prompt_logits: vec![], finish: 0 };
+    let mut attempt = 0u32;
+    let mut last = Status::unavailable("no endpoint given");
+    while attempt <= retries {
+        let ep = &endpoints[attempt as usize % endpoints.len().max(1)];
+        if !got.ids.is_empty() {
+            // Continue after what arrived: prompt ids + generated ids.
+            let mut ids = match &req.prompt {
+                Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
+                Some(pb::generate_request::Prompt::Text(t)) => match tokenize_at(ep, t).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        last = e;
+                        attempt += 1;
+                        tokio::time::sleep(retry_backoff(attempt)).await;
+                        continue;
+                    }
+                },
+                None => vec![],
+            };
+            ids.extend_from_slice(&got.ids);
+            req.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
+            req.max_tokens = req.max_tokens.saturating_sub(got.ids.len() as u32);
+            req.return_prompt_logits = false;
+        }
+        let before = got.ids.len();
+        match generate_remote_into(ep, req.clone(), print, &mut got).await {
+            Ok(()) => return Ok((got, attempt)),
+            Err(st) if st.code() == tonic::Code::Unavailable && attempt < retries => {
+                tracing::warn!("attempt {} at {ep} failed after {} tokens: {}; retrying", attempt + 1, got.ids.len() - before, st.message());
+                last = st;
+                attempt += 1;
+                tokio::time::sleep(retry_backoff(attempt)).await;
+            }
+            Err(st) => return Err(st),
+        }
+    }
+    Err(last)
+}
+
+fn retry_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
+}
+
+async fn tokenize_at(endpoint: &str, text: &str) -> Result<Vec<u32>, Status> {
+    let mut c = InferenceClient::new(connect(endpoint).await?);
+    Ok(c.tokenize(pb::TokenizeRequest { text: text.to_string() }).await?.into_inner().ids)
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, Status> {
+    Endpoint::from_shared(url(endpoint))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))
 }
 
 pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -1128,14 +1464,18 @@ pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyh
         ignore_eos: false,
         return_prompt_logits: false,
     };
+    let endpoints: Vec<String> = endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
+    if endpoints.is_empty() {
+        bail!("--endpoint names no address");
+    }
     let t0 = std::time::Instant::now();
-    let r = runtime()?.block_on(generate_remote(endpoint, req, true));
+    let r = runtime()?.block_on(generate_with_retries(&endpoints, req, a.retries, true));
     match r {
-        Ok(r) => {
+        Ok((r, retried)) => {
             println!();
             println!("ids: {}", r.ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
             let fin = pb::FinishReason::try_from(r.finish).map(|f| f.as_str_name()).unwrap_or("?");
-            eprintln!("{} generated, finish {fin}, {:.2} s", r.ids.len(), t0.elapsed().as_secs_f64());
+            eprintln!("{} generated, finish {fin}, {:.2} s, {retried} retries", r.ids.len(), t0.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
         Err(s) => {

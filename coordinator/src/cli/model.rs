@@ -79,9 +79,15 @@ pub struct GenerateArgs {
     /// Model directory (generate in this process).
     #[arg(long, required_unless_present = "endpoint", conflicts_with = "endpoint")]
     pub model: Option<PathBuf>,
-    /// Cluster address (stream from `switchyard up` / a coordinator), e.g. http://127.0.0.1:50051.
+    /// Cluster address (stream from `switchyard up` / a coordinator), e.g. http://127.0.0.1:50051;
+    /// several, comma separated (coordinators of one cluster), are tried in turn on UNAVAILABLE.
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// With --endpoint: how often a request that failed with a retryable status (UNAVAILABLE:
+    /// coordinator failover, a dead worker) is sent again. A retry continues after the tokens
+    /// already received (they are appended to the prompt), so nothing is printed twice.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
     /// Prompt text (needs tokenizer.json).
     #[arg(long, conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,

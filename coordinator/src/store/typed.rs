@@ -168,3 +168,36 @@ pub async fn update_epoch<S: StateStore>(
 pub async fn activate_epoch<S: StateStore>(s: &S, epoch: u64, expected_rev: Revision) -> Result<Revision> {
     s.compare_and_swap(CURRENT_EPOCH, expected_rev, epoch.to_string().into_bytes(), None).await
 }
+
+/// Where the leading coordinator is (its client API address), held with its lease.
+pub const LEADER: &str = "coordinator/leader";
+/// The running cluster as the leader set it up: what a new leader adopts after a failover.
+pub const CLUSTER: &str = "cluster/assignment";
+
+/// The running cluster: world, model, transport and every rank's worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub world: u32,
+    pub model_path: String,
+    pub transport: String,
+    /// Indexed by rank.
+    pub members: Vec<Member>,
+}
+
+pub async fn put_cluster<S: StateStore>(s: &S, c: &ClusterRecord) -> Result<Revision> {
+    s.put(CLUSTER, encode(c), None).await
+}
+
+pub async fn get_cluster<S: StateStore>(s: &S) -> Result<Option<ClusterRecord>> {
+    Ok(get_json(s, CLUSTER).await?.map(|v| v.value))
+}
+
+/// Writes an epoch record as it is (the leader's own two-phase change decided its state) and, when
+/// it is `Committed`, makes it the current epoch.
+pub async fn record_epoch<S: StateStore>(s: &S, rec: &PlacementEpoch) -> Result<Revision> {
+    let rev = s.put(&epoch_key(rec.epoch), encode(rec), None).await?;
+    if rec.state == EpochState::Committed {
+        return s.put(CURRENT_EPOCH, rec.epoch.to_string().into_bytes(), None).await;
+    }
+    Ok(rev)
+}

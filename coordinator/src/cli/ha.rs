@@ -1,0 +1,99 @@
+//! Coordinator high availability on the state store: leader election, the record a new leader
+//! adopts, and membership (worker leases and health).
+//!
+//! Every coordinator holds a lease and campaigns by compare-and-swap of the leader key (absent →
+//! its address, under its lease). The winner leads; the others are standbys that answer clients
+//! with `UNAVAILABLE` naming the leader, and poll the key: when the leader dies its lease expires,
+//! the key vanishes and the next campaign wins. A leader that loses its lease exits (fail-stop),
+//! so two leaders never act at once for longer than the lease TTL.
+//!
+//! The leader writes the running cluster (ranks, workers' addresses, model, transport) and every
+//! placement epoch to the store; a new leader adopts the running workers from that record — they
+//! keep their KV caches and expert slots, nothing restarts.
+
+use coordinator::store::typed::{self, ClusterRecord, LEADER};
+use coordinator::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};
+use std::time::Duration;
+
+/// Role of this coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Campaigning; the leader's address if known.
+    Standby(Option<String>),
+    Leader,
+}
+
+/// This coordinator's seat in the store.
+pub struct Seat {
+    pub store: AnyStore,
+    pub lease: LeaseId,
+    pub keep_alive: KeepAlive,
+    /// The address written to the leader key (the client API).
+    pub advertise: String,
+}
+
+impl Seat {
+    /// Grants this coordinator's lease and keeps it alive from its own thread.
+    pub async fn take(store: AnyStore, advertise: String, ttl: Duration) -> Result<Seat, StoreError> {
+        let lease = store.grant_lease(ttl).await?;
+        let keep_alive = store.keep_alive(lease, ttl / 3);
+        Ok(Seat { store, lease, keep_alive, advertise })
+    }
+
+    /// Campaigns until this coordinator leads; `on_standby` hears the current leader while waiting.
+    /// Store outages are retried; only a lost lease ends the campaign with an error.
+    pub async fn campaign(&self, mut on_standby: impl FnMut(Option<String>)) -> Result<(), StoreError> {
+        let mut last_leader: Option<String> = None;
+        loop {
+            if self.keep_alive.is_lost() {
+                return Err(StoreError::LeaseNotFound(self.lease.0));
+            }
+            match self.store.compare_and_swap(LEADER, 0, self.advertise.clone().into_bytes(), Some(self.lease)).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => {
+                    let leader = match self.store.get(LEADER).await {
+                        Ok(Some(kv)) => Some(String::from_utf8_lossy(&kv.value).to_string()),
+                        _ => None,
+                    };
+                    if leader.as_deref() == Some(self.advertise.as_str()) {
+                        // Our own key from before a store hiccup: the lease still holds it.
+                        return Ok(());
+                    }
+                    if leader != last_leader {
+                        on_standby(leader.clone());
+                        last_leader = leader;
+                    }
+                }
+                Err(e) if e.is_retryable() => tracing::warn!("campaign: {e}; retrying"),
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The running cluster a previous leader recorded, if any.
+    pub async fn recorded_cluster(&self) -> Result<Option<ClusterRecord>, StoreError> {
+        typed::get_cluster(&self.store).await
+    }
+}
+
+/// Retries a store write for a while (the store may be restarting); the last error otherwise.
+pub async fn with_store_retries<T, F, Fut>(what: &str, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..20 {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!("{what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    f().await
+}
