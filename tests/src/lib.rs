@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: locate the `switchyard` binary and the fixtures.
 use std::path::PathBuf;
 
+pub mod etcd;
+
 /// Repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

@@ -1360,8 +1360,8 @@ pub async fn generate_remote(endpoint: &str, req: pb::GenerateRequest, print: bo
 /// Streams one request, appending what arrives to `out` (kept when the stream fails midway).
 async fn generate_remote_into(endpoint: &str, req: pb::GenerateRequest, print: bool, out: &mut RemoteResult) -> Result<(), Status> {
     let mut c = InferenceClient::new(connect(endpoint).await?).max_decoding_message_size(1 << 30);
-    let mut s = c.generate(req).await?.into_inner();
-    while let Some(m) = s.message().await? {
+    let mut s = c.generate(req).await.map_err(connection_lost)?.into_inner();
+    while let Some(m) = s.message().await.map_err(connection_lost)? {
         if !m.prompt_logits.is_empty() {
             out.prompt_logits = m.prompt_logits;
             continue;
@@ -1388,48 +1388,57 @@ async fn generate_remote_into(endpoint: &str, req: pb::GenerateRequest, print: b
 /// the prompt and `max_tokens` shrinks by as many, so the stream the caller sees is one sequence.
 pub async fn generate_with_retries(
     endpoints: &[String],
-    mut req: pb::GenerateRequest,
+    req: pb::GenerateRequest,
     retries: u32,
     print: bool,
 ) -> Result<(RemoteResult, u32), Status> {
     let mut got = RemoteResult { ids: vec![], text: String::new(), prompt_logits: vec![], finish: 0 };
-    let mut attempt = 0u32;
     let mut last = Status::unavailable("no endpoint given");
-    while attempt <= retries {
+    for attempt in 0..=retries {
+        if attempt > 0 {
+            tokio::time::sleep(retry_backoff(attempt)).await;
+        }
         let ep = &endpoints[attempt as usize % endpoints.len().max(1)];
+        let mut this = req.clone();
         if !got.ids.is_empty() {
-            // Continue after what arrived: prompt ids + generated ids.
+            // Continue after what arrived: the original prompt's ids + the generated ids.
             let mut ids = match &req.prompt {
                 Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
                 Some(pb::generate_request::Prompt::Text(t)) => match tokenize_at(ep, t).await {
                     Ok(ids) => ids,
                     Err(e) => {
                         last = e;
-                        attempt += 1;
-                        tokio::time::sleep(retry_backoff(attempt)).await;
                         continue;
                     }
                 },
                 None => vec![],
             };
             ids.extend_from_slice(&got.ids);
-            req.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
-            req.max_tokens = req.max_tokens.saturating_sub(got.ids.len() as u32);
-            req.return_prompt_logits = false;
+            this.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
+            this.max_tokens = req.max_tokens.saturating_sub(got.ids.len() as u32);
+            this.return_prompt_logits = false;
         }
         let before = got.ids.len();
-        match generate_remote_into(ep, req.clone(), print, &mut got).await {
+        match generate_remote_into(ep, this, print, &mut got).await {
             Ok(()) => return Ok((got, attempt)),
-            Err(st) if st.code() == tonic::Code::Unavailable && attempt < retries => {
-                tracing::warn!("attempt {} at {ep} failed after {} tokens: {}; retrying", attempt + 1, got.ids.len() - before, st.message());
+            Err(st) if st.code() == tonic::Code::Unavailable => {
+                tracing::warn!("attempt {} at {ep} failed after {} tokens: {}", attempt + 1, got.ids.len() - before, st.message());
                 last = st;
-                attempt += 1;
-                tokio::time::sleep(retry_backoff(attempt)).await;
             }
             Err(st) => return Err(st),
         }
     }
     Err(last)
+}
+
+/// A call that broke because the connection did (the coordinator died mid-stream: h2 or hyper
+/// errors, surfaced as `UNKNOWN` with a source) is retryable like `UNAVAILABLE`; statuses the
+/// server sent keep their code.
+fn connection_lost(st: Status) -> Status {
+    if matches!(st.code(), tonic::Code::Unknown | tonic::Code::Cancelled) && std::error::Error::source(&st).is_some() {
+        return Status::unavailable(format!("connection lost: {}", st.message()));
+    }
+    st
 }
 
 fn retry_backoff(attempt: u32) -> Duration {
