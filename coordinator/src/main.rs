@@ -43,14 +43,20 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,highs=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Servers log at info and may export spans; one-shot commands only warn.
+    let (service, otlp, default_filter) = match &cli.command {
+        Command::Coordinator(a) => ("switchyard-coordinator", a.otlp_endpoint.clone(), "info,highs=error"),
+        Command::Worker(a) => ("switchyard-worker", a.otlp_endpoint.clone(), "info,highs=error"),
+        _ => ("switchyard", None, "warn,highs=error"),
+    };
+    let _tracing = match telemetry::init_tracing(service, otlp.as_deref(), default_filter) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("error: tracing: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Place(c) => cli::place::run(c),
         Command::Trace(c) => cli::trace::run(c),

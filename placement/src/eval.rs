@@ -580,6 +580,31 @@ pub fn evaluate_stats(
     })
 }
 
+/// Simulated time of every layer of one step (µs, the straggler rank's compute + communication) when
+/// the step routes `load[l][e]` tokens to expert e of layer l and every rank is home to an equal
+/// share of them — the step-time model of [`evaluate_stats`] for statistics without a home split
+/// (no IB de-duplication), without building [`RoutingStats`] (cheap enough to call every simulated
+/// step). Errors when `placement` is invalid or `load` does not fit it.
+pub fn simulate_load(placement: &Placement, load: &[Vec<f64>], hw: &HardwareProfile) -> Result<Vec<f64>, PlacementError> {
+    placement.validate()?;
+    hw.validate()?;
+    if load.len() != placement.num_layers {
+        return Err(mismatch(format!("load lists {} layers, the placement has {}", load.len(), placement.num_layers)));
+    }
+    if let Some(l) = load.iter().position(|row| row.len() != placement.num_experts) {
+        return Err(mismatch(format!("load layer {l} has {} experts, not {}", load[l].len(), placement.num_experts)));
+    }
+    let ranks = placement.num_ranks() as f64;
+    let node_of_rank = placement.topology.node_of_rank();
+    Ok((0..placement.num_layers)
+        .map(|l| {
+            let reps = placement.replicas(l);
+            let row = &load[l];
+            simulate_layer_stats(&reps, &node_of_rank, |_, e| row[e] / ranks, hw).us
+        })
+        .collect())
+}
+
 /// Evaluates a placement against a routing trace: [`evaluate_stats`] on the trace's statistics
 /// (home ranks = `seq_id mod ranks`), with the token count and the step time simulated token by
 /// token (per-node IB de-duplication).

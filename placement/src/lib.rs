@@ -13,6 +13,7 @@ pub mod synth;
 pub mod eval;
 pub mod plot;
 pub mod solver;
+pub mod live;
 
 pub use error::{PlacementError, TraceError};
 pub use placement::Placement;

@@ -5,7 +5,7 @@
 //!   because those roughly double the build on the 2-core CI machines.
 //! - [`serve_metrics`]: a deliberately tiny HTTP/1.1 endpoint for `GET /metrics`, so that
 //!   no HTTP server framework has to be compiled for one route.
-//! - [`init_tracing`]: the process-wide `tracing` subscriber (stderr, `RUST_LOG` filter)
+//! - [`init_tracing`]: the process-wide `tracing` subscriber (stderr, `SWITCHYARD_LOG` filter)
 //!   and, optionally, span export over OTLP/gRPC.
 #![forbid(unsafe_code)]
 

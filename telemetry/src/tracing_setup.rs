@@ -17,7 +17,7 @@ use crate::TelemetryError;
 
 /// The SDK reports every failed export as an ERROR through its own logging; with no
 /// collector that is one line per batch forever, so these are silenced unless
-/// `RUST_LOG` asks for them by name.
+/// `SWITCHYARD_LOG` asks for them by name.
 const QUIET_TARGETS: &[&str] = &["opentelemetry_sdk", "opentelemetry_otlp", "opentelemetry"];
 
 /// Upper bound on one export RPC. The exporter retries within it, so it is also how long
@@ -64,8 +64,11 @@ impl Drop for TracingGuard {
     }
 }
 
+/// The environment variable with the log filter directives (`RUST_LOG` syntax).
+pub const LOG_ENV: &str = "SWITCHYARD_LOG";
+
 /// Installs the global `tracing` subscriber: a fmt layer on stderr filtered by
-/// `RUST_LOG` (default `info`), and, when `otlp_endpoint` is given (e.g.
+/// `SWITCHYARD_LOG` (default `default_filter`), and, when `otlp_endpoint` is given (e.g.
 /// `http://otel-collector:4317`; a bare `host:port` means plain http), an OTLP/gRPC span
 /// exporter with `service.name = service`.
 ///
@@ -76,9 +79,10 @@ impl Drop for TracingGuard {
 pub fn init_tracing(
     service: &str,
     otlp_endpoint: Option<&str>,
+    default_filter: &str,
 ) -> Result<TracingGuard, TelemetryError> {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let directives = filter_directives(rust_log.as_deref());
+    let from_env = std::env::var(LOG_ENV).ok();
+    let directives = filter_directives(from_env.as_deref(), default_filter);
     let filter = EnvFilter::try_new(&directives).map_err(|error| TelemetryError::Filter {
         directives: directives.clone(),
         reason: error.to_string(),
@@ -119,12 +123,12 @@ pub fn init_tracing(
     Ok(TracingGuard { otlp })
 }
 
-/// `RUST_LOG` (or `info`), with the OpenTelemetry crates' own logging switched off
-/// unless the directives mention them.
-fn filter_directives(rust_log: Option<&str>) -> String {
-    let mut directives = match rust_log.map(str::trim) {
+/// The directives from the environment (or `default_filter`), with the OpenTelemetry crates'
+/// own logging switched off unless the directives mention them.
+fn filter_directives(from_env: Option<&str>, default_filter: &str) -> String {
+    let mut directives = match from_env.map(str::trim) {
         Some(from_env) if !from_env.is_empty() => from_env.to_owned(),
-        _ => "info".to_owned(),
+        _ => default_filter.to_owned(),
     };
     for target in QUIET_TARGETS {
         if !names_target(&directives, target) {
@@ -237,25 +241,25 @@ mod tests {
     #[test]
     fn default_filter_is_info_with_otel_silenced() {
         assert_eq!(
-            filter_directives(None),
+            filter_directives(None, "info"),
             "info,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry=off"
         );
-        assert_eq!(filter_directives(Some("  ")), filter_directives(None));
+        assert_eq!(filter_directives(Some("  "), "info"), filter_directives(None, "info"));
     }
 
     #[test]
     fn rust_log_is_kept_and_named_otel_targets_are_not_overridden() {
         assert_eq!(
-            filter_directives(Some("debug,opentelemetry_sdk=debug")),
+            filter_directives(Some("debug,opentelemetry_sdk=debug"), "info"),
             "debug,opentelemetry_sdk=debug,opentelemetry_otlp=off,opentelemetry=off"
         );
         assert_eq!(
-            filter_directives(Some("opentelemetry_otlp::exporter=trace")),
+            filter_directives(Some("opentelemetry_otlp::exporter=trace"), "info"),
             "opentelemetry_otlp::exporter=trace,opentelemetry_sdk=off,opentelemetry=off"
         );
         for directives in [
-            filter_directives(Some("warn,worker=trace")),
-            filter_directives(None),
+            filter_directives(Some("warn,worker=trace"), "info"),
+            filter_directives(None, "info"),
         ] {
             assert!(EnvFilter::try_new(&directives).is_ok(), "{directives}");
         }

@@ -18,7 +18,7 @@ async fn absent_collector_neither_hangs_nor_panics() {
     let endpoint = format!("http://127.0.0.1:{port}");
 
     let started = Instant::now();
-    let guard = init_tracing("switchyard-test", Some(&endpoint))
+    let guard = init_tracing("switchyard-test", Some(&endpoint), "info")
         .expect("init succeeds without a collector");
     assert!(guard.exports_spans());
     assert!(
@@ -34,11 +34,11 @@ async fn absent_collector_neither_hangs_nor_panics() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     assert!(matches!(
-        init_tracing("switchyard-test", None),
+        init_tracing("switchyard-test", None, "info"),
         Err(TelemetryError::AlreadyInitialized)
     ));
     assert!(matches!(
-        init_tracing("switchyard-test", Some(&endpoint)),
+        init_tracing("switchyard-test", Some(&endpoint), "info"),
         Err(TelemetryError::AlreadyInitialized)
     ));
 

@@ -3,72 +3,13 @@
 //! Real processes: `switchyard coordinator` ×2, `switchyard worker` ×2, `switchyard generate`.
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_tests::etcd::{Etcd, free_port};
-use switchyard_tests::switchyard_bin;
 
-const TOKEN: &str = "failover-test-token";
-
-/// A child process whose stdout and stderr lines are collected; killed on drop.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(switchyard_bin())
-            .args(args)
-            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchyard");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for r in [Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().expect("stderr"))] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(r).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(l);
-                }
-            });
-        }
-        Proc { child, lines }
-    }
-
-    /// The first line containing `what`, waiting at most `timeout`.
-    fn wait_line(&self, what: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| l.contains(what)) {
-                return l.clone();
-            }
-            assert!(Instant::now() < deadline, "no line with {what:?} within {timeout:?}; got {:?}", self.lines.lock().expect("lines"));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn has_line(&self, what: &str) -> bool {
-        self.lines.lock().expect("lines").iter().any(|l| l.contains(what))
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args([sig, &self.child.id().to_string()]).status();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+const TOKEN: &str = ADMIN_TOKEN;
 
 fn coordinator(store: &str, model: &std::path::Path) -> (Proc, String) {
     let m = model.to_str().expect("path");

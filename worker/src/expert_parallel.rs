@@ -37,7 +37,14 @@ pub struct EpTimers {
     pub combine_us: AtomicU64,
     pub remote_rows: AtomicU64,
     pub local_rows: AtomicU64,
+    /// Payload bytes sent to other ranks by dispatch and combine.
+    pub alltoall_bytes: AtomicU64,
+    /// Dispatch and combine collectives run.
+    pub alltoalls: AtomicU64,
 }
+
+/// Hears the duration and bytes sent of every dispatch/combine all-to-all (metrics).
+pub type AllToAllObserver = Arc<dyn Fn(Duration, u64) + Send + Sync>;
 
 /// One placement epoch as this rank runs it: the ranks holding every expert, and this rank's
 /// expert weights. A placement change builds the next one beside it (sharing the weights it
@@ -129,6 +136,7 @@ pub struct EpExecutor {
     committed: AtomicU64,
     transport: Mutex<Box<dyn Transport>>,
     pub timers: EpTimers,
+    observer: Mutex<Option<AllToAllObserver>>,
 }
 
 impl std::fmt::Debug for EpExecutor {
@@ -171,6 +179,7 @@ impl EpExecutor {
             committed: AtomicU64::new(0),
             transport: Mutex::new(transport),
             timers: EpTimers::default(),
+            observer: Mutex::new(None),
         })
     }
 
@@ -324,9 +333,26 @@ impl EpExecutor {
         r
     }
 
+    /// Every later dispatch/combine reports to `observer`.
+    pub fn set_observer(&self, observer: AllToAllObserver) {
+        if let Ok(mut o) = self.observer.lock() {
+            *o = Some(observer);
+        }
+    }
+
     fn a2a(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
-        t.all_to_all_v(send).map_err(ep_err)
+        let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, b)| b.len() as u64).sum();
+        let t0 = Instant::now();
+        let recv = {
+            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
+            t.all_to_all_v(send).map_err(ep_err)?
+        };
+        self.timers.alltoall_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.timers.alltoalls.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = self.observer.lock().ok().and_then(|o| o.clone()) {
+            o(t0.elapsed(), bytes);
+        }
+        Ok(recv)
     }
 }
 
@@ -523,18 +549,26 @@ pub struct RankStats {
 }
 
 /// Settings of [`RankLoop::spawn`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RankLoopConfig {
     pub engine: EngineConfig,
     /// How long an idle rank waits for work before asking the group again.
     pub idle_poll: Duration,
     /// Model directory, to load the missing experts when the group breaks up.
     pub model_dir: Option<PathBuf>,
+    /// Hears the duration of every busy step (metrics).
+    pub on_step: Option<Arc<dyn Fn(Duration) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for RankLoopConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankLoopConfig").field("engine", &self.engine).field("idle_poll", &self.idle_poll).finish()
+    }
 }
 
 impl Default for RankLoopConfig {
     fn default() -> Self {
-        RankLoopConfig { engine: EngineConfig::default(), idle_poll: Duration::from_millis(20), model_dir: None }
+        RankLoopConfig { engine: EngineConfig::default(), idle_poll: Duration::from_millis(20), model_dir: None, on_step: None }
     }
 }
 
@@ -706,7 +740,11 @@ fn run_loop(
         } else {
             Ok(())
         };
-        stats.forward_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let took = t0.elapsed();
+        stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        if let Some(f) = &cfg.on_step {
+            f(took);
+        }
         stats.active.store((live.len() + scoring.len()) as u64, Ordering::Relaxed);
         stats
             .outstanding_tokens

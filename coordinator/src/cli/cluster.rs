@@ -19,6 +19,7 @@ use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use super::admin::AdminAuth;
 use super::ha::{Role, Seat, with_store_retries};
+use super::metrics::{CoordMetrics, WorkerMetrics};
 use coordinator::store::typed::{self, ClusterRecord, EpochState, Member, PlacementEpoch};
 use coordinator::store::{AnyStore, EventKind, StateStore};
 use switchyard_proto::v1::admin_server::AdminServer;
@@ -152,6 +153,19 @@ pub struct WorkerArgs {
     /// Seconds of the membership lease.
     #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 3)]
     pub lease_ttl: u64,
+    /// gRPC address registered with the coordinator (default: the bound --listen address; on
+    /// Kubernetes the pod's DNS name).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// All-to-all address the peers connect to (default: the bound --transport-listen address).
+    #[arg(long, env = "SWITCHYARD_TRANSPORT_ADVERTISE")]
+    pub transport_advertise: Option<String>,
+    /// Prometheus `/metrics` listen address; none: no metrics endpoint.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// gRPC listen address of this worker.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -185,6 +199,7 @@ struct WorkerState {
     /// Placement epoch of a single-rank group (no expert-parallel executor: it holds every
     /// expert, so a placement change only moves the epoch).
     solo_epoch: AtomicU64,
+    metrics: Arc<WorkerMetrics>,
 }
 
 #[derive(Clone)]
@@ -240,7 +255,16 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
     };
     *st.model_dir.lock().map_err(|e| e.to_string())? = Some(dir.clone());
     st.solo_epoch.store(a.epoch.max(1), Ordering::SeqCst);
-    let cfg = RankLoopConfig { model_dir: Some(dir), ..Default::default() };
+    let metrics = st.metrics.clone();
+    let on_step: Arc<dyn Fn(Duration) + Send + Sync> = Arc::new(move |d: Duration| metrics.step_seconds.observe(d.as_secs_f64()));
+    if let Some(ex) = &executor {
+        let metrics = st.metrics.clone();
+        ex.set_observer(Arc::new(move |d: Duration, bytes: u64| {
+            metrics.alltoall_seconds.observe(d.as_secs_f64());
+            metrics.alltoall_bytes.inc_by(bytes);
+        }));
+    }
+    let cfg = RankLoopConfig { model_dir: Some(dir), on_step: Some(on_step), ..Default::default() };
     let rl = RankLoop::spawn(Arc::new(model), executor, cfg);
     *st.jobs.lock().map_err(|e| e.to_string())? = Some(rl.jobs.clone());
     *st.rank_loop.lock().map_err(|e| e.to_string())? = Some(rl);
@@ -309,7 +333,11 @@ impl Worker for WorkerSvc {
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let rank = self.0.rank.load(Ordering::SeqCst) as u32;
+        let tokens = self.0.metrics.tokens.clone();
         let sink = Box::new(move |ev: RankEvent| {
+            if matches!(ev, RankEvent::Token { .. }) {
+                tokens.inc();
+            }
             let msg = match ev {
                 RankEvent::PromptLogits(l) => Ok(pb::GenerateResponse { prompt_logits: l, rank, ..Default::default() }),
                 RankEvent::Token { token, index, finished } => Ok(pb::GenerateResponse {
@@ -440,9 +468,9 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     runtime()?.block_on(async move {
         let tl = TcpTransport::bind(&a.transport_listen)?;
-        let transport_addr = tl.local_addr()?.to_string();
+        let transport_addr = a.transport_advertise.clone().unwrap_or(tl.local_addr()?.to_string());
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
-        let grpc_addr = listener.local_addr()?.to_string();
+        let grpc_addr = a.advertise.clone().unwrap_or(listener.local_addr()?.to_string());
         let st = Arc::new(WorkerState {
             transport_listener: Mutex::new(Some(tl)),
             rank_loop: Mutex::new(None),
@@ -453,7 +481,28 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             gpu: a.gpu,
             model_dir: Mutex::new(None),
             solo_epoch: AtomicU64::new(0),
+            metrics: Arc::new(WorkerMetrics::new()?),
         });
+        if let Some(m) = &a.metrics_listen {
+            let (maddr, _) = telemetry::serve_metrics(m, st.metrics.registry.clone()).await?;
+            println!("metrics on http://{maddr}/metrics");
+        }
+        {
+            // Gauges that mirror the rank loop's counters.
+            let st = st.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Ok(g) = st.rank_loop.lock() else { continue };
+                    let Some(rl) = g.as_ref() else { continue };
+                    let m = &st.metrics;
+                    m.active.set(rl.stats.active.load(Ordering::Relaxed) as f64);
+                    m.steps.set(rl.stats.steps.load(Ordering::Relaxed) as f64);
+                    let epoch = rl.executor.as_ref().map_or(st.solo_epoch.load(Ordering::SeqCst), |e| e.epoch());
+                    m.epoch.set(epoch as f64);
+                }
+            });
+        }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
         let server = Server::builder()
@@ -555,6 +604,15 @@ pub struct CoordinatorArgs {
     /// Address clients and standbys reach this coordinator at (default: the bound listen address).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Prometheus `/metrics` listen address (e.g. 0.0.0.0:9090); none: no metrics endpoint.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Seconds after which a live expert-load observation weighs half (statistics window).
+    #[arg(long, default_value_t = 30.0)]
+    pub stats_half_life: f64,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -585,6 +643,9 @@ struct CoordState {
     seat: std::sync::OnceLock<Arc<Seat>>,
     /// Workers lost since start (lease expired, health failed, stream broke).
     membership_changes: AtomicU64,
+    metrics: CoordMetrics,
+    /// Windowed live expert load reported by the workers (statistics, scheduler, metrics).
+    window: Mutex<placement::live::LoadWindow>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -703,6 +764,28 @@ impl CoordSvc {
         true
     }
 
+    /// Adds the workers' cumulative expert counts to the live window and updates the gauges.
+    fn observe_load(&self, reports: &[(usize, Vec<u64>)], dt_s: f64) {
+        let (epoch, json) = self.placement();
+        let Ok(p) = placement::Placement::from_json(&json) else { return };
+        let Ok(mut w) = self.0.window.lock() else { return };
+        w.decay(dt_s);
+        for (rank, counts) in reports {
+            w.observe_cumulative(*rank, counts);
+        }
+        let (per_layer, total) = w.balancedness(&p);
+        let mut rank_load = vec![0.0; p.num_ranks()];
+        for (l, ld) in p.layers.iter().zip(w.load()) {
+            for (r, x) in placement::eval::rank_loads(&l.ranks, ld).into_iter().enumerate() {
+                rank_load[r] += x;
+            }
+        }
+        let m = &self.0.metrics;
+        m.set_balance(&per_layer, total, &rank_load);
+        m.epoch.set(epoch as f64);
+        m.workers_alive.set(self.worker_entries().iter().filter(|e| e.2).count() as f64);
+    }
+
     fn lose_worker(&self, rank: usize, why: &str) {
         let ws = self.0.workers.lock();
         if let Ok(ws) = ws
@@ -710,6 +793,7 @@ impl CoordSvc {
             && w.alive.swap(false, Ordering::SeqCst)
         {
             self.0.membership_changes.fetch_add(1, Ordering::Relaxed);
+            self.0.metrics.membership_changes.inc();
             tracing::warn!(rank, "worker lost: {why}");
             eprintln!("worker rank {rank} lost: {why}");
         }
@@ -733,21 +817,125 @@ impl CoordSvc {
             }
         });
         let mut failures: HashMap<usize, u32> = HashMap::new();
+        let mut last = std::time::Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if !self.is_ready() {
                 continue;
             }
+            let mut reports = Vec::new();
             for (rank, (_, _, alive, client)) in self.worker_entries().into_iter().enumerate() {
                 let (true, Some(mut c)) = (alive, client) else { continue };
-                let ok = matches!(tokio::time::timeout(Duration::from_secs(1), c.health(pb::WorkerHealthRequest {})).await, Ok(Ok(_)));
+                let h = match tokio::time::timeout(Duration::from_secs(1), c.health(pb::WorkerHealthRequest {})).await {
+                    Ok(Ok(h)) => Some(h.into_inner()),
+                    _ => None,
+                };
                 let f = failures.entry(rank).or_default();
-                *f = if ok { 0 } else { *f + 1 };
+                *f = if h.is_some() { 0 } else { *f + 1 };
                 if *f >= 3 {
                     self.lose_worker(rank, "3 health checks failed");
                 }
+                if let Some(h) = h {
+                    reports.push((rank, h.expert_load));
+                }
+            }
+            self.observe_load(&reports, last.elapsed().as_secs_f64());
+            last = std::time::Instant::now();
+        }
+    }
+
+    /// The live rank with the least outstanding tokens.
+    fn pick_rank(&self) -> Option<(usize, WorkerClient<Channel>, Arc<AtomicU64>, Arc<AtomicBool>)> {
+        let ws = self.0.workers.lock().ok()?;
+        let (i, w) = ws
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.alive.load(Ordering::SeqCst) && w.client.is_some())
+            .min_by_key(|(i, w)| (w.outstanding.load(Ordering::SeqCst), *i))?;
+        Some((i, w.client.clone()?, w.outstanding.clone(), w.alive.clone()))
+    }
+
+    /// Streams one accepted request from its home rank to `tx`. When the rank fails (it died, or
+    /// its expert-parallel group broke), the request continues on a live rank from where it
+    /// stopped (prompt + tokens streamed so far), so the client sees one sequence; only when no
+    /// rank can take it does the client get a retryable `UNAVAILABLE`.
+    async fn run_request(self, base: pb::GenerateRequest, tx: tokio::sync::mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
+        const ATTEMPTS: usize = 4;
+        let m = &self.0.metrics;
+        m.in_flight.add(1.0);
+        let prompt = match &base.prompt {
+            Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
+            _ => vec![],
+        };
+        let total = base.max_tokens as u64;
+        let mut generated: Vec<u32> = Vec::new();
+        let mut outcome = "failed";
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            }
+            let Some((rank, mut client, outstanding, alive)) = self.pick_rank() else {
+                let _ = tx.send(Err(Status::unavailable("no live worker (retry)"))).await;
+                break;
+            };
+            let mut req = base.clone();
+            if !generated.is_empty() {
+                let mut ids = prompt.clone();
+                ids.extend_from_slice(&generated);
+                req.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
+                req.max_tokens = (total - generated.len() as u64) as u32;
+                req.return_prompt_logits = false;
+            }
+            let mut left = req.max_tokens as u64;
+            outstanding.fetch_add(left, Ordering::SeqCst);
+            let tokens = m.tokens(rank);
+            let streamed: Result<(), Status> = async {
+                let mut stream = client.generate(req).await?.into_inner();
+                loop {
+                    let Some(mut msg) = stream.message().await? else {
+                        return Err(Status::unavailable("the worker's stream ended before the request finished"));
+                    };
+                    if msg.prompt_logits.is_empty() {
+                        generated.push(msg.token_id);
+                        msg.index = generated.len() as u32 - 1;
+                        left = left.saturating_sub(1);
+                        outstanding.fetch_sub(1, Ordering::SeqCst);
+                        if let Some(t) = &tokens {
+                            t.inc();
+                        }
+                        if let Some(t) = &self.0.tok {
+                            msg.text = t.decode(&[msg.token_id]).unwrap_or_default();
+                        }
+                    }
+                    let fin = msg.finish_reason != 0;
+                    // A client that went away ends the request (the worker aborts it).
+                    if tx.send(Ok(msg)).await.is_err() || fin {
+                        return Ok(());
+                    }
+                }
+            }
+            .await;
+            outstanding.fetch_sub(left.min(outstanding.load(Ordering::SeqCst)), Ordering::SeqCst);
+            match streamed {
+                Ok(()) => {
+                    outcome = "completed";
+                    break;
+                }
+                Err(st) => {
+                    let st = worker_failure(rank, &alive, st);
+                    let retry = st.code() == tonic::Code::Unavailable && !base.return_prompt_logits && attempt + 1 < ATTEMPTS;
+                    if retry {
+                        tracing::warn!(rank, attempt, generated = generated.len(), "request moves to another rank: {}", st.message());
+                        continue;
+                    }
+                    outcome = if st.code() == tonic::Code::InvalidArgument { "invalid" } else { "failed" };
+                    let _ = tx.send(Err(st)).await;
+                    break;
+                }
             }
         }
+        m.in_flight.add(-1.0);
+        m.request(outcome);
     }
 
     /// The active placement epoch and JSON.
@@ -991,20 +1179,10 @@ impl Inference for CoordSvc {
             stop = cfg.eos_token_ids.clone();
         }
         self.wait_ready().await?;
-        // Least outstanding tokens among the live ranks.
-        let (rank, mut client, outstanding, alive) = {
-            let ws = self.0.workers.lock().map_err(|e| Status::internal(e.to_string()))?;
-            let best = ws
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| w.alive.load(Ordering::SeqCst) && w.client.is_some())
-                .min_by_key(|(i, w)| (w.outstanding.load(Ordering::SeqCst), *i));
-            let Some((i, w)) = best else { return Err(Status::unavailable("no live worker")) };
-            (i, w.client.clone().ok_or_else(|| Status::unavailable("no live worker"))?, w.outstanding.clone(), w.alive.clone())
-        };
-        let budget = r.max_tokens as u64;
-        outstanding.fetch_add(budget, Ordering::SeqCst);
-        let wreq = pb::GenerateRequest {
+        if self.pick_rank().is_none() {
+            return Err(Status::unavailable("no live worker"));
+        }
+        let base = pb::GenerateRequest {
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
             sampling: Some(pb::SamplingParams { temperature: sp.temperature, top_p: sp.top_p, top_k: sp.top_k as u32, seed: sp.seed }),
             stop_token_ids: stop,
@@ -1012,41 +1190,8 @@ impl Inference for CoordSvc {
             ignore_eos: r.ignore_eos,
             return_prompt_logits: r.return_prompt_logits,
         };
-        let mut stream = match client.generate(wreq).await {
-            Ok(s) => s.into_inner(),
-            Err(st) => {
-                outstanding.fetch_sub(budget, Ordering::SeqCst);
-                return Err(worker_failure(rank, &alive, st));
-            }
-        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let tok = self.0.tok.clone();
-        tokio::spawn(async move {
-            let mut left = budget;
-            loop {
-                match stream.message().await {
-                    Ok(Some(mut m)) => {
-                        if m.prompt_logits.is_empty() {
-                            left = left.saturating_sub(1);
-                            outstanding.fetch_sub(1.min(left + 1), Ordering::SeqCst);
-                            if let Some(t) = &tok {
-                                m.text = t.decode(&[m.token_id]).unwrap_or_default();
-                            }
-                        }
-                        let fin = m.finish_reason != 0;
-                        if tx.send(Ok(m)).await.is_err() || fin {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(st) => {
-                        let _ = tx.send(Err(worker_failure(rank, &alive, st))).await;
-                        break;
-                    }
-                }
-            }
-            outstanding.fetch_sub(left.min(outstanding.load(Ordering::SeqCst)), Ordering::SeqCst);
-        });
+        tokio::spawn(self.clone().run_request(base, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -1105,6 +1250,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let placement_json = serde_json::to_string(&p)?;
     let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
     let model_dir = std::fs::canonicalize(&a.model)?;
+    let (n_moe, n_experts) = (cfg.moe_layers().len(), cfg.router.n_experts);
+    anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     runtime()?.block_on(async move {
         let (ready, _) = tokio::sync::watch::channel(false);
         let svc = CoordSvc(Arc::new(CoordState {
@@ -1117,6 +1264,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             role: tokio::sync::watch::channel(Role::Standby(None)).0,
             seat: std::sync::OnceLock::new(),
             membership_changes: AtomicU64::new(0),
+            metrics: CoordMetrics::new()?,
+            window: Mutex::new(placement::live::LoadWindow::new(n_moe, n_experts, a.stats_half_life)),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
@@ -1162,6 +1311,10 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             });
+        }
+        if let Some(m) = &a.metrics_listen {
+            let (maddr, _) = telemetry::serve_metrics(m, svc.0.metrics.registry.clone()).await?;
+            println!("metrics on http://{maddr}/metrics");
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<InferenceServer<CoordSvc>>().await;

@@ -2,6 +2,7 @@ pub mod admin;
 pub mod bench_cluster;
 pub mod cluster;
 pub mod ha;
+pub mod metrics;
 pub mod model;
 pub mod place;
 pub mod routing;

@@ -1,6 +1,8 @@
 //! Shared helpers of the cluster tests: a `switchyard up` child killed on drop, placements.
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -190,3 +192,64 @@ pub fn local_ids(model: &Path, prompt: &str, max_tokens: usize) -> String {
         .expect("local generate");
     ids_line(&o).unwrap_or_else(|| panic!("local generate: {}", String::from_utf8_lossy(&o.stderr)))
 }
+
+/// The admin token of processes started with [`Proc::spawn`].
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A child process whose stdout and stderr lines are collected; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(switchyard_bin())
+            .args(args)
+            .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchyard");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for r in [Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().expect("stderr"))] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines").push(l);
+                }
+            });
+        }
+        Proc { child, lines }
+    }
+
+    /// The first line containing `what`, waiting at most `timeout`.
+    pub fn wait_line(&self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| l.contains(what)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no line with {what:?} within {timeout:?}; got {:?}", self.lines.lock().expect("lines"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn has_line(&self, what: &str) -> bool {
+        self.lines.lock().expect("lines").iter().any(|l| l.contains(what))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([sig, &self.child.id().to_string()]).status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+

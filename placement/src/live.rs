@@ -1,0 +1,171 @@
+//! Live expert load: a sliding window with exponential decay over the per-layer, per-expert
+//! token counts a running cluster reports, and the balancedness of a placement under it.
+//!
+//! Workers report cumulative counts; the window turns successive reports into increments and
+//! keeps `load ← load·decay^(dt/half_life…) + increment`, so recent traffic weighs most and a
+//! window with no traffic keeps its last shape (decay scales every expert alike, so balancedness,
+//! a ratio, does not move).
+
+use crate::Placement;
+use crate::eval::rank_loads;
+
+/// Decayed per-layer, per-expert load.
+#[derive(Debug, Clone)]
+pub struct LoadWindow {
+    num_layers: usize,
+    num_experts: usize,
+    /// Seconds after which an observation weighs half.
+    half_life_s: f64,
+    load: Vec<Vec<f64>>,
+    /// Last cumulative report per source (worker rank), to turn reports into increments.
+    last: Vec<Option<Vec<u64>>>,
+    /// Tokens (routed assignments) seen in total.
+    total: f64,
+}
+
+impl LoadWindow {
+    pub fn new(num_layers: usize, num_experts: usize, half_life_s: f64) -> Self {
+        LoadWindow {
+            num_layers,
+            num_experts,
+            half_life_s: if half_life_s.is_finite() && half_life_s > 0.0 { half_life_s } else { 30.0 },
+            load: vec![vec![0.0; num_experts]; num_layers],
+            last: Vec::new(),
+            total: 0.0,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Ages the window by `dt_s` seconds.
+    pub fn decay(&mut self, dt_s: f64) {
+        if dt_s <= 0.0 || !dt_s.is_finite() {
+            return;
+        }
+        let f = 0.5f64.powf(dt_s / self.half_life_s);
+        for l in &mut self.load {
+            for x in l.iter_mut() {
+                *x *= f;
+            }
+        }
+    }
+
+    /// Adds one report of `source`'s cumulative counts (`[layers × experts]`, row-major). The
+    /// first report of a source only sets its baseline; a report smaller than the last (the
+    /// source restarted) counts from zero. Returns the assignments added.
+    pub fn observe_cumulative(&mut self, source: usize, counts: &[u64]) -> u64 {
+        if counts.len() != self.num_layers * self.num_experts {
+            return 0;
+        }
+        if self.last.len() <= source {
+            self.last.resize(source + 1, None);
+        }
+        let added = match &self.last[source] {
+            None => {
+                self.last[source] = Some(counts.to_vec());
+                return 0;
+            }
+            Some(prev) => {
+                let restarted = prev.iter().zip(counts).any(|(p, c)| c < p);
+                let inc: Vec<u64> =
+                    if restarted { counts.to_vec() } else { counts.iter().zip(prev).map(|(c, p)| c - p).collect() };
+                self.add(&inc)
+            }
+        };
+        self.last[source] = Some(counts.to_vec());
+        added
+    }
+
+    /// Adds increments `[layers × experts]` (row-major). Returns the assignments added.
+    pub fn add(&mut self, inc: &[u64]) -> u64 {
+        if inc.len() != self.num_layers * self.num_experts {
+            return 0;
+        }
+        let mut n = 0;
+        for (i, &x) in inc.iter().enumerate() {
+            self.load[i / self.num_experts][i % self.num_experts] += x as f64;
+            n += x;
+        }
+        self.total += n as f64;
+        n
+    }
+
+    /// The decayed load, `[layer][expert]`.
+    pub fn load(&self) -> &[Vec<f64>] {
+        &self.load
+    }
+
+    /// Whether anything was observed yet.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0.0
+    }
+
+    /// Per-layer balancedness (mean/max rank load) of `placement` under the window, and the total
+    /// Σmean/Σmax. Layers without load count as balanced (1.0).
+    pub fn balancedness(&self, placement: &Placement) -> (Vec<f64>, f64) {
+        balancedness(placement, &self.load)
+    }
+}
+
+/// Per-layer balancedness (mean/max rank load) of `placement` under `load[layer][expert]`, and the
+/// total Σmean/Σmax.
+pub fn balancedness(placement: &Placement, load: &[Vec<f64>]) -> (Vec<f64>, f64) {
+    let (mut sum_mean, mut sum_max) = (0.0, 0.0);
+    let per: Vec<f64> = placement
+        .layers
+        .iter()
+        .zip(load)
+        .map(|(l, ld)| {
+            let rl = rank_loads(&l.ranks, ld);
+            let max = rl.iter().cloned().fold(0.0, f64::max);
+            let mean = rl.iter().sum::<f64>() / rl.len().max(1) as f64;
+            sum_mean += mean;
+            sum_max += max;
+            if max > 0.0 { mean / max } else { 1.0 }
+        })
+        .collect();
+    (per, if sum_max > 0.0 { sum_mean / sum_max } else { 1.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Topology;
+    use crate::placement::LayerPlacement;
+
+    fn two_rank(ranks: Vec<Vec<usize>>) -> Placement {
+        Placement::new(4, Topology::uniform(2, 1).unwrap(), vec![LayerPlacement { ranks }])
+    }
+
+    #[test]
+    fn reports_become_increments_and_decay_keeps_the_shape() {
+        let mut w = LoadWindow::new(1, 4, 10.0);
+        assert_eq!(w.observe_cumulative(0, &[5, 5, 5, 5]), 0, "the first report is a baseline");
+        assert_eq!(w.observe_cumulative(0, &[15, 5, 5, 5]), 10);
+        assert_eq!(w.observe_cumulative(1, &[1, 1, 1, 1]), 0);
+        assert_eq!(w.observe_cumulative(1, &[1, 1, 1, 31]), 30);
+        assert_eq!(w.load()[0], vec![10.0, 0.0, 0.0, 30.0]);
+        let p = two_rank(vec![vec![0, 1], vec![2, 3]]);
+        let (per, total) = w.balancedness(&p);
+        assert!((per[0] - 20.0 / 30.0).abs() < 1e-12 && (total - per[0]).abs() < 1e-12);
+        w.decay(10.0);
+        assert_eq!(w.load()[0], vec![5.0, 0.0, 0.0, 15.0]);
+        assert!((w.balancedness(&p).1 - total).abs() < 1e-12, "decay alone must not move balancedness");
+        // A restarted source counts from zero; a wrong-sized report is ignored.
+        assert_eq!(w.observe_cumulative(0, &[2, 0, 0, 0]), 2);
+        assert_eq!(w.observe_cumulative(0, &[1, 2, 3]), 0);
+    }
+
+    #[test]
+    fn replicas_split_their_load() {
+        let load = vec![vec![30.0, 10.0, 10.0, 10.0]];
+        let p = two_rank(vec![vec![0, 1, 2], vec![0, 3, 2]]);
+        // rank 0: 15 + 10 + 5, rank 1: 15 + 10 + 5.
+        assert_eq!(balancedness(&p, &load).1, 1.0);
+    }
+}
