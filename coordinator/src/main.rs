@@ -6,6 +6,10 @@ mod cli;
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Expert-parallel MoE serving: placement, models, cluster")]
 struct Cli {
+    /// CA certificate (PEM) that signed the gRPC servers' certificates: every gRPC client of this
+    /// command (clients, workers, the coordinator calling workers) then speaks TLS.
+    #[arg(long, global = true, env = "SWITCHYARD_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +61,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Err(e) = cli::tls::init_client(cli.tls_ca.as_deref()) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Place(c) => cli::place::run(c),
         Command::Trace(c) => cli::trace::run(c),

@@ -636,7 +636,7 @@ pub fn evaluate(placement: &Placement, trace: &RoutingTrace, hw: &HardwareProfil
 }
 
 /// Renders rows as an aligned plain-text table (first column left-aligned, others right-aligned).
-fn render_table(header: &[&str], body: &[Vec<String>]) -> String {
+pub(crate) fn render_table(header: &[&str], body: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in body {
         for (w, cell) in width.iter_mut().zip(row) {

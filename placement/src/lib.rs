@@ -14,6 +14,7 @@ pub mod eval;
 pub mod plot;
 pub mod solver;
 pub mod live;
+pub mod rebalance;
 
 pub use error::{PlacementError, TraceError};
 pub use placement::Placement;

@@ -11,7 +11,7 @@
 //! reports the commit (see `worker::expert_parallel`). A failed prepare abandons the epoch: the
 //! prepared slots are dropped everywhere and the old epoch keeps serving.
 
-use super::cluster::{CoordSvc, check_placement, url};
+use super::cluster::{CoordSvc, check_placement};
 use coordinator::store::typed::EpochState;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -223,7 +223,7 @@ pub struct AdminEndpoint {
 
 impl AdminEndpoint {
     async fn client(&self) -> anyhow::Result<AdminClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>> {
-        let ch = tonic::transport::Endpoint::from_shared(url(&self.endpoint))?
+        let ch = super::tls::endpoint(&self.endpoint)?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use super::admin::AdminAuth;
+use super::tls::{ServerTls, endpoint};
 use super::ha::{Role, Seat, with_store_retries};
 use super::metrics::{CoordMetrics, WorkerMetrics};
 use coordinator::store::typed::{self, ClusterRecord, EpochState, Member, PlacementEpoch};
@@ -31,7 +32,7 @@ use switchyard_proto::v1::worker_client::WorkerClient;
 use switchyard_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use worker::ModelConfig;
 use worker::engine::FinishReason;
@@ -166,6 +167,8 @@ pub struct WorkerArgs {
     /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: ServerTls,
     /// gRPC listen address of this worker.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -216,10 +219,6 @@ impl WorkerState {
         }
         Ok(rl.executor.clone())
     }
-}
-
-pub(super) fn url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
 fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
@@ -505,7 +504,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
-        let server = Server::builder()
+        let server = a.tls.server()?
             .add_service(health)
             .add_service(reflection)
             .add_service(WorkerServer::new(WorkerSvc(st.clone())))
@@ -525,8 +524,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         let reg = loop {
             let c = &coordinators[attempt % coordinators.len()];
             attempt += 1;
-            let why = match ControlClient::connect(url(c)).await {
-                Ok(mut client) => match client.register(request.clone()).await {
+            let why = match connect_channel(c).await {
+                Ok(ch) => match ControlClient::new(ch).register(request.clone()).await {
                     Ok(r) => break r.into_inner(),
                     Err(s) if s.code() == tonic::Code::Unavailable => format!("{c}: {}", s.message()),
                     Err(s) => bail!("register at {c}: {:?}: {}", s.code(), s.message()),
@@ -610,6 +609,8 @@ pub struct CoordinatorArgs {
     /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: ServerTls,
     /// Seconds after which a live expert-load observation weighs half (statistics window).
     #[arg(long, default_value_t = 30.0)]
     pub stats_half_life: f64,
@@ -725,7 +726,7 @@ impl CoordSvc {
         let mut entries = Vec::with_capacity(rec.members.len());
         let mut alive_n = 0;
         for (rank, m) in rec.members.iter().enumerate() {
-            let client = Endpoint::from_shared(url(&m.addr)).ok().map(|e| {
+            let client = endpoint(&m.addr).ok().map(|e| {
                 WorkerClient::new(e.connect_timeout(Duration::from_secs(2)).connect_lazy()).max_decoding_message_size(1 << 30)
             });
             let mut alive = false;
@@ -1025,7 +1026,7 @@ impl CoordSvc {
         let mut set = tokio::task::JoinSet::new();
         for ((addr, rank), a) in clients.into_iter().zip(assign) {
             set.spawn(async move {
-                let ch = Endpoint::from_shared(url(&addr))
+                let ch = endpoint(&addr)
                     .map_err(|e| e.to_string())?
                     .connect_timeout(Duration::from_secs(10))
                     .connect()
@@ -1319,7 +1320,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<InferenceServer<CoordSvc>>().await;
         println!("listening on {addr}");
-        Server::builder()
+        a.tls.server()?
             .add_service(health)
             .add_service(reflection)
             .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
@@ -1439,7 +1440,8 @@ pub fn start_local_cluster(
     rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         loop {
-            if let Ok(mut c) = InferenceClient::connect(url(&addr)).await
+            if let Ok(ch) = connect_channel(&addr).await
+                && let mut c = InferenceClient::new(ch)
                 && let Ok(i) = c.model_info(pb::ModelInfoRequest {}).await
                 && i.into_inner().ready
             {
@@ -1535,6 +1537,11 @@ async fn generate_remote_into(endpoint: &str, req: pb::GenerateRequest, print: b
     Err(Status::unavailable(format!("the stream from {endpoint} ended before the request finished")))
 }
 
+/// A connected channel to `addr` (with the process's client TLS).
+pub(super) async fn connect_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    endpoint(addr)?.connect_timeout(Duration::from_secs(10)).connect().await
+}
+
 /// Streams `req` from one of `endpoints`, retrying retryable failures (`UNAVAILABLE`: a
 /// coordinator that died or is a standby, a worker that died) on the next endpoint up to
 /// `retries` times. A retry continues the generation: the tokens received so far are appended to
@@ -1589,7 +1596,13 @@ pub async fn generate_with_retries(
 /// server sent keep their code.
 fn connection_lost(st: Status) -> Status {
     if matches!(st.code(), tonic::Code::Unknown | tonic::Code::Cancelled) && std::error::Error::source(&st).is_some() {
-        return Status::unavailable(format!("connection lost: {}", st.message()));
+        let why = std::error::Error::source(&st).map(error_chain).unwrap_or_default();
+        let hint = if super::tls::client_enabled() { "" } else { " (if the server speaks TLS, pass --tls-ca)" };
+        return Status::unavailable(format!("connection lost: {}: {why}{hint}", st.message()));
+    }
+    if st.code() == tonic::Code::Internal && st.message().contains("h2 protocol error") {
+        // What a plaintext client gets from a TLS server.
+        return Status::internal(format!("{} (if the server speaks TLS, pass --tls-ca)", st.message()));
     }
     st
 }
@@ -1604,12 +1617,23 @@ async fn tokenize_at(endpoint: &str, text: &str) -> Result<Vec<u32>, Status> {
 }
 
 async fn connect(endpoint: &str) -> Result<Channel, Status> {
-    Endpoint::from_shared(url(endpoint))
+    super::tls::endpoint(endpoint)
         .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {e}")))
+        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {}", error_chain(&e))))
+}
+
+/// An error with its causes (tonic's transport errors keep the TLS reason in the source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }
 
 pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -1710,7 +1734,8 @@ pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, plac
 /// (busy steps, dispatch µs, expert µs, combine µs) summed over the workers of a local cluster,
 /// averaged per worker.
 pub async fn worker_timings(addr: &str) -> (u64, u64, u64, u64) {
-    let Ok(mut c) = InferenceClient::connect(url(addr)).await else { return (0, 0, 0, 0) };
+    let Ok(ch) = connect_channel(addr).await else { return (0, 0, 0, 0) };
+    let mut c = InferenceClient::new(ch);
     let _ = c.model_info(pb::ModelInfoRequest {}).await;
     // The coordinator does not expose worker health; ask the workers it knows through the
     // placement's world size by scanning registered workers is not possible from a client, so
@@ -1718,7 +1743,8 @@ pub async fn worker_timings(addr: &str) -> (u64, u64, u64, u64) {
     let addrs: Vec<String> = WORKER_ADDRS.lock().map(|v| v.clone()).unwrap_or_default();
     let (mut b, mut d, mut e, mut cm, mut n) = (0, 0, 0, 0, 0u64);
     for a in addrs {
-        if let Ok(mut w) = WorkerClient::connect(url(&a)).await
+        if let Ok(ch) = connect_channel(&a).await
+            && let mut w = WorkerClient::new(ch)
             && let Ok(h) = w.health(pb::WorkerHealthRequest {}).await
         {
             let h = h.into_inner();

@@ -6,4 +6,5 @@ pub mod metrics;
 pub mod model;
 pub mod place;
 pub mod routing;
+pub mod tls;
 pub mod trace;

@@ -36,8 +36,9 @@ pub enum PlaceCommand {
         json: bool,
     },
     /// Per-layer simulated step time of a placement on a trace: compute and communication of the
-    /// straggler rank, layer by layer.
-    Simulate(ScoreArgs),
+    /// straggler rank, layer by layer. With `--rebalance`: replay a workload shift (two routing
+    /// phases) through the static and rebalancing policies in simulated time.
+    Simulate(SimulateArgs),
     /// Convert a placement to another system's format.
     Export {
         #[arg(long)]
@@ -80,7 +81,7 @@ pub struct SolveArgs {
     #[arg(long, default_value = "home")]
     mode: Mode,
     /// Expert groups (DeepSeek's n_group) for hierarchical EPLB.
-    #[arg(long)]
+    #[arg(long, requires = "rebalance")]
     groups: Option<usize>,
     /// Seconds the ILP may spend.
     #[arg(long, default_value_t = 60.0)]
@@ -207,15 +208,7 @@ pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PlaceCommand::Simulate(score) => {
-            let (_, _, ev) = score.evaluate()?;
-            if score.json {
-                println!("{}", serde_json::to_string_pretty(&ev.layers)?);
-            } else {
-                print!("{}", placement::eval::format_simulation(&ev));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        PlaceCommand::Simulate(a) => simulate_cmd(a),
         PlaceCommand::Export { placement, format, out } => {
             let p = Placement::read(&placement)?;
             let value = match format.as_str() {
@@ -429,5 +422,228 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             xnode
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `place simulate`: one placement on one trace, or (`--rebalance`) a replay of a workload shift.
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// Placement file. With --rebalance: the start of `static` and `rebalance` (default contiguous).
+    #[arg(long, required_unless_present = "rebalance")]
+    placement: Option<PathBuf>,
+    /// Routing trace `.safetensors`. With --rebalance: the first phase (needs --shift-trace).
+    #[arg(long, required_unless_present = "rebalance")]
+    trace: Option<PathBuf>,
+    #[command(flatten)]
+    hw: HardwareArgs,
+    /// Machine-readable output (with --rebalance: one object per policy).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    replay: ReplayArgs,
+}
+
+/// Synthetic two-phase workloads for `place simulate --rebalance`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReplayPreset {
+    /// 58 MoE layers x 256 experts, top-8; 32 ranks / 4 nodes / 9 slots, 8 expert groups.
+    DeepseekV3,
+    /// 32 MoE layers x 8 experts, top-2; 4 ranks / 1 node / 3 slots.
+    Mixtral,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Replay a routing shift through the policies static (the --placement or contiguous),
+    /// static-eplb (EPLB on phase 1), rebalance (from the static start) and rebalance-eplb (from
+    /// EPLB on phase 1). Without --trace, both phases are synthetic (--preset).
+    #[arg(long)]
+    rebalance: bool,
+    /// Routing trace of the second phase (the shift).
+    #[arg(long, requires = "trace", requires = "rebalance")]
+    shift_trace: Option<PathBuf>,
+    /// Synthetic workload when no --trace is given: phase 2 is another routing model (other hot
+    /// experts in every layer). Default deepseek-v3.
+    #[arg(long, value_enum, conflicts_with = "trace", requires = "rebalance")]
+    preset: Option<ReplayPreset>,
+    /// Tokens of each synthetic phase trace (replayed cyclically).
+    #[arg(long, default_value_t = 16384)]
+    trace_tokens: usize,
+    /// Seed of the synthetic phases.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Ranks, nodes, slots per rank (default: the --placement's, else the preset's).
+    #[arg(long, requires = "rebalance")]
+    ranks: Option<usize>,
+    #[arg(long, requires = "rebalance")]
+    nodes: Option<usize>,
+    #[arg(long, requires = "rebalance")]
+    slots_per_rank: Option<usize>,
+    /// Expert groups for hierarchical EPLB (default: 8 for deepseek-v3, else none).
+    #[arg(long, requires = "rebalance")]
+    groups: Option<usize>,
+    #[arg(long, default_value_t = 4096)]
+    tokens_per_step: usize,
+    /// Engine steps before and after the shift.
+    #[arg(long, default_value_t = 400)]
+    steps_before: usize,
+    #[arg(long, default_value_t = 1200)]
+    steps_after: usize,
+    /// Re-solve when windowed balancedness falls below this.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    /// Commit only when the predicted balancedness gain is at least this.
+    #[arg(long, default_value_t = 0.02)]
+    margin: f64,
+    /// Stop migrating once the predicted balancedness reaches this.
+    #[arg(long, default_value_t = 0.95)]
+    target: f64,
+    /// Most experts loaded per epoch.
+    #[arg(long, default_value_t = 1024)]
+    max_moves: usize,
+    /// Seconds between epochs at least.
+    #[arg(long, default_value_t = 5.0)]
+    min_interval: f64,
+    /// Also re-check every this many seconds above the threshold.
+    #[arg(long, requires = "rebalance")]
+    period: Option<f64>,
+    /// Migration bandwidth budget (GB/s): an epoch loads at most this x --min-interval.
+    #[arg(long, requires = "rebalance")]
+    max_migration_gbps: Option<f64>,
+    /// Rate the cluster loads migrated experts at (GB/s, all ranks): migration delay = bytes / rate.
+    #[arg(long, default_value_t = 100.0)]
+    migration_gbps: f64,
+    /// Bytes of one expert's weights (default: from the hardware profile's shapes, fp8).
+    #[arg(long, requires = "rebalance")]
+    expert_bytes: Option<u64>,
+    /// Load window half-life, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    half_life: f64,
+    /// Seconds between load reports (rebalancer polls).
+    #[arg(long, default_value_t = 1.0)]
+    report_interval: f64,
+}
+
+fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
+    if a.replay.rebalance {
+        return replay_cmd(a);
+    }
+    let (Some(placement), Some(trace)) = (a.placement, a.trace) else {
+        anyhow::bail!("place simulate needs --placement and --trace (or --rebalance)");
+    };
+    let score = ScoreArgs { placement, trace, hw: a.hw, json: a.json };
+    let (_, _, ev) = score.evaluate()?;
+    if score.json {
+        println!("{}", serde_json::to_string_pretty(&ev.layers)?);
+    } else {
+        print!("{}", placement::eval::format_simulation(&ev));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
+    use placement::rebalance::{self, Phase, Policy, RebalanceConfig, SimConfig};
+    let r = &a.replay;
+    let hw = a.hw.profile()?;
+    let (phase1, phase2, described, preset) = match (&a.trace, &r.shift_trace) {
+        (Some(t1), Some(t2)) => {
+            let d = format!("{} then {}", t1.display(), t2.display());
+            (read_trace(t1)?, read_trace(t2)?, d, None)
+        }
+        (Some(_), None) => anyhow::bail!("--rebalance with --trace needs --shift-trace (the second phase)"),
+        _ => {
+            let preset = r.preset.unwrap_or(ReplayPreset::DeepseekV3);
+            let mut s = match preset {
+                ReplayPreset::DeepseekV3 => SynthConfig::deepseek_v3(),
+                ReplayPreset::Mixtral => SynthConfig::mixtral(),
+            };
+            anyhow::ensure!(r.trace_tokens > 0, "--trace-tokens must be positive");
+            s.tokens_per_sequence = 64;
+            s.num_sequences = r.trace_tokens.div_ceil(64);
+            s.model_seed = r.seed;
+            s.seed = r.seed.wrapping_add(1);
+            let shifted = SynthConfig { model_seed: r.seed.wrapping_add(1), seed: r.seed.wrapping_add(2), ..s.clone() };
+            let name = if preset == ReplayPreset::DeepseekV3 { "deepseek-v3" } else { "mixtral" };
+            let d = format!(
+                "synthetic {name} ({} layers x {} experts, top-{}, zipf {}), phase 2 = another routing model (other hot experts)",
+                s.num_layers, s.num_experts, s.top_k, s.zipf_exponent
+            );
+            (synthesize(&s)?, synthesize(&shifted)?, d, Some(preset))
+        }
+    };
+    let initial = match &a.placement {
+        Some(path) => Placement::read(path)?,
+        None => {
+            let (dr, dn, ds) = match preset {
+                Some(ReplayPreset::Mixtral) => (4, 1, 3),
+                Some(ReplayPreset::DeepseekV3) => (32, 4, 9),
+                None => (0, 1, 0),
+            };
+            let ranks = r.ranks.unwrap_or(dr);
+            let slots = r.slots_per_rank.unwrap_or(ds);
+            anyhow::ensure!(ranks > 0 && slots > 0, "--rebalance with --trace needs --ranks and --slots-per-rank (or --placement)");
+            let topology = Topology::uniform(ranks, r.nodes.unwrap_or(dn))?;
+            solver::contiguous::solve(phase1.num_layers, phase1.num_experts, &topology, slots)?
+        }
+    };
+    if a.placement.is_some() {
+        anyhow::ensure!(
+            r.ranks.is_none() && r.nodes.is_none() && r.slots_per_rank.is_none(),
+            "--ranks/--nodes/--slots-per-rank come from --placement when it is given"
+        );
+    }
+    let groups = r.groups.or((preset == Some(ReplayPreset::DeepseekV3)).then_some(8));
+    let rebalance = RebalanceConfig {
+        threshold: r.threshold,
+        margin: r.margin,
+        target: r.target,
+        max_moves: r.max_moves,
+        max_bytes_per_s: r.max_migration_gbps.map(|g| g * 1e9),
+        expert_bytes: r.expert_bytes.unwrap_or_else(|| RebalanceConfig::expert_bytes_for(&hw, 1.0)),
+        min_interval_s: r.min_interval,
+        period_s: r.period,
+    };
+    let cfg = SimConfig {
+        tokens_per_step: r.tokens_per_step,
+        report_interval_s: r.report_interval,
+        window_half_life_s: r.half_life,
+        migration_bytes_per_s: r.migration_gbps * 1e9,
+        groups,
+        hardware: hw,
+        rebalance,
+    };
+    let phases = [Phase { trace: &phase1, steps: r.steps_before }, Phase { trace: &phase2, steps: r.steps_after }];
+    let started = Instant::now();
+    let reports = rebalance::sim::simulate_all(&phases, &initial, &Policy::ALL, &cfg)?;
+    let summaries: Vec<_> = reports.into_iter().map(|r| r.summary).collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("workload: {described}");
+    println!(
+        "cluster: {} ranks / {} nodes / {} slots per rank; {} tokens per step, {} steps then {} after the shift; {}",
+        initial.num_ranks(),
+        initial.topology.num_nodes(),
+        initial.slots_per_rank(),
+        cfg.tokens_per_step,
+        r.steps_before,
+        r.steps_after,
+        if a.placement.is_some() { "static start = --placement" } else { "static start = contiguous" }
+    );
+    println!(
+        "rebalance: threshold {}, margin {}, target {}, <= {} moves per epoch, >= {} s apart; expert {} MB, migration {} GB/s, window half-life {} s",
+        cfg.rebalance.threshold,
+        cfg.rebalance.margin,
+        cfg.rebalance.target,
+        cfg.rebalance.move_budget(),
+        cfg.rebalance.min_interval_s,
+        cfg.rebalance.expert_bytes as f64 / 1e6,
+        r.migration_gbps,
+        cfg.window_half_life_s
+    );
+    println!();
+    print!("{}", rebalance::sim::format_summaries(&summaries));
+    eprintln!("simulated in {:.1} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }

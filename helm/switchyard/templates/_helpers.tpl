@@ -71,23 +71,40 @@ etcd://{{ include "switchyard.etcdEndpoints" . }}{{ .Values.store.prefix }}
 {{- default (printf "%s-tls" (include "switchyard.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
-{{/* Flags shared by coordinator and worker: TLS and telemetry. */}}
+{{/* Flags shared by `switchyard coordinator` and `switchyard worker`: metrics, server TLS (and
+     the CA their gRPC clients verify servers with), telemetry.
+     Call with (dict "ctx" $ "metricsPort" PORT). */}}
 {{- define "switchyard.commonArgs" -}}
-{{- if .Values.tls.enabled }}
+{{- $v := .ctx.Values }}
+- --metrics-listen=0.0.0.0:{{ .metricsPort }}
+{{- if $v.tls.enabled }}
 - --tls-cert=/etc/switchyard/tls/tls.crt
 - --tls-key=/etc/switchyard/tls/tls.key
 - --tls-ca=/etc/switchyard/tls/ca.crt
 {{- end }}
-{{- if .Values.telemetry.otlpEndpoint }}
-- --otlp-endpoint={{ .Values.telemetry.otlpEndpoint }}
+{{- if $v.telemetry.otlpEndpoint }}
+- --otlp-endpoint={{ $v.telemetry.otlpEndpoint }}
 {{- end }}
 {{- end }}
 
-{{/* Volumes shared by coordinator and worker pods. */}}
+{{/* Environment shared by coordinator and worker containers. */}}
+{{- define "switchyard.commonEnv" -}}
+- name: SWITCHYARD_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* gRPC health probe, or a TCP check with TLS (Kubernetes gRPC probes do not speak TLS).
+     Call with (dict "ctx" $ "port" PORT). */}}
+{{- define "switchyard.probe" -}}
+{{- if .ctx.Values.tls.enabled }}
+tcpSocket: {port: {{ .port }}}
+{{- else }}
+grpc: {port: {{ .port }}}
+{{- end }}
+{{- end }}
+
+{{/* Volumes shared by coordinator and worker pods: the model and the TLS certificate. */}}
 {{- define "switchyard.volumes" -}}
-- name: config
-  configMap:
-    name: {{ include "switchyard.fullname" . }}-config
 {{- if .Values.model.volume }}
 - name: model
   {{- toYaml .Values.model.volume | nindent 2 }}
@@ -101,9 +118,6 @@ etcd://{{ include "switchyard.etcdEndpoints" . }}{{ .Values.store.prefix }}
 {{- end }}
 
 {{- define "switchyard.volumeMounts" -}}
-- name: config
-  mountPath: /etc/switchyard/config
-  readOnly: true
 {{- if .Values.model.volume }}
 - name: model
   mountPath: {{ .Values.model.mountPath }}

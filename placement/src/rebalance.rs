@@ -1,0 +1,632 @@
+//! The scheduler's rebalance policy: when to re-solve, and an incremental solve that moves few
+//! experts.
+//!
+//! The live coordinator keeps a [`crate::live::LoadWindow`] of recent per-layer expert load and asks
+//! [`Rebalancer::poll`] (timing: minimum interval, periodic re-check) or [`propose`] (one decision)
+//! whether a new placement epoch is worth its migration. The simulator ([`sim`]) replays routing
+//! traces through the same code.
+//!
+//! # Decision
+//!
+//! [`propose`] returns `None` when the window has no traffic (all zero: nothing changes), when the
+//! current placement's windowed balancedness `Σ_l mean / Σ_l max` rank load is at or above
+//! `threshold`, or when the best placement found within the move budget gains less than `margin`.
+//!
+//! # Incremental solve (warm start from the current placement)
+//!
+//! A **move** is one expert newly loaded on one rank (what a worker must fetch); the budget per
+//! epoch is [`RebalanceConfig::move_budget`]. Every layer keeps its slot count per rank and every
+//! validity rule of [`Placement`]. Two kinds of change, both aimed at the layer's most loaded rank
+//! `m`:
+//! - **replace** (1 move): a slot on some rank takes expert `y` instead of `z`, where `z` keeps at
+//!   least one other replica — either a replica of an expert hosted on `m` is added elsewhere
+//!   (splitting its load), or a slot on `m` trades a redundant replica for another expert;
+//! - **swap** (2 moves): `m` and another rank exchange one expert each.
+//!
+//! Per layer, a greedy picks the change with the largest reduction of the layer's max rank load per
+//! move (ties: the larger reduction of Σ rank load², then the lowest rank / slot / expert index), and
+//! never one that raises the layer's max. A change that only lowers Σ load² (several ranks tie at the
+//! max) is kept only together with the following changes, up to [`LOOKAHEAD`], that do lower the
+//! max ("bundles"). Across layers the budget goes bundle by bundle to the largest reduction of
+//! `Σ_l max` per move — the denominator of the total balancedness, so this is the gain per migrated
+//! expert — ties to the layer with the worse balancedness, then the lower index; spending stops at
+//! the budget, when nothing pays any more, or once the predicted balancedness reaches `target`
+//! (fewest moves that reach the target). The objective is compute balance only; cross-node traffic
+//! is not part of it. Deterministic: same inputs, same proposal.
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{HardwareProfile, rank_loads};
+use crate::live::balancedness;
+use crate::placement::LayerPlacement;
+use crate::{Placement, PlacementError};
+
+pub mod sim;
+
+pub use sim::{Phase, Policy, SimConfig, SimReport, SimSummary, Start, StepRecord, simulate};
+
+/// Changes that only even out load (Σ load²) without lowering a layer's max, tried before a bundle is
+/// given up.
+pub const LOOKAHEAD: usize = 8;
+
+/// Bytes of one DeepSeek-V3 routed expert in fp8: 3 matrices × 7168 × 2048 × 1 byte.
+pub const DEEPSEEK_V3_FP8_EXPERT_BYTES: u64 = 3 * 7168 * 2048;
+
+/// When and how much to rebalance. See the module documentation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RebalanceConfig {
+    /// Re-solve only when the windowed total balancedness (Σmean/Σmax) of the current placement is
+    /// below this (0 < threshold ≤ 1). Default 0.9.
+    pub threshold: f64,
+    /// Commit only when the predicted balancedness gain (after − before) is at least this. Default
+    /// 0.02.
+    pub margin: f64,
+    /// Stop spending moves once the predicted balancedness reaches this (threshold ≤ target ≤ 1); the
+    /// gap to `threshold` is the hysteresis that keeps noise from re-triggering at once. Default 0.95.
+    pub target: f64,
+    /// Most moves (an expert newly loaded on a rank counts 1) per epoch. Default 1024: about 18 per
+    /// layer on DeepSeek-V3's 58 MoE layers (6 % of its 16 704 slots on 32 ranks × 9), ≈ 45 GB of
+    /// fp8 weights per epoch over the cluster, ≈ 1.4 GB per GPU on 32 ranks — the memory the
+    /// two-phase switch holds beside the old slots. It is a cap, not a quota: spending stops at
+    /// `target`, so small drifts move few experts. A full reshuffle of the hot experts takes a few
+    /// epochs. [`RebalanceConfig::for_layers`] sets 16 per layer instead.
+    pub max_moves: usize,
+    /// Migration bandwidth budget in bytes per second: an epoch loads at most
+    /// `max_bytes_per_s × min_interval_s` bytes. `None`: only `max_moves` limits.
+    pub max_bytes_per_s: Option<f64>,
+    /// Bytes of one expert's weights (what one move loads). Default: DeepSeek-V3 in fp8
+    /// ([`DEEPSEEK_V3_FP8_EXPERT_BYTES`]); see [`RebalanceConfig::expert_bytes_for`].
+    pub expert_bytes: u64,
+    /// No two epochs closer than this many seconds. Default 5.
+    pub min_interval_s: f64,
+    /// Also re-check this often even above the threshold (still subject to `margin`). Default
+    /// `None`.
+    pub period_s: Option<f64>,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 0.9,
+            margin: 0.02,
+            target: 0.95,
+            max_moves: 1024,
+            max_bytes_per_s: None,
+            expert_bytes: DEEPSEEK_V3_FP8_EXPERT_BYTES,
+            min_interval_s: 5.0,
+            period_s: None,
+        }
+    }
+}
+
+impl RebalanceConfig {
+    /// The defaults with `max_moves` = 16 × `num_layers` (at least 1).
+    pub fn for_layers(num_layers: usize) -> Self {
+        Self { max_moves: num_layers.saturating_mul(16).max(1), ..Self::default() }
+    }
+
+    /// Bytes of one routed expert (gate, up and down projections) of the model `hw` describes, at
+    /// `bytes_per_weight` (1 = fp8, 2 = bf16).
+    pub fn expert_bytes_for(hw: &HardwareProfile, bytes_per_weight: f64) -> u64 {
+        let b = 3.0 * hw.hidden_size as f64 * hw.expert_intermediate_size as f64 * bytes_per_weight;
+        if b.is_finite() && b > 0.0 { b.round() as u64 } else { 0 }
+    }
+
+    /// Checks every field is in range; the error names the first that is not.
+    pub fn validate(&self) -> Result<(), PlacementError> {
+        let bad = |m: String| Err(PlacementError::Invalid(format!("rebalance config: {m}")));
+        if !(self.threshold.is_finite() && self.threshold > 0.0 && self.threshold <= 1.0) {
+            return bad(format!("threshold {} is not in (0, 1]", self.threshold));
+        }
+        if !(self.margin.is_finite() && (0.0..1.0).contains(&self.margin)) {
+            return bad(format!("margin {} is not in [0, 1)", self.margin));
+        }
+        if !(self.target.is_finite() && self.target >= self.threshold && self.target <= 1.0) {
+            return bad(format!("target {} is not in [threshold {}, 1]", self.target, self.threshold));
+        }
+        if self.max_moves == 0 {
+            return bad("max_moves must be at least 1".into());
+        }
+        if !(self.min_interval_s.is_finite() && self.min_interval_s >= 0.0) {
+            return bad(format!("min_interval_s {} is not a finite non-negative number of seconds", self.min_interval_s));
+        }
+        if let Some(p) = self.period_s.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            return bad(format!("period_s {p} is not a positive number of seconds"));
+        }
+        if let Some(b) = self.max_bytes_per_s {
+            if !(b.is_finite() && b > 0.0) {
+                return bad(format!("max_bytes_per_s {b} is not a positive number"));
+            }
+            if self.expert_bytes == 0 {
+                return bad("expert_bytes must be positive when max_bytes_per_s is set".into());
+            }
+            let per_epoch = b * self.min_interval_s;
+            if per_epoch < self.expert_bytes as f64 {
+                return bad(format!(
+                    "max_bytes_per_s {b} x min_interval_s {} = {per_epoch:.0} bytes per epoch is less than one expert ({} bytes)",
+                    self.min_interval_s, self.expert_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves one epoch may spend: `max_moves`, capped by the bandwidth budget when there is one.
+    pub fn move_budget(&self) -> usize {
+        match self.max_bytes_per_s {
+            Some(b) if self.expert_bytes > 0 => {
+                let by_bytes = (b * self.min_interval_s / self.expert_bytes as f64).floor();
+                if by_bytes.is_finite() && by_bytes >= 0.0 {
+                    self.max_moves.min(by_bytes.min(usize::MAX as f64) as usize)
+                } else {
+                    self.max_moves
+                }
+            }
+            _ => self.max_moves,
+        }
+    }
+}
+
+/// A new placement worth committing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Proposal {
+    pub placement: Placement,
+    /// Windowed total balancedness of the current placement.
+    pub before: f64,
+    /// Predicted total balancedness of `placement` under the same window.
+    pub after: f64,
+    /// Experts newly loaded on some rank (Σ over layers and ranks of [`diff`]).
+    pub moves: usize,
+    /// `moves × expert_bytes`.
+    pub bytes: u64,
+    /// Moves per layer.
+    pub per_layer_moves: Vec<usize>,
+}
+
+/// Experts every rank gains from `a` to `b`, per layer: `out[layer][rank]` = experts in `b`'s slots
+/// of that rank that `a`'s do not hold, in `b`'s slot order — what the workers must load for epoch
+/// `b`. Layers or ranks `a` lacks count as empty there (everything is gained).
+pub fn diff(a: &Placement, b: &Placement) -> Vec<Vec<Vec<usize>>> {
+    b.layers
+        .iter()
+        .enumerate()
+        .map(|(l, lb)| {
+            lb.ranks
+                .iter()
+                .enumerate()
+                .map(|(r, slots)| {
+                    let old = a.layers.get(l).and_then(|la| la.ranks.get(r));
+                    let mut gained: Vec<usize> = Vec::new();
+                    for &e in slots {
+                        if !old.is_some_and(|o| o.contains(&e)) && !gained.contains(&e) {
+                            gained.push(e);
+                        }
+                    }
+                    gained
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Total moves from `a` to `b`: Σ of [`diff`].
+pub fn moves(a: &Placement, b: &Placement) -> usize {
+    diff(a, b).iter().flatten().map(Vec::len).sum()
+}
+
+/// One rebalance decision on the windowed `load[layer][expert]` (e.g.
+/// [`crate::live::LoadWindow::load`]). See the module documentation.
+///
+/// Errors: an invalid `cfg` or `current`, or `load` that does not fit `current` (layer or expert
+/// count, or a negative / non-finite entry).
+pub fn propose(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
+    decide(cfg, current, load, true)
+}
+
+/// [`propose`] without the threshold gate (the margin still applies): the periodic re-check.
+pub fn propose_ungated(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
+    decide(cfg, current, load, false)
+}
+
+fn check_load(current: &Placement, load: &[Vec<f64>]) -> Result<(), PlacementError> {
+    let mismatch = |m: String| Err(PlacementError::Mismatch(m));
+    if load.len() != current.num_layers {
+        return mismatch(format!("load lists {} layers, the placement has {}", load.len(), current.num_layers));
+    }
+    for (l, row) in load.iter().enumerate() {
+        if row.len() != current.num_experts {
+            return mismatch(format!("load layer {l} has {} experts, the placement has {}", row.len(), current.num_experts));
+        }
+        if let Some(e) = row.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return mismatch(format!("load[{l}][{e}] = {} is not a finite non-negative count", row[e]));
+        }
+    }
+    Ok(())
+}
+
+fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: bool) -> Result<Option<Proposal>, PlacementError> {
+    cfg.validate()?;
+    current.validate()?;
+    check_load(current, load)?;
+    if load.iter().flatten().all(|&v| v == 0.0) {
+        return Ok(None);
+    }
+    let (_, before) = balancedness(current, load);
+    if gated && before >= cfg.threshold {
+        return Ok(None);
+    }
+    let layers = plan(current, load, cfg.move_budget(), cfg.target);
+    let mut next = current.clone();
+    for (l, ranks) in layers.into_iter().enumerate() {
+        // Safety net: a layer never leaves worse than it came (the greedy guarantees it; floating
+        // point should not be trusted to).
+        let old_max = max_of(&rank_loads(&current.layers[l].ranks, &load[l]));
+        if max_of(&rank_loads(&ranks, &load[l])) <= old_max {
+            next.layers[l] = LayerPlacement { ranks };
+        }
+    }
+    next.validate().map_err(|e| PlacementError::Solver(format!("rebalance produced an invalid placement: {e}")))?;
+    let (_, after) = balancedness(&next, load);
+    let per_layer_moves: Vec<usize> =
+        diff(current, &next).iter().map(|layer| layer.iter().map(Vec::len).sum()).collect();
+    let moves: usize = per_layer_moves.iter().sum();
+    if moves == 0 || after - before < cfg.margin {
+        return Ok(None);
+    }
+    Ok(Some(Proposal {
+        placement: next,
+        before,
+        after,
+        moves,
+        bytes: (moves as u64).saturating_mul(cfg.expert_bytes),
+        per_layer_moves,
+    }))
+}
+
+fn max_of(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+/// Timing around [`propose`] for a long-running scheduler: no two epochs closer than
+/// `min_interval_s`; below the threshold every poll re-solves; above it, one ungated re-check per
+/// `period_s` (when set). Times are seconds on any monotonic clock.
+///
+/// The caller polls on every load report and must not poll while a proposal it got is still being
+/// migrated (its placement is not current yet). The epoch time is taken when a proposal is returned.
+#[derive(Debug, Clone)]
+pub struct Rebalancer {
+    cfg: RebalanceConfig,
+    last_epoch_s: Option<f64>,
+    last_check_s: Option<f64>,
+}
+
+impl Rebalancer {
+    pub fn new(cfg: RebalanceConfig) -> Result<Self, PlacementError> {
+        cfg.validate()?;
+        Ok(Self { cfg, last_epoch_s: None, last_check_s: None })
+    }
+
+    pub fn config(&self) -> &RebalanceConfig {
+        &self.cfg
+    }
+
+    /// When the last proposal was handed out.
+    pub fn last_epoch_s(&self) -> Option<f64> {
+        self.last_epoch_s
+    }
+
+    /// The decision at time `now_s` for `current` under the windowed `load`.
+    pub fn poll(&mut self, now_s: f64, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
+        if !now_s.is_finite() {
+            return Err(PlacementError::Invalid(format!("rebalance poll at time {now_s}")));
+        }
+        if self.last_epoch_s.is_some_and(|t| now_s - t < self.cfg.min_interval_s) {
+            return Ok(None);
+        }
+        let periodic = self.cfg.period_s.is_some_and(|p| self.last_check_s.is_none_or(|t| now_s - t >= p));
+        let proposal = decide(&self.cfg, current, load, !periodic)?;
+        if periodic || proposal.is_some() {
+            self.last_check_s = Some(now_s);
+        }
+        if proposal.is_some() {
+            self.last_epoch_s = Some(now_s);
+        }
+        Ok(proposal)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The incremental solve.
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Move {
+    /// `rank`'s slot `slot` takes `expert` (its old expert keeps another replica).
+    Replace { rank: usize, slot: usize, expert: usize },
+    /// Ranks `a` and `b` exchange the experts in slots `sa` and `sb`.
+    Swap { a: usize, sa: usize, b: usize, sb: usize },
+}
+
+impl Move {
+    fn cost(&self) -> usize {
+        match self {
+            Move::Replace { .. } => 1,
+            Move::Swap { .. } => 2,
+        }
+    }
+}
+
+/// One layer being improved.
+#[derive(Debug, Clone)]
+struct LayerState<'a> {
+    load: &'a [f64],
+    ranks: Vec<Vec<usize>>,
+    count: Vec<usize>,
+    /// Ranks hosting every expert, ascending.
+    hosts: Vec<Vec<usize>>,
+    rank_load: Vec<f64>,
+    /// Ranks by load, heaviest first (ties: lower index first).
+    order: Vec<usize>,
+}
+
+/// The best change found so far: gain of the max and of Σ load², per move.
+struct Best {
+    mv: Move,
+    gain: f64,
+    sq: f64,
+}
+
+impl<'a> LayerState<'a> {
+    fn new(ranks: Vec<Vec<usize>>, load: &'a [f64]) -> Self {
+        let mut s = Self { load, ranks, count: Vec::new(), hosts: Vec::new(), rank_load: Vec::new(), order: Vec::new() };
+        s.refresh();
+        s
+    }
+
+    fn refresh(&mut self) {
+        let ne = self.load.len();
+        self.count.clear();
+        self.count.resize(ne, 0);
+        self.hosts.resize_with(ne, Vec::new);
+        for h in &mut self.hosts {
+            h.clear();
+        }
+        for (r, slots) in self.ranks.iter().enumerate() {
+            for &e in slots {
+                if e < ne {
+                    self.count[e] += 1;
+                    self.hosts[e].push(r);
+                }
+            }
+        }
+        self.rank_load = rank_loads(&self.ranks, self.load);
+        self.order = (0..self.ranks.len()).collect();
+        let rl = &self.rank_load;
+        self.order.sort_by(|&a, &b| rl[b].total_cmp(&rl[a]).then(a.cmp(&b)));
+    }
+
+    fn max(&self) -> f64 {
+        self.order.first().map_or(0.0, |&r| self.rank_load[r])
+    }
+
+    fn share(&self, e: usize) -> f64 {
+        self.load[e] / self.count[e].max(1) as f64
+    }
+
+    fn apply(&mut self, mv: Move) {
+        match mv {
+            Move::Replace { rank, slot, expert } => self.ranks[rank][slot] = expert,
+            Move::Swap { a, sa, b, sb } => {
+                let x = self.ranks[a][sa];
+                self.ranks[a][sa] = self.ranks[b][sb];
+                self.ranks[b][sb] = x;
+            }
+        }
+        self.refresh();
+    }
+
+    /// Highest load among ranks not in `affected`.
+    fn max_unaffected(&self, affected: &[(usize, f64)]) -> f64 {
+        self.order
+            .iter()
+            .find(|&&r| !affected.iter().any(|a| a.0 == r))
+            .map_or(0.0, |&r| self.rank_load[r])
+    }
+
+    /// New max rank load and change of Σ load² when `rank`'s slot `slot` takes expert `y`.
+    fn eval_replace(&self, rank: usize, slot: usize, y: usize, aff: &mut Vec<(usize, f64)>) -> (f64, f64) {
+        let z = self.ranks[rank][slot];
+        let (n, cz, cy) = (self.load, self.count[z] as f64, self.count[y] as f64);
+        aff.clear();
+        let add = |aff: &mut Vec<(usize, f64)>, r: usize, d: f64| match aff.iter_mut().find(|a| a.0 == r) {
+            Some(a) => a.1 += d,
+            None => aff.push((r, d)),
+        };
+        add(aff, rank, n[y] / (cy + 1.0) - n[z] / cz);
+        if cz > 1.0 {
+            let dz = n[z] / (cz - 1.0) - n[z] / cz;
+            for &h in &self.hosts[z] {
+                if h != rank {
+                    add(aff, h, dz);
+                }
+            }
+        }
+        let dy = n[y] / (cy + 1.0) - n[y] / cy.max(1.0);
+        for &h in &self.hosts[y] {
+            add(aff, h, dy);
+        }
+        let mut new_max = self.max_unaffected(aff);
+        let mut dsq = 0.0;
+        for &(r, d) in aff.iter() {
+            let (old, new) = (self.rank_load[r], self.rank_load[r] + d);
+            new_max = new_max.max(new);
+            dsq += new * new - old * old;
+        }
+        (new_max, dsq)
+    }
+
+    /// The best change costing at most `max_cost` moves, if any makes progress.
+    fn best_move(&self, max_cost: usize, aff: &mut Vec<(usize, f64)>) -> Option<Move> {
+        let nr = self.ranks.len();
+        let m = *self.order.first()?;
+        let big = self.rank_load[m];
+        if nr < 2 || big <= 0.0 || max_cost == 0 {
+            return None;
+        }
+        let (tol, tol_sq) = (big * 1e-9, big * big * 1e-9);
+        let mut best: Option<Best> = None;
+        let mut consider = |mv: Move, new_max: f64, dsq: f64| {
+            if new_max > big {
+                return; // never make the layer worse
+            }
+            let (gain, sq) = (big - new_max, -dsq);
+            if gain <= tol && sq <= tol_sq {
+                return;
+            }
+            let c = mv.cost() as f64;
+            let (gain, sq) = (gain / c, sq / c);
+            let better = match &best {
+                None => true,
+                Some(b) => gain > b.gain + tol || (gain >= b.gain - tol && sq > b.sq + tol_sq),
+            };
+            if better {
+                best = Some(Best { mv, gain, sq });
+            }
+        };
+        let on_m = &self.ranks[m];
+        // Replace elsewhere: a replica of an expert of `m` takes a redundant slot on another rank.
+        for &y in on_m {
+            if self.load[y] <= 0.0 {
+                continue;
+            }
+            for r in 0..nr {
+                if r == m || self.hosts[y].binary_search(&r).is_ok() {
+                    continue;
+                }
+                for (slot, &z) in self.ranks[r].iter().enumerate() {
+                    if self.count[z] < 2 {
+                        continue;
+                    }
+                    let (nm, dsq) = self.eval_replace(r, slot, y, aff);
+                    consider(Move::Replace { rank: r, slot, expert: y }, nm, dsq);
+                }
+            }
+        }
+        // Replace on `m`: a redundant replica on `m` gives its slot to another expert.
+        for (slot, &x) in on_m.iter().enumerate() {
+            if self.count[x] < 2 {
+                continue;
+            }
+            let sx = self.share(x);
+            for y in 0..self.load.len() {
+                if on_m.contains(&y) || self.load[y] / (self.count[y] + 1) as f64 > sx {
+                    continue;
+                }
+                let (nm, dsq) = self.eval_replace(m, slot, y, aff);
+                consider(Move::Replace { rank: m, slot, expert: y }, nm, dsq);
+            }
+        }
+        // Swap: `m` and rank `b` exchange one expert each.
+        if max_cost >= 2 {
+            for (sa, &x) in on_m.iter().enumerate() {
+                let sx = self.share(x);
+                for b in 0..nr {
+                    if b == m || self.hosts[x].binary_search(&b).is_ok() {
+                        continue;
+                    }
+                    let others = self.order.iter().find(|&&r| r != m && r != b).map_or(0.0, |&r| self.rank_load[r]);
+                    for (sb, &y) in self.ranks[b].iter().enumerate() {
+                        let sy = self.share(y);
+                        if sy >= sx || on_m.contains(&y) {
+                            continue;
+                        }
+                        let (na, nb) = (big - sx + sy, self.rank_load[b] + sx - sy);
+                        let dsq = na * na + nb * nb - big * big - self.rank_load[b] * self.rank_load[b];
+                        consider(Move::Swap { a: m, sa, b, sb }, others.max(na).max(nb), dsq);
+                    }
+                }
+            }
+        }
+        best.map(|b| b.mv)
+    }
+}
+
+/// Changes to one layer that together lower its max: the resulting state, moves spent, gain.
+struct Bundle<'a> {
+    state: LayerState<'a>,
+    cost: usize,
+    gain: f64,
+}
+
+/// The next changes of `layer` that lower its max, within `budget` moves and [`LOOKAHEAD`] changes.
+fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, aff: &mut Vec<(usize, f64)>) -> Option<Bundle<'a>> {
+    let start = layer.max();
+    if budget == 0 || start <= 0.0 {
+        return None;
+    }
+    let tol = start * 1e-9;
+    let mut state = layer.clone();
+    let mut cost = 0;
+    for _ in 0..LOOKAHEAD {
+        let mv = state.best_move(budget - cost, aff)?;
+        state.apply(mv);
+        cost += mv.cost();
+        let gain = start - state.max();
+        if gain > tol {
+            return Some(Bundle { state, cost, gain });
+        }
+        if cost >= budget {
+            return None;
+        }
+    }
+    None
+}
+
+/// The improved slots of every layer of `current` under `load`, spending at most `budget` moves.
+fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64) -> Vec<Vec<Vec<usize>>> {
+    let nr = current.num_ranks().max(1) as f64;
+    let mut states: Vec<LayerState> =
+        current.layers.iter().zip(load).map(|(l, row)| LayerState::new(l.ranks.clone(), row)).collect();
+    let means: Vec<f64> = load.iter().map(|row| row.iter().sum::<f64>() / nr).collect();
+    let sum_mean: f64 = means.iter().sum();
+    let mut maxes: Vec<f64> = states.iter().map(LayerState::max).collect();
+    let mut aff = Vec::new();
+    let mut remaining = budget;
+    let mut bundles: Vec<Option<Bundle>> = states.iter().map(|s| next_bundle(s, remaining, &mut aff)).collect();
+    loop {
+        let sum_max: f64 = maxes.iter().sum();
+        if remaining == 0 || sum_max <= 0.0 || sum_mean / sum_max >= target {
+            break;
+        }
+        for (l, b) in bundles.iter_mut().enumerate() {
+            if b.as_ref().is_some_and(|b| b.cost > remaining) {
+                *b = next_bundle(&states[l], remaining, &mut aff);
+            }
+        }
+        let bal = |l: usize| if maxes[l] > 0.0 { means[l] / maxes[l] } else { 1.0 };
+        let mut pick: Option<(usize, f64)> = None;
+        for (l, b) in bundles.iter().enumerate() {
+            let Some(b) = b else { continue };
+            let ratio = b.gain / b.cost as f64;
+            let better = match pick {
+                None => true,
+                Some((p, pr)) => {
+                    let tol = 1e-12 * pr.abs().max(ratio.abs());
+                    ratio > pr + tol || (ratio >= pr - tol && bal(l) < bal(p))
+                }
+            };
+            if better {
+                pick = Some((l, ratio));
+            }
+        }
+        let Some((l, _)) = pick else { break };
+        let Some(b) = bundles[l].take() else { break };
+        remaining -= b.cost;
+        states[l] = b.state;
+        maxes[l] = states[l].max();
+        bundles[l] = next_bundle(&states[l], remaining, &mut aff);
+    }
+    states.into_iter().map(|s| s.ranks).collect()
+}
+
+#[cfg(test)]
+mod tests;
