@@ -41,6 +41,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live expert load of a cluster: balancedness of the active placement, hottest experts,
+    /// per-rank load, migrations (admin API).
+    Stats {
+        #[command(flatten)]
+        endpoint: cli::admin::AdminEndpoint,
+        /// How many of the hottest experts to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster benchmarks: all-to-all transport, end-to-end decode.
     #[command(subcommand)]
     Bench(cli::bench_cluster::BenchCommand),
@@ -74,6 +85,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(a) => cli::cluster::coordinator(a),
         Command::Worker(a) => cli::cluster::worker(a),
         Command::Status { endpoint, json } => cli::admin::status(endpoint, json),
+        Command::Stats { endpoint, top, json } => cli::admin::stats(endpoint, top, json),
         Command::Bench(c) => cli::bench_cluster::run(c),
     };
     match result {

@@ -19,9 +19,11 @@
 //! validity rule of [`Placement`]. Two kinds of change, both aimed at the layer's most loaded rank
 //! `m`:
 //! - **replace** (1 move): a slot on some rank takes expert `y` instead of `z`, where `z` keeps at
-//!   least one other replica — either a replica of an expert hosted on `m` is added elsewhere
-//!   (splitting its load), or a slot on `m` trades a redundant replica for another expert;
-//! - **swap** (2 moves): `m` and another rank exchange one expert each.
+//!   least one other replica — either a replica of an expert hosted on `m` is added on one of the
+//!   [`DESTINATIONS`] least loaded ranks (splitting its load), or a slot on `m` trades a redundant
+//!   replica for another expert (one of few candidates, see [`HEAVY`]);
+//! - **swap** (2 moves): `m` and one of the [`DESTINATIONS`] least loaded ranks exchange one expert
+//!   each.
 //!
 //! Per layer, a greedy picks the change with the largest reduction of the layer's max rank load per
 //! move (ties: the larger reduction of Σ rank load², then the lowest rank / slot / expert index), and
@@ -48,6 +50,15 @@ pub use sim::{Phase, Policy, SimConfig, SimReport, SimSummary, Start, StepRecord
 /// given up.
 pub const LOOKAHEAD: usize = 8;
 
+/// A new replica of an expert on the most loaded rank goes to, and a swap partner is, one of this
+/// many least loaded ranks (all ranks on clusters up to this size); keeps the search for one change
+/// independent of the rank count.
+pub const DESTINATIONS: usize = 32;
+
+/// A redundant replica on the most loaded rank may give its slot to an expert hosted on one of this
+/// many next most loaded ranks (or to one of [`DESTINATIONS`] experts whose share grows least).
+pub const HEAVY: usize = 8;
+
 /// Bytes of one DeepSeek-V3 routed expert in fp8: 3 matrices × 7168 × 2048 × 1 byte.
 pub const DEEPSEEK_V3_FP8_EXPERT_BYTES: u64 = 3 * 7168 * 2048;
 
@@ -64,12 +75,14 @@ pub struct RebalanceConfig {
     /// Stop spending moves once the predicted balancedness reaches this (threshold ≤ target ≤ 1); the
     /// gap to `threshold` is the hysteresis that keeps noise from re-triggering at once. Default 0.95.
     pub target: f64,
-    /// Most moves (an expert newly loaded on a rank counts 1) per epoch. Default 1024: about 18 per
-    /// layer on DeepSeek-V3's 58 MoE layers (6 % of its 16 704 slots on 32 ranks × 9), ≈ 45 GB of
-    /// fp8 weights per epoch over the cluster, ≈ 1.4 GB per GPU on 32 ranks — the memory the
-    /// two-phase switch holds beside the old slots. It is a cap, not a quota: spending stops at
-    /// `target`, so small drifts move few experts. A full reshuffle of the hot experts takes a few
-    /// epochs. [`RebalanceConfig::for_layers`] sets 16 per layer instead.
+    /// Most moves (an expert newly loaded on a rank counts 1) per epoch, over the whole cluster.
+    /// Default 1024, i.e. 32 per rank on 32 ranks ([`RebalanceConfig::for_ranks`] scales it with
+    /// the cluster, [`RebalanceConfig::for_layers`] sets 16 per MoE layer): on
+    /// DeepSeek-V3 about 18 per layer (6 % of the 16 704 slots of 32 ranks × 9), ≈ 45 GB of fp8
+    /// weights per epoch, ≈ 1.4 GB per GPU on average — the memory the two-phase switch holds beside
+    /// the old slots. It is a cap, not a quota: spending stops at `target`, so small drifts move few
+    /// experts; a full reshuffle of the hot experts takes a few epochs. (The cap is on the total; one
+    /// rank may receive more than the average.)
     pub max_moves: usize,
     /// Migration bandwidth budget in bytes per second: an epoch loads at most
     /// `max_bytes_per_s × min_interval_s` bytes. `None`: only `max_moves` limits.
@@ -103,6 +116,12 @@ impl RebalanceConfig {
     /// The defaults with `max_moves` = 16 × `num_layers` (at least 1).
     pub fn for_layers(num_layers: usize) -> Self {
         Self { max_moves: num_layers.saturating_mul(16).max(1), ..Self::default() }
+    }
+
+    /// The defaults with `max_moves` = 32 × `num_ranks` (at least 1): the same per-GPU migration
+    /// volume as the default on 32 ranks, since every rank loads its own new slots.
+    pub fn for_ranks(num_ranks: usize) -> Self {
+        Self { max_moves: num_ranks.saturating_mul(32).max(1), ..Self::default() }
     }
 
     /// Bytes of one routed expert (gate, up and down projections) of the model `hw` describes, at
@@ -368,6 +387,41 @@ struct LayerState<'a> {
     order: Vec<usize>,
 }
 
+/// Per-rank load changes of one candidate change.
+#[derive(Debug, Default)]
+struct Scratch {
+    delta: Vec<f64>,
+    mark: Vec<bool>,
+    list: Vec<usize>,
+}
+
+impl Scratch {
+    fn reset(&mut self, ranks: usize) {
+        if self.mark.len() != ranks {
+            self.delta = vec![0.0; ranks];
+            self.mark = vec![false; ranks];
+            self.list.clear();
+        }
+        for &r in &self.list {
+            self.delta[r] = 0.0;
+            self.mark[r] = false;
+        }
+        self.list.clear();
+    }
+
+    fn add(&mut self, r: usize, d: f64) {
+        if !self.mark[r] {
+            self.mark[r] = true;
+            self.list.push(r);
+        }
+        self.delta[r] += d;
+    }
+
+    fn touched(&self, r: usize) -> bool {
+        self.mark.get(r).copied().unwrap_or(false)
+    }
+}
+
 /// The best change found so far: gain of the max and of Σ load², per move.
 struct Best {
     mv: Move,
@@ -424,40 +478,33 @@ impl<'a> LayerState<'a> {
         self.refresh();
     }
 
-    /// Highest load among ranks not in `affected`.
-    fn max_unaffected(&self, affected: &[(usize, f64)]) -> f64 {
-        self.order
-            .iter()
-            .find(|&&r| !affected.iter().any(|a| a.0 == r))
-            .map_or(0.0, |&r| self.rank_load[r])
+    /// Highest load among ranks `scratch` does not touch.
+    fn max_unaffected(&self, scratch: &Scratch) -> f64 {
+        self.order.iter().find(|&&r| !scratch.touched(r)).map_or(0.0, |&r| self.rank_load[r])
     }
 
     /// New max rank load and change of Σ load² when `rank`'s slot `slot` takes expert `y`.
-    fn eval_replace(&self, rank: usize, slot: usize, y: usize, aff: &mut Vec<(usize, f64)>) -> (f64, f64) {
+    fn eval_replace(&self, rank: usize, slot: usize, y: usize, sc: &mut Scratch) -> (f64, f64) {
         let z = self.ranks[rank][slot];
         let (n, cz, cy) = (self.load, self.count[z] as f64, self.count[y] as f64);
-        aff.clear();
-        let add = |aff: &mut Vec<(usize, f64)>, r: usize, d: f64| match aff.iter_mut().find(|a| a.0 == r) {
-            Some(a) => a.1 += d,
-            None => aff.push((r, d)),
-        };
-        add(aff, rank, n[y] / (cy + 1.0) - n[z] / cz);
+        sc.reset(self.ranks.len());
+        sc.add(rank, n[y] / (cy + 1.0) - n[z] / cz);
         if cz > 1.0 {
             let dz = n[z] / (cz - 1.0) - n[z] / cz;
             for &h in &self.hosts[z] {
                 if h != rank {
-                    add(aff, h, dz);
+                    sc.add(h, dz);
                 }
             }
         }
         let dy = n[y] / (cy + 1.0) - n[y] / cy.max(1.0);
         for &h in &self.hosts[y] {
-            add(aff, h, dy);
+            sc.add(h, dy);
         }
-        let mut new_max = self.max_unaffected(aff);
+        let mut new_max = self.max_unaffected(sc);
         let mut dsq = 0.0;
-        for &(r, d) in aff.iter() {
-            let (old, new) = (self.rank_load[r], self.rank_load[r] + d);
+        for &r in &sc.list {
+            let (old, new) = (self.rank_load[r], self.rank_load[r] + sc.delta[r]);
             new_max = new_max.max(new);
             dsq += new * new - old * old;
         }
@@ -465,7 +512,7 @@ impl<'a> LayerState<'a> {
     }
 
     /// The best change costing at most `max_cost` moves, if any makes progress.
-    fn best_move(&self, max_cost: usize, aff: &mut Vec<(usize, f64)>) -> Option<Move> {
+    fn best_move(&self, max_cost: usize, sc: &mut Scratch) -> Option<Move> {
         let nr = self.ranks.len();
         let m = *self.order.first()?;
         let big = self.rank_load[m];
@@ -493,35 +540,52 @@ impl<'a> LayerState<'a> {
             }
         };
         let on_m = &self.ranks[m];
-        // Replace elsewhere: a replica of an expert of `m` takes a redundant slot on another rank.
+        // Replace elsewhere: a replica of an expert of `m` takes a redundant slot on one of the
+        // [`DESTINATIONS`] least loaded other ranks.
+        let mut light: Vec<usize> = self.order.iter().rev().copied().filter(|&r| r != m).take(DESTINATIONS).collect();
+        light.sort_unstable();
         for &y in on_m {
             if self.load[y] <= 0.0 {
                 continue;
             }
-            for r in 0..nr {
-                if r == m || self.hosts[y].binary_search(&r).is_ok() {
+            for &r in &light {
+                if self.hosts[y].binary_search(&r).is_ok() {
                     continue;
                 }
                 for (slot, &z) in self.ranks[r].iter().enumerate() {
                     if self.count[z] < 2 {
                         continue;
                     }
-                    let (nm, dsq) = self.eval_replace(r, slot, y, aff);
+                    let (nm, dsq) = self.eval_replace(r, slot, y, sc);
                     consider(Move::Replace { rank: r, slot, expert: y }, nm, dsq);
                 }
             }
         }
-        // Replace on `m`: a redundant replica on `m` gives its slot to another expert.
+        // Replace on `m`: a redundant replica on `m` gives its slot to another expert — one of the
+        // [`DESTINATIONS`] experts whose share grows least by a replica, or one hosted on the
+        // [`HEAVY`] most loaded other ranks (whose load its new replica relieves).
+        let mut ys: Vec<usize> = Vec::new();
+        if on_m.iter().any(|&x| self.count[x] >= 2) {
+            let grown = |e: usize| self.load[e] / (self.count[e] + 1) as f64;
+            let mut by_share: Vec<usize> = (0..self.load.len()).collect();
+            by_share.sort_by(|&a, &b| grown(a).total_cmp(&grown(b)).then(a.cmp(&b)));
+            ys.extend(by_share.into_iter().take(DESTINATIONS));
+            for &r in self.order.iter().filter(|&&r| r != m).take(HEAVY) {
+                ys.extend_from_slice(&self.ranks[r]);
+            }
+            ys.sort_unstable();
+            ys.dedup();
+        }
         for (slot, &x) in on_m.iter().enumerate() {
             if self.count[x] < 2 {
                 continue;
             }
             let sx = self.share(x);
-            for y in 0..self.load.len() {
+            for &y in &ys {
                 if on_m.contains(&y) || self.load[y] / (self.count[y] + 1) as f64 > sx {
                     continue;
                 }
-                let (nm, dsq) = self.eval_replace(m, slot, y, aff);
+                let (nm, dsq) = self.eval_replace(m, slot, y, sc);
                 consider(Move::Replace { rank: m, slot, expert: y }, nm, dsq);
             }
         }
@@ -529,8 +593,8 @@ impl<'a> LayerState<'a> {
         if max_cost >= 2 {
             for (sa, &x) in on_m.iter().enumerate() {
                 let sx = self.share(x);
-                for b in 0..nr {
-                    if b == m || self.hosts[x].binary_search(&b).is_ok() {
+                for &b in &light {
+                    if self.hosts[x].binary_search(&b).is_ok() {
                         continue;
                     }
                     let others = self.order.iter().find(|&&r| r != m && r != b).map_or(0.0, |&r| self.rank_load[r]);
@@ -558,7 +622,7 @@ struct Bundle<'a> {
 }
 
 /// The next changes of `layer` that lower its max, within `budget` moves and [`LOOKAHEAD`] changes.
-fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, aff: &mut Vec<(usize, f64)>) -> Option<Bundle<'a>> {
+fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, sc: &mut Scratch) -> Option<Bundle<'a>> {
     let start = layer.max();
     if budget == 0 || start <= 0.0 {
         return None;
@@ -567,7 +631,7 @@ fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, aff: &mut Vec<(usize, 
     let mut state = layer.clone();
     let mut cost = 0;
     for _ in 0..LOOKAHEAD {
-        let mv = state.best_move(budget - cost, aff)?;
+        let mv = state.best_move(budget - cost, sc)?;
         state.apply(mv);
         cost += mv.cost();
         let gain = start - state.max();
@@ -589,9 +653,9 @@ fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64) -> V
     let means: Vec<f64> = load.iter().map(|row| row.iter().sum::<f64>() / nr).collect();
     let sum_mean: f64 = means.iter().sum();
     let mut maxes: Vec<f64> = states.iter().map(LayerState::max).collect();
-    let mut aff = Vec::new();
+    let mut sc = Scratch::default();
     let mut remaining = budget;
-    let mut bundles: Vec<Option<Bundle>> = states.iter().map(|s| next_bundle(s, remaining, &mut aff)).collect();
+    let mut bundles: Vec<Option<Bundle>> = states.iter().map(|s| next_bundle(s, remaining, &mut sc)).collect();
     loop {
         let sum_max: f64 = maxes.iter().sum();
         if remaining == 0 || sum_max <= 0.0 || sum_mean / sum_max >= target {
@@ -599,7 +663,7 @@ fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64) -> V
         }
         for (l, b) in bundles.iter_mut().enumerate() {
             if b.as_ref().is_some_and(|b| b.cost > remaining) {
-                *b = next_bundle(&states[l], remaining, &mut aff);
+                *b = next_bundle(&states[l], remaining, &mut sc);
             }
         }
         let bal = |l: usize| if maxes[l] > 0.0 { means[l] / maxes[l] } else { 1.0 };
@@ -623,7 +687,7 @@ fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64) -> V
         remaining -= b.cost;
         states[l] = b.state;
         maxes[l] = states[l].max();
-        bundles[l] = next_bundle(&states[l], remaining, &mut aff);
+        bundles[l] = next_bundle(&states[l], remaining, &mut sc);
     }
     states.into_iter().map(|s| s.ranks).collect()
 }

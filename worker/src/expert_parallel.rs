@@ -55,6 +55,8 @@ pub struct EpSlots {
     replicas: Vec<Vec<Vec<usize>>>,
     /// `experts[moe_layer][expert]`: this rank's weights, `None` where it holds no slot.
     experts: Vec<Vec<Option<Arc<ExpertFfn>>>>,
+    /// Whether any expert of the layer has several replicas (load-aware choice applies).
+    replicated: Vec<bool>,
 }
 
 impl EpSlots {
@@ -76,7 +78,8 @@ impl EpSlots {
                 return Err(proto_err(format!("rank {rank}: MoE layer {l}: expert {e} of the placement is not loaded")));
             }
         }
-        Ok(EpSlots { epoch, replicas, experts })
+        let replicated = replicas.iter().map(|l| l.iter().any(|r| r.len() > 1)).collect();
+        Ok(EpSlots { epoch, replicas, experts, replicated })
     }
 
     pub fn epoch(&self) -> u64 {
@@ -137,6 +140,7 @@ pub struct EpExecutor {
     transport: Mutex<Box<dyn Transport>>,
     pub timers: EpTimers,
     observer: Mutex<Option<AllToAllObserver>>,
+    load_aware: AtomicBool,
 }
 
 impl std::fmt::Debug for EpExecutor {
@@ -180,6 +184,7 @@ impl EpExecutor {
             transport: Mutex::new(transport),
             timers: EpTimers::default(),
             observer: Mutex::new(None),
+            load_aware: AtomicBool::new(false),
         })
     }
 
@@ -340,6 +345,78 @@ impl EpExecutor {
         }
     }
 
+    /// Load-aware replica choice for one layer of one step: every rank shares how many of its
+    /// tokens chose each expert (one small all-to-all), then all compute the same split of each
+    /// replicated expert's tokens over its replicas — heaviest experts first, each token to the
+    /// replica whose rank is least loaded so far, the sender's own rank (then node) preferred
+    /// while it is within `slack` tokens of the least loaded. Returns, for this rank, how many of
+    /// its tokens of each expert go to each replica (`[expert][replica index]`).
+    fn load_aware_plan(&self, slots: &EpSlots, li: usize, routing: &Routing) -> Result<Vec<Vec<u32>>> {
+        let ne = self.n_experts;
+        let mut mine = vec![0u32; ne];
+        for &e in &routing.ids {
+            if let Some(c) = mine.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        let mut msg = Vec::with_capacity(ne * 4);
+        for c in &mine {
+            msg.extend_from_slice(&c.to_le_bytes());
+        }
+        let recv = {
+            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
+            t.all_to_all_v(vec![msg; self.world]).map_err(ep_err)?
+        };
+        let mut counts = Vec::with_capacity(self.world); // counts[src][expert]
+        for (src, b) in recv.iter().enumerate() {
+            if b.len() != ne * 4 {
+                return Err(proto_err(format!("rank {}: expert counts from rank {src} have {} bytes", self.rank, b.len())));
+            }
+            counts.push(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<u32>>());
+        }
+        let reps = &slots.replicas[li];
+        let total = |e: usize| counts.iter().map(|c| c[e] as u64).sum::<u64>();
+        // Load every rank gets for certain: experts with one replica.
+        let mut load = vec![0u64; self.world];
+        for (e, rs) in reps.iter().enumerate() {
+            if rs.len() == 1 {
+                load[rs[0]] += total(e);
+            }
+        }
+        let all: u64 = (0..ne).map(total).sum();
+        let slack = (all / (20 * self.world as u64).max(1)).max(1);
+        let mut multi: Vec<usize> = (0..ne).filter(|&e| reps[e].len() > 1).collect();
+        multi.sort_by_key(|&e| (std::cmp::Reverse(total(e)), e));
+        let mut plan = vec![Vec::new(); ne];
+        for &e in &multi {
+            let rs = &reps[e];
+            for (src, c) in counts.iter().enumerate() {
+                let mut quota = vec![0u32; rs.len()];
+                for _ in 0..c[e] {
+                    let least = rs.iter().map(|&r| load[r]).min().unwrap_or(0);
+                    let near = |r: usize| load[r] <= least + slack;
+                    let j = rs
+                        .iter()
+                        .position(|&r| r == src && near(r))
+                        .or_else(|| rs.iter().position(|&r| self.node_of_rank[r] == self.node_of_rank[src] && near(r)))
+                        .unwrap_or_else(|| (0..rs.len()).min_by_key(|&j| (load[rs[j]], rs[j])).unwrap_or(0));
+                    load[rs[j]] += 1;
+                    quota[j] += 1;
+                }
+                if src == self.rank {
+                    plan[e] = quota;
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Split the tokens of replicated experts by load across all ranks (see
+    /// [`EpExecutor::load_aware_plan`]); every rank of a group must set the same.
+    pub fn set_load_aware(&self, on: bool) {
+        self.load_aware.store(on, Ordering::Relaxed);
+    }
+
     fn a2a(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, b)| b.len() as u64).sum();
         let t0 = Instant::now();
@@ -377,14 +454,31 @@ impl ExpertExecutor for EpExecutor {
         }
         let started = Instant::now();
         // 1. Replica choice; per destination the (token, expert, weight) items in send order.
-        let mut load = vec![0u64; self.world];
         let mut items: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); self.world];
-        for tok in 0..t {
-            for k in 0..routing.top_k {
-                let e = routing.ids[tok * routing.top_k + k];
-                let w = routing.weights[tok * routing.top_k + k];
-                let r = self.choose(&slots, li, e as usize, &mut load);
-                items[r].push((tok, e, w));
+        if self.load_aware.load(Ordering::Relaxed) && slots.replicated[li] {
+            let mut plan = self.load_aware_plan(&slots, li, routing)?;
+            for tok in 0..t {
+                for k in 0..routing.top_k {
+                    let e = routing.ids[tok * routing.top_k + k];
+                    let w = routing.weights[tok * routing.top_k + k];
+                    let reps = &slots.replicas[li][e as usize];
+                    // The first replica with quota left (the plan covers every token of ours).
+                    let j = plan[e as usize].iter().position(|&q| q > 0).unwrap_or(0);
+                    if let Some(q) = plan[e as usize].get_mut(j) {
+                        *q = q.saturating_sub(1);
+                    }
+                    items[reps[j]].push((tok, e, w));
+                }
+            }
+        } else {
+            let mut load = vec![0u64; self.world];
+            for tok in 0..t {
+                for k in 0..routing.top_k {
+                    let e = routing.ids[tok * routing.top_k + k];
+                    let w = routing.weights[tok * routing.top_k + k];
+                    let r = self.choose(&slots, li, e as usize, &mut load);
+                    items[r].push((tok, e, w));
+                }
             }
         }
         // 2. Dispatch: [n u32][n expert ids u32][n rows f32].
@@ -545,7 +639,16 @@ pub struct RankStats {
     pub transport_error: Mutex<Option<String>>,
     pub degraded: AtomicBool,
     pub expert_load: Mutex<Vec<u64>>,
+    /// Longest busy step (µs) since someone last took it ([`RankStats::take_max_step_us`]).
+    pub max_step_us: AtomicU64,
     pub stop: AtomicBool,
+}
+
+impl RankStats {
+    /// The longest busy step since the last call, resetting it.
+    pub fn take_max_step_us(&self) -> u64 {
+        self.max_step_us.swap(0, Ordering::Relaxed)
+    }
 }
 
 /// Settings of [`RankLoop::spawn`].
@@ -742,6 +845,7 @@ fn run_loop(
         };
         let took = t0.elapsed();
         stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        stats.max_step_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
         if let Some(f) = &cfg.on_step {
             f(took);
         }
@@ -937,5 +1041,57 @@ mod tests {
         let got = handles.into_iter().map(|h| h.join().expect("rank")).next().flatten().expect("rank 0 logits");
         let d = crate::reference::rel_max_diff(&got, &want);
         assert!(d < 1e-5, "rel diff {d} after the switch");
+    }
+
+    /// Every expert on both ranks and all tokens on rank 0: local-first choice keeps every row at
+    /// home; load-aware choice splits them over both ranks — with the same logits.
+    #[test]
+    fn load_aware_replicas_split_the_load_and_keep_logits() {
+        let dir = fixture("qwen3_moe");
+        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
+        let prompt: Vec<u32> = (1..40).collect();
+        let want = full.logits(&prompt).expect("local logits");
+        let n_e = full.config.router.n_experts;
+        let n_l = full.moe_layers().count();
+        let world = 2;
+        let everything: Vec<Vec<Vec<usize>>> = (0..n_l).map(|_| vec![(0..n_e).collect(); world]).collect();
+        for load_aware in [false, true] {
+            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+            let handles: Vec<_> = mesh
+                .into_iter()
+                .map(|t| {
+                    let (placement, dir, prompt) = (everything.clone(), dir.clone(), prompt.clone());
+                    std::thread::spawn(move || {
+                        let r = t.rank();
+                        let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load");
+                        let experts = m.take_routed_experts();
+                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
+                        ex.set_load_aware(load_aware);
+                        let logits = if r == 0 {
+                            let mut cache = m.new_cache();
+                            let out = m
+                                .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
+                                .expect("ep forward");
+                            Some(out.logits[0].clone())
+                        } else {
+                            ex.idle_forward(&m).expect("idle");
+                            None
+                        };
+                        (logits, ex.timers.remote_rows.load(Ordering::Relaxed), ex.timers.local_rows.load(Ordering::Relaxed))
+                    })
+                })
+                .collect();
+            let res: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
+            let (got, remote, local) = (res[0].0.clone().expect("logits"), res[0].1, res[0].2);
+            let d = crate::reference::rel_max_diff(&got, &want);
+            assert!(d < 1e-4, "load_aware {load_aware}: rel diff {d}");
+            if load_aware {
+                assert!(remote > 0 && local > 0, "load-aware did not split: local {local}, remote {remote}");
+                let share = remote as f64 / (remote + local) as f64;
+                assert!((0.3..=0.7).contains(&share), "uneven split: {share}");
+            } else {
+                assert_eq!(remote, 0, "local-first sent rows away");
+            }
+        }
     }
 }

@@ -137,8 +137,19 @@ impl Admin for CoordSvc {
 
     async fn apply_placement(&self, req: Request<pb::ApplyPlacementRequest>) -> Result<Response<pb::ApplyPlacementResponse>, Status> {
         self.require_leader()?;
+        Ok(Response::new(self.apply_epoch(req.into_inner().placement_json).await?))
+    }
+
+    async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+        self.require_leader()?;
+        Ok(Response::new(self.stats_snapshot()))
+    }
+}
+
+impl CoordSvc {
+    /// The two-phase placement change (see the module docs); also what the scheduler calls.
+    pub(super) async fn apply_epoch(&self, json: String) -> Result<pb::ApplyPlacementResponse, Status> {
         let started = Instant::now();
-        let json = req.into_inner().placement_json;
         // 1. Check everything before any worker changes.
         let p = placement::Placement::from_json(&json).map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
         check_placement(&p, self.model_config(), self.world_size(), "the placement")
@@ -146,6 +157,13 @@ impl Admin for CoordSvc {
         let json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
         let _one_at_a_time = self.apply_lock().lock().await;
         self.wait_ready().await?;
+        self.migration_running(true);
+        let r = self.apply_locked(json, started).await;
+        self.migration_running(false);
+        r
+    }
+
+    async fn apply_locked(&self, json: String, started: Instant) -> Result<pb::ApplyPlacementResponse, Status> {
         let clients = self.live_clients()?;
         let epoch = self.placement().0 + 1;
         // 2. Prepare everywhere.
@@ -202,7 +220,7 @@ impl Admin for CoordSvc {
         let switch_ms = started.elapsed().as_millis() as u64;
         tracing::info!(epoch, switch_ms, "placement epoch active");
         let (loaded_per_rank, kept_per_rank) = prepared.iter().flatten().map(|p| (p.loaded, p.kept)).unzip();
-        Ok(Response::new(pb::ApplyPlacementResponse { epoch, loaded_per_rank, kept_per_rank, switch_ms }))
+        Ok(pb::ApplyPlacementResponse { epoch, loaded_per_rank, kept_per_rank, switch_ms })
     }
 }
 
@@ -301,6 +319,75 @@ pub fn status(ep: AdminEndpoint, json: bool) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn fetch_stats(ep: &AdminEndpoint) -> anyhow::Result<pb::GetStatsResponse> {
+    let mut c = ep.client().await?;
+    Ok(c.get_stats(pb::GetStatsRequest {}).await.map_err(|s| status_err("stats", s))?.into_inner())
+}
+
+/// `switchyard stats`: balancedness of the active placement under the live load, the hottest
+/// experts, per-rank load, migrations.
+pub fn stats(ep: AdminEndpoint, top: usize, json: bool) -> anyhow::Result<ExitCode> {
+    rt()?.block_on(async move {
+        let s = fetch_stats(&ep).await?;
+        let ne = s.num_experts as usize;
+        let mut hot: Vec<(usize, usize, f64)> = s
+            .window_load
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i / ne.max(1), i % ne.max(1), x))
+            .collect();
+        hot.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        hot.truncate(top);
+        if json {
+            let v = serde_json::json!({
+                "epoch": s.epoch, "balancedness": s.balancedness, "layer_balancedness": s.layer_balancedness,
+                "rank_load": s.rank_load, "migrations": s.migrations, "migrated_experts": s.migrated_experts,
+                "longest_step_during_migration_us": s.longest_step_during_migration_us,
+                "hottest": hot.iter().map(|(l, e, x)| serde_json::json!({"layer": l, "expert": e, "load": x})).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "placement epoch {}  balancedness {:.4} (windowed)  migrations {} ({} experts loaded; longest step during the last {} µs)",
+            s.epoch, s.balancedness, s.migrations, s.migrated_experts, s.longest_step_during_migration_us
+        );
+        println!("per-layer balancedness:");
+        for (l, b) in s.layer_balancedness.iter().enumerate() {
+            println!("  layer {l:>3}  {b:.4}");
+        }
+        println!("per-rank load (windowed assignments, all layers):");
+        for (r, x) in s.rank_load.iter().enumerate() {
+            println!("  rank {r:>3}  {x:.1}");
+        }
+        println!("hottest experts:");
+        for (l, e, x) in hot {
+            println!("  layer {l:>3} expert {e:>4}  {x:.1}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `switchyard trace record`: the counts routed during `seconds`, as `logical_count` JSON.
+pub fn record(ep: AdminEndpoint, seconds: f64, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(seconds > 0.0 && seconds.is_finite() && seconds <= 86_400.0, "--seconds must be in (0, 86400]");
+    rt()?.block_on(async move {
+        let a = fetch_stats(&ep).await?;
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        let b = fetch_stats(&ep).await?;
+        let (nl, ne) = (b.num_layers as usize, b.num_experts as usize);
+        anyhow::ensure!(a.cumulative_counts.len() == nl * ne && b.cumulative_counts.len() == nl * ne, "the coordinator reported no expert counts yet");
+        // A worker that restarted in between counts from zero: take its new total.
+        let inc: Vec<u64> = b.cumulative_counts.iter().zip(&a.cumulative_counts).map(|(&y, &x)| y.checked_sub(x).unwrap_or(y)).collect();
+        let total: u64 = inc.iter().sum();
+        let counts: Vec<Vec<u64>> = inc.chunks(ne.max(1)).map(|c| c.to_vec()).collect();
+        let v = serde_json::json!({"logical_count": counts, "source": "switchyard trace record", "seconds": seconds, "epoch": b.epoch});
+        std::fs::write(out, serde_json::to_string(&v)?).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+        println!("recorded {total} routed assignments over {seconds} s ({nl} MoE layers x {ne} experts) to {}", out.display());
         Ok(ExitCode::SUCCESS)
     })
 }

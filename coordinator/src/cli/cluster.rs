@@ -248,7 +248,9 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
         };
         let nodes: Vec<usize> = a.peer_nodes.iter().map(|&n| n as usize).collect();
         let experts = model.take_routed_experts();
-        Some(Arc::new(EpExecutor::new(t, &ranks, n_e, nodes, experts).map_err(|e| e.to_string())?))
+        let ex = EpExecutor::new(t, &ranks, n_e, nodes, experts).map_err(|e| e.to_string())?;
+        ex.set_load_aware(a.load_aware_replicas);
+        Some(Arc::new(ex))
     } else {
         None
     };
@@ -424,6 +426,7 @@ impl Worker for WorkerSvc {
             h.busy_steps = s.busy_steps.load(Ordering::Relaxed);
             h.forward_us = s.forward_us.load(Ordering::Relaxed);
             h.degraded = s.degraded.load(Ordering::Relaxed);
+            h.max_step_us = s.take_max_step_us();
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
             h.epoch = self.0.solo_epoch.load(Ordering::SeqCst);
@@ -614,9 +617,93 @@ pub struct CoordinatorArgs {
     /// Seconds after which a live expert-load observation weighs half (statistics window).
     #[arg(long, default_value_t = 30.0)]
     pub stats_half_life: f64,
+    #[command(flatten)]
+    pub rebalance: RebalanceArgs,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
+}
+
+/// The scheduler: online rebalancing of the placement from the live load.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RebalanceArgs {
+    /// Rebalance the placement online from the live expert load (placement epochs; serving goes on).
+    #[arg(long)]
+    pub rebalance: bool,
+    /// Re-solve when the windowed balancedness (Σmean/Σmax rank load) falls below this.
+    #[arg(long, default_value_t = 0.9)]
+    pub rebalance_threshold: f64,
+    /// Commit only when the predicted balancedness gain is at least this.
+    #[arg(long, default_value_t = 0.02)]
+    pub rebalance_margin: f64,
+    /// Stop spending moves once the predicted balancedness reaches this.
+    #[arg(long, default_value_t = 0.95)]
+    pub rebalance_target: f64,
+    /// Seconds between two placement epochs at least.
+    #[arg(long, default_value_t = 5.0)]
+    pub rebalance_min_interval: f64,
+    /// Also re-check every this many seconds even above the threshold.
+    #[arg(long)]
+    pub rebalance_period: Option<f64>,
+    /// Most expert slots moved per epoch (default 16 per MoE layer).
+    #[arg(long)]
+    pub rebalance_max_moves: Option<usize>,
+    /// Migration bandwidth budget, bytes per second of expert weights loaded.
+    #[arg(long)]
+    pub rebalance_max_bytes_per_s: Option<f64>,
+    /// Split the tokens of replicated experts over their replicas by load in every step (one
+    /// extra small all-to-all per MoE layer with replicas); default: own rank, then own node.
+    #[arg(long)]
+    pub load_aware_replicas: bool,
+}
+
+impl RebalanceArgs {
+    /// The policy for a model with `layers` MoE layers and experts of `expert_bytes` bytes.
+    pub fn policy(&self, layers: usize, expert_bytes: u64) -> anyhow::Result<Option<placement::rebalance::Rebalancer>> {
+        if !self.rebalance {
+            return Ok(None);
+        }
+        let mut cfg = placement::rebalance::RebalanceConfig::for_layers(layers);
+        cfg.threshold = self.rebalance_threshold;
+        cfg.margin = self.rebalance_margin;
+        cfg.target = self.rebalance_target;
+        cfg.min_interval_s = self.rebalance_min_interval;
+        cfg.period_s = self.rebalance_period;
+        if let Some(m) = self.rebalance_max_moves {
+            cfg.max_moves = m;
+        }
+        cfg.max_bytes_per_s = self.rebalance_max_bytes_per_s;
+        cfg.expert_bytes = expert_bytes;
+        Ok(Some(placement::rebalance::Rebalancer::new(cfg)?))
+    }
+
+    /// The same settings as command-line arguments (for the coordinator `switchyard up` starts).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if self.load_aware_replicas {
+            a.push("--load-aware-replicas".to_string());
+        }
+        if !self.rebalance {
+            return a;
+        }
+        a.extend([
+            "--rebalance".to_string(),
+            format!("--rebalance-threshold={}", self.rebalance_threshold),
+            format!("--rebalance-margin={}", self.rebalance_margin),
+            format!("--rebalance-target={}", self.rebalance_target),
+            format!("--rebalance-min-interval={}", self.rebalance_min_interval),
+        ]);
+        if let Some(p) = self.rebalance_period {
+            a.push(format!("--rebalance-period={p}"));
+        }
+        if let Some(m) = self.rebalance_max_moves {
+            a.push(format!("--rebalance-max-moves={m}"));
+        }
+        if let Some(b) = self.rebalance_max_bytes_per_s {
+            a.push(format!("--rebalance-max-bytes-per-s={b}"));
+        }
+        a
+    }
 }
 
 struct WorkerEntry {
@@ -647,6 +734,16 @@ struct CoordState {
     metrics: CoordMetrics,
     /// Windowed live expert load reported by the workers (statistics, scheduler, metrics).
     window: Mutex<placement::live::LoadWindow>,
+    load_aware_replicas: bool,
+    /// The rebalance policy, taken by the scheduler task when this coordinator starts leading.
+    policy: Mutex<Option<placement::rebalance::Rebalancer>>,
+    /// The workers' last cumulative expert counts, by rank.
+    last_counts: Mutex<HashMap<usize, Vec<u64>>>,
+    /// Scheduler bookkeeping: epochs committed, experts loaded, longest step of the last one.
+    migrations: AtomicU64,
+    migrated_experts: AtomicU64,
+    /// `Some(longest step so far)` while a placement change runs; the last one's result after.
+    migration_max_step_us: Mutex<(bool, u64)>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -704,6 +801,9 @@ impl CoordSvc {
     /// This coordinator won the election: adopt the workers a previous leader recorded, or wait
     /// for registrations.
     async fn lead(self, seat: Arc<Seat>) {
+        if let Some(policy) = self.0.policy.lock().ok().and_then(|mut p| p.take()) {
+            tokio::spawn(self.clone().rebalance_loop(policy));
+        }
         match seat.recorded_cluster().await {
             Ok(Some(rec)) if rec.world as usize == self.0.n_workers && rec.members.len() == self.0.n_workers => {
                 if self.adopt(&seat, rec).await {
@@ -774,6 +874,11 @@ impl CoordSvc {
         for (rank, counts) in reports {
             w.observe_cumulative(*rank, counts);
         }
+        if let Ok(mut last) = self.0.last_counts.lock() {
+            for (rank, counts) in reports {
+                last.insert(*rank, counts.clone());
+            }
+        }
         let (per_layer, total) = w.balancedness(&p);
         let mut rank_load = vec![0.0; p.num_ranks()];
         for (l, ld) in p.layers.iter().zip(w.load()) {
@@ -785,6 +890,95 @@ impl CoordSvc {
         m.set_balance(&per_layer, total, &rank_load);
         m.epoch.set(epoch as f64);
         m.workers_alive.set(self.worker_entries().iter().filter(|e| e.2).count() as f64);
+    }
+
+    /// The live statistics (admin `GetStats`).
+    pub(super) fn stats_snapshot(&self) -> pb::GetStatsResponse {
+        let (epoch, placement_json) = self.placement();
+        let (nl, ne) = (self.0.cfg.moe_layers().len(), self.0.cfg.router.n_experts);
+        let mut r = pb::GetStatsResponse { epoch, num_layers: nl as u32, num_experts: ne as u32, ..Default::default() };
+        if let Ok(w) = self.0.window.lock() {
+            r.window_load = w.load().iter().flatten().copied().collect();
+            if let Ok(p) = placement::Placement::from_json(&placement_json) {
+                let (per, total) = w.balancedness(&p);
+                r.layer_balancedness = per;
+                r.balancedness = total;
+                let mut rank_load = vec![0.0; p.num_ranks()];
+                for (l, ld) in p.layers.iter().zip(w.load()) {
+                    for (k, x) in placement::eval::rank_loads(&l.ranks, ld).into_iter().enumerate() {
+                        rank_load[k] += x;
+                    }
+                }
+                r.rank_load = rank_load;
+            }
+        }
+        let mut cum = vec![0u64; nl * ne];
+        if let Ok(last) = self.0.last_counts.lock() {
+            let n = cum.len();
+            for counts in last.values().filter(|c| c.len() == n) {
+                for (a, b) in cum.iter_mut().zip(counts) {
+                    *a += b;
+                }
+            }
+        }
+        r.cumulative_counts = cum;
+        r.migrations = self.0.migrations.load(Ordering::Relaxed);
+        r.migrated_experts = self.0.migrated_experts.load(Ordering::Relaxed);
+        r.longest_step_during_migration_us = self.0.migration_max_step_us.lock().map(|m| m.1).unwrap_or(0);
+        r.placement_json = placement_json;
+        r
+    }
+
+    /// Marks a placement change running (the health loop tracks its longest step) or done.
+    pub(super) fn migration_running(&self, running: bool) {
+        if let Ok(mut m) = self.0.migration_max_step_us.lock() {
+            if running {
+                *m = (true, 0);
+            } else {
+                m.0 = false;
+            }
+        }
+    }
+
+    /// The scheduler (leader only): every second, asks the rebalance policy whether the windowed
+    /// load makes a new placement worth its migration, and applies it as a placement epoch.
+    async fn rebalance_loop(self, mut policy: placement::rebalance::Rebalancer) {
+        let t0 = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !self.is_ready() || self.require_leader().is_err() {
+                continue;
+            }
+            let (_, json) = self.placement();
+            let Ok(current) = placement::Placement::from_json(&json) else { continue };
+            let load: Vec<Vec<f64>> = match self.0.window.lock() {
+                Ok(w) if !w.is_empty() => w.load().to_vec(),
+                _ => continue,
+            };
+            let proposal = match policy.poll(t0.elapsed().as_secs_f64(), &current, &load) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("rebalance policy: {e}");
+                    continue;
+                }
+            };
+            let Ok(next) = serde_json::to_string(&proposal.placement) else { continue };
+            tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, "rebalancing");
+            match self.apply_epoch(next).await {
+                Ok(r) => {
+                    self.0.migrations.fetch_add(1, Ordering::Relaxed);
+                    let loaded: u64 = r.loaded_per_rank.iter().map(|&x| x as u64).sum();
+                    self.0.migrated_experts.fetch_add(loaded, Ordering::Relaxed);
+                    self.0.metrics.migration(loaded);
+                    println!(
+                        "rebalanced: epoch {} balancedness {:.3} -> {:.3} (predicted), {} experts loaded, {} ms",
+                        r.epoch, proposal.before, proposal.after, loaded, r.switch_ms
+                    );
+                }
+                Err(st) => tracing::warn!("rebalance not applied: {}", st.message()),
+            }
+        }
     }
 
     fn lose_worker(&self, rank: usize, why: &str) {
@@ -837,6 +1031,11 @@ impl CoordSvc {
                     self.lose_worker(rank, "3 health checks failed");
                 }
                 if let Some(h) = h {
+                    if let Ok(mut m) = self.0.migration_max_step_us.lock()
+                        && m.0
+                    {
+                        m.1 = m.1.max(h.max_step_us);
+                    }
                     reports.push((rank, h.expert_load));
                 }
             }
@@ -1019,6 +1218,7 @@ impl CoordSvc {
                     epoch,
                     transport: self.0.transport.0.clone(),
                     nccl_unique_id: self.0.transport.1.clone(),
+                    load_aware_replicas: self.0.load_aware_replicas,
                 })
                 .collect();
             (a, ws.iter().enumerate().map(|(i, w)| (w.grpc.clone(), i)).collect())
@@ -1252,6 +1452,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
     let model_dir = std::fs::canonicalize(&a.model)?;
     let (n_moe, n_experts) = (cfg.moe_layers().len(), cfg.router.n_experts);
+    // Resident bytes of one routed expert (f32 gate, up, down): what one migration move loads.
+    let expert_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64;
+    let policy = a.rebalance.policy(n_moe, expert_bytes)?;
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     runtime()?.block_on(async move {
         let (ready, _) = tokio::sync::watch::channel(false);
@@ -1267,6 +1470,12 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             membership_changes: AtomicU64::new(0),
             metrics: CoordMetrics::new()?,
             window: Mutex::new(placement::live::LoadWindow::new(n_moe, n_experts, a.stats_half_life)),
+            last_counts: Mutex::new(HashMap::new()),
+            policy: Mutex::new(policy),
+            load_aware_replicas: a.rebalance.load_aware_replicas,
+            migrations: AtomicU64::new(0),
+            migrated_experts: AtomicU64::new(0),
+            migration_max_step_us: Mutex::new((false, 0)),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
@@ -1354,6 +1563,8 @@ pub struct UpArgs {
     /// Bearer token of the coordinator's admin API (`switchyard place apply`, `switchyard status`).
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    #[command(flatten)]
+    pub rebalance: RebalanceArgs,
 }
 
 /// Child processes of a local cluster; killed on drop.
@@ -1406,6 +1617,7 @@ pub fn start_local_cluster(
     placement: Option<&Path>,
     listen: &str,
     admin_token: Option<&str>,
+    coordinator_args: &[String],
 ) -> anyhow::Result<LocalCluster> {
     let exe = std::env::current_exe()?;
     // Validate here first, for a clear error before any process starts.
@@ -1419,6 +1631,7 @@ pub fn start_local_cluster(
     if let Some(t) = admin_token {
         cmd.env("SWITCHYARD_ADMIN_TOKEN", t); // not on the command line, where `ps` shows it
     }
+    cmd.args(coordinator_args);
     let (coord, line) = spawn_reading(cmd, "listening on ", Duration::from_secs(60))?;
     let addr = line.trim().trim_start_matches("listening on ").to_string();
     let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![] };
@@ -1483,7 +1696,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let placement_file = dir.path().join("placement.json");
     resolved.write(&placement_file)?;
-    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen, a.admin_token.as_deref())?;
+    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen, a.admin_token.as_deref(), &a.rebalance.to_args())?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
     println!("press Ctrl-C to stop");
@@ -1677,7 +1890,7 @@ pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, plac
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
-    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None)?;
+    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, &[])?;
     let rt = runtime()?;
     let mut ok_all = true;
     // All cases at once: concurrent requests exercise the least-outstanding routing too.

@@ -48,6 +48,16 @@ impl CoordMetrics {
         }
     }
 
+    /// A placement epoch the scheduler committed, loading `experts` expert weights.
+    pub fn migration(&self, experts: u64) {
+        if let Ok(c) = self.registry.counter("switchyard_migrations_total", "Placement epochs the scheduler committed", &[]) {
+            c.inc();
+        }
+        if let Ok(c) = self.registry.counter("switchyard_migrated_experts_total", "Expert weights loaded by scheduler migrations", &[]) {
+            c.inc_by(experts);
+        }
+    }
+
     /// `tokens_total{rank}`: the counter of tokens streamed from `rank`.
     pub fn tokens(&self, rank: usize) -> Option<Counter> {
         self.registry.counter("switchyard_tokens_total", "Tokens streamed to clients, by home rank", &[("rank", &rank.to_string())]).ok()

@@ -498,9 +498,9 @@ struct ReplayArgs {
     /// Stop migrating once the predicted balancedness reaches this.
     #[arg(long, default_value_t = 0.95)]
     target: f64,
-    /// Most experts loaded per epoch.
-    #[arg(long, default_value_t = 1024)]
-    max_moves: usize,
+    /// Most experts loaded per epoch, all ranks together (default 32 per rank).
+    #[arg(long)]
+    max_moves: Option<usize>,
     /// Seconds between epochs at least.
     #[arg(long, default_value_t = 5.0)]
     min_interval: f64,
@@ -597,7 +597,7 @@ fn replay_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
         threshold: r.threshold,
         margin: r.margin,
         target: r.target,
-        max_moves: r.max_moves,
+        max_moves: r.max_moves.unwrap_or_else(|| RebalanceConfig::for_ranks(initial.num_ranks()).max_moves),
         max_bytes_per_s: r.max_migration_gbps.map(|g| g * 1e9),
         expert_bytes: r.expert_bytes.unwrap_or_else(|| RebalanceConfig::expert_bytes_for(&hw, 1.0)),
         min_interval_s: r.min_interval,

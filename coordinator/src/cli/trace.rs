@@ -10,6 +10,17 @@ use super::routing::Routing;
 
 #[derive(clap::Subcommand)]
 pub enum TraceCommand {
+    /// Record the live routing of a running cluster for some seconds as per-layer expert counts
+    /// (`{"logical_count": [[...]]}` JSON, which every `place` command reads as `--trace`).
+    Record {
+        #[command(flatten)]
+        endpoint: super::admin::AdminEndpoint,
+        /// How long to record.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Write a synthetic routing trace: Zipf-skewed popularity per layer, sparse cross-layer
     /// transitions, several domains, sequences.
     Synth(SynthArgs),
@@ -69,6 +80,7 @@ pub struct SynthArgs {
 
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        TraceCommand::Record { endpoint, seconds, out } => super::admin::record(endpoint, seconds, &out),
         TraceCommand::Synth(a) => {
             let mut c = match a.preset.as_str() {
                 "deepseek-v3" => SynthConfig::deepseek_v3(),

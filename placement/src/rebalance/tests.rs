@@ -68,3 +68,30 @@ fn explore_sim() {
         }
     }
 }
+
+#[test]
+#[ignore]
+fn explore_320() {
+    let mut s = SynthConfig::deepseek_v3();
+    s.num_sequences = 256;
+    s.tokens_per_sequence = 64;
+    let l1 = load_of(&s);
+    let l2 = load_of(&SynthConfig { model_seed: 1, seed: 7, ..s.clone() });
+    let topo = Topology::uniform(320, 40).unwrap();
+    let cont = contiguous::solve(58, 256, &topo, 9).unwrap();
+    let e1 = sim::eplb_placement(&cont, &l1, None).unwrap();
+    for mm in [1024, 10240] {
+        let cfg = RebalanceConfig { max_moves: mm, ..RebalanceConfig::default() };
+        let t0 = std::time::Instant::now();
+        let p = propose(&cfg, &e1, &l2).unwrap().unwrap();
+        println!("budget {mm}: {:.4} -> {:.4} moves {} in {:.2}s", p.before, p.after, p.moves, t0.elapsed().as_secs_f64());
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let _ = balancedness(&e1, &l2);
+    }
+    println!("10 balancedness {:.3}s", t0.elapsed().as_secs_f64());
+    let t0 = std::time::Instant::now();
+    let _ = crate::eval::simulate_load(&e1, &l2, &HardwareProfile::h100()).unwrap();
+    println!("simulate_load {:.3}s", t0.elapsed().as_secs_f64());
+}

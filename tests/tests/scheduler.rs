@@ -1,0 +1,118 @@
+//! The scheduler on a real cluster: the rebalance policy drives placement epochs from the live
+//! load while clients stream (tokens unchanged); a window without traffic changes nothing; live
+//! statistics and `trace record` feed the placement commands.
+mod common;
+use common::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "scheduler-test-token";
+
+fn stats(ep: &str) -> serde_json::Value {
+    let o = switchyard(&["stats", "--endpoint", ep, "--token", TOKEN, "--json"]);
+    assert!(o.status.success(), "stats: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("stats JSON")
+}
+
+fn up_rebalancing(model: &std::path::Path) -> Cluster {
+    let args: Vec<std::ffi::OsString> = [
+        "--admin-token", TOKEN, "--rebalance", "--rebalance-threshold", "0.999", "--rebalance-target", "1.0",
+        "--rebalance-margin", "0.0", "--rebalance-min-interval", "1",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    Cluster::up_with(model, 2, &args)
+}
+
+#[test]
+fn the_policy_moves_experts_under_load_and_tokens_stay_the_same() {
+    let model = fixture("qwen3_moe");
+    let cl = up_rebalancing(&model);
+    let ep = cl.endpoint();
+    let prompts = ["1,2,3,4,5", "7,8,9", "11,12,13,14,15,16,17", "20,21"];
+    let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, 24)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (ep, p, stop) = (ep.clone(), p.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let mut outs = Vec::new();
+                while !stop.load(Ordering::SeqCst) || outs.len() < 2 {
+                    outs.push(generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "24"]));
+                }
+                outs
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = stats(&ep);
+        if s["migrations"].as_u64().unwrap_or(0) >= 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the policy never rebalanced: {s}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(s["longest_step_during_migration_us"].as_u64().is_some(), "{s}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for (c, w) in clients.into_iter().zip(&want) {
+        for o in c.join().expect("client") {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(ids_line(&o).as_deref(), Some(w.as_str()), "tokens changed across a scheduler migration");
+        }
+    }
+    assert!(s["epoch"].as_u64().unwrap_or(0) >= 2, "{s}");
+    assert!(s["migrated_experts"].as_u64().unwrap_or(0) >= 1, "{s}");
+    eprintln!("scheduler: {s}");
+}
+
+#[test]
+fn a_window_without_traffic_changes_nothing_and_trace_record_feeds_place_solve() {
+    let model = fixture("mixtral");
+    let (_, experts) = moe_shape(&model);
+    let cl = up_rebalancing(&model);
+    let ep = cl.endpoint();
+    std::thread::sleep(Duration::from_secs(4));
+    let s = stats(&ep);
+    assert_eq!(s["migrations"], 0, "{s}");
+    assert_eq!(s["epoch"], 1, "{s}");
+    // Record while serving, then solve a placement from the recording.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rec = tmp.path().join("live.json");
+    let recorder = {
+        let (ep, rec) = (ep.clone(), rec.clone());
+        std::thread::spawn(move || switchyard(&["trace", "record", "--endpoint", &ep, "--token", TOKEN, "--seconds", "3", "--out", rec.to_str().expect("path")]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for p in ["1,2,3", "4,5,6", "7,8,9"] {
+        assert!(cl.generate(&["--prompt-ids", p, "--max-tokens", "16"]).status.success());
+    }
+    let o = recorder.join().expect("recorder");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).expect("recording")).expect("json");
+    let total: u64 = v["logical_count"].as_array().expect("counts").iter().flat_map(|l| l.as_array().expect("layer").iter()).map(|x| x.as_u64().expect("count")).sum();
+    assert!(total > 0, "nothing recorded: {v}");
+    let out = tmp.path().join("p.json");
+    let o = switchyard(&["place", "solve", "--trace", rec.to_str().expect("path"), "--ranks", "2", "--slots-per-rank", &experts.div_ceil(2).to_string(), "--solver", "eplb", "--out", out.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn load_aware_replicas_on_a_cluster_keep_the_tokens() {
+    let model = fixture("qwen3_moe");
+    let (layers, experts) = moe_shape(&model);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = tmp.path().join("replicas.json");
+    std::fs::write(&p, replica_placement(layers, experts, 2)).expect("write");
+    let cl = Cluster::up_with(&model, 2, &["--placement".into(), p.into_os_string(), "--load-aware-replicas".into()]);
+    for prompt in ["1,2,3,4,5,6,7,8", "9,10"] {
+        let want = local_ids(&model, prompt, 16);
+        let o = cl.generate(&["--prompt-ids", prompt, "--max-tokens", "16"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(ids_line(&o).as_deref(), Some(want.as_str()));
+    }
+}
