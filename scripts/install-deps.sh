@@ -12,6 +12,7 @@ command -v cmake >/dev/null || need+=(cmake)
 [[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* 2>/dev/null)" ]] || need+=(libclang-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v openssl >/dev/null || need+=(openssl)  # the TLS test makes its CA with it
 [[ -e /usr/include/x86_64-linux-gnu/cblas.h || -e /usr/include/cblas.h || -n "$(ls /usr/include/*/openblas*/cblas.h 2>/dev/null)" ]] || need+=(libopenblas-dev)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)

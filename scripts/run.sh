@@ -16,8 +16,8 @@ echo "== model check: $model against transformers' logits and greedy tokens"
 $bin model check --model "$model" --expected "$model/expected.safetensors"
 echo "== generate"
 $bin generate --model "$model" --prompt "Switchyard routes tokens" --max-tokens 16
-echo "== cluster: switchyard up (coordinator + 2 workers, expert-parallel over TCP), 3 streamed requests"
-$bin up --model "$model" --workers 2 --listen 127.0.0.1:0 > "$work/up.log" 2>&1 &
+echo "== cluster: switchyard up (coordinator + 2 workers, expert-parallel over TCP, online rebalancer), 3 streamed requests"
+SWITCHYARD_ADMIN_TOKEN=demo $bin up --model "$model" --workers 2 --listen 127.0.0.1:0 --rebalance > "$work/up.log" 2>&1 &
 up_pid=$!
 for _ in $(seq 1 600); do grep -q "switchyard is serving" "$work/up.log" && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$work/up.log" | head -1)
@@ -25,6 +25,10 @@ addr=$(sed -n 's/^listening on //p' "$work/up.log" | head -1)
 for p in "Switchyard routes tokens" "Experts on every rank" "hello"; do
   $bin generate --endpoint "http://$addr" --prompt "$p" --max-tokens 12
 done
+sleep 1  # one statistics poll
+echo "== live statistics and cluster status (admin API)"
+$bin stats --endpoint "$addr" --token demo --top 5
+$bin status --endpoint "$addr" --token demo
 kill -INT $up_pid; wait $up_pid || true
 echo "== placement: solve on one synthetic sample, score on another"
 $bin trace synth --preset mixtral --sequences 64 --seed 1 --out "$work/solve.safetensors"

@@ -14,7 +14,7 @@ impl Topology {
         if ranks == 0 || nodes == 0 {
             return Err(PlacementError::Topology("ranks and nodes must be positive".into()));
         }
-        if ranks % nodes != 0 {
+        if !ranks.is_multiple_of(nodes) {
             return Err(PlacementError::Topology(format!(
                 "{ranks} ranks do not divide into {nodes} nodes of equal size"
             )));

@@ -641,6 +641,8 @@ pub struct RankStats {
     pub expert_load: Mutex<Vec<u64>>,
     /// Longest busy step (µs) since someone last took it ([`RankStats::take_max_step_us`]).
     pub max_step_us: AtomicU64,
+    /// Busy step durations (µs) not yet taken ([`RankStats::take_recent_steps`]), the last 4096.
+    pub recent_steps: Mutex<std::collections::VecDeque<u32>>,
     pub stop: AtomicBool,
 }
 
@@ -648,6 +650,11 @@ impl RankStats {
     /// The longest busy step since the last call, resetting it.
     pub fn take_max_step_us(&self) -> u64 {
         self.max_step_us.swap(0, Ordering::Relaxed)
+    }
+
+    /// The busy step durations (µs) since the last call.
+    pub fn take_recent_steps(&self) -> Vec<u32> {
+        self.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
     }
 }
 
@@ -846,6 +853,12 @@ fn run_loop(
         let took = t0.elapsed();
         stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         stats.max_step_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+        if let Ok(mut q) = stats.recent_steps.lock() {
+            if q.len() >= 4096 {
+                q.pop_front();
+            }
+            q.push_back(took.as_micros().min(u32::MAX as u128) as u32);
+        }
         if let Some(f) = &cfg.on_step {
             f(took);
         }

@@ -207,6 +207,7 @@ impl CoordSvc {
             if let Some(why) = first_failure(&health) {
                 return Err(Status::unavailable(format!("placement epoch {epoch}: lost a worker while switching: {why}")));
             }
+            self.note_migration_step(health.iter().flatten().map(|h| h.max_step_us).max().unwrap_or(0));
             if health.iter().flatten().all(|h| h.epoch >= epoch) {
                 break;
             }
@@ -255,7 +256,7 @@ impl AdminEndpoint {
 
 /// Adds the admin bearer token to every call.
 #[derive(Clone)]
-pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct BearerToken(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {

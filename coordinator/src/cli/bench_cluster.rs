@@ -32,6 +32,9 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
     },
+    /// Straggler benchmark: skewed routing with a mid-run shift; static contiguous, static EPLB,
+    /// the online rebalancer, and the rebalancer with load-aware replicas side by side.
+    Straggler(super::bench_straggler::StragglerArgs),
 }
 
 fn sizes(max_mib: usize) -> Vec<usize> {
@@ -209,6 +212,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             println!("a2a GB/s = bytes one rank sends to its peers per second (per-peer message = size); tcp = one stream, same size, one way, acked; tcp2 = one connection, size bytes each way per round (what a 2-rank a2a moves), GB/s per direction; agg = bytes all ranks send per second, agg/plain = that against the larger of tcp and 2 x tcp2 (what the loopback moved for plain streams); best of {REPEATS} runs each");
             Ok(ExitCode::SUCCESS)
         }
+        BenchCommand::Straggler(a) => super::bench_straggler::run(a),
         BenchCommand::Decode { model, workers, requests, max_tokens } => {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));
             println!("{:>7} {:>10} {:>12} {:>14} {:>12} {:>12} {:>12}", "workers", "tokens", "tokens/s", "busy steps", "dispatch µs", "expert µs", "combine µs");

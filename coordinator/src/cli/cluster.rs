@@ -427,6 +427,7 @@ impl Worker for WorkerSvc {
             h.forward_us = s.forward_us.load(Ordering::Relaxed);
             h.degraded = s.degraded.load(Ordering::Relaxed);
             h.max_step_us = s.take_max_step_us();
+            h.recent_step_us = s.take_recent_steps();
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
             h.epoch = self.0.solo_epoch.load(Ordering::SeqCst);
@@ -744,6 +745,8 @@ struct CoordState {
     migrated_experts: AtomicU64,
     /// `Some(longest step so far)` while a placement change runs; the last one's result after.
     migration_max_step_us: Mutex<(bool, u64)>,
+    /// Rank 0's busy step durations (µs) not yet handed out by `GetStats`.
+    recent_steps: Mutex<std::collections::VecDeque<u32>>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -925,8 +928,18 @@ impl CoordSvc {
         r.migrations = self.0.migrations.load(Ordering::Relaxed);
         r.migrated_experts = self.0.migrated_experts.load(Ordering::Relaxed);
         r.longest_step_during_migration_us = self.0.migration_max_step_us.lock().map(|m| m.1).unwrap_or(0);
+        r.step_us = self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
         r.placement_json = placement_json;
         r
+    }
+
+    /// A step length seen while a placement change runs.
+    pub(super) fn note_migration_step(&self, us: u64) {
+        if let Ok(mut m) = self.0.migration_max_step_us.lock()
+            && m.0
+        {
+            m.1 = m.1.max(us);
+        }
     }
 
     /// Marks a placement change running (the health loop tracks its longest step) or done.
@@ -955,7 +968,9 @@ impl CoordSvc {
                 Ok(w) if !w.is_empty() => w.load().to_vec(),
                 _ => continue,
             };
-            let proposal = match policy.poll(t0.elapsed().as_secs_f64(), &current, &load) {
+            // The solve is CPU work (about a millisecond per move): keep it off the async workers.
+            let now = t0.elapsed().as_secs_f64();
+            let proposal = match tokio::task::block_in_place(|| policy.poll(now, &current, &load)) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(e) => {
@@ -1035,6 +1050,14 @@ impl CoordSvc {
                         && m.0
                     {
                         m.1 = m.1.max(h.max_step_us);
+                    }
+                    if rank == 0
+                        && let Ok(mut q) = self.0.recent_steps.lock()
+                    {
+                        q.extend(h.recent_step_us.iter().copied());
+                        while q.len() > 65536 {
+                            q.pop_front();
+                        }
                     }
                     reports.push((rank, h.expert_load));
                 }
@@ -1476,6 +1499,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             migrations: AtomicU64::new(0),
             migrated_experts: AtomicU64::new(0),
             migration_max_step_us: Mutex::new((false, 0)),
+            recent_steps: Mutex::new(std::collections::VecDeque::new()),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),
@@ -1583,6 +1607,14 @@ impl Drop for LocalCluster {
     }
 }
 
+/// Where local-cluster children's output is relayed: stdout (default, `switchyard up`), or stderr
+/// for commands whose stdout is for machines (`bench ... --json`).
+static CHILD_OUTPUT_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+pub fn relay_child_output_to_stderr() {
+    CHILD_OUTPUT_TO_STDERR.store(true, Ordering::Relaxed);
+}
+
 fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) -> anyhow::Result<(Child, String)> {
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
@@ -1597,7 +1629,11 @@ fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) 
                 let _ = tx.send(line.clone());
                 sent = true;
             }
-            println!("{line}");
+            if CHILD_OUTPUT_TO_STDERR.load(Ordering::Relaxed) {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         }
     });
     match rx.recv_timeout(timeout) {

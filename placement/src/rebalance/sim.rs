@@ -338,13 +338,13 @@ fn run_policy(
     let mut steps = Vec::with_capacity(schedule.len());
     for (i, &(phase, offset)) in schedule.iter().enumerate() {
         let (mut moves_applied, mut bytes_applied) = (0, 0);
-        if pending.as_ref().is_some_and(|(at, _)| t >= *at) {
-            if let Some((_, p)) = pending.take() {
-                placement = p.placement;
-                epoch += 1;
-                (moves_applied, bytes_applied) = (p.moves, p.bytes);
-                cache.clear();
-            }
+        if pending.as_ref().is_some_and(|(at, _)| t >= *at)
+            && let Some((_, p)) = pending.take()
+        {
+            placement = p.placement;
+            epoch += 1;
+            (moves_applied, bytes_applied) = (p.moves, p.bytes);
+            cache.clear();
         }
         let batch = batches.get(phase, offset);
         let (us, bal) = match cache.get(&(phase, offset)) {
@@ -378,13 +378,14 @@ fn run_policy(
             moves_applied,
             bytes_applied,
         });
-        if let Some(rb) = rebalancer.as_mut() {
-            if pending.is_none() && t >= next_poll {
-                next_poll = t + cfg.report_interval_s;
-                if let Some(p) = rb.poll(t, &placement, window.load())? {
-                    let delay = p.bytes as f64 / cfg.migration_bytes_per_s;
-                    pending = Some((t + delay, p));
-                }
+        if let Some(rb) = rebalancer.as_mut()
+            && pending.is_none()
+            && t >= next_poll
+        {
+            next_poll = t + cfg.report_interval_s;
+            if let Some(p) = rb.poll(t, &placement, window.load())? {
+                let delay = p.bytes as f64 / cfg.migration_bytes_per_s;
+                pending = Some((t + delay, p));
             }
         }
     }
@@ -496,7 +497,3 @@ fn format_bytes(b: u64) -> String {
     }
 }
 
-#[cfg(test)]
-pub(crate) fn trace_load_for_tests(trace: &RoutingTrace) -> Vec<Vec<f64>> {
-    trace_load(trace)
-}

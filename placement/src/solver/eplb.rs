@@ -112,7 +112,7 @@ pub fn solve_layer(
     let ranks_per_node = ranks / nodes;
     let uniform_nodes = topology.nodes.iter().all(|n| n.len() == ranks_per_node);
     let hierarchical = match groups {
-        Some(g) if nodes > 1 && uniform_nodes && g > 0 && g % nodes == 0 && e_count % g == 0 => {
+        Some(g) if nodes > 1 && uniform_nodes && g > 0 && g.is_multiple_of(nodes) && e_count.is_multiple_of(g) => {
             // Each node must fill its slots with distinct experts of its own groups.
             let per_node = e_count / nodes;
             per_node >= slots_per_rank && per_node <= ranks_per_node * slots_per_rank

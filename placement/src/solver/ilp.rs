@@ -98,6 +98,8 @@ impl BinProblem {
         self.gain.iter().flatten().any(|&g| g > 0.0)
     }
 
+    // Index loops over the item x bin matrix read better than zipped iterators here.
+    #[allow(clippy::needless_range_loop)]
     fn solve(&self, goal: &Goal, time_limit: f64) -> Result<BinSolution, PlacementError> {
         let (items, bins) = (self.copies.len(), self.capacity.len());
         // Scale loads and gains to O(1) so HiGHS tolerances mean the same at every trace size.

@@ -1,0 +1,312 @@
+//! `switchyard bench straggler`: local CPU clusters serving a generated checkpoint whose routing is
+//! skewed (Zipf-like hot experts per layer) and depends on the prompts, with the workload shifting
+//! mid-run to prompts that prefer other experts. Policies side by side in one run:
+//! - `static-contiguous`: the contiguous placement, never changed;
+//! - `static-eplb`: EPLB solved on the first phase's routing (measured in this process), never changed;
+//! - `rebalance`: contiguous start, the scheduler rebalances online (placement epochs);
+//! - `rebalance+load-aware`: the same, with load-aware replica choice in every step.
+//!
+//! Per policy: tokens/s, p50/p99 step latency after the shift (the group's busy engine steps, as
+//! rank 0 reports them: the ranks step together, so the straggler sets every step's length), windowed balancedness over time (admin `GetStats`), migrations and
+//! experts moved, and the time from the shift until balancedness is back to ≥ 0.9.
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::admin_client::AdminClient;
+use switchyard_proto::v1::inference_client::InferenceClient;
+use worker::synth::{SynthSpec, skewed_prompts, write_checkpoint};
+
+const TOKEN: &str = "bench-straggler";
+const POLICIES: [&str; 4] = ["static-contiguous", "static-eplb", "rebalance", "rebalance+load-aware"];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StragglerArgs {
+    /// Cluster sizes to run.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub workers: Vec<usize>,
+    /// Policies to compare (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Option<Vec<String>>,
+    /// Seconds of each workload phase (the shift happens after the first).
+    #[arg(long, default_value_t = 12.0)]
+    pub phase_seconds: f64,
+    /// Concurrent client streams.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Where the generated checkpoint goes (reused when present).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Write an SVG of windowed balancedness over time per policy.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// One JSON object per (workers, policy) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Outcome {
+    workers: usize,
+    policy: String,
+    tokens_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    balancedness_after_shift: f64,
+    recovery_s: Option<f64>,
+    migrations: u64,
+    experts_moved: u64,
+    longest_migration_step_ms: f64,
+    /// (seconds since start, windowed balancedness)
+    timeline: Vec<(f64, f64)>,
+    shift_s: f64,
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The routing of `prompts` through `model`, measured in this process: `[layer][expert]` counts.
+fn phase_routing(model: &Path, prompts: &[Vec<u32>], max_tokens: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let m = worker::Model::load(model, &worker::LoadOptions::default())?;
+    let mut e = worker::Engine::new(Arc::new(m), worker::EngineConfig::default());
+    for p in prompts {
+        e.add_request(worker::Request::new(p.clone(), max_tokens))?;
+    }
+    e.run_to_completion()?;
+    Ok(e.routing_stats().counts.iter().map(|l| l.iter().map(|&c| c as f64).collect()).collect())
+}
+
+/// One client: requests back to back from `prompts` (phase A until `shift`, then phase B) until
+/// `stop`; returns the tokens received.
+async fn client(addr: String, a: Vec<Vec<u32>>, b: Vec<Vec<u32>>, shift: Arc<AtomicBool>, stop: Arc<AtomicBool>, max_tokens: u32) -> u64 {
+    let (mut tokens, mut i) = (0u64, 0usize);
+    while !stop.load(Ordering::SeqCst) {
+        let after = shift.load(Ordering::SeqCst);
+        let set = if after { &b } else { &a };
+        let prompt = set[i % set.len()].clone();
+        i += 1;
+        let Ok(ch) = super::cluster::connect_channel(&addr).await else { break };
+        let mut c = InferenceClient::new(ch);
+        let req = pb::GenerateRequest {
+            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let Ok(s) = c.generate(req).await else { continue };
+        let mut s = s.into_inner();
+        while let Ok(Some(m)) = s.message().await {
+            tokens += 1;
+            if m.finish_reason != 0 {
+                break;
+            }
+        }
+    }
+    tokens
+}
+
+fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, contiguous: &Path, a: &StragglerArgs) -> anyhow::Result<Outcome> {
+    let mut args: Vec<String> = vec!["--stats-half-life=2".into()];
+    if policy.starts_with("rebalance") {
+        args.extend(
+            ["--rebalance", "--rebalance-threshold=0.9", "--rebalance-target=0.97", "--rebalance-margin=0.01", "--rebalance-min-interval=2"]
+                .map(String::from),
+        );
+    }
+    if policy.ends_with("load-aware") {
+        args.push("--load-aware-replicas".into());
+    }
+    let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
+    let cl = super::cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args)?;
+    let spec = SynthSpec::skewed_bench();
+    let pa = skewed_prompts(&spec, 0, 64, 24, 1);
+    let pb_ = skewed_prompts(&spec, 1, 64, 24, 2);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let out = rt.block_on(async {
+        let shift = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        let mut hs = Vec::new();
+        for k in 0..a.clients {
+            let rot = |v: &Vec<Vec<u32>>| v.iter().cycle().skip(k * 7).take(v.len()).cloned().collect::<Vec<_>>();
+            hs.push(tokio::spawn(client(cl.addr.clone(), rot(&pa), rot(&pb_), shift.clone(), stop.clone(), a.max_tokens)));
+        }
+        // Poll the live statistics through the run.
+        let ep = super::tls::endpoint(&cl.addr)?.connect().await?;
+        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse()?;
+        let mut admin = AdminClient::with_interceptor(ep, super::admin::BearerToken(header));
+        let mut timeline = Vec::new();
+        let total = 2.0 * a.phase_seconds;
+        let mut shift_s = a.phase_seconds;
+        let mut last_stats = None;
+        let mut steps_after: Vec<f64> = Vec::new();
+        while t0.elapsed().as_secs_f64() < total {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = t0.elapsed().as_secs_f64();
+            if !shift.load(Ordering::SeqCst) && now >= a.phase_seconds {
+                shift.store(true, Ordering::SeqCst);
+                shift_s = now;
+            }
+            if let Ok(s) = admin.get_stats(pb::GetStatsRequest {}).await {
+                let s = s.into_inner();
+                if shift.load(Ordering::SeqCst) {
+                    steps_after.extend(s.step_us.iter().map(|&us| us as f64 / 1e3));
+                }
+                timeline.push((now, s.balancedness));
+                last_stats = Some(s);
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        let wall = t0.elapsed().as_secs_f64();
+        let mut tokens = 0u64;
+        for h in hs {
+            if let Ok(t) = h.await {
+                tokens += t;
+            }
+        }
+        let s = last_stats.unwrap_or_default();
+        // Recovery: first time after the shift from which balancedness stays ≥ 0.9 (after having
+        // dropped below it); 0 when it never dropped.
+        let after: Vec<&(f64, f64)> = timeline.iter().filter(|(t, _)| *t >= shift_s).collect();
+        let dropped = after.iter().any(|(_, b)| *b < 0.9);
+        let recovery_s = if !dropped {
+            Some(0.0)
+        } else {
+            let last_bad = after.iter().rposition(|(_, b)| *b < 0.9);
+            match last_bad {
+                Some(i) if i + 1 < after.len() => Some(after[i + 1].0 - shift_s),
+                _ => None,
+            }
+        };
+        let tail: Vec<f64> = after.iter().skip(after.len() / 2).map(|(_, b)| *b).collect();
+        anyhow::Ok(Outcome {
+            workers,
+            policy: policy.to_string(),
+            tokens_per_s: tokens as f64 / wall,
+            p50_ms: percentile(&mut steps_after.clone(), 0.5),
+            p99_ms: percentile(&mut steps_after, 0.99),
+            balancedness_after_shift: if tail.is_empty() { s.balancedness } else { tail.iter().sum::<f64>() / tail.len() as f64 },
+            recovery_s,
+            migrations: s.migrations,
+            experts_moved: s.migrated_experts,
+            longest_migration_step_ms: s.longest_step_during_migration_us as f64 / 1e3,
+            timeline,
+            shift_s,
+        })
+    })?;
+    drop(cl);
+    Ok(out)
+}
+
+fn svg(outcomes: &[Outcome]) -> String {
+    let (w, h, pad) = (900.0, 420.0, 50.0);
+    let tmax = outcomes.iter().flat_map(|o| o.timeline.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let colors = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+    let x = |t: f64| pad + t / tmax * (w - 2.0 * pad);
+    let y = |b: f64| h - pad - b.clamp(0.0, 1.0) * (h - 2.0 * pad);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
+    s.push_str(&format!("<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"));
+    for b in [0.0, 0.25, 0.5, 0.75, 0.9, 1.0] {
+        s.push_str(&format!("<line x1=\"{pad}\" x2=\"{}\" y1=\"{y0:.1}\" y2=\"{y0:.1}\" stroke=\"#ddd\"/><text x=\"5\" y=\"{:.1}\">{b}</text>\n", w - pad, y(b) + 4.0, y0 = y(b)));
+    }
+    if let Some(o) = outcomes.first() {
+        s.push_str(&format!("<line x1=\"{x0:.1}\" x2=\"{x0:.1}\" y1=\"{pad}\" y2=\"{}\" stroke=\"#999\" stroke-dasharray=\"4\"/><text x=\"{:.1}\" y=\"{}\">shift</text>\n", h - pad, x(o.shift_s) + 3.0, pad - 5.0, x0 = x(o.shift_s)));
+    }
+    for (i, o) in outcomes.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let pts: Vec<String> = o.timeline.iter().map(|(t, b)| format!("{:.1},{:.1}", x(*t), y(*b))).collect();
+        s.push_str(&format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" ")));
+        s.push_str(&format!("<text x=\"{}\" y=\"{}\" fill=\"{c}\">{} workers, {}</text>\n", w - pad - 220.0, h - pad - 10.0 - 16.0 * i as f64, o.workers, o.policy));
+    }
+    s.push_str(&format!("<text x=\"{}\" y=\"{}\">seconds</text><text x=\"{pad}\" y=\"20\">windowed balancedness (mean/max rank load)</text>\n</svg>\n", w / 2.0, h - 10.0));
+    s
+}
+
+pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.phase_seconds > 0.0 && a.phase_seconds.is_finite(), "--phase-seconds must be positive");
+    anyhow::ensure!(a.clients > 0 && a.max_tokens > 1, "--clients ≥ 1 and --max-tokens ≥ 2");
+    let policies: Vec<String> = a.policies.clone().unwrap_or_else(|| POLICIES.iter().map(|p| p.to_string()).collect());
+    if let Some(p) = policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
+        anyhow::bail!("unknown policy {p:?} (known: {})", POLICIES.join(", "));
+    }
+    if a.json {
+        super::cluster::relay_child_output_to_stderr();
+    }
+    let spec = SynthSpec::skewed_bench();
+    let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("switchyard-straggler-model"));
+    if !model.join("config.json").exists() {
+        write_checkpoint(&model, &spec)?;
+    }
+    let cfg = worker::ModelConfig::from_dir(&model)?;
+    let (nl, ne) = (cfg.moe_layers().len(), cfg.router.n_experts);
+    let first_phase = phase_routing(&model, &skewed_prompts(&spec, 0, 64, 24, 1), 8)?;
+    let tmp = tempfile::tempdir()?;
+    let mut outcomes = Vec::new();
+    for &n in &a.workers {
+        anyhow::ensure!(n >= 2, "straggler runs need at least 2 workers");
+        let slots = ne.div_ceil(n) + 1;
+        let topo = placement::Topology::uniform(n, 1)?;
+        let contiguous = placement::solver::contiguous::solve(nl, ne, &topo, slots)?;
+        let cpath = tmp.path().join(format!("contiguous-{n}.json"));
+        contiguous.write(&cpath)?;
+        let stats = placement::RoutingStats::from_load(first_phase.clone())?;
+        let opts = placement::solver::SolveOptions::new(topo, slots);
+        let (eplb, _) = placement::solver::solve(placement::solver::SolverKind::Eplb, &stats, &opts, &|_| {})?;
+        let epath = tmp.path().join(format!("eplb-{n}.json"));
+        eplb.write(&epath)?;
+        for p in &policies {
+            eprintln!("running {n} workers, {p} ({:.0} s)…", 2.0 * a.phase_seconds);
+            outcomes.push(run_policy(&model, n, p, Some(&epath), &cpath, &a).with_context(|| format!("{n} workers, {p}"))?);
+        }
+    }
+    if let Some(path) = &a.plot {
+        std::fs::write(path, svg(&outcomes)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        for o in &outcomes {
+            let v = serde_json::json!({
+                "workers": o.workers, "policy": o.policy, "tokens_per_s": o.tokens_per_s, "p50_step_ms": o.p50_ms,
+                "p99_step_ms": o.p99_ms, "balancedness_after_shift": o.balancedness_after_shift, "recovery_s": o.recovery_s,
+                "migrations": o.migrations, "experts_moved": o.experts_moved, "longest_migration_step_ms": o.longest_migration_step_ms,
+            });
+            println!("{v}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "skewed {} ({} MoE layers x {} experts top-{}), {} clients, {:.0} s per phase, slots = experts/workers + 1",
+        spec.arch, nl, ne, spec.top_k, a.clients, a.phase_seconds
+    );
+    println!(
+        "{:>7} {:<22} {:>9} {:>8} {:>8} {:>13} {:>10} {:>10} {:>8} {:>14}",
+        "workers", "policy", "tok/s", "p50 ms", "p99 ms", "bal. after", "recovery s", "migrations", "experts", "max mig. step"
+    );
+    for o in &outcomes {
+        println!(
+            "{:>7} {:<22} {:>9.1} {:>8.2} {:>8.2} {:>13.3} {:>10} {:>10} {:>8} {:>11.1} ms",
+            o.workers,
+            o.policy,
+            o.tokens_per_s,
+            o.p50_ms,
+            o.p99_ms,
+            o.balancedness_after_shift,
+            o.recovery_s.map_or("never".into(), |r| format!("{r:.1}")),
+            o.migrations,
+            o.experts_moved,
+            o.longest_migration_step_ms
+        );
+    }
+    println!("step latency = the group's busy engine steps after the shift; balancedness = windowed Σmean/Σmax rank load (half-life 2 s)");
+    Ok(ExitCode::SUCCESS)
+}
