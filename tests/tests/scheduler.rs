@@ -16,6 +16,10 @@ fn stats(ep: &str) -> serde_json::Value {
 }
 
 fn up_rebalancing(model: &std::path::Path) -> Cluster {
+    up_rebalancing_env(model, &[])
+}
+
+fn up_rebalancing_env(model: &std::path::Path, env: &[(&str, &str)]) -> Cluster {
     let args: Vec<std::ffi::OsString> = [
         "--admin-token", TOKEN, "--rebalance", "--rebalance-threshold", "0.999", "--rebalance-target", "1.0",
         "--rebalance-margin", "0.0", "--rebalance-min-interval", "1",
@@ -23,7 +27,31 @@ fn up_rebalancing(model: &std::path::Path) -> Cluster {
     .iter()
     .map(Into::into)
     .collect();
-    Cluster::up_with(model, 2, &args)
+    Cluster::up_with_env(model, 2, &args, env)
+}
+
+#[test]
+fn a_migration_that_fails_to_load_on_one_worker_is_abandoned_and_serving_goes_on() {
+    let model = fixture("qwen3_moe");
+    let cl = up_rebalancing_env(&model, &[("SWITCHYARD_FAILPOINTS", "worker.prepare.rank1")]);
+    let ep = cl.endpoint();
+    let want = local_ids(&model, "1,2,3,4,5", 24);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = generate_at(&ep, &["--prompt-ids", "1,2,3,4,5", "--max-tokens", "24"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(ids_line(&o).as_deref(), Some(want.as_str()));
+        let s = stats(&ep);
+        if s["abandoned_epochs"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(s["migrations"], 0, "{s}");
+            assert_eq!(s["epoch"], 1, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy never tried a migration: {s}");
+    }
+    let o = switchyard(&["status", "--endpoint", &ep, "--token", TOKEN, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status");
+    assert!(v["workers"].as_array().expect("workers").iter().all(|w| w["epoch"] == 1), "{v}");
 }
 
 #[test]

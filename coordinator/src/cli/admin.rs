@@ -179,6 +179,7 @@ impl CoordSvc {
             .await;
             tracing::warn!(epoch, "placement epoch abandoned: {why}");
             self.record_epoch(epoch, &json, EpochState::Abandoned);
+            self.note_abandoned_epoch();
             let unclean = first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default();
             return Err(Status::failed_precondition(format!(
                 "placement epoch {epoch} abandoned, epoch {} keeps serving: {why}{unclean}",
@@ -348,6 +349,7 @@ pub fn stats(ep: AdminEndpoint, top: usize, json: bool) -> anyhow::Result<ExitCo
                 "epoch": s.epoch, "balancedness": s.balancedness, "layer_balancedness": s.layer_balancedness,
                 "rank_load": s.rank_load, "migrations": s.migrations, "migrated_experts": s.migrated_experts,
                 "longest_step_during_migration_us": s.longest_step_during_migration_us,
+                "abandoned_epochs": s.abandoned_epochs,
                 "hottest": hot.iter().map(|(l, e, x)| serde_json::json!({"layer": l, "expert": e, "load": x})).collect::<Vec<_>>(),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -743,6 +743,7 @@ struct CoordState {
     /// Scheduler bookkeeping: epochs committed, experts loaded, longest step of the last one.
     migrations: AtomicU64,
     migrated_experts: AtomicU64,
+    abandoned_epochs: AtomicU64,
     /// `Some(longest step so far)` while a placement change runs; the last one's result after.
     migration_max_step_us: Mutex<(bool, u64)>,
     /// Rank 0's busy step durations (µs) not yet handed out by `GetStats`.
@@ -927,10 +928,15 @@ impl CoordSvc {
         r.cumulative_counts = cum;
         r.migrations = self.0.migrations.load(Ordering::Relaxed);
         r.migrated_experts = self.0.migrated_experts.load(Ordering::Relaxed);
+        r.abandoned_epochs = self.0.abandoned_epochs.load(Ordering::Relaxed);
         r.longest_step_during_migration_us = self.0.migration_max_step_us.lock().map(|m| m.1).unwrap_or(0);
         r.step_us = self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
         r.placement_json = placement_json;
         r
+    }
+
+    pub(super) fn note_abandoned_epoch(&self) {
+        self.0.abandoned_epochs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A step length seen while a placement change runs.
@@ -1498,6 +1504,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             load_aware_replicas: a.rebalance.load_aware_replicas,
             migrations: AtomicU64::new(0),
             migrated_experts: AtomicU64::new(0),
+            abandoned_epochs: AtomicU64::new(0),
             migration_max_step_us: Mutex::new((false, 0)),
             recent_steps: Mutex::new(std::collections::VecDeque::new()),
             transport,
