@@ -55,9 +55,10 @@ impl LoadWindow {
         }
     }
 
-    /// Adds one report of `source`'s cumulative counts (`[layers × experts]`, row-major). The
-    /// first report of a source only sets its baseline; a report smaller than the last (the
-    /// source restarted) counts from zero. Returns the assignments added.
+    /// Adds one report of `source`'s cumulative counts (`[layers × experts]`, row-major): the
+    /// increment since its previous report. A source's counts start at zero (its first report
+    /// counts in full: traffic before the first poll is traffic too); a report smaller than the
+    /// last (the source restarted) counts from zero. Returns the assignments added.
     pub fn observe_cumulative(&mut self, source: usize, counts: &[u64]) -> u64 {
         if counts.len() != self.num_layers * self.num_experts {
             return 0;
@@ -65,20 +66,12 @@ impl LoadWindow {
         if self.last.len() <= source {
             self.last.resize(source + 1, None);
         }
-        let added = match &self.last[source] {
-            None => {
-                self.last[source] = Some(counts.to_vec());
-                return 0;
-            }
-            Some(prev) => {
-                let restarted = prev.iter().zip(counts).any(|(p, c)| c < p);
-                let inc: Vec<u64> =
-                    if restarted { counts.to_vec() } else { counts.iter().zip(prev).map(|(c, p)| c - p).collect() };
-                self.add(&inc)
-            }
+        let inc: Vec<u64> = match &self.last[source] {
+            Some(prev) if !prev.iter().zip(counts).any(|(p, c)| c < p) => counts.iter().zip(prev).map(|(c, p)| c - p).collect(),
+            _ => counts.to_vec(),
         };
         self.last[source] = Some(counts.to_vec());
-        added
+        self.add(&inc)
     }
 
     /// Adds increments `[layers × experts]` (row-major). Returns the assignments added.
@@ -145,10 +138,10 @@ mod tests {
     #[test]
     fn reports_become_increments_and_decay_keeps_the_shape() {
         let mut w = LoadWindow::new(1, 4, 10.0);
-        assert_eq!(w.observe_cumulative(0, &[5, 5, 5, 5]), 0, "the first report is a baseline");
-        assert_eq!(w.observe_cumulative(0, &[15, 5, 5, 5]), 10);
-        assert_eq!(w.observe_cumulative(1, &[1, 1, 1, 1]), 0);
-        assert_eq!(w.observe_cumulative(1, &[1, 1, 1, 31]), 30);
+        assert_eq!(w.observe_cumulative(0, &[0, 0, 0, 0]), 0);
+        assert_eq!(w.observe_cumulative(0, &[10, 0, 0, 0]), 10);
+        assert_eq!(w.observe_cumulative(0, &[10, 0, 0, 0]), 0, "an unchanged report adds nothing");
+        assert_eq!(w.observe_cumulative(1, &[0, 0, 0, 30]), 30, "a first report counts in full");
         assert_eq!(w.load()[0], vec![10.0, 0.0, 0.0, 30.0]);
         let p = two_rank(vec![vec![0, 1], vec![2, 3]]);
         let (per, total) = w.balancedness(&p);
