@@ -41,6 +41,8 @@ pub struct EpTimers {
     pub alltoall_bytes: AtomicU64,
     /// Dispatch and combine collectives run.
     pub alltoalls: AtomicU64,
+    /// (token, expert) assignments the capacity option dropped.
+    pub dropped_rows: AtomicU64,
 }
 
 /// Hears the duration and bytes sent of every dispatch/combine all-to-all (metrics).
@@ -141,6 +143,8 @@ pub struct EpExecutor {
     pub timers: EpTimers,
     observer: Mutex<Option<AllToAllObserver>>,
     load_aware: AtomicBool,
+    /// f64 bits of the capacity factor; 0: the capacity option is off.
+    capacity_bits: AtomicU64,
 }
 
 impl std::fmt::Debug for EpExecutor {
@@ -185,6 +189,7 @@ impl EpExecutor {
             timers: EpTimers::default(),
             observer: Mutex::new(None),
             load_aware: AtomicBool::new(false),
+            capacity_bits: AtomicU64::new(0),
         })
     }
 
@@ -411,6 +416,44 @@ impl EpExecutor {
         Ok(plan)
     }
 
+    /// The capacity factor, when the capacity option is on.
+    fn capacity(&self) -> Option<f64> {
+        let bits = self.capacity_bits.load(Ordering::Relaxed);
+        (bits != 0).then(|| f64::from_bits(bits))
+    }
+
+    /// Capacity option (off by default): no rank receives more than `factor × mean` routed
+    /// assignments per layer and step. Every sender keeps at most `ceil(factor × n / world)` of its
+    /// `n` assignments per destination, which bounds what any rank receives by `factor` × the
+    /// mean without a global exchange. Overflow (lowest router weights first) moves to another
+    /// replica of the same expert with room, else it is dropped: that expert's contribution to the
+    /// token is left out (the router's other choices are not kept, so no next-best expert).
+    pub fn set_capacity_factor(&self, factor: Option<f64>) {
+        let bits = factor.filter(|f| f.is_finite() && *f > 0.0).map_or(0, f64::to_bits);
+        self.capacity_bits.store(bits, Ordering::Relaxed);
+    }
+
+    fn cap_dispatch(&self, slots: &EpSlots, li: usize, items: &mut [Vec<(usize, u32, f32)>], n: usize, factor: f64) {
+        let cap = ((factor * n as f64 / self.world as f64).ceil() as usize).max(1);
+        let mut overflow = Vec::new();
+        for its in items.iter_mut() {
+            if its.len() > cap {
+                // Keep the heaviest; the order inside a destination does not matter for outputs.
+                its.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+                overflow.extend(its.drain(cap..));
+            }
+        }
+        let mut dropped = 0u64;
+        for it in overflow {
+            let room = slots.replicas[li][it.1 as usize].iter().copied().filter(|&r| items[r].len() < cap).min_by_key(|&r| (items[r].len(), r));
+            match room {
+                Some(r) => items[r].push(it),
+                None => dropped += 1,
+            }
+        }
+        self.timers.dropped_rows.fetch_add(dropped, Ordering::Relaxed);
+    }
+
     /// Split the tokens of replicated experts by load across all ranks (see
     /// [`EpExecutor::load_aware_plan`]); every rank of a group must set the same.
     pub fn set_load_aware(&self, on: bool) {
@@ -480,6 +523,9 @@ impl ExpertExecutor for EpExecutor {
                     items[r].push((tok, e, w));
                 }
             }
+        }
+        if let Some(cf) = self.capacity() {
+            self.cap_dispatch(&slots, li, &mut items, t * routing.top_k, cf);
         }
         // 2. Dispatch: [n u32][n expert ids u32][n rows f32].
         let send: Vec<Vec<u8>> = items
@@ -1104,6 +1150,62 @@ mod tests {
                 assert!((0.3..=0.7).contains(&share), "uneven split: {share}");
             } else {
                 assert_eq!(remote, 0, "local-first sent rows away");
+            }
+        }
+    }
+
+    /// Capacity 1.0 with every token on rank 0 and a contiguous placement: what rank 1 would get
+    /// beyond the cap is dropped; with the option off nothing is.
+    #[test]
+    fn capacity_caps_rows_per_rank_and_off_changes_nothing() {
+        let dir = fixture("mixtral");
+        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
+        let prompt: Vec<u32> = (1..33).collect();
+        let want = full.logits(&prompt).expect("local logits");
+        let n_e = full.config.router.n_experts;
+        let n_l = full.moe_layers().count();
+        let world = 2;
+        let halves: Vec<Vec<Vec<usize>>> =
+            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        for cap in [None, Some(0.6)] {
+            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+            let handles: Vec<_> = mesh
+                .into_iter()
+                .map(|t| {
+                    let (placement, dir, prompt) = (halves.clone(), dir.clone(), prompt.clone());
+                    std::thread::spawn(move || {
+                        let r = t.rank();
+                        let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load");
+                        let experts = m.take_routed_experts();
+                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
+                        ex.set_capacity_factor(cap);
+                        let logits = if r == 0 {
+                            let mut cache = m.new_cache();
+                            let out = m
+                                .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
+                                .expect("ep forward");
+                            Some(out.logits[0].clone())
+                        } else {
+                            ex.idle_forward(&m).expect("idle");
+                            None
+                        };
+                        (logits, ex.timers.dropped_rows.load(Ordering::Relaxed), ex.timers.local_rows.load(Ordering::Relaxed), ex.timers.remote_rows.load(Ordering::Relaxed))
+                    })
+                })
+                .collect();
+            let res: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
+            let (got, dropped) = (res[0].0.clone().expect("logits"), res[0].1);
+            let d = crate::reference::rel_max_diff(&got, &want);
+            match cap {
+                None => {
+                    assert_eq!(dropped, 0);
+                    assert!(d < 1e-5, "capacity off changed logits: {d}");
+                }
+                Some(_) => {
+                    assert!(dropped > 0, "a cap of 0.6 x mean must drop rows");
+                    assert!(got.iter().all(|x| x.is_finite()));
+                    assert!(d > 0.0, "dropping rows left the logits unchanged");
+                }
             }
         }
     }

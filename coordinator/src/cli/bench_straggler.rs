@@ -4,7 +4,8 @@
 //! - `static-contiguous`: the contiguous placement, never changed;
 //! - `static-eplb`: EPLB solved on the first phase's routing (measured in this process), never changed;
 //! - `rebalance`: contiguous start, the scheduler rebalances online (placement epochs);
-//! - `rebalance+load-aware`: the same, with load-aware replica choice in every step.
+//! - `rebalance+load-aware`: the same, with load-aware replica choice in every step;
+//! - `rebalance+capacity`: the rebalancer with the capacity option at 1.25 × mean (changes outputs).
 //!
 //! Per policy: tokens/s, p50/p99 step latency after the shift (the group's busy engine steps, as
 //! rank 0 reports them: the ranks step together, so the straggler sets every step's length), windowed balancedness over time (admin `GetStats`), migrations and
@@ -22,7 +23,7 @@ use switchyard_proto::v1::inference_client::InferenceClient;
 use worker::synth::{SynthSpec, skewed_prompts, write_checkpoint};
 
 const TOKEN: &str = "bench-straggler";
-const POLICIES: [&str; 4] = ["static-contiguous", "static-eplb", "rebalance", "rebalance+load-aware"];
+const POLICIES: [&str; 5] = ["static-contiguous", "static-eplb", "rebalance", "rebalance+load-aware", "rebalance+capacity"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StragglerArgs {
@@ -126,6 +127,9 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
     }
     if policy.ends_with("load-aware") {
         args.push("--load-aware-replicas".into());
+    }
+    if policy.ends_with("capacity") {
+        args.push("--capacity-factor=1.25".into());
     }
     let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
     let cl = super::cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args)?;

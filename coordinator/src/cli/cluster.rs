@@ -250,6 +250,7 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
         let experts = model.take_routed_experts();
         let ex = EpExecutor::new(t, &ranks, n_e, nodes, experts).map_err(|e| e.to_string())?;
         ex.set_load_aware(a.load_aware_replicas);
+        ex.set_capacity_factor((a.capacity_factor > 0.0).then_some(a.capacity_factor));
         Some(Arc::new(ex))
     } else {
         None
@@ -656,6 +657,11 @@ pub struct RebalanceArgs {
     /// extra small all-to-all per MoE layer with replicas); default: own rank, then own node.
     #[arg(long)]
     pub load_aware_replicas: bool,
+    /// Capacity option (off by default): no rank gets more than this factor x the mean routed
+    /// assignments per layer and step; overflow goes to another replica with room or is dropped
+    /// (changes outputs; see the README).
+    #[arg(long)]
+    pub capacity_factor: Option<f64>,
 }
 
 impl RebalanceArgs {
@@ -683,6 +689,9 @@ impl RebalanceArgs {
         let mut a = Vec::new();
         if self.load_aware_replicas {
             a.push("--load-aware-replicas".to_string());
+        }
+        if let Some(c) = self.capacity_factor {
+            a.push(format!("--capacity-factor={c}"));
         }
         if !self.rebalance {
             return a;
@@ -736,6 +745,7 @@ struct CoordState {
     /// Windowed live expert load reported by the workers (statistics, scheduler, metrics).
     window: Mutex<placement::live::LoadWindow>,
     load_aware_replicas: bool,
+    capacity_factor: Option<f64>,
     /// The rebalance policy, taken by the scheduler task when this coordinator starts leading.
     policy: Mutex<Option<placement::rebalance::Rebalancer>>,
     /// The workers' last cumulative expert counts, by rank.
@@ -1248,6 +1258,7 @@ impl CoordSvc {
                     transport: self.0.transport.0.clone(),
                     nccl_unique_id: self.0.transport.1.clone(),
                     load_aware_replicas: self.0.load_aware_replicas,
+                    capacity_factor: self.0.capacity_factor.unwrap_or(0.0),
                 })
                 .collect();
             (a, ws.iter().enumerate().map(|(i, w)| (w.grpc.clone(), i)).collect())
@@ -1484,6 +1495,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     // Resident bytes of one routed expert (f32 gate, up, down): what one migration move loads.
     let expert_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64;
     let policy = a.rebalance.policy(n_moe, expert_bytes)?;
+    if let Some(c) = a.rebalance.capacity_factor {
+        anyhow::ensure!(c.is_finite() && c > 0.0, "--capacity-factor must be positive");
+    }
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     runtime()?.block_on(async move {
         let (ready, _) = tokio::sync::watch::channel(false);
@@ -1502,6 +1516,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             last_counts: Mutex::new(HashMap::new()),
             policy: Mutex::new(policy),
             load_aware_replicas: a.rebalance.load_aware_replicas,
+            capacity_factor: a.rebalance.capacity_factor,
             migrations: AtomicU64::new(0),
             migrated_experts: AtomicU64::new(0),
             abandoned_epochs: AtomicU64::new(0),
@@ -1928,12 +1943,19 @@ pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyh
 }
 
 /// `model check --workers N`: every reference case through a real N-worker cluster.
-pub fn check_cluster(dir: &Path, expected: &Path, tol: f32, workers: usize, placement: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn check_cluster(
+    dir: &Path,
+    expected: &Path,
+    tol: f32,
+    workers: usize,
+    placement: Option<&Path>,
+    coordinator_args: &[String],
+) -> anyhow::Result<ExitCode> {
     let cases = worker::reference::read_expected(expected)?;
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
-    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, &[])?;
+    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, coordinator_args)?;
     let rt = runtime()?;
     let mut ok_all = true;
     // All cases at once: concurrent requests exercise the least-outstanding routing too.

@@ -29,6 +29,10 @@ pub enum ModelCommand {
         /// Placement JSON for --workers (default: contiguous).
         #[arg(long, requires = "workers")]
         placement: Option<PathBuf>,
+        /// With --workers: run with the capacity option at this factor (to see what it does to
+        /// outputs; the check then reports the changes).
+        #[arg(long, requires = "workers")]
+        capacity_factor: Option<f64>,
     },
     /// Print what a checkpoint holds.
     Info {
@@ -114,8 +118,9 @@ pub struct GenerateArgs {
 pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
     match c {
         ModelCommand::Check { model, expected, tolerance, workers: None, .. } => check(&model, &expected, tolerance),
-        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement } => {
-            super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref())
+        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor } => {
+            let args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
+            super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args)
         }
         ModelCommand::Info { model } => info(&model),
         ModelCommand::Bench(a) => bench(a),
