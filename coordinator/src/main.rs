@@ -61,8 +61,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Servers log at info and may export spans; one-shot commands only warn.
     let (service, otlp, default_filter) = match &cli.command {
-        Command::Coordinator(a) => ("switchyard-coordinator", a.otlp_endpoint.clone(), "info,highs=error"),
-        Command::Worker(a) => ("switchyard-worker", a.otlp_endpoint.clone(), "info,highs=error"),
+        Command::Coordinator(a) => ("switchyard-coordinator", a.serve.otlp_endpoint.clone(), "info,highs=error"),
+        Command::Worker(a) => ("switchyard-worker", a.serve.otlp_endpoint.clone(), "info,highs=error"),
         _ => ("switchyard", None, "warn,highs=error"),
     };
     let _tracing = match telemetry::init_tracing(service, otlp.as_deref(), default_filter) {

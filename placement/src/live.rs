@@ -103,6 +103,29 @@ impl LoadWindow {
     pub fn balancedness(&self, placement: &Placement) -> (Vec<f64>, f64) {
         balancedness(placement, &self.load)
     }
+
+    /// Windowed load of every rank of `placement`, summed over layers.
+    pub fn rank_load(&self, placement: &Placement) -> Vec<f64> {
+        let mut out = vec![0.0; placement.num_ranks()];
+        for (l, ld) in placement.layers.iter().zip(&self.load) {
+            for (acc, x) in out.iter_mut().zip(rank_loads(&l.ranks, ld)) {
+                *acc += x;
+            }
+        }
+        out
+    }
+
+    /// The last cumulative report of every source, summed (`[layers × experts]`): all assignments
+    /// the sources counted, without decay.
+    pub fn cumulative(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.num_layers * self.num_experts];
+        for counts in self.last.iter().flatten() {
+            for (a, b) in out.iter_mut().zip(counts) {
+                *a += b;
+            }
+        }
+        out
+    }
 }
 
 /// Per-layer balancedness (mean/max rank load) of `placement` under `load[layer][expert]`, and the
@@ -149,6 +172,8 @@ mod tests {
         w.decay(10.0);
         assert_eq!(w.load()[0], vec![5.0, 0.0, 0.0, 15.0]);
         assert!((w.balancedness(&p).1 - total).abs() < 1e-12, "decay alone must not move balancedness");
+        assert_eq!(w.rank_load(&p), vec![5.0, 15.0]);
+        assert_eq!(w.cumulative(), vec![10, 0, 0, 30], "cumulative counts do not decay");
         // A restarted source counts from zero; a wrong-sized report is ignored.
         assert_eq!(w.observe_cumulative(0, &[2, 0, 0, 0]), 2);
         assert_eq!(w.observe_cumulative(0, &[1, 2, 3]), 0);

@@ -4,8 +4,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -40,20 +38,7 @@ fn placement_epochs_change_under_load_without_changing_tokens() {
     let prompts = ["1,2,3,4,5", "7,8,9", "11,12,13,14,15,16,17", "20,21", "30,31,32,33", "40,41,42"];
     let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, 24)).collect();
     // Clients stream, one request after another, until both placement changes went through.
-    let changes_done = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (ep, p, done) = (ep.clone(), p.to_string(), changes_done.clone());
-            std::thread::spawn(move || {
-                let mut outs = Vec::new();
-                while !done.load(Ordering::SeqCst) || outs.len() < 2 {
-                    outs.push(generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "24"]));
-                }
-                outs
-            })
-        })
-        .collect();
+    let clients = LoopingClients::start(&ep, &prompts, 24, &[]);
     let o = switchyard(&["place", "apply", &replicas, "--endpoint", &ep, "--token", TOKEN]);
     assert!(o.status.success(), "apply: {}", text(&o));
     assert!(text(&o).contains("placement epoch 2 active"), "{}", text(&o));
@@ -71,9 +56,8 @@ fn placement_epochs_change_under_load_without_changing_tokens() {
     let o = switchyard(&["place", "apply", &contiguous, "--endpoint", &ep, "--token", TOKEN]);
     assert!(o.status.success(), "apply contiguous: {}", text(&o));
     assert_eq!(worker_epochs(&status_json(&ep)), vec![3, 3]);
-    changes_done.store(true, Ordering::SeqCst);
-    for (c, w) in clients.into_iter().zip(&want) {
-        for o in c.join().expect("client") {
+    for (outs, w) in clients.finish().into_iter().zip(&want) {
+        for o in outs {
             assert!(o.status.success(), "generate during the change: {}", text(&o));
             assert_eq!(ids_line(&o).as_deref(), Some(w.as_str()), "tokens changed across a placement epoch");
         }

@@ -4,8 +4,6 @@
 mod common;
 use common::*;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_tests::etcd::{Etcd, free_port};
 
@@ -60,20 +58,7 @@ fn killing_the_leading_coordinator_hands_over_with_no_request_lost() {
 
     let prompts = ["1,2,3,4,5", "7,8,9", "11,12,13,14,15,16,17", "20,21", "30,31,32,33", "40,41,42"];
     let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, 40)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (ep, p, stop) = (both.clone(), p.to_string(), stop.clone());
-            std::thread::spawn(move || {
-                let mut outs = Vec::new();
-                while !stop.load(Ordering::SeqCst) || outs.len() < 2 {
-                    outs.push(generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "40", "--retries", "20"]));
-                }
-                outs
-            })
-        })
-        .collect();
+    let clients = LoopingClients::start(&both, &prompts, 40, &["--retries", "20"]);
     std::thread::sleep(Duration::from_millis(400));
     let killed = Instant::now();
     let _ = a.child.kill();
@@ -82,10 +67,9 @@ fn killing_the_leading_coordinator_hands_over_with_no_request_lost() {
     until_served(&addr_b, Duration::from_secs(30));
     let recovered = killed.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
     let (mut done, mut retried) = (0, 0);
-    for (c, w) in clients.into_iter().zip(&want) {
-        for o in c.join().expect("client") {
+    for (outs, w) in clients.finish().into_iter().zip(&want) {
+        for o in outs {
             assert!(o.status.success(), "a request was lost in the failover: {}", text(&o));
             assert_eq!(ids_line(&o).as_deref(), Some(w.as_str()), "wrong tokens after failover: {}", text(&o));
             done += 1;

@@ -3,8 +3,6 @@
 //! statistics and `trace record` feed the placement commands.
 mod common;
 use common::*;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "scheduler-test-token";
@@ -61,20 +59,7 @@ fn the_policy_moves_experts_under_load_and_tokens_stay_the_same() {
     let ep = cl.endpoint();
     let prompts = ["1,2,3,4,5", "7,8,9", "11,12,13,14,15,16,17", "20,21"];
     let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, 24)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (ep, p, stop) = (ep.clone(), p.to_string(), stop.clone());
-            std::thread::spawn(move || {
-                let mut outs = Vec::new();
-                while !stop.load(Ordering::SeqCst) || outs.len() < 2 {
-                    outs.push(generate_at(&ep, &["--prompt-ids", &p, "--max-tokens", "24"]));
-                }
-                outs
-            })
-        })
-        .collect();
+    let clients = LoopingClients::start(&ep, &prompts, 24, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let s = loop {
         let s = stats(&ep);
@@ -86,9 +71,8 @@ fn the_policy_moves_experts_under_load_and_tokens_stay_the_same() {
     };
     assert!(s["longest_step_during_migration_us"].as_u64().is_some(), "{s}");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    for (c, w) in clients.into_iter().zip(&want) {
-        for o in c.join().expect("client") {
+    for (outs, w) in clients.finish().into_iter().zip(&want) {
+        for o in outs {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             assert_eq!(ids_line(&o).as_deref(), Some(w.as_str()), "tokens changed across a scheduler migration");
         }

@@ -47,7 +47,6 @@ fn every_grpc_hop_speaks_tls_and_plaintext_or_a_foreign_ca_is_refused() {
     // Plaintext against the TLS server, and a CA that did not sign it: refused, clearly.
     for (extra, why) in [(vec![], "--tls-ca"), (vec!["--tls-ca", p("other-ca.pem").as_str()], "certificate")] {
         let mut args: Vec<&str> = extra.clone();
-        let _ = &why;
         args.extend(["generate", "--endpoint", &addr, "--prompt-ids", "2,4,6", "--max-tokens", "2", "--retries", "0"]);
         let o = switchyard(&args);
         assert!(!o.status.success(), "{extra:?} was accepted");

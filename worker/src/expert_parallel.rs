@@ -685,19 +685,12 @@ pub struct RankStats {
     pub transport_error: Mutex<Option<String>>,
     pub degraded: AtomicBool,
     pub expert_load: Mutex<Vec<u64>>,
-    /// Longest busy step (µs) since someone last took it ([`RankStats::take_max_step_us`]).
-    pub max_step_us: AtomicU64,
     /// Busy step durations (µs) not yet taken ([`RankStats::take_recent_steps`]), the last 4096.
     pub recent_steps: Mutex<std::collections::VecDeque<u32>>,
     pub stop: AtomicBool,
 }
 
 impl RankStats {
-    /// The longest busy step since the last call, resetting it.
-    pub fn take_max_step_us(&self) -> u64 {
-        self.max_step_us.swap(0, Ordering::Relaxed)
-    }
-
     /// The busy step durations (µs) since the last call.
     pub fn take_recent_steps(&self) -> Vec<u32> {
         self.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
@@ -898,7 +891,6 @@ fn run_loop(
         };
         let took = t0.elapsed();
         stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        stats.max_step_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
         if let Ok(mut q) = stats.recent_steps.lock() {
             if q.len() >= 4096 {
                 q.pop_front();
@@ -968,6 +960,60 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
     }
 
+    /// What one rank of [`run_group`] reports: rank 0's logits, and its rows kept local, sent
+    /// away and dropped.
+    struct RankRun {
+        logits: Option<Vec<f32>>,
+        local: u64,
+        remote: u64,
+        dropped: u64,
+    }
+
+    /// `world` ranks in this process over a loopback mesh, each holding its slots of
+    /// `placement`: rank 0 forwards `prompt`, the others join every collective with zero tokens.
+    /// `setup` configures every rank's executor before the forward.
+    fn run_group(
+        dir: &Path,
+        placement: &[Vec<Vec<usize>>],
+        prompt: &[u32],
+        setup: impl Fn(&EpExecutor) + Clone + Send + 'static,
+    ) -> Vec<RankRun> {
+        let world = placement[0].len();
+        let n_e = crate::ModelConfig::from_dir(dir).expect("config").router.n_experts;
+        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+        let handles: Vec<_> = mesh
+            .into_iter()
+            .map(|t| {
+                let (placement, dir, prompt, setup) = (placement.to_vec(), dir.to_path_buf(), prompt.to_vec(), setup.clone());
+                std::thread::spawn(move || {
+                    let r = t.rank();
+                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load slots");
+                    let experts = m.take_routed_experts();
+                    let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
+                    setup(&ex);
+                    let logits = if r == 0 {
+                        let mut cache = m.new_cache();
+                        let out = m
+                            .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
+                            .expect("ep forward");
+                        Some(out.logits[0].clone())
+                    } else {
+                        ex.idle_forward(&m).expect("idle");
+                        None
+                    };
+                    let t = &ex.timers;
+                    RankRun {
+                        logits,
+                        local: t.local_rows.load(Ordering::Relaxed),
+                        remote: t.remote_rows.load(Ordering::Relaxed),
+                        dropped: t.dropped_rows.load(Ordering::Relaxed),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank")).collect()
+    }
+
     /// Every rank in one process: logits through 1, 2, 3 ranks with replicas equal the local ones.
     #[test]
     fn ep_forward_matches_local_across_ranks() {
@@ -992,33 +1038,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-            let handles: Vec<_> = mesh
-                .into_iter()
-                .map(|t| {
-                    let placement = placement.clone();
-                    let dir = dir.clone();
-                    let prompt = prompt.clone();
-                    std::thread::spawn(move || {
-                        let r = t.rank();
-                        let opts = LoadOptions { experts: Some(experts_of_rank(&placement, r)) };
-                        let mut m = Model::load(&dir, &opts).expect("load slots");
-                        let experts = m.take_routed_experts();
-                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
-                        if r == 0 {
-                            let mut cache = m.new_cache();
-                            let out = m
-                                .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
-                                .expect("ep forward");
-                            Some(out.logits[0].clone())
-                        } else {
-                            ex.idle_forward(&m).expect("idle");
-                            None
-                        }
-                    })
-                })
-                .collect();
-            let got = handles.into_iter().map(|h| h.join().expect("rank")).next().flatten().expect("rank 0 logits");
+            let got = run_group(&dir, &placement, &prompt, |_| {}).remove(0).logits.expect("rank 0 logits");
             let d = crate::reference::rel_max_diff(&got, &want);
             assert!(d < 1e-5, "world {world}: rel diff {d}");
         }
@@ -1115,33 +1135,8 @@ mod tests {
         let world = 2;
         let everything: Vec<Vec<Vec<usize>>> = (0..n_l).map(|_| vec![(0..n_e).collect(); world]).collect();
         for load_aware in [false, true] {
-            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-            let handles: Vec<_> = mesh
-                .into_iter()
-                .map(|t| {
-                    let (placement, dir, prompt) = (everything.clone(), dir.clone(), prompt.clone());
-                    std::thread::spawn(move || {
-                        let r = t.rank();
-                        let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load");
-                        let experts = m.take_routed_experts();
-                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
-                        ex.set_load_aware(load_aware);
-                        let logits = if r == 0 {
-                            let mut cache = m.new_cache();
-                            let out = m
-                                .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
-                                .expect("ep forward");
-                            Some(out.logits[0].clone())
-                        } else {
-                            ex.idle_forward(&m).expect("idle");
-                            None
-                        };
-                        (logits, ex.timers.remote_rows.load(Ordering::Relaxed), ex.timers.local_rows.load(Ordering::Relaxed))
-                    })
-                })
-                .collect();
-            let res: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
-            let (got, remote, local) = (res[0].0.clone().expect("logits"), res[0].1, res[0].2);
+            let r0 = run_group(&dir, &everything, &prompt, move |ex| ex.set_load_aware(load_aware)).remove(0);
+            let (got, remote, local) = (r0.logits.expect("logits"), r0.remote, r0.local);
             let d = crate::reference::rel_max_diff(&got, &want);
             assert!(d < 1e-4, "load_aware {load_aware}: rel diff {d}");
             if load_aware {
@@ -1168,33 +1163,8 @@ mod tests {
         let halves: Vec<Vec<Vec<usize>>> =
             (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
         for cap in [None, Some(0.6)] {
-            let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-            let handles: Vec<_> = mesh
-                .into_iter()
-                .map(|t| {
-                    let (placement, dir, prompt) = (halves.clone(), dir.clone(), prompt.clone());
-                    std::thread::spawn(move || {
-                        let r = t.rank();
-                        let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load");
-                        let experts = m.take_routed_experts();
-                        let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
-                        ex.set_capacity_factor(cap);
-                        let logits = if r == 0 {
-                            let mut cache = m.new_cache();
-                            let out = m
-                                .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
-                                .expect("ep forward");
-                            Some(out.logits[0].clone())
-                        } else {
-                            ex.idle_forward(&m).expect("idle");
-                            None
-                        };
-                        (logits, ex.timers.dropped_rows.load(Ordering::Relaxed), ex.timers.local_rows.load(Ordering::Relaxed), ex.timers.remote_rows.load(Ordering::Relaxed))
-                    })
-                })
-                .collect();
-            let res: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
-            let (got, dropped) = (res[0].0.clone().expect("logits"), res[0].1);
+            let r0 = run_group(&dir, &halves, &prompt, move |ex| ex.set_capacity_factor(cap)).remove(0);
+            let (got, dropped) = (r0.logits.expect("logits"), r0.dropped);
             let d = crate::reference::rel_max_diff(&got, &want);
             match cap {
                 None => {

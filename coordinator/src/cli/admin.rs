@@ -108,7 +108,7 @@ impl Admin for CoordSvc {
         for (rank, (addr, node, alive, client)) in entries.into_iter().enumerate() {
             let mut w = pb::WorkerStatus { rank: rank as u32, grpc_address: addr, alive, node, ..Default::default() };
             if let (true, Some(mut c)) = (alive, client) {
-                if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), c.health(pb::WorkerHealthRequest {})).await {
+                if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), c.health(pb::WorkerHealthRequest::default())).await {
                     let h = h.into_inner();
                     w.epoch = h.epoch;
                     w.active_requests = h.active_requests;
@@ -202,13 +202,12 @@ impl CoordSvc {
         let deadline = Instant::now() + SWITCH_TIMEOUT;
         loop {
             let health = on_all(&clients, Duration::from_secs(5), |mut c| async move {
-                c.health(pb::WorkerHealthRequest {}).await.map(Response::into_inner)
+                c.health(pb::WorkerHealthRequest::default()).await.map(Response::into_inner)
             })
             .await;
             if let Some(why) = first_failure(&health) {
                 return Err(Status::unavailable(format!("placement epoch {epoch}: lost a worker while switching: {why}")));
             }
-            self.note_migration_step(health.iter().flatten().map(|h| h.max_step_us).max().unwrap_or(0));
             if health.iter().flatten().all(|h| h.epoch >= epoch) {
                 break;
             }
@@ -218,7 +217,7 @@ impl CoordSvc {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.record_epoch(epoch, &json, EpochState::Committed);
-        self.set_placement(epoch, json).await;
+        self.set_placement(epoch, json);
         let switch_ms = started.elapsed().as_millis() as u64;
         tracing::info!(epoch, switch_ms, "placement epoch active");
         let (loaded_per_rank, kept_per_rank) = prepared.iter().flatten().map(|p| (p.loaded, p.kept)).unzip();
@@ -243,11 +242,9 @@ pub struct AdminEndpoint {
 
 impl AdminEndpoint {
     async fn client(&self) -> anyhow::Result<AdminClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>> {
-        let ch = super::tls::endpoint(&self.endpoint)?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
+        let ch = super::cluster::connect_channel(&self.endpoint)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", self.endpoint))?;
+            .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {}", self.endpoint, super::cluster::error_chain(&e)))?;
         let header = format!("Bearer {}", self.token)
             .parse()
             .map_err(|_| anyhow::anyhow!("the admin token must be printable ASCII"))?;

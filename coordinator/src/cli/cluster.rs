@@ -140,6 +140,19 @@ fn placement_ranks(p: &placement::Placement) -> Vec<Vec<Vec<usize>>> {
 // Worker
 // ---------------------------------------------------------------------------------------------
 
+/// What every long-running server process (coordinator, worker) takes besides its own settings.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ServeArgs {
+    /// Prometheus `/metrics` listen address (e.g. 0.0.0.0:9090); none: no metrics endpoint.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: ServerTls,
+}
+
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     /// Coordinator address (host:port or http://host:port); several, comma separated, are tried
@@ -161,14 +174,8 @@ pub struct WorkerArgs {
     /// All-to-all address the peers connect to (default: the bound --transport-listen address).
     #[arg(long, env = "SWITCHYARD_TRANSPORT_ADVERTISE")]
     pub transport_advertise: Option<String>,
-    /// Prometheus `/metrics` listen address; none: no metrics endpoint.
-    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
-    pub metrics_listen: Option<String>,
-    /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
-    pub tls: ServerTls,
+    pub serve: ServeArgs,
     /// gRPC listen address of this worker.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -416,7 +423,8 @@ impl Worker for WorkerSvc {
         Ok(Response::new(pb::DrainResponse { remaining: remaining.unwrap_or(0) as u32 }))
     }
 
-    async fn health(&self, _req: Request<pb::WorkerHealthRequest>) -> Result<Response<pb::WorkerHealthResponse>, Status> {
+    async fn health(&self, req: Request<pb::WorkerHealthRequest>) -> Result<Response<pb::WorkerHealthResponse>, Status> {
+        let take_steps = req.into_inner().take_steps;
         let g = self.0.rank_loop.lock().map_err(|e| Status::internal(e.to_string()))?;
         let mut h = pb::WorkerHealthResponse { rank: self.0.rank.load(Ordering::SeqCst) as u32, ..Default::default() };
         if let Some(rl) = g.as_ref() {
@@ -427,8 +435,9 @@ impl Worker for WorkerSvc {
             h.busy_steps = s.busy_steps.load(Ordering::Relaxed);
             h.forward_us = s.forward_us.load(Ordering::Relaxed);
             h.degraded = s.degraded.load(Ordering::Relaxed);
-            h.max_step_us = s.take_max_step_us();
-            h.recent_step_us = s.take_recent_steps();
+            if take_steps {
+                h.recent_step_us = s.take_recent_steps();
+            }
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
             h.epoch = self.0.solo_epoch.load(Ordering::SeqCst);
@@ -487,7 +496,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             solo_epoch: AtomicU64::new(0),
             metrics: Arc::new(WorkerMetrics::new()?),
         });
-        if let Some(m) = &a.metrics_listen {
+        if let Some(m) = &a.serve.metrics_listen {
             let (maddr, _) = telemetry::serve_metrics(m, st.metrics.registry.clone()).await?;
             println!("metrics on http://{maddr}/metrics");
         }
@@ -509,7 +518,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<WorkerServer<WorkerSvc>>().await;
-        let server = a.tls.server()?
+        let server = a.serve.tls.server()?
             .add_service(health)
             .add_service(reflection)
             .add_service(WorkerServer::new(WorkerSvc(st.clone())))
@@ -608,14 +617,8 @@ pub struct CoordinatorArgs {
     /// Address clients and standbys reach this coordinator at (default: the bound listen address).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Prometheus `/metrics` listen address (e.g. 0.0.0.0:9090); none: no metrics endpoint.
-    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
-    pub metrics_listen: Option<String>,
-    /// OpenTelemetry collector (OTLP/gRPC) to export trace spans to.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
-    pub tls: ServerTls,
+    pub serve: ServeArgs,
     /// Seconds after which a live expert-load observation weighs half (statistics window).
     #[arg(long, default_value_t = 30.0)]
     pub stats_half_life: f64,
@@ -716,6 +719,15 @@ impl RebalanceArgs {
     }
 }
 
+/// Where the coordinator is in watching a placement change's step lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MigrationWatch {
+    Idle,
+    Running,
+    /// Done; the next membership poll still counts (its steps ran partly during the change).
+    Ending,
+}
+
 struct WorkerEntry {
     grpc: String,
     transport: String,
@@ -739,8 +751,6 @@ struct CoordState {
     role: tokio::sync::watch::Sender<Role>,
     /// This coordinator's lease and store.
     seat: std::sync::OnceLock<Arc<Seat>>,
-    /// Workers lost since start (lease expired, health failed, stream broke).
-    membership_changes: AtomicU64,
     metrics: CoordMetrics,
     /// Windowed live expert load reported by the workers (statistics, scheduler, metrics).
     window: Mutex<placement::live::LoadWindow>,
@@ -748,14 +758,8 @@ struct CoordState {
     capacity_factor: Option<f64>,
     /// The rebalance policy, taken by the scheduler task when this coordinator starts leading.
     policy: Mutex<Option<placement::rebalance::Rebalancer>>,
-    /// The workers' last cumulative expert counts, by rank.
-    last_counts: Mutex<HashMap<usize, Vec<u64>>>,
-    /// Scheduler bookkeeping: epochs committed, experts loaded, longest step of the last one.
-    migrations: AtomicU64,
-    migrated_experts: AtomicU64,
-    abandoned_epochs: AtomicU64,
-    /// `Some(longest step so far)` while a placement change runs; the last one's result after.
-    migration_max_step_us: Mutex<(bool, u64)>,
+    /// The longest step (µs) seen during the running or last placement change.
+    migration_steps: Mutex<(MigrationWatch, u64)>,
     /// Rank 0's busy step durations (µs) not yet handed out by `GetStats`.
     recent_steps: Mutex<std::collections::VecDeque<u32>>,
     /// Transport kind and NCCL unique id handed to every worker.
@@ -792,12 +796,15 @@ impl CoordSvc {
     }
 
     /// Store writes of the leader go on in the background: serving never waits on the store.
-    fn record(&self, what: &'static str, f: impl FnOnce(AnyStore) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), coordinator::store::StoreError>> + Send>> + Send + 'static) {
+    /// The write is retried while the store is unavailable.
+    fn record<F, Fut>(&self, what: &'static str, write: F)
+    where
+        F: Fn(AnyStore) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<coordinator::store::Revision, coordinator::store::StoreError>> + Send,
+    {
         let Some(seat) = self.0.seat.get().cloned() else { return };
         tokio::spawn(async move {
-            let store = seat.store.clone();
-            let fut = f(store);
-            if let Err(e) = fut.await {
+            if let Err(e) = with_store_retries(what, || write(seat.store.clone())).await {
                 tracing::error!("recording {what} in the state store failed: {e}");
             }
         });
@@ -808,7 +815,8 @@ impl CoordSvc {
         let placement = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
         let rec = PlacementEpoch { epoch, state, placement, switch_step: None, acks: vec![] };
         self.record("placement epoch", move |store| {
-            Box::pin(async move { with_store_retries("placement epoch", || typed::record_epoch(&store, &rec)).await.map(|_| ()) })
+            let rec = rec.clone();
+            async move { typed::record_epoch(&store, &rec).await }
         });
     }
 
@@ -845,7 +853,7 @@ impl CoordSvc {
             });
             let mut alive = false;
             if let Some(mut c) = client.clone()
-                && let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest {})).await
+                && let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest::default())).await
             {
                 alive = h.into_inner().rank as usize == rank;
             }
@@ -868,7 +876,7 @@ impl CoordSvc {
             && let Ok(json) = serde_json::to_string(&rec.value.placement)
             && placement::Placement::from_json(&json).is_ok()
         {
-            self.set_placement(e, json).await;
+            self.set_placement(e, json);
         }
         let n = entries.len();
         if let Ok(mut ws) = self.0.workers.lock() {
@@ -888,20 +896,9 @@ impl CoordSvc {
         for (rank, counts) in reports {
             w.observe_cumulative(*rank, counts);
         }
-        if let Ok(mut last) = self.0.last_counts.lock() {
-            for (rank, counts) in reports {
-                last.insert(*rank, counts.clone());
-            }
-        }
         let (per_layer, total) = w.balancedness(&p);
-        let mut rank_load = vec![0.0; p.num_ranks()];
-        for (l, ld) in p.layers.iter().zip(w.load()) {
-            for (r, x) in placement::eval::rank_loads(&l.ranks, ld).into_iter().enumerate() {
-                rank_load[r] += x;
-            }
-        }
         let m = &self.0.metrics;
-        m.set_balance(&per_layer, total, &rank_load);
+        m.set_balance(&per_layer, total, &w.rank_load(&p));
         m.epoch.set(epoch as f64);
         m.workers_alive.set(self.worker_entries().iter().filter(|e| e.2).count() as f64);
     }
@@ -910,62 +907,60 @@ impl CoordSvc {
     pub(super) fn stats_snapshot(&self) -> pb::GetStatsResponse {
         let (epoch, placement_json) = self.placement();
         let (nl, ne) = (self.0.cfg.moe_layers().len(), self.0.cfg.router.n_experts);
-        let mut r = pb::GetStatsResponse { epoch, num_layers: nl as u32, num_experts: ne as u32, ..Default::default() };
+        let m = &self.0.metrics;
+        let mut r = pb::GetStatsResponse {
+            epoch,
+            num_layers: nl as u32,
+            num_experts: ne as u32,
+            migrations: m.migrations.get(),
+            migrated_experts: m.migrated_experts.get(),
+            abandoned_epochs: m.abandoned_epochs.get(),
+            longest_step_during_migration_us: self.0.migration_steps.lock().map(|m| m.1).unwrap_or(0),
+            step_us: self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default(),
+            ..Default::default()
+        };
         if let Ok(w) = self.0.window.lock() {
             r.window_load = w.load().iter().flatten().copied().collect();
+            r.cumulative_counts = w.cumulative();
             if let Ok(p) = placement::Placement::from_json(&placement_json) {
-                let (per, total) = w.balancedness(&p);
-                r.layer_balancedness = per;
-                r.balancedness = total;
-                let mut rank_load = vec![0.0; p.num_ranks()];
-                for (l, ld) in p.layers.iter().zip(w.load()) {
-                    for (k, x) in placement::eval::rank_loads(&l.ranks, ld).into_iter().enumerate() {
-                        rank_load[k] += x;
-                    }
-                }
-                r.rank_load = rank_load;
+                (r.layer_balancedness, r.balancedness) = w.balancedness(&p);
+                r.rank_load = w.rank_load(&p);
             }
         }
-        let mut cum = vec![0u64; nl * ne];
-        if let Ok(last) = self.0.last_counts.lock() {
-            let n = cum.len();
-            for counts in last.values().filter(|c| c.len() == n) {
-                for (a, b) in cum.iter_mut().zip(counts) {
-                    *a += b;
-                }
-            }
-        }
-        r.cumulative_counts = cum;
-        r.migrations = self.0.migrations.load(Ordering::Relaxed);
-        r.migrated_experts = self.0.migrated_experts.load(Ordering::Relaxed);
-        r.abandoned_epochs = self.0.abandoned_epochs.load(Ordering::Relaxed);
-        r.longest_step_during_migration_us = self.0.migration_max_step_us.lock().map(|m| m.1).unwrap_or(0);
-        r.step_us = self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
         r.placement_json = placement_json;
         r
     }
 
     pub(super) fn note_abandoned_epoch(&self) {
-        self.0.abandoned_epochs.fetch_add(1, Ordering::Relaxed);
+        self.0.metrics.abandoned_epochs.inc();
     }
 
-    /// A step length seen while a placement change runs.
-    pub(super) fn note_migration_step(&self, us: u64) {
-        if let Ok(mut m) = self.0.migration_max_step_us.lock()
-            && m.0
-        {
-            m.1 = m.1.max(us);
+    /// Marks a placement change running or done. The steps the workers report at the first poll
+    /// after it ends still count: they ran (partly) during it.
+    pub(super) fn migration_running(&self, running: bool) {
+        if let Ok(mut m) = self.0.migration_steps.lock() {
+            m.0 = if running { MigrationWatch::Running } else { MigrationWatch::Ending };
+            if running {
+                m.1 = 0;
+            }
         }
     }
 
-    /// Marks a placement change running (the health loop tracks its longest step) or done.
-    pub(super) fn migration_running(&self, running: bool) {
-        if let Ok(mut m) = self.0.migration_max_step_us.lock() {
-            if running {
-                *m = (true, 0);
-            } else {
-                m.0 = false;
-            }
+    /// Step durations a worker reported: the longest counts while a placement change runs.
+    fn note_steps_during_migration(&self, steps_us: &[u32]) {
+        if let Ok(mut m) = self.0.migration_steps.lock()
+            && m.0 != MigrationWatch::Idle
+        {
+            m.1 = m.1.max(steps_us.iter().copied().max().unwrap_or(0) as u64);
+        }
+    }
+
+    /// Called after every membership poll: an ending migration has had its last poll.
+    fn migration_poll_done(&self) {
+        if let Ok(mut m) = self.0.migration_steps.lock()
+            && m.0 == MigrationWatch::Ending
+        {
+            m.0 = MigrationWatch::Idle;
         }
     }
 
@@ -998,10 +993,9 @@ impl CoordSvc {
             tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, "rebalancing");
             match self.apply_epoch(next).await {
                 Ok(r) => {
-                    self.0.migrations.fetch_add(1, Ordering::Relaxed);
                     let loaded: u64 = r.loaded_per_rank.iter().map(|&x| x as u64).sum();
-                    self.0.migrated_experts.fetch_add(loaded, Ordering::Relaxed);
-                    self.0.metrics.migration(loaded);
+                    self.0.metrics.migrations.inc();
+                    self.0.metrics.migrated_experts.inc_by(loaded);
                     println!(
                         "rebalanced: epoch {} balancedness {:.3} -> {:.3} (predicted), {} experts loaded, {} ms",
                         r.epoch, proposal.before, proposal.after, loaded, r.switch_ms
@@ -1018,7 +1012,6 @@ impl CoordSvc {
             && let Some(w) = ws.get(rank)
             && w.alive.swap(false, Ordering::SeqCst)
         {
-            self.0.membership_changes.fetch_add(1, Ordering::Relaxed);
             self.0.metrics.membership_changes.inc();
             tracing::warn!(rank, "worker lost: {why}");
             eprintln!("worker rank {rank} lost: {why}");
@@ -1052,7 +1045,7 @@ impl CoordSvc {
             let mut reports = Vec::new();
             for (rank, (_, _, alive, client)) in self.worker_entries().into_iter().enumerate() {
                 let (true, Some(mut c)) = (alive, client) else { continue };
-                let h = match tokio::time::timeout(Duration::from_secs(1), c.health(pb::WorkerHealthRequest {})).await {
+                let h = match tokio::time::timeout(Duration::from_secs(1), c.health(pb::WorkerHealthRequest { take_steps: true })).await {
                     Ok(Ok(h)) => Some(h.into_inner()),
                     _ => None,
                 };
@@ -1062,11 +1055,7 @@ impl CoordSvc {
                     self.lose_worker(rank, "3 health checks failed");
                 }
                 if let Some(h) = h {
-                    if let Ok(mut m) = self.0.migration_max_step_us.lock()
-                        && m.0
-                    {
-                        m.1 = m.1.max(h.max_step_us);
-                    }
+                    self.note_steps_during_migration(&h.recent_step_us);
                     if rank == 0
                         && let Ok(mut q) = self.0.recent_steps.lock()
                     {
@@ -1079,6 +1068,7 @@ impl CoordSvc {
                 }
             }
             self.observe_load(&reports, last.elapsed().as_secs_f64());
+            self.migration_poll_done();
             last = std::time::Instant::now();
         }
     }
@@ -1106,7 +1096,6 @@ impl CoordSvc {
             Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
             _ => vec![],
         };
-        let total = base.max_tokens as u64;
         let mut generated: Vec<u32> = Vec::new();
         let mut outcome = "failed";
         for attempt in 0..ATTEMPTS {
@@ -1117,14 +1106,7 @@ impl CoordSvc {
                 let _ = tx.send(Err(Status::unavailable("no live worker (retry)"))).await;
                 break;
             };
-            let mut req = base.clone();
-            if !generated.is_empty() {
-                let mut ids = prompt.clone();
-                ids.extend_from_slice(&generated);
-                req.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
-                req.max_tokens = (total - generated.len() as u64) as u32;
-                req.return_prompt_logits = false;
-            }
+            let req = if generated.is_empty() { base.clone() } else { continuation(&base, prompt.clone(), &generated) };
             let mut left = req.max_tokens as u64;
             outstanding.fetch_add(left, Ordering::SeqCst);
             let tokens = m.tokens(rank);
@@ -1182,7 +1164,7 @@ impl CoordSvc {
         self.0.placement.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
-    pub(super) async fn set_placement(&self, epoch: u64, json: String) {
+    pub(super) fn set_placement(&self, epoch: u64, json: String) {
         if let Ok(mut p) = self.0.placement.lock() {
             *p = (epoch, json);
         }
@@ -1266,12 +1248,7 @@ impl CoordSvc {
         let mut set = tokio::task::JoinSet::new();
         for ((addr, rank), a) in clients.into_iter().zip(assign) {
             set.spawn(async move {
-                let ch = endpoint(&addr)
-                    .map_err(|e| e.to_string())?
-                    .connect_timeout(Duration::from_secs(10))
-                    .connect()
-                    .await
-                    .map_err(|e| format!("rank {rank} at {addr}: {e}"))?;
+                let ch = connect_channel(&addr).await.map_err(|e| format!("rank {rank} at {addr}: {}", error_chain(&e)))?;
                 let mut c = WorkerClient::new(ch).max_decoding_message_size(1 << 30);
                 c.start(pb::StartRequest { assignment: Some(a) })
                     .await
@@ -1318,7 +1295,8 @@ impl CoordSvc {
                 members,
             };
             self.record("cluster", move |store| {
-                Box::pin(async move { with_store_retries("cluster", || typed::put_cluster(&store, &rec)).await.map(|_| ()) })
+                let rec = rec.clone();
+                async move { typed::put_cluster(&store, &rec).await }
             });
             let (epoch, json) = self.placement();
             self.record_epoch(epoch, &json, EpochState::Committed);
@@ -1510,17 +1488,12 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             listen: Mutex::new(String::new()),
             role: tokio::sync::watch::channel(Role::Standby(None)).0,
             seat: std::sync::OnceLock::new(),
-            membership_changes: AtomicU64::new(0),
             metrics: CoordMetrics::new()?,
             window: Mutex::new(placement::live::LoadWindow::new(n_moe, n_experts, a.stats_half_life)),
-            last_counts: Mutex::new(HashMap::new()),
             policy: Mutex::new(policy),
             load_aware_replicas: a.rebalance.load_aware_replicas,
             capacity_factor: a.rebalance.capacity_factor,
-            migrations: AtomicU64::new(0),
-            migrated_experts: AtomicU64::new(0),
-            abandoned_epochs: AtomicU64::new(0),
-            migration_max_step_us: Mutex::new((false, 0)),
+            migration_steps: Mutex::new((MigrationWatch::Idle, 0)),
             recent_steps: Mutex::new(std::collections::VecDeque::new()),
             transport,
             n_workers: a.workers,
@@ -1568,14 +1541,14 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        if let Some(m) = &a.metrics_listen {
+        if let Some(m) = &a.serve.metrics_listen {
             let (maddr, _) = telemetry::serve_metrics(m, svc.0.metrics.registry.clone()).await?;
             println!("metrics on http://{maddr}/metrics");
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
         reporter.set_serving::<InferenceServer<CoordSvc>>().await;
         println!("listening on {addr}");
-        a.tls.server()?
+        a.serve.tls.server()?
             .add_service(health)
             .add_service(reflection)
             .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
@@ -1833,7 +1806,7 @@ pub async fn generate_with_retries(
         let mut this = req.clone();
         if !got.ids.is_empty() {
             // Continue after what arrived: the original prompt's ids + the generated ids.
-            let mut ids = match &req.prompt {
+            let ids = match &req.prompt {
                 Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
                 Some(pb::generate_request::Prompt::Text(t)) => match tokenize_at(ep, t).await {
                     Ok(ids) => ids,
@@ -1844,10 +1817,7 @@ pub async fn generate_with_retries(
                 },
                 None => vec![],
             };
-            ids.extend_from_slice(&got.ids);
-            this.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }));
-            this.max_tokens = req.max_tokens.saturating_sub(got.ids.len() as u32);
-            this.return_prompt_logits = false;
+            this = continuation(&req, ids, &got.ids);
         }
         let before = got.ids.len();
         match generate_remote_into(ep, this, print, &mut got).await {
@@ -1860,6 +1830,18 @@ pub async fn generate_with_retries(
         }
     }
     Err(last)
+}
+
+/// `req` continued after `generated` tokens: prompt `prompt ++ generated`, the token budget
+/// shrunk by as many, no prompt logits (they were sent, or the request moved before any token).
+fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, generated: &[u32]) -> pb::GenerateRequest {
+    prompt.extend_from_slice(generated);
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
+        max_tokens: req.max_tokens.saturating_sub(generated.len() as u32),
+        return_prompt_logits: false,
+        ..req.clone()
+    }
 }
 
 /// A call that broke because the connection did (the coordinator died mid-stream: h2 or hyper
@@ -1888,16 +1870,11 @@ async fn tokenize_at(endpoint: &str, text: &str) -> Result<Vec<u32>, Status> {
 }
 
 async fn connect(endpoint: &str) -> Result<Channel, Status> {
-    super::tls::endpoint(endpoint)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {}", error_chain(&e))))
+    connect_channel(endpoint).await.map_err(|e| Status::unavailable(format!("cannot connect to {endpoint}: {}", error_chain(&e))))
 }
 
 /// An error with its causes (tonic's transport errors keep the TLS reason in the source).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -2023,7 +2000,7 @@ pub async fn worker_timings(addr: &str) -> (u64, u64, u64, u64) {
     for a in addrs {
         if let Ok(ch) = connect_channel(&a).await
             && let mut w = WorkerClient::new(ch)
-            && let Ok(h) = w.health(pb::WorkerHealthRequest {}).await
+            && let Ok(h) = w.health(pb::WorkerHealthRequest::default()).await
         {
             let h = h.into_inner();
             b += h.busy_steps;

@@ -4,7 +4,8 @@
 //! - coordinator: `placement_epoch`, `workers_alive`, `membership_changes_total`,
 //!   `requests_in_flight` (queue depth), `requests_total{outcome}`, `tokens_total{rank}`,
 //!   `layer_balancedness{layer}` and `balancedness` (mean/max rank load of the active placement
-//!   under the windowed live load), `rank_load{rank}` (windowed routed assignments per rank);
+//!   under the windowed live load), `rank_load{rank}` (windowed routed assignments per rank),
+//!   `migrations_total`, `migrated_experts_total`, `abandoned_epochs_total`;
 //! - worker: `step_seconds` (histogram of busy engine steps), `alltoall_seconds` (histogram of
 //!   dispatch/combine collectives), `alltoall_bytes_total`, `placement_epoch`,
 //!   `active_requests`, `engine_steps_total`, `tokens_total`.
@@ -22,6 +23,9 @@ pub struct CoordMetrics {
     pub membership_changes: Counter,
     pub in_flight: Gauge,
     pub balancedness: Gauge,
+    pub migrations: Counter,
+    pub migrated_experts: Counter,
+    pub abandoned_epochs: Counter,
 }
 
 impl CoordMetrics {
@@ -37,6 +41,9 @@ impl CoordMetrics {
                 "Sum of mean over sum of max rank load of the active placement under the windowed live load",
                 &[],
             )?,
+            migrations: r.counter("switchyard_migrations_total", "Placement epochs the scheduler committed", &[])?,
+            migrated_experts: r.counter("switchyard_migrated_experts_total", "Expert weights loaded by scheduler migrations", &[])?,
+            abandoned_epochs: r.counter("switchyard_abandoned_epochs_total", "Placement epochs abandoned (a worker could not prepare)", &[])?,
             registry: r,
         })
     }
@@ -45,16 +52,6 @@ impl CoordMetrics {
     pub fn request(&self, outcome: &str) {
         if let Ok(c) = self.registry.counter("switchyard_requests_total", "Requests by outcome", &[("outcome", outcome)]) {
             c.inc();
-        }
-    }
-
-    /// A placement epoch the scheduler committed, loading `experts` expert weights.
-    pub fn migration(&self, experts: u64) {
-        if let Ok(c) = self.registry.counter("switchyard_migrations_total", "Placement epochs the scheduler committed", &[]) {
-            c.inc();
-        }
-        if let Ok(c) = self.registry.counter("switchyard_migrated_experts_total", "Expert weights loaded by scheduler migrations", &[]) {
-            c.inc_by(experts);
         }
     }
 

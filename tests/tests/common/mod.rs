@@ -128,24 +128,64 @@ impl Cluster {
 }
 
 pub fn generate_at(endpoint: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(switchyard_bin())
+    let child = Command::new(switchyard_bin())
         .args(["generate", "--endpoint", endpoint])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn generate");
-    // Bounded wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    wait_bounded(child, "generate", Duration::from_secs(120))
+}
+
+/// The child's output, killing it (and failing the test) if it runs longer than `limit`.
+pub fn wait_bounded(mut child: Child, what: &str, limit: Duration) -> Output {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if child.try_wait().expect("wait").is_some() {
             return child.wait_with_output().expect("output");
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("generate did not finish within 120 s");
+            panic!("{what} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One client per prompt, each streaming `switchyard generate --endpoint EP --prompt-ids P
+/// --max-tokens N [extra]` back to back, at least twice, until [`LoopingClients::finish`].
+pub struct LoopingClients {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<Vec<Output>>>,
+}
+
+impl LoopingClients {
+    pub fn start(endpoint: &str, prompts: &[&str], max_tokens: usize, extra: &[&str]) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = prompts
+            .iter()
+            .map(|p| {
+                let (ep, stop) = (endpoint.to_string(), stop.clone());
+                let mut args: Vec<String> = vec!["--prompt-ids".into(), p.to_string(), "--max-tokens".into(), max_tokens.to_string()];
+                args.extend(extra.iter().map(|a| a.to_string()));
+                std::thread::spawn(move || {
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let mut outs = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) || outs.len() < 2 {
+                        outs.push(generate_at(&ep, &args));
+                    }
+                    outs
+                })
+            })
+            .collect();
+        LoopingClients { stop, handles }
+    }
+
+    /// Stops the clients; every client's outputs, in prompt order.
+    pub fn finish(self) -> Vec<Vec<Output>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handles.into_iter().map(|h| h.join().expect("client")).collect()
     }
 }
 
@@ -162,24 +202,14 @@ pub fn ids_line(out: &Output) -> Option<String> {
 
 /// `switchyard <args>` with a bounded wait.
 pub fn switchyard(args: &[&str]) -> Output {
-    let mut child = Command::new(switchyard_bin())
+    let child = Command::new(switchyard_bin())
         .args(args)
         .env_remove("SWITCHYARD_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn switchyard");
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("switchyard {args:?} did not finish within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_bounded(child, &format!("switchyard {args:?}"), Duration::from_secs(180))
 }
 
 /// Greedy token ids of `prompt` generated in this process (no cluster), as `ids: ...`.
