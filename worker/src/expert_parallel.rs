@@ -247,7 +247,17 @@ impl EpExecutor {
         }
         crate::failpoint::check("worker.prepare")?;
         crate::failpoint::check(&format!("worker.prepare.rank{}", self.rank))?;
-        let loaded_now = Model::load_routed_experts(dir, &missing)?;
+        // On a thread of its own at idle priority: it reads and converts the weights only when
+        // the serving threads leave a core free (a rank waiting in its all-to-all does), so the
+        // steps meanwhile are not stretched by the copy.
+        let loaded_now = std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::kernels::set_current_thread_idle_priority();
+                Model::load_routed_experts(dir, &missing)
+            })
+            .join()
+        })
+        .map_err(|_| proto_err("expert loader thread panicked".into()))??;
         let mut loaded = 0;
         for (l, es) in loaded_now.into_iter().enumerate() {
             for (e, w) in es {

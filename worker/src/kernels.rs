@@ -6,7 +6,7 @@
 
 mod ffi;
 
-pub use ffi::mmap_file;
+pub use ffi::{mmap_file, set_current_thread_idle_priority};
 use rayon::prelude::*;
 use std::sync::Once;
 

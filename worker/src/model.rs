@@ -313,7 +313,8 @@ impl Model {
 
     /// Load only the routed experts `wanted[moe_layer]` of the checkpoint in `dir` (a placement
     /// change loads the slots a rank gains beside the ones it keeps; nothing else is read).
-    /// Returns `(expert, weights)` per MoE layer, in the order asked.
+    /// Returns `(expert, weights)` per MoE layer, in the order asked. Runs on the calling thread
+    /// only: it loads beside serving, whose steps must not wait behind it on the rayon pool.
     pub fn load_routed_experts(dir: &Path, wanted: &[Vec<usize>]) -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
         kernels::init();
         let c = ModelConfig::from_dir(dir)?;
@@ -324,7 +325,7 @@ impl Model {
         let ck = Checkpoint::open(dir)?;
         let ld = Loader { ck: &ck };
         wanted
-            .par_iter()
+            .iter()
             .enumerate()
             .map(|(moe_i, es)| {
                 let mp = Self::moe_prefix(&c, &format!("model.layers.{}", moe_layers[moe_i]));

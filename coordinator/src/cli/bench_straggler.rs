@@ -42,9 +42,18 @@ pub struct StragglerArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
-    /// Where the generated checkpoint goes (reused when present).
+    /// Where the generated checkpoint goes (reused when present and of the same shape).
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
+    /// Expert FFN width of the generated checkpoint. Wide experts make expert compute most of a
+    /// step, as on a real MoE model (where the experts hold nearly all the weights); with narrow
+    /// ones attention and the all-to-alls dominate and balance barely shows in step time.
+    #[arg(long, default_value_t = 2048)]
+    pub expert_inter: usize,
+    /// Compute threads of each worker (default: this machine's cores split between the workers,
+    /// so that ranks do not share cores while there are enough of them).
+    #[arg(long)]
+    pub threads_per_worker: Option<usize>,
     /// Write an SVG of windowed balancedness over time per policy.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -132,8 +141,9 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         args.push("--capacity-factor=1.25".into());
     }
     let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
-    let cl = super::cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args)?;
-    let spec = SynthSpec::skewed_bench();
+    let threads = a.threads_per_worker.unwrap_or_else(|| super::cluster::threads_per_local_worker(workers));
+    let cl = super::cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[format!("--threads={threads}")])?;
+    let spec = bench_spec(a);
     let pa = skewed_prompts(&spec, 0, 64, 24, 1);
     let pb_ = skewed_prompts(&spec, 1, 64, 24, 2);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -237,6 +247,11 @@ fn svg(outcomes: &[Outcome]) -> String {
     s
 }
 
+/// The generated checkpoint of the benchmark: `SynthSpec::skewed_bench` with `--expert-inter`.
+fn bench_spec(a: &StragglerArgs) -> SynthSpec {
+    SynthSpec { expert_inter: a.expert_inter, ..SynthSpec::skewed_bench() }
+}
+
 pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.phase_seconds > 0.0 && a.phase_seconds.is_finite(), "--phase-seconds must be positive");
     anyhow::ensure!(a.clients > 0 && a.max_tokens > 1, "--clients ≥ 1 and --max-tokens ≥ 2");
@@ -247,12 +262,20 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         super::cluster::relay_child_output_to_stderr();
     }
-    let spec = SynthSpec::skewed_bench();
-    let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("switchyard-straggler-model"));
+    anyhow::ensure!(a.expert_inter >= 1, "--expert-inter must be at least 1");
+    let spec = bench_spec(&a);
+    let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-i{}", a.expert_inter)));
     if !model.join("config.json").exists() {
         write_checkpoint(&model, &spec)?;
     }
     let cfg = worker::ModelConfig::from_dir(&model)?;
+    anyhow::ensure!(
+        cfg.moe_intermediate_size == spec.expert_inter && cfg.hidden_size == spec.hidden,
+        "{} holds a checkpoint of another shape (expert FFN {}, hidden {}); remove it or pass another --model-dir",
+        model.display(),
+        cfg.moe_intermediate_size,
+        cfg.hidden_size
+    );
     let (nl, ne) = (cfg.moe_layers().len(), cfg.router.n_experts);
     let first_phase = phase_routing(&model, &skewed_prompts(&spec, 0, 64, 24, 1), 8)?;
     let tmp = tempfile::tempdir()?;
@@ -289,8 +312,16 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "skewed {} ({} MoE layers x {} experts top-{}), {} clients, {:.0} s per phase, slots = experts/workers + 1",
-        spec.arch, nl, ne, spec.top_k, a.clients, a.phase_seconds
+        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + 1, threads per worker {}",
+        spec.arch,
+        nl,
+        ne,
+        spec.top_k,
+        spec.hidden,
+        spec.expert_inter,
+        a.clients,
+        a.phase_seconds,
+        a.threads_per_worker.map_or("cores/workers".into(), |t| t.to_string())
     );
     println!(
         "{:>7} {:<22} {:>9} {:>8} {:>8} {:>13} {:>10} {:>10} {:>8} {:>14}",

@@ -191,6 +191,10 @@ pub struct WorkerArgs {
     /// GPU this worker's NCCL communicator uses (when the coordinator picks the NCCL transport).
     #[arg(long, env = "SWITCHYARD_GPU", default_value_t = 0)]
     pub gpu: usize,
+    /// Compute threads of this worker (its rayon pool; default: one per core). Ranks that share
+    /// a machine should split its cores between them instead of each taking all of them.
+    #[arg(long, env = "SWITCHYARD_THREADS")]
+    pub threads: Option<usize>,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
@@ -478,6 +482,10 @@ async fn health_and_reflection() -> anyhow::Result<(
 pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if a.exit_on_stdin_eof {
         exit_on_stdin_eof();
+    }
+    if let Some(n) = a.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("compute thread pool")?;
     }
     runtime()?.block_on(async move {
         let tl = TcpTransport::bind(&a.transport_listen)?;
@@ -1582,8 +1590,18 @@ pub struct UpArgs {
     /// Bearer token of the coordinator's admin API (`switchyard place apply`, `switchyard status`).
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Compute threads of each worker (default: the machine's cores split evenly between the
+    /// workers, at least one each).
+    #[arg(long)]
+    pub threads_per_worker: Option<usize>,
     #[command(flatten)]
     pub rebalance: RebalanceArgs,
+}
+
+/// Compute threads per worker when `workers` share this machine: its cores split evenly.
+pub fn threads_per_local_worker(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / workers.max(1)).max(1)
 }
 
 /// Child processes of a local cluster; killed on drop.
@@ -1649,6 +1667,7 @@ pub fn start_local_cluster(
     listen: &str,
     admin_token: Option<&str>,
     coordinator_args: &[String],
+    worker_args: &[String],
 ) -> anyhow::Result<LocalCluster> {
     let exe = std::env::current_exe()?;
     // Validate here first, for a clear error before any process starts.
@@ -1668,7 +1687,7 @@ pub fn start_local_cluster(
     let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![] };
     for _ in 0..workers {
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]);
+        cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]).args(worker_args);
         let (w, line) = spawn_reading(cmd, "worker rank", Duration::from_secs(60))?;
         // "worker rank R of N ... pid P"
         if let Some(a) = line.split("listening on ").nth(1).and_then(|r| r.split_whitespace().next())
@@ -1727,7 +1746,15 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let placement_file = dir.path().join("placement.json");
     resolved.write(&placement_file)?;
-    let cl = start_local_cluster(&model, a.workers, Some(&placement_file), &a.listen, a.admin_token.as_deref(), &a.rebalance.to_args())?;
+    let cl = start_local_cluster(
+        &model,
+        a.workers,
+        Some(&placement_file),
+        &a.listen,
+        a.admin_token.as_deref(),
+        &a.rebalance.to_args(),
+        &[format!("--threads={}", a.threads_per_worker.unwrap_or_else(|| threads_per_local_worker(a.workers)))],
+    )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
     println!("press Ctrl-C to stop");
@@ -1932,7 +1959,7 @@ pub fn check_cluster(
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
-    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, coordinator_args)?;
+    let cl = start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, coordinator_args, &[])?;
     let rt = runtime()?;
     let mut ok_all = true;
     // All cases at once: concurrent requests exercise the least-outstanding routing too.

@@ -34,6 +34,35 @@ pub fn tune_allocator() {
     }
 }
 
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct SchedParam {
+    sched_priority: c_int,
+}
+
+#[cfg(target_os = "linux")]
+unsafe extern "C" {
+    fn sched_setscheduler(pid: c_int, policy: c_int, param: *const SchedParam) -> c_int;
+}
+
+/// Put the calling thread (only it: Linux schedules threads individually) in `SCHED_IDLE`, so
+/// that it runs only on cores nothing else wants. For background work beside serving, such as
+/// loading the experts of a placement change. Returns whether the scheduler accepted it; a no-op
+/// returning false off Linux.
+pub fn set_current_thread_idle_priority() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const SCHED_IDLE: c_int = 5;
+        let param = SchedParam { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` outlives the call and is only read.
+        unsafe { sched_setscheduler(0, SCHED_IDLE, &param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
 /// Set the number of threads OpenBLAS uses internally (we parallelise with rayon on top).
 pub fn set_blas_threads(n: usize) {
     let n = n.clamp(1, 1024) as c_int;
