@@ -43,6 +43,8 @@ pub struct EpTimers {
     pub alltoalls: AtomicU64,
     /// (token, expert) assignments the capacity option dropped.
     pub dropped_rows: AtomicU64,
+    /// (token, expert) assignments the capacity option sent to the token's next-best expert.
+    pub rerouted_rows: AtomicU64,
 }
 
 /// Hears the duration and bytes sent of every dispatch/combine all-to-all (metrics).
@@ -331,7 +333,7 @@ impl EpExecutor {
 
     /// Join every MoE layer's collectives with zero tokens (a rank without work in a busy step).
     pub fn idle_forward(&self, model: &Model) -> Result<()> {
-        let empty = Routing { top_k: model.config.router.top_k, ids: vec![], weights: vec![] };
+        let empty = Routing::empty(model.config.router.top_k);
         for layer in model.moe_layers() {
             self.run(layer, &[], 0, &empty)?;
         }
@@ -436,14 +438,16 @@ impl EpExecutor {
     /// assignments per layer and step. Every sender keeps at most `ceil(factor × n / world)` of its
     /// `n` assignments per destination, which bounds what any rank receives by `factor` × the
     /// mean without a global exchange. Overflow (lowest router weights first) moves to another
-    /// replica of the same expert with room, else it is dropped: that expert's contribution to the
-    /// token is left out (the router's other choices are not kept, so no next-best expert).
+    /// replica of the same expert with room; else to the token's next-best expert (after its
+    /// top-k, best first, one it does not use yet) on a rank with room, weighted by the router's
+    /// score for it; else it is dropped: that expert's contribution to the token is left out.
     pub fn set_capacity_factor(&self, factor: Option<f64>) {
         let bits = factor.filter(|f| f.is_finite() && *f > 0.0).map_or(0, f64::to_bits);
         self.capacity_bits.store(bits, Ordering::Relaxed);
     }
 
-    fn cap_dispatch(&self, slots: &EpSlots, li: usize, items: &mut [Vec<(usize, u32, f32)>], n: usize, factor: f64) {
+    fn cap_dispatch(&self, slots: &EpSlots, li: usize, items: &mut [Vec<(usize, u32, f32)>], routing: &Routing, factor: f64) {
+        let n = routing.ids.len();
         let cap = ((factor * n as f64 / self.world as f64).ceil() as usize).max(1);
         let mut overflow = Vec::new();
         for its in items.iter_mut() {
@@ -453,15 +457,39 @@ impl EpExecutor {
                 overflow.extend(its.drain(cap..));
             }
         }
-        let mut dropped = 0u64;
+        let (mut dropped, mut rerouted) = (0u64, 0u64);
+        let room = |items: &[Vec<(usize, u32, f32)>], e: u32| {
+            slots.replicas[li][e as usize].iter().copied().filter(|&r| items[r].len() < cap).min_by_key(|&r| (items[r].len(), r))
+        };
+        // Substitutes taken so far, per token (a token never uses one expert twice).
+        let mut substitutes: HashMap<usize, Vec<u32>> = HashMap::new();
+        let (k, m) = (routing.top_k, routing.alternates);
         for it in overflow {
-            let room = slots.replicas[li][it.1 as usize].iter().copied().filter(|&r| items[r].len() < cap).min_by_key(|&r| (items[r].len(), r));
-            match room {
-                Some(r) => items[r].push(it),
+            if let Some(r) = room(items, it.1) {
+                items[r].push(it);
+                continue;
+            }
+            let tok = it.0;
+            let chosen = &routing.ids[tok * k..(tok + 1) * k];
+            let used = substitutes.entry(tok).or_default();
+            let next = (0..m).map(|j| tok * m + j).find_map(|a| {
+                let e = routing.alt_ids[a];
+                if chosen.contains(&e) || used.contains(&e) {
+                    return None;
+                }
+                room(items, e).map(|r| (r, e, routing.alt_weights[a]))
+            });
+            match next {
+                Some((r, e, w)) => {
+                    used.push(e);
+                    items[r].push((tok, e, w));
+                    rerouted += 1;
+                }
                 None => dropped += 1,
             }
         }
         self.timers.dropped_rows.fetch_add(dropped, Ordering::Relaxed);
+        self.timers.rerouted_rows.fetch_add(rerouted, Ordering::Relaxed);
     }
 
     /// Split the tokens of replicated experts by load across all ranks (see
@@ -498,6 +526,11 @@ fn put_f32s(buf: &mut Vec<u8>, v: &[f32]) {
 }
 
 impl ExpertExecutor for EpExecutor {
+    /// Under the capacity option, as many next-best experts as the router chooses (top-k).
+    fn routing_alternates(&self, layer: &MoeLayer) -> usize {
+        if self.capacity().is_some() { layer.router.cfg.top_k } else { 0 }
+    }
+
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {
         let h = layer.hidden;
         let li = layer.moe_index;
@@ -535,7 +568,7 @@ impl ExpertExecutor for EpExecutor {
             }
         }
         if let Some(cf) = self.capacity() {
-            self.cap_dispatch(&slots, li, &mut items, t * routing.top_k, cf);
+            self.cap_dispatch(&slots, li, &mut items, routing, cf);
         }
         // 2. Dispatch: [n u32][n expert ids u32][n rows f32].
         let send: Vec<Vec<u8>> = items
@@ -977,6 +1010,7 @@ mod tests {
         local: u64,
         remote: u64,
         dropped: u64,
+        rerouted: u64,
     }
 
     /// `world` ranks in this process over a loopback mesh, each holding its slots of
@@ -1017,6 +1051,7 @@ mod tests {
                         local: t.local_rows.load(Ordering::Relaxed),
                         remote: t.remote_rows.load(Ordering::Relaxed),
                         dropped: t.dropped_rows.load(Ordering::Relaxed),
+                        rerouted: t.rerouted_rows.load(Ordering::Relaxed),
                     }
                 })
             })
@@ -1172,19 +1207,28 @@ mod tests {
         let world = 2;
         let halves: Vec<Vec<Vec<usize>>> =
             (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
-        for cap in [None, Some(0.6)] {
+        let assignments = (prompt.len() * full.config.router.top_k * n_l) as u64;
+        for cap in [None, Some(0.6), Some(1.0)] {
             let r0 = run_group(&dir, &halves, &prompt, move |ex| ex.set_capacity_factor(cap)).remove(0);
-            let (got, dropped) = (r0.logits.expect("logits"), r0.dropped);
+            let (dropped, rerouted) = (r0.dropped, r0.rerouted);
+            // Every assignment is sent somewhere or counted as dropped: nothing is lost silently.
+            assert_eq!(r0.local + r0.remote + dropped, assignments, "cap {cap:?}: rows unaccounted for");
+            let got = r0.logits.expect("logits");
             let d = crate::reference::rel_max_diff(&got, &want);
             match cap {
                 None => {
-                    assert_eq!(dropped, 0);
-                    assert!(d < 1e-5, "capacity off changed logits: {d}");
+                    assert_eq!((dropped, rerouted), (0, 0));
+                    assert_eq!(got, want, "capacity off changed logits");
                 }
-                Some(_) => {
-                    assert!(dropped > 0, "a cap of 0.6 x mean must drop rows");
+                Some(f) => {
                     assert!(got.iter().all(|x| x.is_finite()));
-                    assert!(d > 0.0, "dropping rows left the logits unchanged");
+                    assert!(d > 0.0, "capping rows left the logits unchanged");
+                    if f < 1.0 {
+                        assert!(dropped > 0, "a cap of {f} x mean has room for fewer rows than there are");
+                    } else {
+                        // Room for every row in total: overflow goes to next-best experts.
+                        assert!(rerouted > 0, "a cap of 1.0 x mean over skewed halves reroutes nothing");
+                    }
                 }
             }
         }

@@ -51,6 +51,15 @@ pub struct Routing {
     pub ids: Vec<u32>,
     /// `[tokens × top_k]` combine weights (after normalisation and scaling).
     pub weights: Vec<f32>,
+    /// Next-best experts kept per token beyond the top-k (0 unless the executor asks for them,
+    /// see [`ExpertExecutor::routing_alternates`]).
+    pub alternates: usize,
+    /// `[tokens × alternates]` the router's next choices after the top-k, best first.
+    pub alt_ids: Vec<u32>,
+    /// `[tokens × alternates]` their weights had they been chosen: the router's score for them
+    /// under the same normalisation (the top-k's sum) and scaling, so that a substitute for one
+    /// of the top-k leaves the other choices' weights as they were.
+    pub alt_weights: Vec<f32>,
 }
 
 /// One routed token of an expert batch.
@@ -105,12 +114,20 @@ impl Routing {
 
     /// Keep only tokens `range` (used to split a batch's routing per sequence).
     pub fn slice_tokens(&self, range: std::ops::Range<usize>) -> Routing {
-        let k = self.top_k;
+        let (k, m) = (self.top_k, self.alternates);
         Routing {
             top_k: k,
             ids: self.ids[range.start * k..range.end * k].to_vec(),
             weights: self.weights[range.start * k..range.end * k].to_vec(),
+            alternates: m,
+            alt_ids: self.alt_ids[range.start * m..range.end * m].to_vec(),
+            alt_weights: self.alt_weights[range.start * m..range.end * m].to_vec(),
         }
+    }
+
+    /// A routing of no tokens.
+    pub fn empty(top_k: usize) -> Routing {
+        Routing { top_k, ids: vec![], weights: vec![], alternates: 0, alt_ids: vec![], alt_weights: vec![] }
     }
 }
 
@@ -128,23 +145,50 @@ pub struct Router {
 impl Router {
     /// Route `x[t×hidden]`.
     pub fn route(&self, x: &[f32], t: usize) -> Routing {
+        self.route_with_alternates(x, t, 0)
+    }
+
+    /// Route `x[t×hidden]` and keep each token's next `alternates` choices after the top-k
+    /// (fewer when the layer has fewer experts). The top-k are exactly those of [`Router::route`].
+    pub fn route_with_alternates(&self, x: &[f32], t: usize, alternates: usize) -> Routing {
         let e = self.cfg.n_experts;
         let k = self.cfg.top_k;
+        let m = alternates.min(e.saturating_sub(k));
         let mut logits = vec![0.0; t * e];
         kernels::matmul_bt(x, t, self.hidden, &self.weight, e, &mut logits);
-        let mut ids = vec![0u32; t * k];
-        let mut weights = vec![0.0f32; t * k];
+        // Per token: k chosen then m alternates.
+        let mut ids = vec![0u32; t * (k + m)];
+        let mut weights = vec![0.0f32; t * (k + m)];
         let per_token = |(row, (ids, ws)): (&mut [f32], (&mut [u32], &mut [f32]))| {
             self.route_one(row, ids, ws);
         };
+        let km = k + m;
         if t >= 64 {
-            logits.par_chunks_mut(e).zip(ids.par_chunks_mut(k).zip(weights.par_chunks_mut(k))).for_each(per_token);
+            logits.par_chunks_mut(e).zip(ids.par_chunks_mut(km).zip(weights.par_chunks_mut(km))).for_each(per_token);
         } else {
-            logits.chunks_mut(e).zip(ids.chunks_mut(k).zip(weights.chunks_mut(k))).for_each(per_token);
+            logits.chunks_mut(e).zip(ids.chunks_mut(km).zip(weights.chunks_mut(km))).for_each(per_token);
         }
-        Routing { top_k: k, ids, weights }
+        if m == 0 {
+            return Routing { top_k: k, ids, weights, alternates: 0, alt_ids: vec![], alt_weights: vec![] };
+        }
+        let split = |v: &[u32]| -> (Vec<u32>, Vec<u32>) {
+            let (mut a, mut b) = (Vec::with_capacity(t * k), Vec::with_capacity(t * m));
+            for c in v.chunks(km) {
+                a.extend_from_slice(&c[..k]);
+                b.extend_from_slice(&c[k..]);
+            }
+            (a, b)
+        };
+        let (top_ids, alt_ids) = split(&ids);
+        let (mut top_w, mut alt_w) = (Vec::with_capacity(t * k), Vec::with_capacity(t * m));
+        for c in weights.chunks(km) {
+            top_w.extend_from_slice(&c[..k]);
+            alt_w.extend_from_slice(&c[k..]);
+        }
+        Routing { top_k: k, ids: top_ids, weights: top_w, alternates: m, alt_ids, alt_weights: alt_w }
     }
 
+    /// One token: `ids`/`ws` hold `top_k` choices followed by any alternates.
     fn route_one(&self, scores: &mut [f32], ids: &mut [u32], ws: &mut [f32]) {
         let cfg = &self.cfg;
         let e = cfg.n_experts;
@@ -187,12 +231,14 @@ impl Router {
                 weight_src = &masked_scores;
             }
         }
-        let top = top_k_indices(&choice, cfg.top_k);
+        let top = top_k_indices(&choice, ids.len());
         let mut sum = 0.0f32;
         for (j, &i) in top.iter().enumerate() {
             ids[j] = i as u32;
             ws[j] = weight_src[i];
-            sum += ws[j];
+            if j < cfg.top_k {
+                sum += ws[j];
+            }
         }
         if cfg.norm_topk_prob {
             let d = sum + cfg.norm_eps;
@@ -259,7 +305,7 @@ impl MoeLayer {
     /// The full layer: route, run routed experts through `exec`, combine, add shared experts.
     /// Returns the output `[t×hidden]` and the routing decisions.
     pub fn forward(&self, x: &[f32], t: usize, exec: &dyn ExpertExecutor) -> Result<(Vec<f32>, Routing)> {
-        let routing = self.router.route(x, t);
+        let routing = self.router.route_with_alternates(x, t, exec.routing_alternates(self));
         // The executor may block in collectives (expert parallelism), so it runs on the calling
         // thread: a rayon worker blocked on a peer would starve the pool that the peer ranks of
         // this process (tests, benchmarks) or its own expert FFNs need. The shared experts run
@@ -313,6 +359,12 @@ pub trait ExpertExecutor: Sync {
     /// Given the layer input `x[t×hidden]` and its routing, return `Σ_k weight_k · expert_k(x)`
     /// per token (`[t×hidden]`, shared experts not included).
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>>;
+
+    /// Next-best experts per token the router should keep for `layer` beyond the top-k (an
+    /// executor that may reroute tokens, e.g. under a capacity limit). Default none.
+    fn routing_alternates(&self, _layer: &MoeLayer) -> usize {
+        0
+    }
 }
 
 /// Runs every routed expert in this process (all needed experts must be loaded).

@@ -112,3 +112,49 @@ fn split_experts_across_two_ranks_matches_reference() {
         }
     }
 }
+
+/// Next-best alternates (for the capacity option's rerouting): the top-k are exactly the plain
+/// routing's, the alternates are the next experts by router score, none repeats a chosen one, and
+/// their weights use the top-k's normalisation (so no alternate outweighs the last chosen expert
+/// where weights follow the scores).
+#[test]
+fn router_alternates_follow_the_top_k_without_changing_it() {
+    for name in ["mixtral", "qwen3_moe", "deepseek_v3", "olmoe"] {
+        let dir = fixture(name);
+        if !dir.exists() {
+            continue;
+        }
+        let m = Model::load(&dir, &LoadOptions::default()).expect("load");
+        let layer = m.moe_layers().next().expect("a MoE layer");
+        let (h, t) = (layer.hidden, 7);
+        let x: Vec<f32> = (0..t * h).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect();
+        let plain = layer.router.route(&x, t);
+        let k = plain.top_k;
+        let e = layer.router.cfg.n_experts;
+        let with = layer.router.route_with_alternates(&x, t, k);
+        assert_eq!(with.ids, plain.ids, "{name}: alternates changed the top-k");
+        assert_eq!(with.weights, plain.weights, "{name}: alternates changed the weights");
+        assert_eq!(with.alternates, k.min(e - k));
+        assert_eq!(plain.alternates, 0);
+        let m_alt = with.alternates;
+        for tok in 0..t {
+            let chosen = &with.ids[tok * k..(tok + 1) * k];
+            let alts = &with.alt_ids[tok * m_alt..(tok + 1) * m_alt];
+            for a in alts {
+                assert!(!chosen.contains(a), "{name}: alternate {a} is already chosen for token {tok}");
+                assert!((*a as usize) < e);
+            }
+            let aw = &with.alt_weights[tok * m_alt..(tok + 1) * m_alt];
+            assert!(aw.iter().all(|w| w.is_finite() && *w >= 0.0), "{name}: alternate weights {aw:?}");
+            if !layer.router.cfg.correction_bias && layer.router.cfg.group_limit.is_none() {
+                let last = with.weights[(tok + 1) * k - 1];
+                assert!(aw.iter().all(|w| *w <= last), "{name}: an alternate outweighs a chosen expert");
+                assert!(aw.windows(2).all(|p| p[0] >= p[1]), "{name}: alternates not best first");
+            }
+        }
+        // Slicing keeps tokens and their alternates together.
+        let s = with.slice_tokens(2..5);
+        assert_eq!(s.alt_ids, with.alt_ids[2 * m_alt..5 * m_alt]);
+        assert_eq!(s.ids, with.ids[2 * k..5 * k]);
+    }
+}

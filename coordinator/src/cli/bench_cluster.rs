@@ -240,7 +240,8 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
                     }
                     (tokens, t0.elapsed().as_secs_f64())
                 });
-                let (busy, d, e, c) = rt.block_on(super::cluster::worker_timings(&cl.addr));
+                let w = rt.block_on(super::cluster::worker_totals(&cl.worker_addrs));
+                let (busy, d, e, c) = (w.busy_steps, w.dispatch_us, w.expert_us, w.combine_us);
                 let per = |x: u64| if busy == 0 { 0.0 } else { x as f64 / busy as f64 };
                 println!(
                     "{:>7} {:>10} {:>12.1} {:>14} {:>12.1} {:>12.1} {:>12.1}",

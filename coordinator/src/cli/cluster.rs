@@ -451,6 +451,8 @@ impl Worker for WorkerSvc {
                 h.dispatch_us = ex.timers.dispatch_us.load(Ordering::Relaxed);
                 h.expert_us = ex.timers.expert_us.load(Ordering::Relaxed);
                 h.combine_us = ex.timers.combine_us.load(Ordering::Relaxed);
+                h.capacity_rerouted = ex.timers.rerouted_rows.load(Ordering::Relaxed);
+                h.capacity_dropped = ex.timers.dropped_rows.load(Ordering::Relaxed);
             }
         }
         Ok(Response::new(h))
@@ -1609,6 +1611,8 @@ pub struct LocalCluster {
     pub addr: String,
     children: Vec<Child>,
     pub worker_pids: Vec<u32>,
+    /// The workers' gRPC addresses, in start order.
+    pub worker_addrs: Vec<String>,
 }
 
 impl Drop for LocalCluster {
@@ -1684,16 +1688,14 @@ pub fn start_local_cluster(
     cmd.args(coordinator_args);
     let (coord, line) = spawn_reading(cmd, "listening on ", Duration::from_secs(60))?;
     let addr = line.trim().trim_start_matches("listening on ").to_string();
-    let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![] };
+    let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![], worker_addrs: vec![] };
     for _ in 0..workers {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]).args(worker_args);
         let (w, line) = spawn_reading(cmd, "worker rank", Duration::from_secs(60))?;
         // "worker rank R of N ... pid P"
-        if let Some(a) = line.split("listening on ").nth(1).and_then(|r| r.split_whitespace().next())
-            && let Ok(mut v) = WORKER_ADDRS.lock()
-        {
-            v.push(a.to_string());
+        if let Some(a) = line.split("listening on ").nth(1).and_then(|r| r.split_whitespace().next()) {
+            cl.worker_addrs.push(a.to_string());
         }
         cl.worker_pids.push(w.id());
         cl.children.push(w);
@@ -2003,6 +2005,10 @@ pub fn check_cluster(
             if greedy_ok { String::new() } else { format!(" expected {:?}", c.greedy) }
         );
     }
+    if coordinator_args.iter().any(|a| a.starts_with("--capacity-factor")) {
+        let t = rt.block_on(worker_totals(&cl.worker_addrs));
+        println!("capacity option: {} assignments rerouted to a next-best expert, {} dropped", t.capacity_rerouted, t.capacity_dropped);
+    }
     drop(cl);
     if ok_all {
         println!("all match ({workers} workers)");
@@ -2015,31 +2021,37 @@ pub fn check_cluster(
 
 /// (busy steps, dispatch µs, expert µs, combine µs) summed over the workers of a local cluster,
 /// averaged per worker.
-pub async fn worker_timings(addr: &str) -> (u64, u64, u64, u64) {
-    let Ok(ch) = connect_channel(addr).await else { return (0, 0, 0, 0) };
-    let mut c = InferenceClient::new(ch);
-    let _ = c.model_info(pb::ModelInfoRequest {}).await;
-    // The coordinator does not expose worker health; ask the workers it knows through the
-    // placement's world size by scanning registered workers is not possible from a client, so
-    // local clusters record worker addresses in WORKER_ADDRS.
-    let addrs: Vec<String> = WORKER_ADDRS.lock().map(|v| v.clone()).unwrap_or_default();
-    let (mut b, mut d, mut e, mut cm, mut n) = (0, 0, 0, 0, 0u64);
-    for a in addrs {
-        if let Ok(ch) = connect_channel(&a).await
+/// What the workers of a local cluster report about their expert-parallel steps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerTotals {
+    /// Per worker, averaged over the workers that answered.
+    pub busy_steps: u64,
+    pub dispatch_us: u64,
+    pub expert_us: u64,
+    pub combine_us: u64,
+    /// Summed over the workers: the capacity option's rerouted and dropped assignments.
+    pub capacity_rerouted: u64,
+    pub capacity_dropped: u64,
+}
+
+/// Ask every worker of `worker_addrs` for its health and total what they report.
+pub async fn worker_totals(worker_addrs: &[String]) -> WorkerTotals {
+    let (mut t, mut n) = (WorkerTotals::default(), 0u64);
+    for a in worker_addrs {
+        if let Ok(ch) = connect_channel(a).await
             && let mut w = WorkerClient::new(ch)
             && let Ok(h) = w.health(pb::WorkerHealthRequest::default()).await
         {
             let h = h.into_inner();
-            b += h.busy_steps;
-            d += h.dispatch_us;
-            e += h.expert_us;
-            cm += h.combine_us;
+            t.busy_steps += h.busy_steps;
+            t.dispatch_us += h.dispatch_us;
+            t.expert_us += h.expert_us;
+            t.combine_us += h.combine_us;
+            t.capacity_rerouted += h.capacity_rerouted;
+            t.capacity_dropped += h.capacity_dropped;
             n += 1;
         }
     }
     let n = n.max(1);
-    (b / n, d / n, e / n, cm / n)
+    WorkerTotals { busy_steps: t.busy_steps / n, dispatch_us: t.dispatch_us / n, expert_us: t.expert_us / n, combine_us: t.combine_us / n, ..t }
 }
-
-/// gRPC addresses of the workers started by [`start_local_cluster`] in this process.
-pub static WORKER_ADDRS: Mutex<Vec<String>> = Mutex::new(Vec::new());
