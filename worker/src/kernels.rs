@@ -5,8 +5,10 @@
 //! as in PyTorch, so `y = x · Wᵀ`.
 
 mod ffi;
+mod packed;
 
 pub use ffi::{mmap_file, set_current_thread_idle_priority};
+pub use packed::PackedWeight;
 use rayon::prelude::*;
 use std::sync::Once;
 

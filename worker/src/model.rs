@@ -90,7 +90,7 @@ impl Loader<'_> {
         let mut gate_up = self.t(gate, &[inter, hidden])?;
         gate_up.extend(self.t(up, &[inter, hidden])?);
         let down = self.t(down, &[hidden, inter])?;
-        Ok(ExpertFfn { gate_up, down, hidden, inter })
+        Ok(ExpertFfn::from_rows(&gate_up, &down, hidden, inter))
     }
 }
 
@@ -302,12 +302,7 @@ impl Model {
             )
         } else {
             // transformers 5 fused layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
-            Ok(ExpertFfn {
-                gate_up: ld.ck.load_slice(&fused_gu, &[e, 2 * inter, h], x)?,
-                down: ld.ck.load_slice(&fused_d, &[e, h, inter], x)?,
-                hidden: h,
-                inter,
-            })
+            Ok(ExpertFfn::from_rows(&ld.ck.load_slice(&fused_gu, &[e, 2 * inter, h], x)?, &ld.ck.load_slice(&fused_d, &[e, h, inter], x)?, h, inter))
         }
     }
 

@@ -18,28 +18,40 @@ use rayon::prelude::*;
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))` (a routed expert, a shared expert,
 /// or a dense MLP). `gate_up` stacks the gate rows on top of the up rows: `[2·inter, hidden]`.
+/// Weights are packed at load time ([`kernels::PackedWeight`]): each is used once per layer and
+/// step by the tokens routed to it, too few for a BLAS's per-call packing to pay.
 #[derive(Debug, Clone)]
 pub struct ExpertFfn {
-    pub gate_up: Vec<f32>,
-    pub down: Vec<f32>,
+    pub gate_up: kernels::PackedWeight,
+    pub down: kernels::PackedWeight,
     pub hidden: usize,
     pub inter: usize,
 }
 
 impl ExpertFfn {
+    /// From row-major `gate_up[2·inter × hidden]` and `down[hidden × inter]`.
+    pub fn from_rows(gate_up: &[f32], down: &[f32], hidden: usize, inter: usize) -> ExpertFfn {
+        ExpertFfn {
+            gate_up: kernels::PackedWeight::from_rows(gate_up, 2 * inter, hidden),
+            down: kernels::PackedWeight::from_rows(down, hidden, inter),
+            hidden,
+            inter,
+        }
+    }
+
     /// `x[n×hidden] → [n×hidden]`.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut gu = vec![0.0; n * 2 * self.inter];
-        kernels::matmul_bt(x, n, self.hidden, &self.gate_up, 2 * self.inter, &mut gu);
+        self.gate_up.matmul(x, n, &mut gu, true);
         let h = kernels::silu_mul_fused(&gu, n, self.inter);
         let mut y = vec![0.0; n * self.hidden];
-        kernels::matmul_bt(&h, n, self.inter, &self.down, self.hidden, &mut y);
+        self.down.matmul(&h, n, &mut y, true);
         y
     }
 
-    /// Bytes of weights (as f32).
+    /// Bytes of weights (as f32, packed).
     pub fn bytes(&self) -> usize {
-        (self.gate_up.len() + self.down.len()) * 4
+        self.gate_up.bytes() + self.down.bytes()
     }
 }
 

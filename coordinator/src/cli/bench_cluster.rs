@@ -1,5 +1,7 @@
-//! `switchyard bench transport` and `switchyard bench decode`: all-to-all throughput beside a
-//! plain TCP stream, and end-to-end decode tokens/s of 1/2/4-worker clusters.
+//! `switchyard bench transport`, `bench decode` and `bench kernels`: all-to-all throughput beside a
+//! plain TCP stream, end-to-end decode tokens/s of 1/2/4-worker clusters, and the expert-FFN
+//! products (OpenBLAS beside load-time packed weights).
+use anyhow::Context;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,55 @@ pub enum BenchCommand {
     /// Straggler benchmark: skewed routing with a mid-run shift; static contiguous, static EPLB,
     /// the online rebalancer, and the rebalancer with load-aware replicas side by side.
     Straggler(super::bench_straggler::StragglerArgs),
+    /// Expert-FFN products `x[m×k]·Wᵀ` on one thread: OpenBLAS sgemm (packs W on every call)
+    /// beside the load-time packed weights the experts use, interleaved in one run.
+    Kernels {
+        /// Rows (tokens routed to one expert).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64,128,256,512")]
+        rows: Vec<usize>,
+        /// Weight shapes as OUTxIN (default: the benchmark model's gate_up and down).
+        #[arg(long, value_delimiter = ',', default_value = "1024x1024,1024x512")]
+        shapes: Vec<String>,
+    },
+}
+
+/// `bench kernels`: GFLOP/s of both products per (shape, rows), best of a few interleaved rounds.
+pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
+    worker::kernels::init();
+    println!("{:>10} {:>6} {:>16} {:>16} {:>7}", "W (n×k)", "m", "OpenBLAS GFLOP/s", "packed GFLOP/s", "ratio");
+    for sh in shapes {
+        let (n, k) = sh
+            .split_once('x')
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+            .filter(|(n, k)| *n > 0 && *k > 0)
+            .with_context(|| format!("shape {sh:?}: expected OUTxIN, e.g. 1024x512"))?;
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0).collect();
+        let packed = worker::kernels::PackedWeight::from_rows(&w, n, k);
+        for &m in rows {
+            anyhow::ensure!(m > 0, "--rows must be positive");
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 1999) as f32 / 999.0 - 1.0).collect();
+            let mut out = vec![0.0f32; m * n];
+            // Enough calls for ~50 ms of work each round at ~50 GFLOP/s.
+            let flops = 2.0 * (m * n * k) as f64;
+            let calls = ((2.5e9 / flops) as usize).clamp(3, 20_000);
+            let (mut blas, mut pack) = (0.0f64, 0.0f64);
+            for _ in 0..REPEATS {
+                let t = Instant::now();
+                for _ in 0..calls {
+                    worker::kernels::matmul_bt_serial(&x, m, k, &w, n, &mut out);
+                }
+                blas = blas.max(flops * calls as f64 / t.elapsed().as_secs_f64() / 1e9);
+                let t = Instant::now();
+                for _ in 0..calls {
+                    packed.matmul(&x, m, &mut out, false);
+                }
+                pack = pack.max(flops * calls as f64 / t.elapsed().as_secs_f64() / 1e9);
+            }
+            println!("{:>10} {:>6} {:>16.1} {:>16.1} {:>6.2}x", format!("{n}x{k}"), m, blas, pack, pack / blas);
+        }
+    }
+    println!("one thread; best of {REPEATS} interleaved rounds; m = tokens routed to one expert in a step");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn sizes(max_mib: usize) -> Vec<usize> {
@@ -213,6 +264,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Straggler(a) => super::bench_straggler::run(a),
+        BenchCommand::Kernels { rows, shapes } => kernels(&rows, &shapes),
         BenchCommand::Decode { model, workers, requests, max_tokens } => {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));
             println!("{:>7} {:>10} {:>12} {:>14} {:>12} {:>12} {:>12}", "workers", "tokens", "tokens/s", "busy steps", "dispatch µs", "expert µs", "combine µs");

@@ -1,0 +1,307 @@
+#![allow(unsafe_code)]
+//! Weights packed once at load time for `y = x · Wᵀ` (the expert FFNs).
+//!
+//! Why: a BLAS sgemm packs its operands on every call. An expert's weight is used once per layer
+//! and step by a few dozen to a few hundred tokens, so OpenBLAS re-packed every expert's weights
+//! every step — measured at a quarter of prefill time on the benchmark model at batch 16 (perf:
+//! `sgemm_incopy`). Packed here once, the multiply streams the panels as they lie.
+//!
+//! Layout: the `n` output rows of `W[n×k]` in panels of [`NR`] = 16 rows (the last one
+//! zero-padded); panel `j` holds, for every `p` in `0..k`, the 16 values `W[16j + r][p]` side by
+//! side. The kernel takes [`MR`] = 6 rows of `x` × one panel at a time (12 AVX2 accumulators),
+//! over blocks of [`KC`] of the inner dimension so that `x`'s block stays in L2 and the panel's
+//! block in L1 while it is reused for every row tile.
+
+use rayon::prelude::*;
+
+/// Output rows per panel.
+pub const NR: usize = 16;
+/// Rows of `x` per micro-tile.
+pub const MR: usize = 6;
+/// Inner-dimension block.
+pub const KC: usize = 256;
+
+/// `W[n×k]` packed for [`PackedWeight::matmul`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedWeight {
+    /// Pack row-major `w[n×k]` (PyTorch's `[out, in]`).
+    ///
+    /// # Panics
+    /// If `w.len() != n * k` (a caller's bug: loaders check shapes against the config first).
+    pub fn from_rows(w: &[f32], n: usize, k: usize) -> PackedWeight {
+        assert_eq!(w.len(), n * k, "PackedWeight::from_rows: {} values for [{n}×{k}]", w.len());
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0.0f32; panels * k * NR];
+        for (j, panel) in data.chunks_mut((k * NR).max(1)).enumerate() {
+            for r in 0..NR.min(n - j * NR) {
+                let row = &w[(j * NR + r) * k..(j * NR + r + 1) * k];
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * NR + r] = v;
+                }
+            }
+        }
+        PackedWeight { data, n, k }
+    }
+
+    /// Output rows (`n`).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Inner dimension (`k`).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `i` of the original `W` (tests, debugging).
+    pub fn row(&self, i: usize) -> Vec<f32> {
+        let (j, r) = (i / NR, i % NR);
+        let panel = &self.data[j * self.k * NR..(j + 1) * self.k * NR];
+        (0..self.k).map(|p| panel[p * NR + r]).collect()
+    }
+
+    /// Bytes held (padding included).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// `out[m×n] = x[m×k] · Wᵀ`, parallel over panels when the product is large enough and
+    /// `parallel` is set.
+    ///
+    /// # Panics
+    /// If `x` or `out` is shorter than `m×k` / `m×n`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], parallel: bool) {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len() >= m * k && out.len() >= m * n, "PackedWeight::matmul: short slice");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            out[..m * n].fill(0.0);
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        let threads = rayon::current_num_threads();
+        if parallel && threads > 1 && m * n * k >= super::PAR_MIN_WORK && panels > 1 {
+            let per = panels.div_ceil(threads * 2).max(1);
+            let shared = SharedOut { ptr: out.as_mut_ptr() };
+            (0..panels).step_by(per).collect::<Vec<_>>().into_par_iter().for_each(|p0| {
+                #[allow(clippy::redundant_locals)]
+                let shared = shared;
+                // SAFETY: panel ranges are disjoint, so are the output columns they write;
+                // `out` holds m×n values (checked above) and outlives the parallel loop.
+                unsafe { self.panels_into(x, m, p0, (p0 + per).min(panels), shared.ptr) }
+            });
+        } else {
+            // SAFETY: as above, one range covering every panel.
+            unsafe { self.panels_into(x, m, 0, panels, out.as_mut_ptr()) }
+        }
+    }
+
+    /// Panels `[p0, p1)` of the product into `c` (row stride `n`).
+    ///
+    /// # Safety
+    /// `x` holds `m×k` values; `c` points at `m×n` writable values that nothing else writes in
+    /// the columns of these panels meanwhile.
+    unsafe fn panels_into(&self, x: &[f32], m: usize, p0: usize, p1: usize, c: *mut f32) {
+        let (n, k) = (self.n, self.k);
+        let mut pc = 0;
+        while pc < k {
+            let kc = KC.min(k - pc);
+            for j in p0..p1 {
+                let panel = &self.data[j * k * NR + pc * NR..j * k * NR + (pc + kc) * NR];
+                let cols = NR.min(n - j * NR);
+                let mut i = 0;
+                while i < m {
+                    let mr = MR.min(m - i);
+                    let tile = Tile { x: &x[i * k + pc..], ldx: k, panel, kc, rows: mr, cols, accumulate: pc > 0 };
+                    // SAFETY: rows i..i+mr < m and columns j·NR..j·NR+cols ≤ n lie inside c.
+                    unsafe { tile.run(c.add(i * n + j * NR), n) };
+                    i += mr;
+                }
+            }
+            pc += kc;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+}
+// SAFETY: only used to hand disjoint column ranges of one output to parallel tasks.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// One micro-tile: `rows` (≤ MR) rows of `x` × one panel, over `kc` inner values.
+struct Tile<'a> {
+    x: &'a [f32],
+    ldx: usize,
+    panel: &'a [f32],
+    kc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+}
+
+impl Tile<'_> {
+    /// # Safety
+    /// `c` points at `rows` rows (stride `ldc`) of at least `cols` writable values.
+    unsafe fn run(&self, c: *mut f32, ldc: usize) {
+        let mut acc = [[0.0f32; NR]; MR];
+        #[cfg(target_arch = "x86_64")]
+        if super::ffi::have_avx2_fma() {
+            // SAFETY: AVX2+FMA present; the tile's slices cover rows × kc and kc × NR.
+            unsafe { tile_avx2(self, &mut acc) };
+            unsafe { self.store(&acc, c, ldc) };
+            return;
+        }
+        for p in 0..self.kc {
+            let b = &self.panel[p * NR..(p + 1) * NR];
+            for (r, a) in acc.iter_mut().enumerate().take(self.rows) {
+                let xv = self.x[r * self.ldx + p];
+                for (o, bv) in a.iter_mut().zip(b) {
+                    *o += xv * bv;
+                }
+            }
+        }
+        unsafe { self.store(&acc, c, ldc) };
+    }
+
+    /// # Safety
+    /// As [`Tile::run`].
+    unsafe fn store(&self, acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize) {
+        for (r, a) in acc.iter().enumerate().take(self.rows) {
+            // SAFETY (caller): row r < rows, columns < cols.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), self.cols) };
+            if self.accumulate {
+                row.iter_mut().zip(a).for_each(|(o, v)| *o += v);
+            } else {
+                row.copy_from_slice(&a[..self.cols]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(t: &Tile, out: &mut [[f32; NR]; MR]) {
+    // One body per row count, so the accumulators stay in registers. Few rows get several
+    // accumulator sets over alternating `p` (summed at the end): with one set, every FMA would
+    // wait for the previous one on the same register (latency-bound at 1–2 rows, i.e. decode).
+    match t.rows {
+        6 => unsafe { tile_rows::<6, 1>(t, out) },
+        5 => unsafe { tile_rows::<5, 1>(t, out) },
+        4 => unsafe { tile_rows::<4, 1>(t, out) },
+        3 => unsafe { tile_rows::<3, 2>(t, out) },
+        2 => unsafe { tile_rows::<2, 2>(t, out) },
+        _ => unsafe { tile_rows::<1, 4>(t, out) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_rows<const R: usize, const U: usize>(t: &Tile, out: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    debug_assert!(t.x.len() > (R - 1) * t.ldx + t.kc - 1 && t.panel.len() >= t.kc * NR);
+    let mut lo = [[_mm256_setzero_ps(); R]; U];
+    let mut hi = [[_mm256_setzero_ps(); R]; U];
+    let xp = t.x.as_ptr();
+    let bp = t.panel.as_ptr();
+    // SAFETY (all loads): p < kc; the panel block holds kc × NR values, and x rows r < R ≤ rows
+    // hold kc values from the tile's start.
+    let step = |p: usize, lo: &mut [__m256; R], hi: &mut [__m256; R]| {
+        let b0 = unsafe { _mm256_loadu_ps(bp.add(p * NR)) };
+        let b1 = unsafe { _mm256_loadu_ps(bp.add(p * NR + 8)) };
+        for r in 0..R {
+            let a = unsafe { _mm256_broadcast_ss(&*xp.add(r * t.ldx + p)) };
+            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
+        }
+    };
+    let main = t.kc / U * U;
+    let mut p = 0;
+    while p < main {
+        for u in 0..U {
+            step(p + u, &mut lo[u], &mut hi[u]);
+        }
+        p += U;
+    }
+    while p < t.kc {
+        step(p, &mut lo[0], &mut hi[0]);
+        p += 1;
+    }
+    for u in 1..U {
+        for r in 0..R {
+            lo[0][r] = _mm256_add_ps(lo[0][r], lo[u][r]);
+            hi[0][r] = _mm256_add_ps(hi[0][r], hi[u][r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: out rows hold NR = 16 values.
+        unsafe {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), lo[0][r]);
+            _mm256_storeu_ps(out[r].as_mut_ptr().add(8), hi[0][r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Every edge: rows not a multiple of MR, outputs not of NR, inner dims across KC blocks.
+    #[test]
+    fn packed_matmul_matches_a_plain_product() {
+        for &(m, k, n) in &[(1, 1, 1), (1, 7, 3), (5, 33, 17), (6, 256, 16), (7, 257, 31), (13, 600, 40), (64, 1024, 96), (129, 300, 200)] {
+            let x = fill(m * k, (m * 31 + k) as u32);
+            let w = fill(n * k, (n * 17 + k) as u32);
+            let pw = PackedWeight::from_rows(&w, n, k);
+            assert_eq!(pw.row(n - 1), w[(n - 1) * k..].to_vec());
+            let want = reference(&x, m, k, &w, n);
+            for parallel in [false, true] {
+                let mut got = vec![f32::NAN; m * n];
+                pw.matmul(&x, m, &mut got, parallel);
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err <= 1e-4 * (k as f32).sqrt(), "m {m} k {k} n {n} parallel {parallel}: max error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_inner_dimension_gives_zeros() {
+        let pw = PackedWeight::from_rows(&[], 3, 0);
+        let mut out = vec![1.0; 6];
+        pw.matmul(&[], 2, &mut out, false);
+        assert_eq!(out, vec![0.0; 6]);
+    }
+}
