@@ -1,5 +1,6 @@
 #![allow(unsafe_code)]
-//! The only place with `unsafe`: OpenBLAS (CBLAS) calls and memory-mapping checkpoint files.
+//! `unsafe` lives here (OpenBLAS (CBLAS) calls, memory-mapping checkpoint files, thread
+//! scheduling) and in the packed-weight micro-kernel (`packed.rs`).
 //!
 //! Every function here checks the slice lengths it hands to C before the call, so the safe
 //! wrappers cannot be made to read or write out of bounds.
