@@ -62,7 +62,9 @@ pub struct TokenEvent {
 pub struct EngineConfig {
     /// Running sequences at most.
     pub max_seqs: usize,
-    /// New tokens (prefill + decode) per step at most; one prefill is always admitted.
+    /// New tokens (prefill + decode) per step at most (at least 1). Decoding sequences come
+    /// first; prompts fill what is left in chunks (chunked prefill), so a long prompt is spread
+    /// over several steps instead of making one step long for every sequence in the batch.
     pub max_batch_tokens: usize,
 }
 
@@ -77,7 +79,14 @@ struct Seq {
     cache: KvCache,
     generated: Vec<u32>,
     sampler: Sampler,
-    prefilled: bool,
+    /// Prompt tokens already in the cache.
+    prompt_done: usize,
+}
+
+impl Seq {
+    fn prefilled(&self) -> bool {
+        self.prompt_done >= self.req.prompt.len()
+    }
 }
 
 /// Statistics of routed-expert load, per MoE layer and expert.
@@ -175,7 +184,7 @@ impl Engine {
         let id = self.next_id;
         self.next_id += 1;
         let sampler = Sampler::new(req.sampling.clone(), id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
-        let seq = Seq { cache: self.model.new_cache(), generated: vec![], sampler, prefilled: false, req };
+        let seq = Seq { cache: self.model.new_cache(), generated: vec![], sampler, prompt_done: 0, req };
         self.waiting.push_back((id, seq));
         Ok(id)
     }
@@ -219,42 +228,52 @@ impl Engine {
         &self.last_routing
     }
 
-    /// One engine step: every running sequence decodes one token, and waiting requests are
-    /// admitted (prefilled) while the token budget allows; one forward runs over all of them.
+    /// One engine step: every decoding sequence decodes one token, and the rest of the token
+    /// budget goes to prompts in arrival order (running ones first, then newly admitted), a
+    /// chunk each; one forward runs over all of them. A sequence samples its first token in the
+    /// step that completes its prompt.
     pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
-        // Admit.
-        let mut budget = self.cfg.max_batch_tokens.saturating_sub(self.running.len());
-        let mut admitted_any = false;
-        while let Some((_, s)) = self.waiting.front() {
-            if self.running.len() >= self.cfg.max_seqs {
-                break;
+        let decoding = self.running.values().filter(|s| s.prefilled()).count();
+        let mut budget = self.cfg.max_batch_tokens.max(1).saturating_sub(decoding);
+        // Prompt chunk per sequence this step.
+        let mut chunks: BTreeMap<RequestId, usize> = BTreeMap::new();
+        for (id, s) in &self.running {
+            if !s.prefilled() && budget > 0 {
+                let take = (s.req.prompt.len() - s.prompt_done).min(budget);
+                budget -= take;
+                chunks.insert(*id, take);
             }
-            let need = s.req.prompt.len();
-            if need > budget && (admitted_any || !self.running.is_empty()) {
-                break;
-            }
-            budget = budget.saturating_sub(need);
-            admitted_any = true;
-            if let Some((id, s)) = self.waiting.pop_front() {
-                self.running.insert(id, s);
-            }
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_seqs {
+            let Some((id, s)) = self.waiting.pop_front() else { break };
+            let take = s.req.prompt.len().min(budget);
+            budget -= take;
+            chunks.insert(id, take);
+            self.running.insert(id, s);
         }
         let mut events = Vec::new();
-        if self.running.is_empty() {
+        let ids: Vec<RequestId> =
+            self.running.iter().filter(|(id, s)| s.prefilled() || chunks.contains_key(id)).map(|(id, _)| *id).collect();
+        if ids.is_empty() {
             return Ok(events);
         }
-        let ids: Vec<RequestId> = self.running.keys().copied().collect();
-        let inputs: Vec<Vec<u32>> = self
-            .running
-            .values()
-            .map(|s| if s.prefilled { vec![*s.generated.last().unwrap_or(&0)] } else { s.req.prompt.clone() })
+        let inputs: Vec<Vec<u32>> = ids
+            .iter()
+            .filter_map(|id| {
+                let s = self.running.get(id)?;
+                Some(match chunks.get(id) {
+                    Some(&n) => s.req.prompt[s.prompt_done..s.prompt_done + n].to_vec(),
+                    None => vec![*s.generated.last().unwrap_or(&0)],
+                })
+            })
             .collect();
         let out = {
             let mut seqs: Vec<SeqInput> = self
                 .running
-                .values_mut()
+                .iter_mut()
+                .filter(|(id, _)| ids.binary_search(id).is_ok())
                 .zip(&inputs)
-                .map(|(s, toks)| SeqInput { tokens: toks, cache: &mut s.cache })
+                .map(|((_, s), toks)| SeqInput { tokens: toks, cache: &mut s.cache })
                 .collect();
             self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())?
         };
@@ -267,7 +286,12 @@ impl Engine {
         let mut done = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let Some(s) = self.running.get_mut(id) else { continue };
-            s.prefilled = true;
+            if let Some(&n) = chunks.get(id) {
+                s.prompt_done += n;
+                if !s.prefilled() {
+                    continue; // the rest of the prompt comes in later steps
+                }
+            }
             let tok = s.sampler.sample(&out.logits[i]);
             s.generated.push(tok);
             let finished = if s.req.stop_tokens.contains(&tok) {

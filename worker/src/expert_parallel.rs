@@ -147,6 +147,23 @@ pub struct EpExecutor {
     load_aware: AtomicBool,
     /// f64 bits of the capacity factor; 0: the capacity option is off.
     capacity_bits: AtomicU64,
+    critical: Mutex<CriticalPath>,
+    /// Projected step times (µs) not yet taken ([`EpExecutor::take_projected_steps`]).
+    projected_steps: Mutex<std::collections::VecDeque<u32>>,
+}
+
+/// This rank's CPU time per compute segment of the current step: the work between consecutive
+/// collectives (step header, dispatch, combine, load exchange). Every rank runs the same
+/// sequence of collectives, so segment `i` of every rank is the same stretch of the step, and
+/// the step on ranks with cores of their own would take `Σ_i max_rank segment_i` plus the
+/// transfers. The step header carries the previous step's segments to every rank.
+#[derive(Debug, Default)]
+struct CriticalPath {
+    /// Process CPU time (µs) at the end of the last collective.
+    mark_us: u64,
+    segments: Vec<u32>,
+    /// Whether the step the segments belong to had work on some rank.
+    busy: bool,
 }
 
 impl std::fmt::Debug for EpExecutor {
@@ -192,6 +209,8 @@ impl EpExecutor {
             observer: Mutex::new(None),
             load_aware: AtomicBool::new(false),
             capacity_bits: AtomicU64::new(0),
+            critical: Mutex::new(CriticalPath::default()),
+            projected_steps: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -301,21 +320,37 @@ impl EpExecutor {
     /// any rank has work; switches to the committed epoch when every rank reports it (every rank
     /// sees the same reports, so all switch before the same step).
     pub fn exchange_step(&self, have_work: bool) -> Result<bool> {
-        let mut msg = Vec::with_capacity(9);
+        // Header: [have work u8][committed epoch u64][n u32][the previous step's n segments u32].
+        let (prev_busy, segments) = {
+            self.end_segment();
+            let mut c = self.critical.lock().map_err(|_| proto_err("critical-path lock poisoned".into()))?;
+            (c.busy, std::mem::take(&mut c.segments))
+        };
+        let mut msg = Vec::with_capacity(13 + 4 * segments.len());
         msg.push(have_work as u8);
         msg.extend_from_slice(&self.committed.load(Ordering::SeqCst).to_le_bytes());
-        let recv = {
-            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
-            t.all_to_all_v(vec![msg; self.world]).map_err(ep_err)?
-        };
+        msg.extend_from_slice(&(segments.len() as u32).to_le_bytes());
+        for s in &segments {
+            msg.extend_from_slice(&s.to_le_bytes());
+        }
+        let recv = self.collective_after_segment(vec![msg; self.world])?;
         let mut any = false;
         let mut epochs = Vec::with_capacity(self.world);
+        let mut peers_segments: Vec<Vec<u32>> = Vec::with_capacity(self.world);
         for (r, b) in recv.iter().enumerate() {
-            if b.len() != 9 {
+            let n = b.get(9..13).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize);
+            let Some(n) = n.filter(|n| b.len() == 13 + 4 * n) else {
                 return Err(proto_err(format!("rank {}: step header from rank {r} has {} bytes", self.rank, b.len())));
-            }
+            };
             any |= b[0] != 0;
             epochs.push(u64::from_le_bytes(b[1..9].try_into().unwrap_or_default()));
+            peers_segments.push(b[13..13 + 4 * n].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+        }
+        if prev_busy {
+            self.record_projected_step(&peers_segments);
+        }
+        if let Ok(mut c) = self.critical.lock() {
+            c.busy = any;
         }
         let target = epochs[0];
         if target > self.epoch() && epochs.iter().all(|&e| e == target) {
@@ -329,6 +364,60 @@ impl EpExecutor {
             }
         }
         Ok(any)
+    }
+
+    /// Close the current compute segment (called as a collective starts).
+    fn end_segment(&self) {
+        let now = crate::kernels::process_cpu_time_us();
+        if let Ok(mut c) = self.critical.lock() {
+            let d = now.saturating_sub(c.mark_us).min(u32::MAX as u64) as u32;
+            c.segments.push(d);
+        }
+    }
+
+    /// An all-to-all that closes the compute segment before it and opens one after it: its own
+    /// transfer and waiting are not compute.
+    fn collective(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.end_segment();
+        self.collective_after_segment(send)
+    }
+
+    /// An all-to-all whose preceding segment the caller closed; opens the next one.
+    fn collective_after_segment(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let recv = {
+            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
+            t.all_to_all_v(send).map_err(ep_err)?
+        };
+        let now = crate::kernels::process_cpu_time_us();
+        if let Ok(mut c) = self.critical.lock() {
+            c.mark_us = now;
+        }
+        Ok(recv)
+    }
+
+    /// The previous step's length on ranks with cores of their own: per segment the slowest
+    /// rank's CPU time, over this worker's compute threads, summed (skipped unless every rank ran
+    /// the same sequence of segments).
+    fn record_projected_step(&self, peers: &[Vec<u32>]) {
+        let n = peers.first().map_or(0, Vec::len);
+        if n == 0 || peers.iter().any(|p| p.len() != n) {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1) as u64;
+        let cpu: u64 = (0..n).map(|i| peers.iter().map(|p| p[i] as u64).max().unwrap_or(0)).sum();
+        if let Ok(mut q) = self.projected_steps.lock() {
+            if q.len() >= 4096 {
+                q.pop_front();
+            }
+            q.push_back((cpu / threads).min(u32::MAX as u64) as u32);
+        }
+    }
+
+    /// Busy steps' projected lengths (µs) since the last call: what each step would have taken
+    /// had every rank its own cores (ranks sharing a machine's cores hide a straggler: while the
+    /// others wait in a collective, the loaded rank gets their cores too).
+    pub fn take_projected_steps(&self) -> Vec<u32> {
+        self.projected_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
     }
 
     /// Join every MoE layer's collectives with zero tokens (a rank without work in a busy step).
@@ -380,10 +469,7 @@ impl EpExecutor {
         for c in &mine {
             msg.extend_from_slice(&c.to_le_bytes());
         }
-        let recv = {
-            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
-            t.all_to_all_v(vec![msg; self.world]).map_err(ep_err)?
-        };
+        let recv = self.collective(vec![msg; self.world])?;
         let mut counts = Vec::with_capacity(self.world); // counts[src][expert]
         for (src, b) in recv.iter().enumerate() {
             if b.len() != ne * 4 {
@@ -501,10 +587,7 @@ impl EpExecutor {
     fn a2a(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, b)| b.len() as u64).sum();
         let t0 = Instant::now();
-        let recv = {
-            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
-            t.all_to_all_v(send).map_err(ep_err)?
-        };
+        let recv = self.collective(send)?;
         self.timers.alltoall_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.timers.alltoalls.fetch_add(1, Ordering::Relaxed);
         if let Some(o) = self.observer.lock().ok().and_then(|o| o.clone()) {

@@ -115,3 +115,33 @@ fn stop_tokens_and_limits() {
     let res = e.run_to_completion().expect("run");
     assert!(res.contains_key(&a) && !res.contains_key(&b));
 }
+
+/// Chunked prefill: with a budget of 3 tokens per step, prompts of 5–17 tokens are spread over
+/// several steps beside running decodes, no step runs more than the budget, and every greedy
+/// continuation is still the transformers reference.
+#[test]
+fn chunked_prefill_keeps_steps_within_the_budget_and_outputs_unchanged() {
+    for name in ["mixtral", "deepseek_v3"] {
+        let model = load(name);
+        let cases = read_expected(&fixture(name).join("expected.safetensors")).expect("expected");
+        let budget = 3;
+        let mut engine = Engine::new(model, EngineConfig { max_batch_tokens: budget, ..EngineConfig::default() });
+        let mut got: std::collections::BTreeMap<u64, Vec<u32>> = Default::default();
+        let ids: Vec<u64> = cases.iter().map(|c| engine.add_request(Request::new(c.prompt.clone(), c.greedy.len())).expect("add")).collect();
+        let (mut steps, mut max_tokens) = (0, 0);
+        while engine.has_work() {
+            for ev in engine.step().expect("step") {
+                got.entry(ev.id).or_default().push(ev.token.expect("token"));
+            }
+            let r = &engine.last_routing()[0];
+            max_tokens = max_tokens.max(r.ids.len() / r.top_k);
+            steps += 1;
+        }
+        assert!(max_tokens <= budget, "{name}: a step ran {max_tokens} tokens, budget {budget}");
+        let prompt_tokens: usize = cases.iter().map(|c| c.prompt.len()).sum();
+        assert!(steps * budget >= prompt_tokens, "{name}: {steps} steps cannot hold {prompt_tokens} prompt tokens");
+        for (id, c) in ids.iter().zip(&cases) {
+            assert_eq!(got.get(id), Some(&c.greedy), "{name} prompt {}: chunked prefill changed the continuation", c.index);
+        }
+    }
+}

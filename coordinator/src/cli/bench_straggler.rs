@@ -8,8 +8,11 @@
 //! - `rebalance+capacity`: the rebalancer with the capacity option at 1.25 × mean (changes outputs).
 //!
 //! Per policy: tokens/s, p50/p99 step latency after the shift (the group's busy engine steps, as
-//! rank 0 reports them: the ranks step together, so the straggler sets every step's length), windowed balancedness over time (admin `GetStats`), migrations and
-//! experts moved, and the time from the shift until balancedness is back to ≥ 0.9.
+//! rank 0 reports them: the ranks step together, so the straggler sets every step's length), the
+//! same steps projected onto ranks with cores of their own (on a machine with fewer cores than
+//! ranks, a straggler borrows the waiting ranks' cores and wall-clock steps hide it), windowed
+//! balancedness over time (admin `GetStats`), migrations and experts moved, and the time from the
+//! shift until balancedness is back to ≥ 0.9.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,10 @@ pub struct StragglerArgs {
     /// ones attention and the all-to-alls dominate and balance barely shows in step time.
     #[arg(long, default_value_t = 2048)]
     pub expert_inter: usize,
+    /// New tokens per engine step and worker (chunked prefill; the same for every policy).
+    /// Small, so that a prompt arriving does not make one step several times the others.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_tokens: u32,
     /// Compute threads of each worker (default: this machine's cores split between the workers,
     /// so that ranks do not share cores while there are enough of them).
     #[arg(long)]
@@ -68,6 +75,9 @@ struct Outcome {
     tokens_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The same steps projected onto ranks with cores of their own (see `projected_step_us`).
+    projected_p50_ms: f64,
+    projected_p99_ms: f64,
     balancedness_after_shift: f64,
     recovery_s: Option<f64>,
     migrations: u64,
@@ -127,7 +137,7 @@ async fn client(addr: String, a: Vec<Vec<u32>>, b: Vec<Vec<u32>>, shift: Arc<Ato
 }
 
 fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, contiguous: &Path, a: &StragglerArgs) -> anyhow::Result<Outcome> {
-    let mut args: Vec<String> = vec!["--stats-half-life=2".into()];
+    let mut args: Vec<String> = vec!["--stats-half-life=2".into(), format!("--max-batch-tokens={}", a.max_batch_tokens)];
     if policy.starts_with("rebalance") {
         args.extend(
             ["--rebalance", "--rebalance-threshold=0.9", "--rebalance-target=0.97", "--rebalance-margin=0.01", "--rebalance-min-interval=2"]
@@ -165,6 +175,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         let mut shift_s = a.phase_seconds;
         let mut last_stats = None;
         let mut steps_after: Vec<f64> = Vec::new();
+        let mut projected_after: Vec<f64> = Vec::new();
         while t0.elapsed().as_secs_f64() < total {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let now = t0.elapsed().as_secs_f64();
@@ -176,6 +187,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
                 let s = s.into_inner();
                 if shift.load(Ordering::SeqCst) {
                     steps_after.extend(s.step_us.iter().map(|&us| us as f64 / 1e3));
+                    projected_after.extend(s.projected_step_us.iter().map(|&us| us as f64 / 1e3));
                 }
                 timeline.push((now, s.balancedness));
                 last_stats = Some(s);
@@ -210,6 +222,8 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
             tokens_per_s: tokens as f64 / wall,
             p50_ms: percentile(&mut steps_after.clone(), 0.5),
             p99_ms: percentile(&mut steps_after, 0.99),
+            projected_p50_ms: percentile(&mut projected_after.clone(), 0.5),
+            projected_p99_ms: percentile(&mut projected_after, 0.99),
             balancedness_after_shift: if tail.is_empty() { s.balancedness } else { tail.iter().sum::<f64>() / tail.len() as f64 },
             recovery_s,
             migrations: s.migrations,
@@ -263,6 +277,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         super::cluster::relay_child_output_to_stderr();
     }
     anyhow::ensure!(a.expert_inter >= 1, "--expert-inter must be at least 1");
+    anyhow::ensure!(a.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1");
     let spec = bench_spec(&a);
     let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-i{}", a.expert_inter)));
     if !model.join("config.json").exists() {
@@ -304,7 +319,8 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         for o in &outcomes {
             let v = serde_json::json!({
                 "workers": o.workers, "policy": o.policy, "tokens_per_s": o.tokens_per_s, "p50_step_ms": o.p50_ms,
-                "p99_step_ms": o.p99_ms, "balancedness_after_shift": o.balancedness_after_shift, "recovery_s": o.recovery_s,
+                "p99_step_ms": o.p99_ms, "projected_p50_step_ms": o.projected_p50_ms, "projected_p99_step_ms": o.projected_p99_ms,
+                "balancedness_after_shift": o.balancedness_after_shift, "recovery_s": o.recovery_s,
                 "migrations": o.migrations, "experts_moved": o.experts_moved, "longest_migration_step_ms": o.longest_migration_step_ms,
             });
             println!("{v}");
@@ -312,7 +328,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + 1, threads per worker {}",
+        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + 1, threads per worker {}, max batch tokens {}",
         spec.arch,
         nl,
         ne,
@@ -321,20 +337,23 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         spec.expert_inter,
         a.clients,
         a.phase_seconds,
-        a.threads_per_worker.map_or("cores/workers".into(), |t| t.to_string())
+        a.threads_per_worker.map_or("cores/workers".into(), |t| t.to_string()),
+        a.max_batch_tokens
     );
     println!(
-        "{:>7} {:<22} {:>9} {:>8} {:>8} {:>13} {:>10} {:>10} {:>8} {:>14}",
-        "workers", "policy", "tok/s", "p50 ms", "p99 ms", "bal. after", "recovery s", "migrations", "experts", "max mig. step"
+        "{:>7} {:<22} {:>8} {:>7} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>13}",
+        "workers", "policy", "tok/s", "p50 ms", "p99 ms", "proj. p50", "proj. p99", "bal. after", "recovery s", "migrations", "experts", "max mig. step"
     );
     for o in &outcomes {
         println!(
-            "{:>7} {:<22} {:>9.1} {:>8.2} {:>8.2} {:>13.3} {:>10} {:>10} {:>8} {:>11.1} ms",
+            "{:>7} {:<22} {:>8.1} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {:>10.3} {:>10} {:>10} {:>7} {:>10.1} ms",
             o.workers,
             o.policy,
             o.tokens_per_s,
             o.p50_ms,
             o.p99_ms,
+            o.projected_p50_ms,
+            o.projected_p99_ms,
             o.balancedness_after_shift,
             o.recovery_s.map_or("never".into(), |r| format!("{r:.1}")),
             o.migrations,
@@ -342,6 +361,8 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
             o.longest_migration_step_ms
         );
     }
-    println!("step latency = the group's busy engine steps after the shift; balancedness = windowed Σmean/Σmax rank load (half-life 2 s)");
+    println!("step latency = the group's busy engine steps after the shift (wall clock); proj. = the same steps had every rank cores of its own");
+    println!("  (per compute segment between collectives the slowest rank's CPU time, summed; transfers left out)");
+    println!("balancedness = windowed Σmean/Σmax rank load (half-life 2 s); max mig. step = longest step while a migration ran");
     Ok(ExitCode::SUCCESS)
 }

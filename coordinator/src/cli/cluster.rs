@@ -277,7 +277,10 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
             metrics.alltoall_bytes.inc_by(bytes);
         }));
     }
-    let cfg = RankLoopConfig { model_dir: Some(dir), on_step: Some(on_step), ..Default::default() };
+    let mut cfg = RankLoopConfig { model_dir: Some(dir), on_step: Some(on_step), ..Default::default() };
+    if a.max_batch_tokens > 0 {
+        cfg.engine.max_batch_tokens = a.max_batch_tokens as usize;
+    }
     let rl = RankLoop::spawn(Arc::new(model), executor, cfg);
     *st.jobs.lock().map_err(|e| e.to_string())? = Some(rl.jobs.clone());
     *st.rank_loop.lock().map_err(|e| e.to_string())? = Some(rl);
@@ -441,6 +444,9 @@ impl Worker for WorkerSvc {
             h.degraded = s.degraded.load(Ordering::Relaxed);
             if take_steps {
                 h.recent_step_us = s.take_recent_steps();
+                if let Some(ex) = &rl.executor {
+                    h.recent_projected_step_us = ex.take_projected_steps();
+                }
             }
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
@@ -675,6 +681,10 @@ pub struct RebalanceArgs {
     /// (changes outputs; see the README).
     #[arg(long)]
     pub capacity_factor: Option<f64>,
+    /// New tokens per engine step and worker at most (default 8192): decodes first, prompts fill
+    /// the rest in chunks (chunked prefill), which bounds how long one step can take.
+    #[arg(long)]
+    pub max_batch_tokens: Option<u32>,
 }
 
 impl RebalanceArgs {
@@ -705,6 +715,9 @@ impl RebalanceArgs {
         }
         if let Some(c) = self.capacity_factor {
             a.push(format!("--capacity-factor={c}"));
+        }
+        if let Some(t) = self.max_batch_tokens {
+            a.push(format!("--max-batch-tokens={t}"));
         }
         if !self.rebalance {
             return a;
@@ -766,12 +779,15 @@ struct CoordState {
     window: Mutex<placement::live::LoadWindow>,
     load_aware_replicas: bool,
     capacity_factor: Option<f64>,
+    max_batch_tokens: Option<u32>,
     /// The rebalance policy, taken by the scheduler task when this coordinator starts leading.
     policy: Mutex<Option<placement::rebalance::Rebalancer>>,
     /// The longest step (µs) seen during the running or last placement change.
     migration_steps: Mutex<(MigrationWatch, u64)>,
     /// Rank 0's busy step durations (µs) not yet handed out by `GetStats`.
     recent_steps: Mutex<std::collections::VecDeque<u32>>,
+    /// Rank 0's projected step lengths (dedicated cores), µs, not yet read by GetStats.
+    recent_projected_steps: Mutex<std::collections::VecDeque<u32>>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -927,6 +943,7 @@ impl CoordSvc {
             abandoned_epochs: m.abandoned_epochs.get(),
             longest_step_during_migration_us: self.0.migration_steps.lock().map(|m| m.1).unwrap_or(0),
             step_us: self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default(),
+            projected_step_us: self.0.recent_projected_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default(),
             ..Default::default()
         };
         if let Ok(w) = self.0.window.lock() {
@@ -1070,6 +1087,14 @@ impl CoordSvc {
                         && let Ok(mut q) = self.0.recent_steps.lock()
                     {
                         q.extend(h.recent_step_us.iter().copied());
+                        while q.len() > 65536 {
+                            q.pop_front();
+                        }
+                    }
+                    if rank == 0
+                        && let Ok(mut q) = self.0.recent_projected_steps.lock()
+                    {
+                        q.extend(h.recent_projected_step_us.iter().copied());
                         while q.len() > 65536 {
                             q.pop_front();
                         }
@@ -1251,6 +1276,7 @@ impl CoordSvc {
                     nccl_unique_id: self.0.transport.1.clone(),
                     load_aware_replicas: self.0.load_aware_replicas,
                     capacity_factor: self.0.capacity_factor.unwrap_or(0.0),
+                    max_batch_tokens: self.0.max_batch_tokens.unwrap_or(0),
                 })
                 .collect();
             (a, ws.iter().enumerate().map(|(i, w)| (w.grpc.clone(), i)).collect())
@@ -1486,6 +1512,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if let Some(c) = a.rebalance.capacity_factor {
         anyhow::ensure!(c.is_finite() && c > 0.0, "--capacity-factor must be positive");
     }
+    anyhow::ensure!(a.rebalance.max_batch_tokens != Some(0), "--max-batch-tokens must be at least 1");
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     runtime()?.block_on(async move {
         let (ready, _) = tokio::sync::watch::channel(false);
@@ -1503,8 +1530,10 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             policy: Mutex::new(policy),
             load_aware_replicas: a.rebalance.load_aware_replicas,
             capacity_factor: a.rebalance.capacity_factor,
+            max_batch_tokens: a.rebalance.max_batch_tokens,
             migration_steps: Mutex::new((MigrationWatch::Idle, 0)),
             recent_steps: Mutex::new(std::collections::VecDeque::new()),
+            recent_projected_steps: Mutex::new(std::collections::VecDeque::new()),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),

@@ -64,6 +64,36 @@ pub fn set_current_thread_idle_priority() -> bool {
     }
 }
 
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+#[cfg(target_os = "linux")]
+unsafe extern "C" {
+    fn clock_gettime(clock: c_int, tp: *mut Timespec) -> c_int;
+}
+
+/// CPU time this process has used (all threads, user + system), microseconds; 0 off Linux.
+pub fn process_cpu_time_us() -> u64 {
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    {
+        const CLOCK_PROCESS_CPUTIME_ID: c_int = 2;
+        let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec (64-bit layout) for the duration of the call.
+        if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+            return 0;
+        }
+        ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+    }
+    #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+    {
+        0
+    }
+}
+
 /// Set the number of threads OpenBLAS uses internally (we parallelise with rayon on top).
 pub fn set_blas_threads(n: usize) {
     let n = n.clamp(1, 1024) as c_int;
