@@ -1316,4 +1316,46 @@ mod tests {
             }
         }
     }
+
+    /// Projected step lengths: every rank learns every rank's compute segments through the next
+    /// step header, so all ranks record the same projection; a busy step gets one, an idle one
+    /// none.
+    #[test]
+    fn projected_steps_agree_across_ranks_and_count_only_busy_steps() {
+        let dir = fixture("mixtral");
+        let n_l = crate::ModelConfig::from_dir(&dir).expect("config").moe_layers().len();
+        let n_e = crate::ModelConfig::from_dir(&dir).expect("config").router.n_experts;
+        let world = 2;
+        let halves: Vec<Vec<Vec<usize>>> =
+            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+        let prompt: Vec<u32> = (1..65).collect();
+        let handles: Vec<_> = mesh
+            .into_iter()
+            .map(|t| {
+                let (halves, dir, prompt) = (halves.clone(), dir.clone(), prompt.clone());
+                std::thread::spawn(move || {
+                    let r = t.rank();
+                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&halves, r)) }).expect("load");
+                    let experts = m.take_routed_experts();
+                    let ex = EpExecutor::new(Box::new(t), &halves, n_e, vec![0; world], experts).expect("ep");
+                    // Step 1 busy (rank 0 forwards, rank 1 joins empty), step 2 idle, step 3 header.
+                    assert!(ex.exchange_step(r == 0).expect("header 1"));
+                    if r == 0 {
+                        let mut cache = m.new_cache();
+                        m.forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::Last, &ex).expect("forward");
+                    } else {
+                        ex.idle_forward(&m).expect("idle");
+                    }
+                    assert!(!ex.exchange_step(false).expect("header 2"));
+                    assert!(!ex.exchange_step(false).expect("header 3"));
+                    ex.take_projected_steps()
+                })
+            })
+            .collect();
+        let got: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
+        assert_eq!(got[0].len(), 1, "one busy step, one projection: {got:?}");
+        assert_eq!(got[0], got[1], "ranks disagree on the projection");
+        assert!(got[0][0] > 0, "a 64-token forward projected at 0 µs");
+    }
 }
