@@ -148,6 +148,9 @@ pub struct EpExecutor {
     /// f64 bits of the capacity factor; 0: the capacity option is off.
     capacity_bits: AtomicU64,
     critical: Mutex<CriticalPath>,
+    /// CPU time (µs) of background work in this process (loading a placement's experts), left
+    /// out of the compute segments.
+    background_cpu_us: AtomicU64,
     /// Projected step times (µs) not yet taken ([`EpExecutor::take_projected_steps`]).
     projected_steps: Mutex<std::collections::VecDeque<u32>>,
 }
@@ -159,7 +162,7 @@ pub struct EpExecutor {
 /// transfers. The step header carries the previous step's segments to every rank.
 #[derive(Debug, Default)]
 struct CriticalPath {
-    /// Process CPU time (µs) at the end of the last collective.
+    /// Process CPU time (µs) at the end of the last collective, less background work.
     mark_us: u64,
     segments: Vec<u32>,
     /// Whether the step the segments belong to had work on some rank.
@@ -210,6 +213,7 @@ impl EpExecutor {
             load_aware: AtomicBool::new(false),
             capacity_bits: AtomicU64::new(0),
             critical: Mutex::new(CriticalPath::default()),
+            background_cpu_us: AtomicU64::new(0),
             projected_steps: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -271,10 +275,23 @@ impl EpExecutor {
         // On a thread of its own at idle priority: it reads and converts the weights only when
         // the serving threads leave a core free (a rank waiting in its all-to-all does), so the
         // steps meanwhile are not stretched by the copy.
+        // One expert at a time, so that its CPU time is accounted as background work as it goes
+        // (the projected step lengths leave it out).
         let loaded_now = std::thread::scope(|s| {
-            s.spawn(|| {
+            s.spawn(|| -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
                 crate::kernels::set_current_thread_idle_priority();
-                Model::load_routed_experts(dir, &missing)
+                let mut out: Vec<Vec<(usize, ExpertFfn)>> = vec![Vec::new(); missing.len()];
+                for (l, es) in missing.iter().enumerate() {
+                    for &e in es {
+                        let t0 = crate::kernels::thread_cpu_time_us();
+                        let mut one = vec![Vec::new(); missing.len()];
+                        one[l].push(e);
+                        let got = Model::load_routed_experts(dir, &one);
+                        self.background_cpu_us.fetch_add(crate::kernels::thread_cpu_time_us().saturating_sub(t0), Ordering::Relaxed);
+                        out[l].extend(got?.swap_remove(l));
+                    }
+                }
+                Ok(out)
             })
             .join()
         })
@@ -367,8 +384,13 @@ impl EpExecutor {
     }
 
     /// Close the current compute segment (called as a collective starts).
+    /// Process CPU time less background work, µs.
+    fn compute_cpu_us(&self) -> u64 {
+        crate::kernels::process_cpu_time_us().saturating_sub(self.background_cpu_us.load(Ordering::Relaxed))
+    }
+
     fn end_segment(&self) {
-        let now = crate::kernels::process_cpu_time_us();
+        let now = self.compute_cpu_us();
         if let Ok(mut c) = self.critical.lock() {
             let d = now.saturating_sub(c.mark_us).min(u32::MAX as u64) as u32;
             c.segments.push(d);
@@ -388,7 +410,7 @@ impl EpExecutor {
             let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
             t.all_to_all_v(send).map_err(ep_err)?
         };
-        let now = crate::kernels::process_cpu_time_us();
+        let now = self.compute_cpu_us();
         if let Ok(mut c) = self.critical.lock() {
             c.mark_us = now;
         }

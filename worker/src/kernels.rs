@@ -7,7 +7,7 @@
 mod ffi;
 mod packed;
 
-pub use ffi::{mmap_file, process_cpu_time_us, set_current_thread_idle_priority};
+pub use ffi::{mmap_file, process_cpu_time_us, set_current_thread_idle_priority, thread_cpu_time_us};
 pub use packed::PackedWeight;
 use rayon::prelude::*;
 use std::sync::Once;

@@ -78,18 +78,27 @@ unsafe extern "C" {
 
 /// CPU time this process has used (all threads, user + system), microseconds; 0 off Linux.
 pub fn process_cpu_time_us() -> u64 {
+    cpu_clock_us(2) // CLOCK_PROCESS_CPUTIME_ID
+}
+
+/// CPU time the calling thread has used, microseconds; 0 off Linux.
+pub fn thread_cpu_time_us() -> u64 {
+    cpu_clock_us(3) // CLOCK_THREAD_CPUTIME_ID
+}
+
+fn cpu_clock_us(clock: c_int) -> u64 {
     #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
     {
-        const CLOCK_PROCESS_CPUTIME_ID: c_int = 2;
         let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `ts` is a valid, writable timespec (64-bit layout) for the duration of the call.
-        if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        if unsafe { clock_gettime(clock, &mut ts) } != 0 {
             return 0;
         }
         ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
     }
     #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
     {
+        let _ = clock;
         0
     }
 }
