@@ -135,7 +135,7 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
     let plot = tmp.path().join("b.svg");
     let model = tmp.path().join("model");
     let o = switchyard(&[
-        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--clients", "2", "--max-tokens", "8", "--json",
+        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--clients", "2", "--max-tokens", "8", "--json", "--expert-inter", "512",
         "--policies", "static-contiguous,rebalance", "--model-dir", model.to_str().expect("path"), "--plot", plot.to_str().expect("path"),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -144,10 +144,21 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
     assert_eq!(rows.len(), 2);
     for (r, p) in rows.iter().zip(["static-contiguous", "rebalance"]) {
         assert_eq!(r["policy"], p);
-        for k in ["tokens_per_s", "p50_step_ms", "p99_step_ms", "balancedness_after_shift", "recovery_s", "migrations"] {
+        for k in [
+            "tokens_per_s",
+            "p50_step_ms",
+            "p99_step_ms",
+            "projected_p50_step_ms",
+            "projected_p99_step_ms",
+            "balancedness_after_shift",
+            "recovery_s",
+            "migrations",
+        ] {
             assert!(r.get(k).is_some(), "{k} missing in {r}");
         }
         assert!(r["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        // Two ranks step together, so every busy step has a projection on dedicated cores.
+        assert!(r["projected_p50_step_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
     }
     assert_eq!(rows[0]["migrations"], 0, "the static policy never migrates");
     assert!(std::fs::read_to_string(&plot).expect("plot").contains("<polyline"));
