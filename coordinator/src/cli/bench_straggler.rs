@@ -39,11 +39,12 @@ pub struct StragglerArgs {
     /// Seconds of each workload phase (the shift happens after the first).
     #[arg(long, default_value_t = 12.0)]
     pub phase_seconds: f64,
-    /// Concurrent client streams.
-    #[arg(long, default_value_t = 8)]
+    /// Concurrent client streams. Enough that a step routes hundreds of tokens per layer: with a
+    /// few dozen, per-step sampling noise (which no placement removes) swamps the imbalance.
+    #[arg(long, default_value_t = 128)]
     pub clients: usize,
     /// Tokens generated per request.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
     /// Where the generated checkpoint goes (reused when present and of the same shape).
     #[arg(long)]
@@ -53,9 +54,9 @@ pub struct StragglerArgs {
     /// ones attention and the all-to-alls dominate and balance barely shows in step time.
     #[arg(long, default_value_t = 2048)]
     pub expert_inter: usize,
-    /// New tokens per engine step and worker (chunked prefill; the same for every policy).
-    /// Small, so that a prompt arriving does not make one step several times the others.
-    #[arg(long, default_value_t = 8)]
+    /// New tokens per engine step and worker (chunked prefill; the same for every policy), so
+    /// that arriving prompts do not make some steps several times the others.
+    #[arg(long, default_value_t = 64)]
     pub max_batch_tokens: u32,
     /// Compute threads of each worker (default: this machine's cores split between the workers,
     /// so that ranks do not share cores while there are enough of them).
