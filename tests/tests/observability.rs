@@ -81,6 +81,8 @@ fn coordinator_and_workers_expose_prometheus_metrics_and_dead_otlp_does_not_hang
         assert!(steps >= 4.0, "every rank steps with the group: {steps}\n{body}");
         assert!(sample(&body, "switchyard_alltoall_bytes_total").expect("bytes") > 0.0);
         assert!(body.contains("switchyard_alltoall_seconds_bucket{le=\"+Inf\"}"), "{body}");
+        let projected = sample(&body, "switchyard_projected_step_seconds_count").expect("projected step histogram");
+        assert!(projected >= 1.0, "busy group steps get a projection: {projected}\n{body}");
     }
     assert_eq!(worker_tokens, tokens);
     // Anything else is 404; the server survives garbage.

@@ -151,6 +151,8 @@ pub struct EpExecutor {
     /// CPU time (µs) of background work in this process (loading a placement's experts), left
     /// out of the compute segments.
     background_cpu_us: AtomicU64,
+    /// Hears every projected step length (metrics).
+    projected_observer: Mutex<Option<Arc<dyn Fn(Duration) + Send + Sync>>>,
     /// Projected step times (µs) not yet taken ([`EpExecutor::take_projected_steps`]).
     projected_steps: Mutex<std::collections::VecDeque<u32>>,
 }
@@ -214,6 +216,7 @@ impl EpExecutor {
             capacity_bits: AtomicU64::new(0),
             critical: Mutex::new(CriticalPath::default()),
             background_cpu_us: AtomicU64::new(0),
+            projected_observer: Mutex::new(None),
             projected_steps: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -427,11 +430,22 @@ impl EpExecutor {
         }
         let threads = rayon::current_num_threads().max(1) as u64;
         let cpu: u64 = (0..n).map(|i| peers.iter().map(|p| p[i] as u64).max().unwrap_or(0)).sum();
+        let us = (cpu / threads).min(u32::MAX as u64) as u32;
         if let Ok(mut q) = self.projected_steps.lock() {
             if q.len() >= 4096 {
                 q.pop_front();
             }
-            q.push_back((cpu / threads).min(u32::MAX as u64) as u32);
+            q.push_back(us);
+        }
+        if let Some(o) = self.projected_observer.lock().ok().and_then(|o| o.clone()) {
+            o(Duration::from_micros(us as u64));
+        }
+    }
+
+    /// Hear every projected step length (see [`EpExecutor::take_projected_steps`]).
+    pub fn set_projected_observer(&self, observer: Arc<dyn Fn(Duration) + Send + Sync>) {
+        if let Ok(mut o) = self.projected_observer.lock() {
+            *o = Some(observer);
         }
     }
 

@@ -276,6 +276,8 @@ fn start_rank(st: &WorkerState, a: pb::Assignment) -> Result<u32, String> {
             metrics.alltoall_seconds.observe(d.as_secs_f64());
             metrics.alltoall_bytes.inc_by(bytes);
         }));
+        let metrics = st.metrics.clone();
+        ex.set_projected_observer(Arc::new(move |d: Duration| metrics.projected_step_seconds.observe(d.as_secs_f64())));
     }
     let mut cfg = RankLoopConfig { model_dir: Some(dir), on_step: Some(on_step), ..Default::default() };
     if a.max_batch_tokens > 0 {

@@ -84,6 +84,7 @@ impl CoordMetrics {
 pub struct WorkerMetrics {
     pub registry: Registry,
     pub step_seconds: Histogram,
+    pub projected_step_seconds: Histogram,
     pub alltoall_seconds: Histogram,
     pub alltoall_bytes: Counter,
     pub epoch: Gauge,
@@ -97,6 +98,12 @@ impl WorkerMetrics {
         let r = Registry::new();
         Ok(WorkerMetrics {
             step_seconds: r.histogram("switchyard_step_seconds", "Busy engine steps (forward over the batch)", &[], STEP_BUCKETS)?,
+            projected_step_seconds: r.histogram(
+                "switchyard_projected_step_seconds",
+                "Busy steps of the expert-parallel group projected onto ranks with cores of their own (slowest rank per compute segment)",
+                &[],
+                STEP_BUCKETS,
+            )?,
             alltoall_seconds: r.histogram("switchyard_alltoall_seconds", "Dispatch and combine all-to-all collectives", &[], A2A_BUCKETS)?,
             alltoall_bytes: r.counter("switchyard_alltoall_bytes_total", "Bytes sent to other ranks by dispatch and combine", &[])?,
             epoch: r.gauge("switchyard_placement_epoch", "Placement epoch this rank serves with", &[])?,
