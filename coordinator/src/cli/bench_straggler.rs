@@ -58,6 +58,10 @@ pub struct StragglerArgs {
     /// that arriving prompts do not make some steps several times the others.
     #[arg(long, default_value_t = 64)]
     pub max_batch_tokens: u32,
+    /// Slots per rank beyond experts / workers (room for replicas; DeepSeek-V3 serves 256
+    /// experts with 32 redundant slots).
+    #[arg(long, default_value_t = 1)]
+    pub spare_slots: usize,
     /// Compute threads of each worker (default: this machine's cores split between the workers,
     /// so that ranks do not share cores while there are enough of them).
     #[arg(long)]
@@ -298,7 +302,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     let mut outcomes = Vec::new();
     for &n in &a.workers {
         anyhow::ensure!(n >= 2, "straggler runs need at least 2 workers");
-        let slots = ne.div_ceil(n) + 1;
+        let slots = ne.div_ceil(n) + a.spare_slots;
         let topo = placement::Topology::uniform(n, 1)?;
         let contiguous = placement::solver::contiguous::solve(nl, ne, &topo, slots)?;
         let cpath = tmp.path().join(format!("contiguous-{n}.json"));
@@ -329,7 +333,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + 1, threads per worker {}, max batch tokens {}",
+        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + {}, threads per worker {}, max batch tokens {}",
         spec.arch,
         nl,
         ne,
@@ -338,6 +342,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         spec.expert_inter,
         a.clients,
         a.phase_seconds,
+        a.spare_slots,
         a.threads_per_worker.map_or("cores/workers".into(), |t| t.to_string()),
         a.max_batch_tokens
     );
