@@ -154,7 +154,7 @@ pub struct EpExecutor {
     /// Hears every projected step length (metrics).
     projected_observer: Mutex<Option<Arc<dyn Fn(Duration) + Send + Sync>>>,
     /// Projected step times (µs) not yet taken ([`EpExecutor::take_projected_steps`]).
-    projected_steps: Mutex<std::collections::VecDeque<u32>>,
+    projected_steps: RecentSteps<4096>,
 }
 
 /// This rank's CPU time per compute segment of the current step: the work between consecutive
@@ -217,7 +217,7 @@ impl EpExecutor {
             critical: Mutex::new(CriticalPath::default()),
             background_cpu_us: AtomicU64::new(0),
             projected_observer: Mutex::new(None),
-            projected_steps: Mutex::new(std::collections::VecDeque::new()),
+            projected_steps: RecentSteps::default(),
         })
     }
 
@@ -278,23 +278,17 @@ impl EpExecutor {
         // On a thread of its own at idle priority: it reads and converts the weights only when
         // the serving threads leave a core free (a rank waiting in its all-to-all does), so the
         // steps meanwhile are not stretched by the copy.
-        // One expert at a time, so that its CPU time is accounted as background work as it goes
-        // (the projected step lengths leave it out).
+        // Its CPU time is accounted as background work after every expert (the projected step
+        // lengths leave it out).
         let loaded_now = std::thread::scope(|s| {
-            s.spawn(|| -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
+            s.spawn(|| {
                 crate::kernels::set_current_thread_idle_priority();
-                let mut out: Vec<Vec<(usize, ExpertFfn)>> = vec![Vec::new(); missing.len()];
-                for (l, es) in missing.iter().enumerate() {
-                    for &e in es {
-                        let t0 = crate::kernels::thread_cpu_time_us();
-                        let mut one = vec![Vec::new(); missing.len()];
-                        one[l].push(e);
-                        let got = Model::load_routed_experts(dir, &one);
-                        self.background_cpu_us.fetch_add(crate::kernels::thread_cpu_time_us().saturating_sub(t0), Ordering::Relaxed);
-                        out[l].extend(got?.swap_remove(l));
-                    }
-                }
-                Ok(out)
+                let mut accounted = crate::kernels::thread_cpu_time_us();
+                Model::load_routed_experts(dir, &missing, || {
+                    let now = crate::kernels::thread_cpu_time_us();
+                    self.background_cpu_us.fetch_add(now.saturating_sub(accounted), Ordering::Relaxed);
+                    accounted = now;
+                })
             })
             .join()
         })
@@ -431,12 +425,7 @@ impl EpExecutor {
         let threads = rayon::current_num_threads().max(1) as u64;
         let cpu: u64 = (0..n).map(|i| peers.iter().map(|p| p[i] as u64).max().unwrap_or(0)).sum();
         let us = (cpu / threads).min(u32::MAX as u64) as u32;
-        if let Ok(mut q) = self.projected_steps.lock() {
-            if q.len() >= 4096 {
-                q.pop_front();
-            }
-            q.push_back(us);
-        }
+        self.projected_steps.extend([us]);
         if let Some(o) = self.projected_observer.lock().ok().and_then(|o| o.clone()) {
             o(Duration::from_micros(us as u64));
         }
@@ -453,7 +442,7 @@ impl EpExecutor {
     /// had every rank its own cores (ranks sharing a machine's cores hide a straggler: while the
     /// others wait in a collective, the loaded rank gets their cores too).
     pub fn take_projected_steps(&self) -> Vec<u32> {
-        self.projected_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
+        self.projected_steps.take()
     }
 
     /// Join every MoE layer's collectives with zero tokens (a rank without work in a busy step).
@@ -847,15 +836,31 @@ pub struct RankStats {
     pub transport_error: Mutex<Option<String>>,
     pub degraded: AtomicBool,
     pub expert_load: Mutex<Vec<u64>>,
-    /// Busy step durations (µs) not yet taken ([`RankStats::take_recent_steps`]), the last 4096.
-    pub recent_steps: Mutex<std::collections::VecDeque<u32>>,
+    /// Busy step durations (µs) not yet taken.
+    pub recent_steps: RecentSteps<4096>,
     pub stop: AtomicBool,
 }
 
-impl RankStats {
-    /// The busy step durations (µs) since the last call.
-    pub fn take_recent_steps(&self) -> Vec<u32> {
-        self.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
+/// Step durations (µs) recorded and not yet taken, the last `CAP` of them (older ones are
+/// dropped: whoever reads them reads often enough, or wants only the recent past).
+#[derive(Debug, Default)]
+pub struct RecentSteps<const CAP: usize>(Mutex<std::collections::VecDeque<u32>>);
+
+impl<const CAP: usize> RecentSteps<CAP> {
+    pub fn extend(&self, us: impl IntoIterator<Item = u32>) {
+        if let Ok(mut q) = self.0.lock() {
+            for x in us {
+                if q.len() >= CAP {
+                    q.pop_front();
+                }
+                q.push_back(x);
+            }
+        }
+    }
+
+    /// Everything recorded since the last call, oldest first.
+    pub fn take(&self) -> Vec<u32> {
+        self.0.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
     }
 }
 
@@ -1053,12 +1058,7 @@ fn run_loop(
         };
         let took = t0.elapsed();
         stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        if let Ok(mut q) = stats.recent_steps.lock() {
-            if q.len() >= 4096 {
-                q.pop_front();
-            }
-            q.push_back(took.as_micros().min(u32::MAX as u128) as u32);
-        }
+        stats.recent_steps.extend([took.as_micros().min(u32::MAX as u128) as u32]);
         if let Some(f) = &cfg.on_step {
             f(took);
         }
@@ -1130,6 +1130,11 @@ mod tests {
         remote: u64,
         dropped: u64,
         rerouted: u64,
+    }
+
+    /// Every layer: rank r holds the r-th contiguous block of experts.
+    fn contiguous(layers: usize, experts: usize, world: usize) -> Vec<Vec<Vec<usize>>> {
+        (0..layers).map(|_| (0..world).map(|r| (0..experts).filter(|e| e * world / experts == r).collect()).collect()).collect()
     }
 
     /// `world` ranks in this process over a loopback mesh, each holding its slots of
@@ -1221,8 +1226,7 @@ mod tests {
         let n_l = full.moe_layers().count();
         let world = 2;
         // Epoch 1: contiguous halves. Epoch 2: interleaved, with expert 0 replicated on both.
-        let first: Vec<Vec<Vec<usize>>> =
-            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        let first = contiguous(n_l, n_e, world);
         let second: Vec<Vec<Vec<usize>>> = (0..n_l)
             .map(|_| {
                 (0..world)
@@ -1324,8 +1328,7 @@ mod tests {
         let n_e = full.config.router.n_experts;
         let n_l = full.moe_layers().count();
         let world = 2;
-        let halves: Vec<Vec<Vec<usize>>> =
-            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        let halves = contiguous(n_l, n_e, world);
         let assignments = (prompt.len() * full.config.router.top_k * n_l) as u64;
         for cap in [None, Some(0.6), Some(1.0)] {
             let r0 = run_group(&dir, &halves, &prompt, move |ex| ex.set_capacity_factor(cap)).remove(0);
@@ -1362,8 +1365,7 @@ mod tests {
         let n_l = crate::ModelConfig::from_dir(&dir).expect("config").moe_layers().len();
         let n_e = crate::ModelConfig::from_dir(&dir).expect("config").router.n_experts;
         let world = 2;
-        let halves: Vec<Vec<Vec<usize>>> =
-            (0..n_l).map(|_| (0..world).map(|r| (0..n_e).filter(|e| e * world / n_e == r).collect()).collect()).collect();
+        let halves = contiguous(n_l, n_e, world);
         let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
         let prompt: Vec<u32> = (1..65).collect();
         let handles: Vec<_> = mesh

@@ -310,7 +310,8 @@ impl Model {
     /// change loads the slots a rank gains beside the ones it keeps; nothing else is read).
     /// Returns `(expert, weights)` per MoE layer, in the order asked. Runs on the calling thread
     /// only: it loads beside serving, whose steps must not wait behind it on the rayon pool.
-    pub fn load_routed_experts(dir: &Path, wanted: &[Vec<usize>]) -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
+    /// `after_each` runs after every expert (e.g. to account the loader's CPU time as it goes).
+    pub fn load_routed_experts(dir: &Path, wanted: &[Vec<usize>], mut after_each: impl FnMut()) -> Result<Vec<Vec<(usize, ExpertFfn)>>> {
         kernels::init();
         let c = ModelConfig::from_dir(dir)?;
         let moe_layers = c.moe_layers();
@@ -332,7 +333,9 @@ impl Model {
                                 c.router.n_experts
                             )));
                         }
-                        Ok((x, Self::load_expert(&ld, &c, &mp, x)?))
+                        let w = Self::load_expert(&ld, &c, &mp, x)?;
+                        after_each();
+                        Ok((x, w))
                     })
                     .collect()
             })

@@ -183,20 +183,8 @@ impl Router {
         if m == 0 {
             return Routing { top_k: k, ids, weights, alternates: 0, alt_ids: vec![], alt_weights: vec![] };
         }
-        let split = |v: &[u32]| -> (Vec<u32>, Vec<u32>) {
-            let (mut a, mut b) = (Vec::with_capacity(t * k), Vec::with_capacity(t * m));
-            for c in v.chunks(km) {
-                a.extend_from_slice(&c[..k]);
-                b.extend_from_slice(&c[k..]);
-            }
-            (a, b)
-        };
-        let (top_ids, alt_ids) = split(&ids);
-        let (mut top_w, mut alt_w) = (Vec::with_capacity(t * k), Vec::with_capacity(t * m));
-        for c in weights.chunks(km) {
-            top_w.extend_from_slice(&c[..k]);
-            alt_w.extend_from_slice(&c[k..]);
-        }
+        let (top_ids, alt_ids) = split_rows(&ids, k, m);
+        let (top_w, alt_w) = split_rows(&weights, k, m);
         Routing { top_k: k, ids: top_ids, weights: top_w, alternates: m, alt_ids, alt_weights: alt_w }
     }
 
@@ -261,6 +249,17 @@ impl Router {
         }
         choice.clear();
     }
+}
+
+/// Rows of `k + m` values split into their first `k` and last `m` columns.
+fn split_rows<T: Copy>(v: &[T], k: usize, m: usize) -> (Vec<T>, Vec<T>) {
+    let rows = v.len() / (k + m).max(1);
+    let (mut a, mut b) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * m));
+    for c in v.chunks(k + m) {
+        a.extend_from_slice(&c[..k]);
+        b.extend_from_slice(&c[k..]);
+    }
+    (a, b)
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first). NaN sorts last.

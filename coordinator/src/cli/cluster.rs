@@ -36,7 +36,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use worker::ModelConfig;
 use worker::engine::FinishReason;
-use worker::expert_parallel::{EpExecutor, Job, RankEvent, RankLoop, RankLoopConfig, experts_of_rank};
+use worker::expert_parallel::{EpExecutor, Job, RankEvent, RankLoop, RankLoopConfig, RecentSteps, experts_of_rank};
 use worker::model::{LoadOptions, Model};
 use worker::sampling::SamplingParams;
 use worker::tokenizer::Tokenizer;
@@ -445,10 +445,7 @@ impl Worker for WorkerSvc {
             h.forward_us = s.forward_us.load(Ordering::Relaxed);
             h.degraded = s.degraded.load(Ordering::Relaxed);
             if take_steps {
-                h.recent_step_us = s.take_recent_steps();
-                if let Some(ex) = &rl.executor {
-                    h.recent_projected_step_us = ex.take_projected_steps();
-                }
+                h.recent_step_us = s.recent_steps.take();
             }
             h.expert_load = s.expert_load.lock().map(|v| v.clone()).unwrap_or_default();
             h.transport_error = s.transport_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
@@ -461,6 +458,9 @@ impl Worker for WorkerSvc {
                 h.combine_us = ex.timers.combine_us.load(Ordering::Relaxed);
                 h.capacity_rerouted = ex.timers.rerouted_rows.load(Ordering::Relaxed);
                 h.capacity_dropped = ex.timers.dropped_rows.load(Ordering::Relaxed);
+                if take_steps {
+                    h.recent_projected_step_us = ex.take_projected_steps();
+                }
             }
         }
         Ok(Response::new(h))
@@ -787,9 +787,9 @@ struct CoordState {
     /// The longest step (µs) seen during the running or last placement change.
     migration_steps: Mutex<(MigrationWatch, u64)>,
     /// Rank 0's busy step durations (µs) not yet handed out by `GetStats`.
-    recent_steps: Mutex<std::collections::VecDeque<u32>>,
+    recent_steps: RecentSteps<65536>,
     /// Rank 0's projected step lengths (dedicated cores), µs, not yet read by GetStats.
-    recent_projected_steps: Mutex<std::collections::VecDeque<u32>>,
+    recent_projected_steps: RecentSteps<65536>,
     /// Transport kind and NCCL unique id handed to every worker.
     transport: (String, Vec<u8>),
     n_workers: usize,
@@ -944,8 +944,8 @@ impl CoordSvc {
             migrated_experts: m.migrated_experts.get(),
             abandoned_epochs: m.abandoned_epochs.get(),
             longest_step_during_migration_us: self.0.migration_steps.lock().map(|m| m.1).unwrap_or(0),
-            step_us: self.0.recent_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default(),
-            projected_step_us: self.0.recent_projected_steps.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default(),
+            step_us: self.0.recent_steps.take(),
+            projected_step_us: self.0.recent_projected_steps.take(),
             ..Default::default()
         };
         if let Ok(w) = self.0.window.lock() {
@@ -1085,21 +1085,9 @@ impl CoordSvc {
                 }
                 if let Some(h) = h {
                     self.note_steps_during_migration(&h.recent_step_us);
-                    if rank == 0
-                        && let Ok(mut q) = self.0.recent_steps.lock()
-                    {
-                        q.extend(h.recent_step_us.iter().copied());
-                        while q.len() > 65536 {
-                            q.pop_front();
-                        }
-                    }
-                    if rank == 0
-                        && let Ok(mut q) = self.0.recent_projected_steps.lock()
-                    {
-                        q.extend(h.recent_projected_step_us.iter().copied());
-                        while q.len() > 65536 {
-                            q.pop_front();
-                        }
+                    if rank == 0 {
+                        self.0.recent_steps.extend(h.recent_step_us.iter().copied());
+                        self.0.recent_projected_steps.extend(h.recent_projected_step_us.iter().copied());
                     }
                     reports.push((rank, h.expert_load));
                 }
@@ -1534,8 +1522,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             capacity_factor: a.rebalance.capacity_factor,
             max_batch_tokens: a.rebalance.max_batch_tokens,
             migration_steps: Mutex::new((MigrationWatch::Idle, 0)),
-            recent_steps: Mutex::new(std::collections::VecDeque::new()),
-            recent_projected_steps: Mutex::new(std::collections::VecDeque::new()),
+            recent_steps: RecentSteps::default(),
+            recent_projected_steps: RecentSteps::default(),
             transport,
             n_workers: a.workers,
             workers: Mutex::new(Vec::new()),

@@ -49,18 +49,9 @@ impl PackedWeight {
         PackedWeight { data, n, k }
     }
 
-    /// Output rows (`n`).
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    /// Inner dimension (`k`).
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
-    /// Row `i` of the original `W` (tests, debugging).
-    pub fn row(&self, i: usize) -> Vec<f32> {
+    /// Row `i` of the original `W`.
+    #[cfg(test)]
+    fn row(&self, i: usize) -> Vec<f32> {
         let (j, r) = (i / NR, i % NR);
         let panel = &self.data[j * self.k * NR..(j + 1) * self.k * NR];
         (0..self.k).map(|p| panel[p * NR + r]).collect()
