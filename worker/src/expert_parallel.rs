@@ -171,6 +171,13 @@ struct CriticalPath {
     busy: bool,
 }
 
+impl CriticalPath {
+    /// End the running segment at compute CPU time `now_us`.
+    fn close_segment(&mut self, now_us: u64) {
+        self.segments.push(now_us.saturating_sub(self.mark_us).min(u32::MAX as u64) as u32);
+    }
+}
+
 impl std::fmt::Debug for EpExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EpExecutor").field("rank", &self.rank).field("world", &self.world).finish()
@@ -336,8 +343,9 @@ impl EpExecutor {
     pub fn exchange_step(&self, have_work: bool) -> Result<bool> {
         // Header: [have work u8][committed epoch u64][n u32][the previous step's n segments u32].
         let (prev_busy, segments) = {
-            self.end_segment();
+            let now = self.compute_cpu_us();
             let mut c = self.critical.lock().map_err(|_| proto_err("critical-path lock poisoned".into()))?;
+            c.close_segment(now);
             (c.busy, std::mem::take(&mut c.segments))
         };
         let mut msg = Vec::with_capacity(13 + 4 * segments.len());
@@ -389,8 +397,7 @@ impl EpExecutor {
     fn end_segment(&self) {
         let now = self.compute_cpu_us();
         if let Ok(mut c) = self.critical.lock() {
-            let d = now.saturating_sub(c.mark_us).min(u32::MAX as u64) as u32;
-            c.segments.push(d);
+            c.close_segment(now);
         }
     }
 

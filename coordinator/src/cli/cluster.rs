@@ -641,15 +641,16 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 30.0)]
     pub stats_half_life: f64,
     #[command(flatten)]
-    pub rebalance: RebalanceArgs,
+    pub scheduler: SchedulerArgs,
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
 }
 
-/// The scheduler: online rebalancing of the placement from the live load.
+/// The scheduler's settings: online rebalancing of the placement from the live load, replica
+/// choice, the capacity option and each step's token budget.
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct RebalanceArgs {
+pub struct SchedulerArgs {
     /// Rebalance the placement online from the live expert load (placement epochs; serving goes on).
     #[arg(long)]
     pub rebalance: bool,
@@ -689,7 +690,7 @@ pub struct RebalanceArgs {
     pub max_batch_tokens: Option<u32>,
 }
 
-impl RebalanceArgs {
+impl SchedulerArgs {
     /// The policy for a model with `layers` MoE layers and experts of `expert_bytes` bytes.
     pub fn policy(&self, layers: usize, expert_bytes: u64) -> anyhow::Result<Option<placement::rebalance::Rebalancer>> {
         if !self.rebalance {
@@ -1498,11 +1499,11 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let (n_moe, n_experts) = (cfg.moe_layers().len(), cfg.router.n_experts);
     // Resident bytes of one routed expert (f32 gate, up, down): what one migration move loads.
     let expert_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64;
-    let policy = a.rebalance.policy(n_moe, expert_bytes)?;
-    if let Some(c) = a.rebalance.capacity_factor {
+    let policy = a.scheduler.policy(n_moe, expert_bytes)?;
+    if let Some(c) = a.scheduler.capacity_factor {
         anyhow::ensure!(c.is_finite() && c > 0.0, "--capacity-factor must be positive");
     }
-    anyhow::ensure!(a.rebalance.max_batch_tokens != Some(0), "--max-batch-tokens must be at least 1");
+    anyhow::ensure!(a.scheduler.max_batch_tokens != Some(0), "--max-batch-tokens must be at least 1");
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     runtime()?.block_on(async move {
         let (ready, _) = tokio::sync::watch::channel(false);
@@ -1518,9 +1519,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             metrics: CoordMetrics::new()?,
             window: Mutex::new(placement::live::LoadWindow::new(n_moe, n_experts, a.stats_half_life)),
             policy: Mutex::new(policy),
-            load_aware_replicas: a.rebalance.load_aware_replicas,
-            capacity_factor: a.rebalance.capacity_factor,
-            max_batch_tokens: a.rebalance.max_batch_tokens,
+            load_aware_replicas: a.scheduler.load_aware_replicas,
+            capacity_factor: a.scheduler.capacity_factor,
+            max_batch_tokens: a.scheduler.max_batch_tokens,
             migration_steps: Mutex::new((MigrationWatch::Idle, 0)),
             recent_steps: RecentSteps::default(),
             recent_projected_steps: RecentSteps::default(),
@@ -1616,7 +1617,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub threads_per_worker: Option<usize>,
     #[command(flatten)]
-    pub rebalance: RebalanceArgs,
+    pub scheduler: SchedulerArgs,
 }
 
 /// Compute threads per worker when `workers` share this machine: its cores split evenly.
@@ -1773,7 +1774,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         Some(&placement_file),
         &a.listen,
         a.admin_token.as_deref(),
-        &a.rebalance.to_args(),
+        &a.scheduler.to_args(),
         &[format!("--threads={}", a.threads_per_worker.unwrap_or_else(|| threads_per_local_worker(a.workers)))],
     )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
