@@ -49,7 +49,7 @@ impl ExpertFfn {
         y
     }
 
-    /// Bytes of weights (as f32, packed).
+    /// Bytes of weights as held (packed; bf16 or f32, see [`kernels::PackedWeight`]).
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
     }

@@ -55,7 +55,7 @@ pub enum BenchCommand {
 pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
     use rayon::prelude::*;
     worker::kernels::init();
-    println!("{:>10} {:>6} {:>18} {:>16} {:>7}", "W (n×k)", "m", "row-major GFLOP/s", "packed GFLOP/s", "ratio");
+    println!("{:>10} {:>6} {:>18} {:>16} {:>7} {:>13} {:>9}", "W (n×k)", "m", "row-major GFLOP/s", "packed GFLOP/s", "ratio", "packed bf16", "bf16/f32");
     for sh in shapes {
         let (n, k) = sh
             .split_once('x')
@@ -70,13 +70,21 @@ pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
             .map(|c| (0..n * k).map(|i| ((i * 7919 + c * 31) % 2003) as f32 / 1001.0 - 1.0).collect())
             .collect();
         let packed: Vec<_> = w.iter().map(|w| worker::kernels::PackedWeight::from_rows(w, n, k)).collect();
+        // The same weights rounded to bf16 values (as a bf16 checkpoint's are): packed as bf16.
+        let packed_bf16: Vec<_> = w
+            .iter()
+            .map(|w| {
+                let r: Vec<f32> = w.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect();
+                worker::kernels::PackedWeight::from_rows(&r, n, k)
+            })
+            .collect();
         for &m in rows {
             anyhow::ensure!(m > 0, "--rows must be positive");
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 1999) as f32 / 999.0 - 1.0).collect();
             // Enough calls for ~50 ms of work each round at ~50 GFLOP/s.
             let flops = 2.0 * (m * n * k) as f64;
             let calls = ((2.5e9 / flops) as usize).clamp(3, 20_000);
-            let (mut blas, mut pack) = (0.0f64, 0.0f64);
+            let (mut blas, mut pack, mut pack_bf16) = (0.0f64, 0.0f64, 0.0f64);
             for _ in 0..REPEATS {
                 let t = Instant::now();
                 (0..calls).into_par_iter().for_each_init(
@@ -87,8 +95,20 @@ pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
                 let t = Instant::now();
                 (0..calls).into_par_iter().for_each_init(|| vec![0.0f32; m * n], |out, c| packed[c % copies].matmul(&x, m, out, true));
                 pack = pack.max(flops * calls as f64 / t.elapsed().as_secs_f64() / 1e9);
+                let t = Instant::now();
+                (0..calls).into_par_iter().for_each_init(|| vec![0.0f32; m * n], |out, c| packed_bf16[c % copies].matmul(&x, m, out, true));
+                pack_bf16 = pack_bf16.max(flops * calls as f64 / t.elapsed().as_secs_f64() / 1e9);
             }
-            println!("{:>10} {:>6} {:>18.1} {:>16.1} {:>6.2}x", format!("{n}x{k}"), m, blas, pack, pack / blas);
+            println!(
+                "{:>10} {:>6} {:>18.1} {:>16.1} {:>6.2}x {:>13.1} {:>8.2}x",
+                format!("{n}x{k}"),
+                m,
+                blas,
+                pack,
+                pack / blas,
+                pack_bf16,
+                pack_bf16 / pack
+            );
         }
     }
     println!(
@@ -96,6 +116,7 @@ pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
         rayon::current_num_threads()
     );
     println!("row-major = kernels::matmul_bt; every call takes the next of 256 MiB of distinct weights (from memory, as in a MoE layer)");
+    println!("packed bf16 = the same weights rounded to bf16, stored as bf16 (half the bytes streamed)");
     Ok(ExitCode::SUCCESS)
 }
 
