@@ -5,9 +5,18 @@
 //! keeps `load ← load·decay^(dt/half_life…) + increment`, so recent traffic weighs most and a
 //! window with no traffic keeps its last shape (decay scales every expert alike, so balancedness,
 //! a ratio, does not move).
+//!
+//! Beside it the window keeps a recent one (a quarter of the half-life): when the workload
+//! shifts, the recent window shows the new routing seconds before the long one does. The
+//! [`LoadWindow::shift_distance`] between their routing distributions tells a scheduler that a
+//! shift is under way, so that it can decide on where the load is going rather than on a blend of
+//! before and after (see `rebalance::RebalanceConfig::shift_distance`).
 
 use crate::Placement;
 use crate::eval::rank_loads;
+
+/// Half-life of the recent window as a fraction of the window's.
+pub const RECENT_HALF_LIFE_FRACTION: f64 = 0.25;
 
 /// Decayed per-layer, per-expert load.
 #[derive(Debug, Clone)]
@@ -17,6 +26,8 @@ pub struct LoadWindow {
     /// Seconds after which an observation weighs half.
     half_life_s: f64,
     load: Vec<Vec<f64>>,
+    /// The same observations with [`RECENT_HALF_LIFE_FRACTION`] of the half-life.
+    recent: Vec<Vec<f64>>,
     /// Last cumulative report per source (worker rank), to turn reports into increments.
     last: Vec<Option<Vec<u64>>>,
     /// Tokens (routed assignments) seen in total.
@@ -30,6 +41,7 @@ impl LoadWindow {
             num_experts,
             half_life_s: if half_life_s.is_finite() && half_life_s > 0.0 { half_life_s } else { 30.0 },
             load: vec![vec![0.0; num_experts]; num_layers],
+            recent: vec![vec![0.0; num_experts]; num_layers],
             last: Vec::new(),
             total: 0.0,
         }
@@ -49,6 +61,12 @@ impl LoadWindow {
         }
         let f = 0.5f64.powf(dt_s / self.half_life_s);
         for l in &mut self.load {
+            for x in l.iter_mut() {
+                *x *= f;
+            }
+        }
+        let f = 0.5f64.powf(dt_s / (self.half_life_s * RECENT_HALF_LIFE_FRACTION));
+        for l in &mut self.recent {
             for x in l.iter_mut() {
                 *x *= f;
             }
@@ -82,6 +100,7 @@ impl LoadWindow {
         let mut n = 0;
         for (i, &x) in inc.iter().enumerate() {
             self.load[i / self.num_experts][i % self.num_experts] += x as f64;
+            self.recent[i / self.num_experts][i % self.num_experts] += x as f64;
             n += x;
         }
         self.total += n as f64;
@@ -91,6 +110,68 @@ impl LoadWindow {
     /// The decayed load, `[layer][expert]`.
     pub fn load(&self) -> &[Vec<f64>] {
         &self.load
+    }
+
+    /// The recent window's decayed load, `[layer][expert]`.
+    pub fn recent_load(&self) -> &[Vec<f64>] {
+        &self.recent
+    }
+
+    /// Where the load is heading while it shifts: the recent load moved on along the trend the two
+    /// windows show, `horizon_s` seconds ahead. An exponential window lags a steady ramp by its
+    /// time constant τ (half-life / ln 2), so the gap between the recent (τ_r) and the long (τ_l)
+    /// window's expert shares is the ramp's slope × (τ_l − τ_r); the share now plus `horizon_s` is
+    /// then recent + gap × (τ_r + horizon) / (τ_l − τ_r). Shares clipped at 0; the layer's recent
+    /// total kept (the balancedness of a placement under it is what counts, not the scale).
+    pub fn trend_load(&self, horizon_s: f64) -> Vec<Vec<f64>> {
+        let tau_l = self.half_life_s / std::f64::consts::LN_2;
+        let tau_r = tau_l * RECENT_HALF_LIFE_FRACTION;
+        let gain = (tau_r + horizon_s.max(0.0)) / (tau_l - tau_r);
+        self.recent
+            .iter()
+            .zip(&self.load)
+            .map(|(r, l)| {
+                let (tr, tl) = (r.iter().sum::<f64>(), l.iter().sum::<f64>());
+                if tr <= 0.0 || tl <= 0.0 {
+                    return r.clone();
+                }
+                r.iter().zip(l).map(|(x, y)| (x / tr + gain * (x / tr - y / tl)).max(0.0) * tr).collect()
+            })
+            .collect()
+    }
+
+    /// How far the recent routing has moved from the window's: per layer the total variation
+    /// distance (½ Σ_e |p_recent(e) − p_window(e)|, 0 = same distribution, 1 = disjoint experts)
+    /// between the two windows' expert shares, averaged over layers with load. 0 without load.
+    pub fn shift_distance(&self) -> f64 {
+        let (mut sum, mut layers) = (0.0, 0usize);
+        for (a, b) in self.recent.iter().zip(&self.load) {
+            let (ta, tb) = (a.iter().sum::<f64>(), b.iter().sum::<f64>());
+            if ta > 0.0 && tb > 0.0 {
+                sum += 0.5 * a.iter().zip(b).map(|(x, y)| (x / ta - y / tb).abs()).sum::<f64>();
+                layers += 1;
+            }
+        }
+        if layers == 0 { 0.0 } else { sum / layers as f64 }
+    }
+
+    /// The [`LoadWindow::shift_distance`] sampling alone would give on steady traffic, about: per
+    /// layer ½ Σ_e E|p̂_e − p_e| ≈ ½ Σ_e √(2/π) · √(p_e (1 − p_e) / n), with p_e the long window's
+    /// shares and n = 2 × the recent window's total (an exponential window of total S varies as
+    /// S/2 independent samples would... so 2S: Var(Σ wᵢXᵢ) = Σ wᵢ²λ ≈ λτ/2 against a mean λτ).
+    /// Averaged over layers with load; infinite without load (nothing can be told apart then).
+    pub fn shift_distance_noise(&self) -> f64 {
+        let (mut sum, mut layers) = (0.0, 0usize);
+        for (r, l) in self.recent.iter().zip(&self.load) {
+            let (tr, tl) = (r.iter().sum::<f64>(), l.iter().sum::<f64>());
+            if tr > 0.0 && tl > 0.0 {
+                let n = 2.0 * tr;
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                sum += 0.5 * l.iter().map(|y| y / tl).map(|p| c * (p * (1.0 - p) / n).sqrt()).sum::<f64>();
+                layers += 1;
+            }
+        }
+        if layers == 0 { f64::INFINITY } else { sum / layers as f64 }
     }
 
     /// Whether anything was observed yet.
@@ -156,6 +237,43 @@ mod tests {
 
     fn two_rank(ranks: Vec<Vec<usize>>) -> Placement {
         Placement::new(4, Topology::uniform(2, 1).unwrap(), vec![LayerPlacement { ranks }])
+    }
+
+    /// A workload that moves to other experts shows in the recent window first: the distance
+    /// grows at the shift and fades once the long window has caught up; steady traffic keeps it 0.
+    #[test]
+    fn shift_distance_rises_at_a_shift_and_fades_after() {
+        let mut w = LoadWindow::new(1, 4, 2.0);
+        assert_eq!(w.shift_distance(), 0.0, "no load, no shift");
+        for _ in 0..20 {
+            w.decay(0.5);
+            w.add(&[30, 10, 0, 0]);
+        }
+        assert!(w.shift_distance() < 1e-9, "steady traffic: {}", w.shift_distance());
+        // 40 assignments per 0.5 s into a recent window of half-life 0.5 s: ~58 in it, noise ≈ 0.04.
+        let noise = w.shift_distance_noise();
+        assert!(noise > 0.01 && noise < 0.1, "sampling noise estimate {noise}");
+        let steady = w.trend_load(1.0);
+        assert!(steady[0].iter().zip(&w.recent_load()[0]).all(|(a, b)| (a - b).abs() < 1e-6), "no trend, no change: {steady:?}");
+        w.decay(0.5);
+        w.add(&[0, 0, 30, 10]);
+        w.decay(0.5);
+        w.add(&[0, 0, 30, 10]);
+        let during = w.shift_distance();
+        assert!(during > 0.3, "one second into a shift: {during}");
+        assert!(w.recent_load()[0][2] > w.recent_load()[0][0], "the recent window already shows the new experts");
+        assert!(w.load()[0][0] > w.load()[0][2], "the long one still the old");
+        // The trend is further along than the recent window: more on the new experts, less on the
+        // old, never negative.
+        let ahead = w.trend_load(0.5);
+        let share = |row: &[f64], e: usize| row[e] / row.iter().sum::<f64>();
+        assert!(share(&ahead[0], 2) > share(&w.recent_load()[0], 2) && share(&ahead[0], 0) < share(&w.recent_load()[0], 0));
+        assert!(ahead[0].iter().all(|&x| x >= 0.0));
+        for _ in 0..40 {
+            w.decay(0.5);
+            w.add(&[0, 0, 30, 10]);
+        }
+        assert!(w.shift_distance() < 0.01, "after 20 s: {}", w.shift_distance());
     }
 
     #[test]

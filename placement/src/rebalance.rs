@@ -38,7 +38,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{HardwareProfile, rank_loads};
-use crate::live::balancedness;
+use crate::live::{LoadWindow, RECENT_HALF_LIFE_FRACTION, balancedness};
 use crate::placement::LayerPlacement;
 use crate::{Placement, PlacementError};
 
@@ -95,6 +95,14 @@ pub struct RebalanceConfig {
     /// Also re-check this often even above the threshold (still subject to `margin`). Default
     /// `None`.
     pub period_s: Option<f64>,
+    /// When the recent window's routing is at least this far from the long window's
+    /// ([`crate::live::LoadWindow::shift_distance`], 0–1), the workload is shifting: decide (gate,
+    /// solve, check the margin) on the recent window, where the load is going, instead of the long
+    /// one, a blend of before and after that a placement solved on would fit neither. Default 0.05
+    /// (steady traffic of a few thousand assignments per layer and window stays near 0.01); never
+    /// below three times the distance sampling alone gives
+    /// ([`crate::live::LoadWindow::shift_distance_noise`]); above 1: never.
+    pub shift_distance: f64,
 }
 
 impl Default for RebalanceConfig {
@@ -108,6 +116,7 @@ impl Default for RebalanceConfig {
             expert_bytes: DEEPSEEK_V3_FP8_EXPERT_BYTES,
             min_interval_s: 5.0,
             period_s: None,
+            shift_distance: 0.05,
         }
     }
 }
@@ -149,6 +158,9 @@ impl RebalanceConfig {
         if !(self.min_interval_s.is_finite() && self.min_interval_s >= 0.0) {
             return bad(format!("min_interval_s {} is not a finite non-negative number of seconds", self.min_interval_s));
         }
+        if !(self.shift_distance.is_finite() && self.shift_distance > 0.0) {
+            return bad(format!("shift_distance {} is not a positive number", self.shift_distance));
+        }
         if let Some(p) = self.period_s.filter(|p| !(p.is_finite() && *p > 0.0)) {
             return bad(format!("period_s {p} is not a positive number of seconds"));
         }
@@ -172,9 +184,15 @@ impl RebalanceConfig {
 
     /// Moves one epoch may spend: `max_moves`, capped by the bandwidth budget when there is one.
     pub fn move_budget(&self) -> usize {
+        self.move_budget_over(self.min_interval_s)
+    }
+
+    /// Moves an epoch may spend when epochs are `interval_s` apart: `max_moves`, capped by the
+    /// bandwidth budget over `interval_s` when there is one.
+    pub fn move_budget_over(&self, interval_s: f64) -> usize {
         match self.max_bytes_per_s {
             Some(b) if self.expert_bytes > 0 => {
-                let by_bytes = (b * self.min_interval_s / self.expert_bytes as f64).floor();
+                let by_bytes = (b * interval_s / self.expert_bytes as f64).floor();
                 if by_bytes.is_finite() && by_bytes >= 0.0 {
                     self.max_moves.min(by_bytes.min(usize::MAX as f64) as usize)
                 } else {
@@ -200,6 +218,9 @@ pub struct Proposal {
     pub bytes: u64,
     /// Moves per layer.
     pub per_layer_moves: Vec<usize>,
+    /// Decided on the live window's recent load (a shift was under way; see
+    /// [`Rebalancer::poll_window`]); `before` and `after` are under that load then.
+    pub on_recent_load: bool,
 }
 
 /// Experts every rank gains from `a` to `b`, per layer: `out[layer][rank]` = experts in `b`'s slots
@@ -239,12 +260,12 @@ pub fn moves(a: &Placement, b: &Placement) -> usize {
 /// Errors: an invalid `cfg` or `current`, or `load` that does not fit `current` (layer or expert
 /// count, or a negative / non-finite entry).
 pub fn propose(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
-    decide(cfg, current, load, true)
+    decide(cfg, current, load, true, cfg.move_budget())
 }
 
 /// [`propose`] without the threshold gate (the margin still applies): the periodic re-check.
 pub fn propose_ungated(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
-    decide(cfg, current, load, false)
+    decide(cfg, current, load, false, cfg.move_budget())
 }
 
 fn check_load(current: &Placement, load: &[Vec<f64>]) -> Result<(), PlacementError> {
@@ -263,7 +284,7 @@ fn check_load(current: &Placement, load: &[Vec<f64>]) -> Result<(), PlacementErr
     Ok(())
 }
 
-fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: bool) -> Result<Option<Proposal>, PlacementError> {
+fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: bool, budget: usize) -> Result<Option<Proposal>, PlacementError> {
     cfg.validate()?;
     current.validate()?;
     check_load(current, load)?;
@@ -274,7 +295,7 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
     if gated && before >= cfg.threshold {
         return Ok(None);
     }
-    let layers = plan(current, load, cfg.move_budget(), cfg.target);
+    let layers = plan(current, load, budget, cfg.target);
     let mut next = current.clone();
     for (l, ranks) in layers.into_iter().enumerate() {
         // Safety net: a layer never leaves worse than it came (the greedy guarantees it; floating
@@ -299,6 +320,7 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
         moves,
         bytes: (moves as u64).saturating_mul(cfg.expert_bytes),
         per_layer_moves,
+        on_recent_load: false,
     }))
 }
 
@@ -336,14 +358,19 @@ impl Rebalancer {
 
     /// The decision at time `now_s` for `current` under the windowed `load`.
     pub fn poll(&mut self, now_s: f64, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
+        self.poll_spaced(now_s, current, load, self.cfg.min_interval_s)
+    }
+
+    /// [`Rebalancer::poll`] with epochs at least `min_interval_s` apart.
+    fn poll_spaced(&mut self, now_s: f64, current: &Placement, load: &[Vec<f64>], min_interval_s: f64) -> Result<Option<Proposal>, PlacementError> {
         if !now_s.is_finite() {
             return Err(PlacementError::Invalid(format!("rebalance poll at time {now_s}")));
         }
-        if self.last_epoch_s.is_some_and(|t| now_s - t < self.cfg.min_interval_s) {
+        if self.last_epoch_s.is_some_and(|t| now_s - t < min_interval_s) {
             return Ok(None);
         }
         let periodic = self.cfg.period_s.is_some_and(|p| self.last_check_s.is_none_or(|t| now_s - t >= p));
-        let proposal = decide(&self.cfg, current, load, !periodic)?;
+        let proposal = decide(&self.cfg, current, load, !periodic, self.cfg.move_budget_over(min_interval_s))?;
         if periodic || proposal.is_some() {
             self.last_check_s = Some(now_s);
         }
@@ -351,6 +378,22 @@ impl Rebalancer {
             self.last_epoch_s = Some(now_s);
         }
         Ok(proposal)
+    }
+
+    /// [`Rebalancer::poll`] on a live window: on its long load, or, while the workload is
+    /// shifting (see [`RebalanceConfig::shift_distance`]), on where the load is heading (the
+    /// recent load moved on along the windows' trend by one epoch spacing,
+    /// [`LoadWindow::trend_load`]) with epochs allowed at the recent window's pace
+    /// (`min_interval_s` × [`RECENT_HALF_LIFE_FRACTION`]): the first epoch of a shift sees only
+    /// its start, and the load goes on moving. The proposal says which.
+    pub fn poll_window(&mut self, now_s: f64, current: &Placement, window: &LoadWindow) -> Result<Option<Proposal>, PlacementError> {
+        // Below three times what sampling alone gives, a distance tells nothing (little traffic).
+        if window.shift_distance() < self.cfg.shift_distance.max(3.0 * window.shift_distance_noise()) {
+            return self.poll(now_s, current, window.load());
+        }
+        let spacing = self.cfg.min_interval_s * RECENT_HALF_LIFE_FRACTION;
+        let ahead = window.trend_load(spacing);
+        Ok(self.poll_spaced(now_s, current, &ahead, spacing)?.map(|p| Proposal { on_recent_load: true, ..p }))
     }
 }
 

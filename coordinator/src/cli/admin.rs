@@ -346,15 +346,15 @@ pub fn stats(ep: AdminEndpoint, top: usize, json: bool) -> anyhow::Result<ExitCo
                 "epoch": s.epoch, "balancedness": s.balancedness, "layer_balancedness": s.layer_balancedness,
                 "rank_load": s.rank_load, "migrations": s.migrations, "migrated_experts": s.migrated_experts,
                 "longest_step_during_migration_us": s.longest_step_during_migration_us,
-                "abandoned_epochs": s.abandoned_epochs,
+                "abandoned_epochs": s.abandoned_epochs, "workload_shift": s.workload_shift,
                 "hottest": hot.iter().map(|(l, e, x)| serde_json::json!({"layer": l, "expert": e, "load": x})).collect::<Vec<_>>(),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(ExitCode::SUCCESS);
         }
         println!(
-            "placement epoch {}  balancedness {:.4} (windowed)  migrations {} ({} experts loaded; longest step during the last {} µs)",
-            s.epoch, s.balancedness, s.migrations, s.migrated_experts, s.longest_step_during_migration_us
+            "placement epoch {}  balancedness {:.4} (windowed)  workload shift {:.3}  migrations {} ({} experts loaded; longest step during the last {} µs)",
+            s.epoch, s.balancedness, s.workload_shift, s.migrations, s.migrated_experts, s.longest_step_during_migration_us
         );
         println!("per-layer balancedness:");
         for (l, b) in s.layer_balancedness.iter().enumerate() {

@@ -36,12 +36,14 @@ pub struct StragglerArgs {
     /// Policies to compare (default: all).
     #[arg(long, value_delimiter = ',')]
     pub policies: Option<Vec<String>>,
-    /// Seconds of each workload phase (the shift happens after the first).
-    #[arg(long, default_value_t = 12.0)]
+    /// Seconds of each workload phase (the shift happens after the first). Long enough for ~150
+    /// steps after the shift: a p99 of fewer is one or two steps.
+    #[arg(long, default_value_t = 30.0)]
     pub phase_seconds: f64,
-    /// Concurrent client streams. Enough that a step routes hundreds of tokens per layer: with a
-    /// few dozen, per-step sampling noise (which no placement removes) swamps the imbalance.
-    #[arg(long, default_value_t = 128)]
+    /// Concurrent client streams. Enough that a step routes hundreds of tokens per rank and layer:
+    /// with fewer, per-step sampling noise (which no placement removes: a perfectly balanced
+    /// placement still sees max/mean rank load ≈ 1 + 1/√(tokens per rank)) swamps the imbalance.
+    #[arg(long, default_value_t = 256)]
     pub clients: usize,
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
@@ -56,7 +58,7 @@ pub struct StragglerArgs {
     pub expert_inter: usize,
     /// New tokens per engine step and worker (chunked prefill; the same for every policy), so
     /// that arriving prompts do not make some steps several times the others.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub max_batch_tokens: u32,
     /// Slots per rank beyond experts / workers (room for replicas; DeepSeek-V3 serves 256
     /// experts with 32 redundant slots).

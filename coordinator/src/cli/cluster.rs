@@ -669,6 +669,11 @@ pub struct SchedulerArgs {
     /// Also re-check every this many seconds even above the threshold.
     #[arg(long)]
     pub rebalance_period: Option<f64>,
+    /// While the recent window's routing is at least this far (total variation, 0-1) from the
+    /// statistics window's, a shift is under way: decide on the recent window (a quarter of the
+    /// half-life) instead.
+    #[arg(long, default_value_t = 0.05)]
+    pub rebalance_shift_distance: f64,
     /// Most expert slots moved per epoch (default 16 per MoE layer).
     #[arg(long)]
     pub rebalance_max_moves: Option<usize>,
@@ -702,6 +707,7 @@ impl SchedulerArgs {
         cfg.target = self.rebalance_target;
         cfg.min_interval_s = self.rebalance_min_interval;
         cfg.period_s = self.rebalance_period;
+        cfg.shift_distance = self.rebalance_shift_distance;
         if let Some(m) = self.rebalance_max_moves {
             cfg.max_moves = m;
         }
@@ -731,6 +737,7 @@ impl SchedulerArgs {
             format!("--rebalance-margin={}", self.rebalance_margin),
             format!("--rebalance-target={}", self.rebalance_target),
             format!("--rebalance-min-interval={}", self.rebalance_min_interval),
+            format!("--rebalance-shift-distance={}", self.rebalance_shift_distance),
         ]);
         if let Some(p) = self.rebalance_period {
             a.push(format!("--rebalance-period={p}"));
@@ -780,6 +787,8 @@ struct CoordState {
     metrics: CoordMetrics,
     /// Windowed live expert load reported by the workers (statistics, scheduler, metrics).
     window: Mutex<placement::live::LoadWindow>,
+    /// Signalled after every load report reaches `window` (wakes the rebalance loop).
+    load_observed: tokio::sync::Notify,
     load_aware_replicas: bool,
     capacity_factor: Option<f64>,
     max_batch_tokens: Option<u32>,
@@ -952,6 +961,7 @@ impl CoordSvc {
         if let Ok(w) = self.0.window.lock() {
             r.window_load = w.load().iter().flatten().copied().collect();
             r.cumulative_counts = w.cumulative();
+            r.workload_shift = w.shift_distance();
             if let Ok(p) = placement::Placement::from_json(&placement_json) {
                 (r.layer_balancedness, r.balancedness) = w.balancedness(&p);
                 r.rank_load = w.rank_load(&p);
@@ -994,24 +1004,25 @@ impl CoordSvc {
         }
     }
 
-    /// The scheduler (leader only): every second, asks the rebalance policy whether the windowed
+    /// The scheduler (leader only): after every load report, asks the rebalance policy whether the windowed
     /// load makes a new placement worth its migration, and applies it as a placement epoch.
     async fn rebalance_loop(self, mut policy: placement::rebalance::Rebalancer) {
         let t0 = std::time::Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Decide on every fresh load report (the membership loop observes one per 500 ms).
+            self.0.load_observed.notified().await;
             if !self.is_ready() || self.require_leader().is_err() {
                 continue;
             }
             let (_, json) = self.placement();
             let Ok(current) = placement::Placement::from_json(&json) else { continue };
-            let load: Vec<Vec<f64>> = match self.0.window.lock() {
-                Ok(w) if !w.is_empty() => w.load().to_vec(),
+            let window = match self.0.window.lock() {
+                Ok(w) if !w.is_empty() => w.clone(),
                 _ => continue,
             };
             // The solve is CPU work (about a millisecond per move): keep it off the async workers.
             let now = t0.elapsed().as_secs_f64();
-            let proposal = match tokio::task::block_in_place(|| policy.poll(now, &current, &load)) {
+            let proposal = match tokio::task::block_in_place(|| policy.poll_window(now, &current, &window)) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(e) => {
@@ -1020,15 +1031,20 @@ impl CoordSvc {
                 }
             };
             let Ok(next) = serde_json::to_string(&proposal.placement) else { continue };
-            tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, "rebalancing");
+            tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, on_recent_load = proposal.on_recent_load, "rebalancing");
             match self.apply_epoch(next).await {
                 Ok(r) => {
                     let loaded: u64 = r.loaded_per_rank.iter().map(|&x| x as u64).sum();
                     self.0.metrics.migrations.inc();
                     self.0.metrics.migrated_experts.inc_by(loaded);
                     println!(
-                        "rebalanced: epoch {} balancedness {:.3} -> {:.3} (predicted), {} experts loaded, {} ms",
-                        r.epoch, proposal.before, proposal.after, loaded, r.switch_ms
+                        "rebalanced: epoch {} balancedness {:.3} -> {:.3} (predicted{}), {} experts loaded, {} ms",
+                        r.epoch,
+                        proposal.before,
+                        proposal.after,
+                        if proposal.on_recent_load { ", on the recent load: shifting" } else { "" },
+                        loaded,
+                        r.switch_ms
                     );
                 }
                 Err(st) => tracing::warn!("rebalance not applied: {}", st.message()),
@@ -1094,6 +1110,7 @@ impl CoordSvc {
                 }
             }
             self.observe_load(&reports, last.elapsed().as_secs_f64());
+            self.0.load_observed.notify_one();
             self.migration_poll_done();
             last = std::time::Instant::now();
         }
@@ -1518,6 +1535,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             seat: std::sync::OnceLock::new(),
             metrics: CoordMetrics::new()?,
             window: Mutex::new(placement::live::LoadWindow::new(n_moe, n_experts, a.stats_half_life)),
+            load_observed: tokio::sync::Notify::new(),
             policy: Mutex::new(policy),
             load_aware_replicas: a.scheduler.load_aware_replicas,
             capacity_factor: a.scheduler.capacity_factor,

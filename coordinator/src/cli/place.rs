@@ -507,6 +507,10 @@ struct ReplayArgs {
     /// Also re-check every this many seconds above the threshold.
     #[arg(long, requires = "rebalance")]
     period: Option<f64>,
+    /// Decide on the recent window while its routing is at least this far (total variation) from
+    /// the long window's: a shift is under way.
+    #[arg(long, default_value_t = 0.05)]
+    shift_distance: f64,
     /// Migration bandwidth budget (GB/s): an epoch loads at most this x --min-interval.
     #[arg(long, requires = "rebalance")]
     max_migration_gbps: Option<f64>,
@@ -602,6 +606,7 @@ fn replay_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
         expert_bytes: r.expert_bytes.unwrap_or_else(|| RebalanceConfig::expert_bytes_for(&hw, 1.0)),
         min_interval_s: r.min_interval,
         period_s: r.period,
+        shift_distance: r.shift_distance,
     };
     let cfg = SimConfig {
         tokens_per_step: r.tokens_per_step,

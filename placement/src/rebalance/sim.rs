@@ -383,7 +383,7 @@ fn run_policy(
             && t >= next_poll
         {
             next_poll = t + cfg.report_interval_s;
-            if let Some(p) = rb.poll(t, &placement, window.load())? {
+            if let Some(p) = rb.poll_window(t, &placement, &window)? {
                 let delay = p.bytes as f64 / cfg.migration_bytes_per_s;
                 pending = Some((t + delay, p));
             }

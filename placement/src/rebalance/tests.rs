@@ -316,6 +316,32 @@ fn rebalancer_respects_min_interval_and_period() {
     assert!(rb.poll(10.0, &current, &load).unwrap().is_some(), "period due");
 }
 
+/// A live window through a shift: steady balanced traffic proposes nothing; once the recent
+/// window has moved, the proposal is decided on where the load is heading, and epochs may follow
+/// at a quarter of `min_interval_s` while the shift lasts (the long window's poll may not).
+#[test]
+fn poll_window_decides_on_the_trend_while_the_load_shifts() {
+    let current = two_rank(vec![vec![0, 1, 2], vec![3, 0, 1]]);
+    let mut w = crate::live::LoadWindow::new(1, 4, 2.0);
+    for _ in 0..40 {
+        w.decay(0.5);
+        w.add(&[200, 200, 400, 400]); // 6 + 6 per rank: balanced
+    }
+    let mut rb = Rebalancer::new(RebalanceConfig::default()).unwrap();
+    assert_eq!(rb.poll_window(20.0, &current, &w).unwrap(), None, "steady and balanced");
+    for _ in 0..2 {
+        w.decay(0.5);
+        w.add(&[200, 200, 1200, 200]); // expert 2 (rank 0 only) turns hot
+    }
+    assert!(w.shift_distance() > RebalanceConfig::default().shift_distance);
+    let p = rb.poll_window(21.0, &current, &w).unwrap().expect("a shift under way");
+    assert!(p.on_recent_load && p.after > p.before);
+    assert!(p.before < balancedness(&current, w.load()).1, "judged on the trend, worse than the long window says");
+    assert_eq!(rb.poll_window(22.0, &current, &w).unwrap(), None, "within min_interval / 4");
+    assert!(rb.poll_window(22.3, &current, &w).unwrap().is_some(), "after min_interval / 4, still shifting");
+    assert!(rb.poll(24.0, &current, w.recent_load()).unwrap().is_none(), "a plain poll keeps min_interval");
+}
+
 #[test]
 fn simulate_load_matches_evaluate_stats() {
     let mut rng = StdRng::seed_from_u64(5);
