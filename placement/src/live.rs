@@ -157,8 +157,8 @@ impl LoadWindow {
 
     /// The [`LoadWindow::shift_distance`] sampling alone would give on steady traffic, about: per
     /// layer ½ Σ_e E|p̂_e − p_e| ≈ ½ Σ_e √(2/π) · √(p_e (1 − p_e) / n), with p_e the long window's
-    /// shares and n = 2 × the recent window's total (an exponential window of total S varies as
-    /// S/2 independent samples would... so 2S: Var(Σ wᵢXᵢ) = Σ wᵢ²λ ≈ λτ/2 against a mean λτ).
+    /// shares and n = 2 × the recent window's total S: a decayed sum of Poisson counts has
+    /// variance Σ wᵢ²λ ≈ λτ/2 = S/2, i.e. relative variance 1/(2S), that of 2S independent samples.
     /// Averaged over layers with load; infinite without load (nothing can be told apart then).
     pub fn shift_distance_noise(&self) -> f64 {
         let (mut sum, mut layers) = (0.0, 0usize);

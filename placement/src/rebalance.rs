@@ -97,8 +97,9 @@ pub struct RebalanceConfig {
     pub period_s: Option<f64>,
     /// When the recent window's routing is at least this far from the long window's
     /// ([`crate::live::LoadWindow::shift_distance`], 0–1), the workload is shifting: decide (gate,
-    /// solve, check the margin) on the recent window, where the load is going, instead of the long
-    /// one, a blend of before and after that a placement solved on would fit neither. Default 0.05
+    /// solve, check the margin) on where the load is heading ([`Rebalancer::poll_window`]) instead
+    /// of on the long window, a blend of before and after that a placement solved on would fit
+    /// neither. Default 0.05
     /// (steady traffic of a few thousand assignments per layer and window stays near 0.01); never
     /// below three times the distance sampling alone gives
     /// ([`crate::live::LoadWindow::shift_distance_noise`]); above 1: never.
@@ -218,9 +219,9 @@ pub struct Proposal {
     pub bytes: u64,
     /// Moves per layer.
     pub per_layer_moves: Vec<usize>,
-    /// Decided on the live window's recent load (a shift was under way; see
-    /// [`Rebalancer::poll_window`]); `before` and `after` are under that load then.
-    pub on_recent_load: bool,
+    /// Decided during a workload shift, on where the load is heading ([`Rebalancer::poll_window`]);
+    /// `before` and `after` are under that load then.
+    pub during_shift: bool,
 }
 
 /// Experts every rank gains from `a` to `b`, per layer: `out[layer][rank]` = experts in `b`'s slots
@@ -320,7 +321,7 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
         moves,
         bytes: (moves as u64).saturating_mul(cfg.expert_bytes),
         per_layer_moves,
-        on_recent_load: false,
+        during_shift: false,
     }))
 }
 
@@ -393,7 +394,7 @@ impl Rebalancer {
         }
         let spacing = self.cfg.min_interval_s * RECENT_HALF_LIFE_FRACTION;
         let ahead = window.trend_load(spacing);
-        Ok(self.poll_spaced(now_s, current, &ahead, spacing)?.map(|p| Proposal { on_recent_load: true, ..p }))
+        Ok(self.poll_spaced(now_s, current, &ahead, spacing)?.map(|p| Proposal { during_shift: true, ..p }))
     }
 }
 

@@ -1031,7 +1031,7 @@ impl CoordSvc {
                 }
             };
             let Ok(next) = serde_json::to_string(&proposal.placement) else { continue };
-            tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, on_recent_load = proposal.on_recent_load, "rebalancing");
+            tracing::info!(before = proposal.before, after = proposal.after, moves = proposal.moves, during_shift = proposal.during_shift, "rebalancing");
             match self.apply_epoch(next).await {
                 Ok(r) => {
                     let loaded: u64 = r.loaded_per_rank.iter().map(|&x| x as u64).sum();
@@ -1042,7 +1042,7 @@ impl CoordSvc {
                         r.epoch,
                         proposal.before,
                         proposal.after,
-                        if proposal.on_recent_load { ", on the recent load: shifting" } else { "" },
+                        if proposal.during_shift { ", on the trend: shifting" } else { "" },
                         loaded,
                         r.switch_ms
                     );

@@ -335,7 +335,7 @@ fn poll_window_decides_on_the_trend_while_the_load_shifts() {
     }
     assert!(w.shift_distance() > RebalanceConfig::default().shift_distance);
     let p = rb.poll_window(21.0, &current, &w).unwrap().expect("a shift under way");
-    assert!(p.on_recent_load && p.after > p.before);
+    assert!(p.during_shift && p.after > p.before);
     assert!(p.before < balancedness(&current, w.load()).1, "judged on the trend, worse than the long window says");
     assert_eq!(rb.poll_window(22.0, &current, &w).unwrap(), None, "within min_interval / 4");
     assert!(rb.poll_window(22.3, &current, &w).unwrap().is_some(), "after min_interval / 4, still shifting");
