@@ -59,18 +59,12 @@ impl LoadWindow {
         if dt_s <= 0.0 || !dt_s.is_finite() {
             return;
         }
-        let f = 0.5f64.powf(dt_s / self.half_life_s);
-        for l in &mut self.load {
-            for x in l.iter_mut() {
-                *x *= f;
-            }
-        }
-        let f = 0.5f64.powf(dt_s / (self.half_life_s * RECENT_HALF_LIFE_FRACTION));
-        for l in &mut self.recent {
-            for x in l.iter_mut() {
-                *x *= f;
-            }
-        }
+        let age = |rows: &mut Vec<Vec<f64>>, half_life_s: f64| {
+            let f = 0.5f64.powf(dt_s / half_life_s);
+            rows.iter_mut().flatten().for_each(|x| *x *= f);
+        };
+        age(&mut self.load, self.half_life_s);
+        age(&mut self.recent, self.half_life_s * RECENT_HALF_LIFE_FRACTION);
     }
 
     /// Adds one report of `source`'s cumulative counts (`[layers × experts]`, row-major): the
@@ -99,8 +93,9 @@ impl LoadWindow {
         }
         let mut n = 0;
         for (i, &x) in inc.iter().enumerate() {
-            self.load[i / self.num_experts][i % self.num_experts] += x as f64;
-            self.recent[i / self.num_experts][i % self.num_experts] += x as f64;
+            let (l, e) = (i / self.num_experts, i % self.num_experts);
+            self.load[l][e] += x as f64;
+            self.recent[l][e] += x as f64;
             n += x;
         }
         self.total += n as f64;

@@ -92,6 +92,7 @@ fn a_window_without_traffic_changes_nothing_and_trace_record_feeds_place_solve()
     let s = stats(&ep);
     assert_eq!(s["migrations"], 0, "{s}");
     assert_eq!(s["epoch"], 1, "{s}");
+    assert_eq!(s["workload_shift"], 0.0, "no traffic, no shift: {s}");
     // Record while serving, then solve a placement from the recording.
     let tmp = tempfile::tempdir().expect("tmp");
     let rec = tmp.path().join("live.json");
@@ -108,6 +109,8 @@ fn a_window_without_traffic_changes_nothing_and_trace_record_feeds_place_solve()
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).expect("recording")).expect("json");
     let total: u64 = v["logical_count"].as_array().expect("counts").iter().flat_map(|l| l.as_array().expect("layer").iter()).map(|x| x.as_u64().expect("count")).sum();
     assert!(total > 0, "nothing recorded: {v}");
+    let shift = stats(&ep)["workload_shift"].as_f64().expect("workload_shift");
+    assert!((0.0..=1.0).contains(&shift), "a total variation distance: {shift}");
     let out = tmp.path().join("p.json");
     let o = switchyard(&["place", "solve", "--trace", rec.to_str().expect("path"), "--ranks", "2", "--slots-per-rank", &experts.div_ceil(2).to_string(), "--solver", "eplb", "--out", out.to_str().expect("path")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
