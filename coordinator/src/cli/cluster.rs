@@ -681,7 +681,8 @@ pub struct SchedulerArgs {
     #[arg(long)]
     pub rebalance_max_bytes_per_s: Option<f64>,
     /// Split the tokens of replicated experts over their replicas by load in every step (one
-    /// extra small all-to-all per MoE layer with replicas); default: own rank, then own node.
+    /// extra small all-to-all per MoE layer with replicas); default: every sender evens out its own
+    /// sends over the replicas (own rank, then own node, preferred when close), without an exchange.
     #[arg(long)]
     pub load_aware_replicas: bool,
     /// Capacity option (off by default): no rank gets more than this factor x the mean routed
