@@ -488,25 +488,31 @@ impl EpExecutor {
             }
         }
         let slack = (routing.ids.len() as u64 / (20 * self.world as u64).max(1)).max(1);
-        let my_node = self.node_of_rank[self.rank];
         let mut multi: Vec<usize> = (0..reps.len()).filter(|&e| !pending[e].is_empty()).collect();
         multi.sort_by_key(|&e| (std::cmp::Reverse(pending[e].len()), e));
         for e in multi {
             let rs = &reps[e];
             for it in std::mem::take(&mut pending[e]) {
-                let least = rs.iter().map(|&r| load[r]).min().unwrap_or(0);
-                let near = |r: usize| load[r] <= least + slack;
-                let r = rs
-                    .iter()
-                    .copied()
-                    .find(|&r| r == self.rank && near(r))
-                    .or_else(|| rs.iter().copied().find(|&r| self.node_of_rank[r] == my_node && near(r)))
-                    .unwrap_or_else(|| rs.iter().copied().min_by_key(|&r| (load[r], r)).unwrap_or(rs[0]));
+                let r = rs[self.pick_replica(rs, &load, self.rank, slack)];
                 load[r] += 1;
                 items[r].push(it);
             }
         }
         items
+    }
+
+    /// Index into `replicas` of the one to take the next token from `src`: the least loaded
+    /// replica's rank (ties: lowest rank), except that `src`'s own rank, then a rank on its node,
+    /// is preferred while within `slack` of the least loaded (tokens stay local when it costs
+    /// little balance).
+    fn pick_replica(&self, replicas: &[usize], load: &[u64], src: usize, slack: u64) -> usize {
+        let least = replicas.iter().map(|&r| load[r]).min().unwrap_or(0);
+        let near = |r: usize| load[r] <= least + slack;
+        replicas
+            .iter()
+            .position(|&r| r == src && near(r))
+            .or_else(|| replicas.iter().position(|&r| self.node_of_rank[r] == self.node_of_rank[src] && near(r)))
+            .unwrap_or_else(|| (0..replicas.len()).min_by_key(|&j| (load[replicas[j]], replicas[j])).unwrap_or(0))
     }
 
     /// Every later dispatch/combine reports to `observer`.
@@ -561,13 +567,7 @@ impl EpExecutor {
             for (src, c) in counts.iter().enumerate() {
                 let mut quota = vec![0u32; rs.len()];
                 for _ in 0..c[e] {
-                    let least = rs.iter().map(|&r| load[r]).min().unwrap_or(0);
-                    let near = |r: usize| load[r] <= least + slack;
-                    let j = rs
-                        .iter()
-                        .position(|&r| r == src && near(r))
-                        .or_else(|| rs.iter().position(|&r| self.node_of_rank[r] == self.node_of_rank[src] && near(r)))
-                        .unwrap_or_else(|| (0..rs.len()).min_by_key(|&j| (load[rs[j]], rs[j])).unwrap_or(0));
+                    let j = self.pick_replica(rs, &load, src, slack);
                     load[rs[j]] += 1;
                     quota[j] += 1;
                 }
