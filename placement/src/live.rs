@@ -139,15 +139,22 @@ impl LoadWindow {
     /// distance (½ Σ_e |p_recent(e) − p_window(e)|, 0 = same distribution, 1 = disjoint experts)
     /// between the two windows' expert shares, averaged over layers with load. 0 without load.
     pub fn shift_distance(&self) -> f64 {
+        self.mean_over_loaded_layers(|r, tr, l, tl| 0.5 * r.iter().zip(l).map(|(x, y)| (x / tr - y / tl).abs()).sum::<f64>())
+            .unwrap_or(0.0)
+    }
+
+    /// Mean over layers with load in both windows of `f(recent, its total, long, its total)`;
+    /// `None` without such a layer.
+    fn mean_over_loaded_layers(&self, f: impl Fn(&[f64], f64, &[f64], f64) -> f64) -> Option<f64> {
         let (mut sum, mut layers) = (0.0, 0usize);
-        for (a, b) in self.recent.iter().zip(&self.load) {
-            let (ta, tb) = (a.iter().sum::<f64>(), b.iter().sum::<f64>());
-            if ta > 0.0 && tb > 0.0 {
-                sum += 0.5 * a.iter().zip(b).map(|(x, y)| (x / ta - y / tb).abs()).sum::<f64>();
+        for (r, l) in self.recent.iter().zip(&self.load) {
+            let (tr, tl) = (r.iter().sum::<f64>(), l.iter().sum::<f64>());
+            if tr > 0.0 && tl > 0.0 {
+                sum += f(r, tr, l, tl);
                 layers += 1;
             }
         }
-        if layers == 0 { 0.0 } else { sum / layers as f64 }
+        (layers > 0).then(|| sum / layers as f64)
     }
 
     /// The [`LoadWindow::shift_distance`] sampling alone would give on steady traffic, about: per
@@ -156,17 +163,9 @@ impl LoadWindow {
     /// variance Σ wᵢ²λ ≈ λτ/2 = S/2, i.e. relative variance 1/(2S), that of 2S independent samples.
     /// Averaged over layers with load; infinite without load (nothing can be told apart then).
     pub fn shift_distance_noise(&self) -> f64 {
-        let (mut sum, mut layers) = (0.0, 0usize);
-        for (r, l) in self.recent.iter().zip(&self.load) {
-            let (tr, tl) = (r.iter().sum::<f64>(), l.iter().sum::<f64>());
-            if tr > 0.0 && tl > 0.0 {
-                let n = 2.0 * tr;
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                sum += 0.5 * l.iter().map(|y| y / tl).map(|p| c * (p * (1.0 - p) / n).sqrt()).sum::<f64>();
-                layers += 1;
-            }
-        }
-        if layers == 0 { f64::INFINITY } else { sum / layers as f64 }
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        self.mean_over_loaded_layers(|_, tr, l, tl| 0.5 * l.iter().map(|y| y / tl).map(|p| c * (p * (1.0 - p) / (2.0 * tr)).sqrt()).sum::<f64>())
+            .unwrap_or(f64::INFINITY)
     }
 
     /// Whether anything was observed yet.

@@ -99,9 +99,8 @@ pub struct RebalanceConfig {
     /// ([`crate::live::LoadWindow::shift_distance`], 0–1), the workload is shifting: decide (gate,
     /// solve, check the margin) on where the load is heading ([`Rebalancer::poll_window`]) instead
     /// of on the long window, a blend of before and after that a placement solved on would fit
-    /// neither. Default 0.05
-    /// (steady traffic of a few thousand assignments per layer and window stays near 0.01); never
-    /// below three times the distance sampling alone gives
+    /// neither. Default 0.05 (steady traffic of a few thousand assignments per layer and window
+    /// stays near 0.01); never below three times the distance sampling alone gives
     /// ([`crate::live::LoadWindow::shift_distance_noise`]); above 1: never.
     pub shift_distance: f64,
 }

@@ -388,12 +388,12 @@ impl EpExecutor {
         Ok(any)
     }
 
-    /// Close the current compute segment (called as a collective starts).
     /// Process CPU time less background work, µs.
     fn compute_cpu_us(&self) -> u64 {
         crate::kernels::process_cpu_time_us().saturating_sub(self.background_cpu_us.load(Ordering::Relaxed))
     }
 
+    /// Close the current compute segment (called as a collective starts).
     fn end_segment(&self) {
         let now = self.compute_cpu_us();
         if let Ok(mut c) = self.critical.lock() {
@@ -487,7 +487,7 @@ impl EpExecutor {
                 }
             }
         }
-        let slack = (routing.ids.len() as u64 / (20 * self.world as u64).max(1)).max(1);
+        let slack = self.replica_slack(routing.ids.len() as u64);
         let mut multi: Vec<usize> = (0..reps.len()).filter(|&e| !pending[e].is_empty()).collect();
         multi.sort_by_key(|&e| (std::cmp::Reverse(pending[e].len()), e));
         for e in multi {
@@ -499,6 +499,12 @@ impl EpExecutor {
             }
         }
         items
+    }
+
+    /// How far above the least loaded replica a preferred (own rank or node) one may be for
+    /// `assignments` spread over the ranks: 1/20 of the mean per rank, at least 1.
+    fn replica_slack(&self, assignments: u64) -> u64 {
+        (assignments / (20 * self.world as u64).max(1)).max(1)
     }
 
     /// Index into `replicas` of the one to take the next token from `src`: the least loaded
@@ -557,8 +563,7 @@ impl EpExecutor {
                 load[rs[0]] += total(e);
             }
         }
-        let all: u64 = (0..ne).map(total).sum();
-        let slack = (all / (20 * self.world as u64).max(1)).max(1);
+        let slack = self.replica_slack((0..ne).map(total).sum());
         let mut multi: Vec<usize> = (0..ne).filter(|&e| reps[e].len() > 1).collect();
         multi.sort_by_key(|&e| (std::cmp::Reverse(total(e)), e));
         let mut plan = vec![Vec::new(); ne];

@@ -306,6 +306,16 @@ impl Model {
         }
     }
 
+    /// Bytes one routed expert of the checkpoint in `dir` holds once loaded (packed panels, bf16
+    /// or f32 as [`kernels::PackedWeight`] keeps them): what one migration move loads. Loads
+    /// expert 0 of the first MoE layer to ask, so it is the loader's own answer.
+    pub fn routed_expert_bytes(dir: &Path) -> Result<u64> {
+        let layers = ModelConfig::from_dir(dir)?.moe_layers().len();
+        let wanted: Vec<Vec<usize>> = (0..layers).map(|l| if l == 0 { vec![0] } else { vec![] }).collect();
+        let loaded = Self::load_routed_experts(dir, &wanted, || {})?;
+        Ok(loaded.first().and_then(|l| l.first()).map_or(0, |(_, e)| e.bytes() as u64))
+    }
+
     /// Load only the routed experts `wanted[moe_layer]` of the checkpoint in `dir` (a placement
     /// change loads the slots a rank gains beside the ones it keeps; nothing else is read).
     /// Returns `(expert, weights)` per MoE layer, in the order asked. Runs on the calling thread

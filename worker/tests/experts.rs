@@ -155,3 +155,15 @@ fn router_alternates_follow_the_top_k_without_changing_it() {
         assert_eq!(s.ids, with.ids[2 * k..5 * k]);
     }
 }
+
+/// What one migration move loads: a bf16 checkpoint's expert is held as bf16 (2 bytes a weight),
+/// an f32 one's as f32 — the same shapes in two dtypes, padding of the 16-row panels included.
+#[test]
+fn routed_expert_bytes_follow_the_checkpoint_dtype() {
+    let c = worker::ModelConfig::from_dir(&fixture("qwen3_moe")).expect("config");
+    let (h, inter) = (c.hidden_size, c.moe_intermediate_size);
+    let padded = |n: usize, k: usize| n.div_ceil(16) * 16 * k;
+    let weights = (padded(2 * inter, h) + padded(h, inter)) as u64;
+    assert_eq!(Model::routed_expert_bytes(&fixture("qwen3_moe")).expect("f32"), 4 * weights);
+    assert_eq!(Model::routed_expert_bytes(&fixture("qwen3_moe_bf16")).expect("bf16"), 2 * weights);
+}

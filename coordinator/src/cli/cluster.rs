@@ -669,10 +669,10 @@ pub struct SchedulerArgs {
     /// Also re-check every this many seconds even above the threshold.
     #[arg(long)]
     pub rebalance_period: Option<f64>,
-    /// While the recent window's routing is at least this far (total variation, 0-1) from the
-    /// statistics window's, a shift is under way: decide on the recent window (a quarter of the
-    /// half-life) instead.
-    #[arg(long, default_value_t = 0.05)]
+    /// While the recent window's routing (a quarter of the half-life) is at least this far (total
+    /// variation, 0-1) from the statistics window's, a shift is under way: decide on the trend the
+    /// two windows show, with epochs at a quarter of the minimum interval.
+    #[arg(long, default_value_t = placement::rebalance::RebalanceConfig::default().shift_distance)]
     pub rebalance_shift_distance: f64,
     /// Most expert slots moved per epoch (default 16 per MoE layer).
     #[arg(long)]
@@ -1515,8 +1515,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
     let model_dir = std::fs::canonicalize(&a.model)?;
     let (n_moe, n_experts) = (cfg.moe_layers().len(), cfg.router.n_experts);
-    // Resident bytes of one routed expert (f32 gate, up, down): what one migration move loads.
-    let expert_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64;
+    // What one migration move loads (bf16 checkpoints' experts stay bf16 once loaded).
+    let expert_bytes = if n_moe > 0 { Model::routed_expert_bytes(&a.model)? } else { 0 };
     let policy = a.scheduler.policy(n_moe, expert_bytes)?;
     if let Some(c) = a.scheduler.capacity_factor {
         anyhow::ensure!(c.is_finite() && c > 0.0, "--capacity-factor must be positive");

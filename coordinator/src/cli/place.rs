@@ -507,9 +507,9 @@ struct ReplayArgs {
     /// Also re-check every this many seconds above the threshold.
     #[arg(long, requires = "rebalance")]
     period: Option<f64>,
-    /// Decide on the recent window while its routing is at least this far (total variation) from
-    /// the long window's: a shift is under way.
-    #[arg(long, default_value_t = 0.05)]
+    /// While the recent window's routing is at least this far (total variation) from the long
+    /// window's, a shift is under way: decide on the trend the two windows show.
+    #[arg(long, default_value_t = placement::rebalance::RebalanceConfig::default().shift_distance)]
     shift_distance: f64,
     /// Migration bandwidth budget (GB/s): an epoch loads at most this x --min-interval.
     #[arg(long, requires = "rebalance")]
