@@ -32,7 +32,7 @@ enum Command {
     /// Run the coordinator (client API + worker control plane).
     Coordinator(cli::cluster::CoordinatorArgs),
     /// Run one worker (a rank) that registers with a coordinator.
-    Worker(cli::cluster::WorkerArgs),
+    Worker(cli::worker_cmd::WorkerArgs),
     /// The cluster as the leading coordinator sees it (admin API).
     Status {
         #[command(flatten)]
@@ -83,7 +83,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cli::model::generate(a),
         Command::Up(a) => cli::cluster::up(a),
         Command::Coordinator(a) => cli::cluster::coordinator(a),
-        Command::Worker(a) => cli::cluster::worker(a),
+        Command::Worker(a) => cli::worker_cmd::worker(a),
         Command::Status { endpoint, json } => cli::admin::status(endpoint, json),
         Command::Stats { endpoint, top, json } => cli::admin::stats(endpoint, top, json),
         Command::Bench(c) => cli::bench_cluster::run(c),

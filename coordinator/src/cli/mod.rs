@@ -9,3 +9,4 @@ pub mod place;
 pub mod routing;
 pub mod tls;
 pub mod trace;
+pub mod worker_cmd;
