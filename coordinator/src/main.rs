@@ -28,7 +28,7 @@ enum Command {
     /// Generate tokens from a model in this process (--model) or from a cluster (--endpoint).
     Generate(cli::model::GenerateArgs),
     /// Start a whole cluster on this machine (coordinator + N CPU workers) and serve until Ctrl-C.
-    Up(cli::cluster::UpArgs),
+    Up(cli::local_cluster::UpArgs),
     /// Run the coordinator (client API + worker control plane).
     Coordinator(cli::cluster::CoordinatorArgs),
     /// Run one worker (a rank) that registers with a coordinator.
@@ -81,7 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Trace(c) => cli::trace::run(c),
         Command::Model(c) => cli::model::run(c),
         Command::Generate(a) => cli::model::generate(a),
-        Command::Up(a) => cli::cluster::up(a),
+        Command::Up(a) => cli::local_cluster::up(a),
         Command::Coordinator(a) => cli::cluster::coordinator(a),
         Command::Worker(a) => cli::worker_cmd::worker(a),
         Command::Status { endpoint, json } => cli::admin::status(endpoint, json),

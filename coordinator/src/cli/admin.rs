@@ -126,6 +126,7 @@ impl Admin for CoordSvc {
             workers,
             leader: self.listen_addr(),
             ready: self.is_ready(),
+            ..Default::default()
         }))
     }
 
@@ -138,6 +139,11 @@ impl Admin for CoordSvc {
     async fn apply_placement(&self, req: Request<pb::ApplyPlacementRequest>) -> Result<Response<pb::ApplyPlacementResponse>, Status> {
         self.require_leader()?;
         Ok(Response::new(self.apply_epoch(req.into_inner().placement_json).await?))
+    }
+
+    async fn drain(&self, _req: Request<pb::DrainRankRequest>) -> Result<Response<pb::DrainRankResponse>, Status> {
+        self.require_leader()?;
+        Err(Status::unimplemented("drain: not yet"))
     }
 
     async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {

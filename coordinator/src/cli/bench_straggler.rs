@@ -158,8 +158,8 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         args.push("--capacity-factor=1.25".into());
     }
     let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
-    let threads = a.threads_per_worker.unwrap_or_else(|| super::cluster::threads_per_local_worker(workers));
-    let cl = super::cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[format!("--threads={threads}")])?;
+    let threads = a.threads_per_worker.unwrap_or_else(|| super::local_cluster::threads_per_local_worker(workers));
+    let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[format!("--threads={threads}")])?;
     let spec = bench_spec(a);
     let pa = skewed_prompts(&spec, 0, 64, 24, 1);
     let pb_ = skewed_prompts(&spec, 1, 64, 24, 2);
@@ -281,7 +281,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("unknown policy {p:?} (known: {})", POLICIES.join(", "));
     }
     if a.json {
-        super::cluster::relay_child_output_to_stderr();
+        super::local_cluster::relay_child_output_to_stderr();
     }
     anyhow::ensure!(a.expert_inter >= 1, "--expert-inter must be at least 1");
     anyhow::ensure!(a.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1");

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod ha;
 pub mod metrics;
 pub mod model;
+pub mod local_cluster;
 pub mod place;
 pub mod routing;
 pub mod tls;
