@@ -1,0 +1,116 @@
+//! The generation record in the state store, written in order: every write is a compare-and-swap
+//! on the revision it was read at, and a record never replaces a newer one, so the recorded
+//! generation and epoch never go backwards — even when two leaders overlap for a lease TTL or a
+//! slow write of an old leader lands late — and a new leader adopts the latest.
+
+use serde::{Deserialize, Serialize};
+
+use super::group::{Generation, WorkerInfo};
+use crate::store::typed::{decode, CURRENT_EPOCH};
+use crate::store::{StateStore, StoreError};
+
+/// Key of the active generation.
+pub const GENERATION: &str = "cluster/generation";
+
+/// A rank of a recorded generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRecord {
+    pub id: String,
+    pub grpc: String,
+    pub transport: String,
+    pub node: String,
+}
+
+/// The active generation as the leader formed it: what a new leader adopts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub number: u64,
+    pub epoch: u64,
+    pub ranks: Vec<RankRecord>,
+    /// switchyard.placement.v1 document.
+    pub placement: serde_json::Value,
+    pub model_path: String,
+    pub transport: String,
+}
+
+impl GenerationRecord {
+    pub fn of(g: &Generation, model_path: &str, transport: &str) -> Self {
+        GenerationRecord {
+            number: g.number,
+            epoch: g.epoch,
+            ranks: g.ranks.iter().map(|w| RankRecord { id: w.id.clone(), grpc: w.grpc.clone(), transport: w.transport.clone(), node: w.node.clone() }).collect(),
+            placement: serde_json::to_value(&g.placement).unwrap_or(serde_json::Value::Null),
+            model_path: model_path.to_string(),
+            transport: transport.to_string(),
+        }
+    }
+
+    /// The generation, with its placement parsed and checked.
+    pub fn generation(&self) -> Result<Generation, placement::PlacementError> {
+        let placement = placement::Placement::from_json(&self.placement.to_string())?;
+        let ranks = self.ranks.iter().map(|r| WorkerInfo { id: r.id.clone(), grpc: r.grpc.clone(), transport: r.transport.clone(), node: r.node.clone() }).collect();
+        Ok(Generation { number: self.number, epoch: self.epoch, ranks, placement })
+    }
+}
+
+/// Whether `new` may replace `existing`: only a later (generation, epoch).
+pub fn supersedes(existing: Option<(u64, u64)>, new: (u64, u64)) -> bool {
+    existing.is_none_or(|e| new > e)
+}
+
+/// What [`record_generation`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Written,
+    /// The store already holds this or a later generation/epoch: nothing written.
+    Superseded { number: u64, epoch: u64 },
+}
+
+/// Writes `rec` unless the store holds a later one (CAS on the revision read; re-read on conflict).
+pub async fn record_generation<S: StateStore>(s: &S, rec: &GenerationRecord) -> Result<Recorded, StoreError> {
+    let value = serde_json::to_vec(rec).map_err(|e| StoreError::Internal(e.to_string()))?;
+    loop {
+        let (existing, rev) = match s.get(GENERATION).await? {
+            Some(kv) => {
+                let old: GenerationRecord = decode(&kv)?;
+                (Some((old.number, old.epoch)), kv.mod_revision)
+            }
+            None => (None, 0),
+        };
+        if !supersedes(existing, (rec.number, rec.epoch)) {
+            let (number, epoch) = existing.unwrap_or_default();
+            return Ok(Recorded::Superseded { number, epoch });
+        }
+        match s.compare_and_swap(GENERATION, rev, value.clone(), None).await {
+            Ok(_) => break,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    advance_current_epoch(s, rec.epoch).await?;
+    Ok(Recorded::Written)
+}
+
+/// Moves `placement/current` to `epoch` unless it is already there or later (CAS, re-read on
+/// conflict). Returns whether it moved.
+pub async fn advance_current_epoch<S: StateStore>(s: &S, epoch: u64) -> Result<bool, StoreError> {
+    loop {
+        let (cur, rev) = crate::store::typed::current_epoch(s).await?;
+        if cur.is_some_and(|c| c >= epoch) {
+            return Ok(false);
+        }
+        match s.compare_and_swap(CURRENT_EPOCH, rev, epoch.to_string().into_bytes(), None).await {
+            Ok(_) => return Ok(true),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The recorded generation, if any.
+pub async fn recorded_generation<S: StateStore>(s: &S) -> Result<Option<GenerationRecord>, StoreError> {
+    match s.get(GENERATION).await? {
+        Some(kv) => Ok(Some(decode(&kv)?)),
+        None => Ok(None),
+    }
+}
