@@ -5,7 +5,8 @@
 //!   `requests_in_flight` (queue depth), `requests_total{outcome}`, `tokens_total{rank}`,
 //!   `layer_balancedness{layer}` and `balancedness` (mean/max rank load of the active placement
 //!   under the windowed live load), `rank_load{rank}` (windowed routed assignments per rank),
-//!   `migrations_total`, `migrated_experts_total`, `abandoned_epochs_total`;
+//!   `migrations_total`, `migrated_experts_total`, `abandoned_epochs_total`, `generation`,
+//!   `serving`, `missing_experts`, `world_size`;
 //! - worker: `step_seconds` (histogram of busy engine steps), `alltoall_seconds` (histogram of
 //!   dispatch/combine collectives), `alltoall_bytes_total`, `placement_epoch`,
 //!   `active_requests`, `engine_steps_total`, `tokens_total`.
@@ -26,6 +27,10 @@ pub struct CoordMetrics {
     pub migrations: Counter,
     pub migrated_experts: Counter,
     pub abandoned_epochs: Counter,
+    pub generation: Gauge,
+    pub serving: Gauge,
+    pub missing_experts: Gauge,
+    pub world_size: Gauge,
 }
 
 impl CoordMetrics {
@@ -44,6 +49,10 @@ impl CoordMetrics {
             migrations: r.counter("switchyard_migrations_total", "Placement epochs the scheduler committed", &[])?,
             migrated_experts: r.counter("switchyard_migrated_experts_total", "Expert weights loaded by scheduler migrations", &[])?,
             abandoned_epochs: r.counter("switchyard_abandoned_epochs_total", "Placement epochs abandoned (a worker could not prepare)", &[])?,
+            generation: r.gauge("switchyard_generation", "Generation of the expert-parallel group (one per membership change)", &[])?,
+            serving: r.gauge("switchyard_serving", "1 while every expert of every layer has a slot on a live rank, else 0", &[])?,
+            missing_experts: r.gauge("switchyard_missing_experts", "Experts (layer, expert) without a slot on any live rank", &[])?,
+            world_size: r.gauge("switchyard_world_size", "Ranks of the active generation", &[])?,
             registry: r,
         })
     }
