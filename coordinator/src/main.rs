@@ -30,7 +30,7 @@ enum Command {
     /// Start a whole cluster on this machine (coordinator + N CPU workers) and serve until Ctrl-C.
     Up(cli::local_cluster::UpArgs),
     /// Run the coordinator (client API + worker control plane).
-    Coordinator(cli::cluster::CoordinatorArgs),
+    Coordinator(cli::coordinator_cmd::CoordinatorArgs),
     /// Run one worker (a rank) that registers with a coordinator.
     Worker(cli::worker_cmd::WorkerArgs),
     /// The cluster as the leading coordinator sees it (admin API).
@@ -82,7 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(c) => cli::model::run(c),
         Command::Generate(a) => cli::model::generate(a),
         Command::Up(a) => cli::local_cluster::up(a),
-        Command::Coordinator(a) => cli::cluster::coordinator(a),
+        Command::Coordinator(a) => cli::coordinator_cmd::coordinator(a),
         Command::Worker(a) => cli::worker_cmd::worker(a),
         Command::Status { endpoint, json } => cli::admin::status(endpoint, json),
         Command::Stats { endpoint, top, json } => cli::admin::stats(endpoint, top, json),

@@ -11,8 +11,7 @@
 //! reports the commit (see `worker::expert_parallel`). A failed prepare abandons the epoch: the
 //! prepared slots are dropped everywhere and the old epoch keeps serving.
 
-use super::cluster::{CoordSvc, check_placement};
-use coordinator::store::typed::EpochState;
+use super::coordinator_cmd::{CoordSvc, check_placement};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -102,48 +101,77 @@ fn first_failure<T>(results: &[Result<T, Status>]) -> Option<String> {
 impl Admin for CoordSvc {
     async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.require_leader()?;
-        let (epoch, _) = self.placement();
-        let entries = self.worker_entries();
-        let mut workers = Vec::with_capacity(entries.len());
-        for (rank, (addr, node, alive, client)) in entries.into_iter().enumerate() {
-            let mut w = pb::WorkerStatus { rank: rank as u32, grpc_address: addr, alive, node, ..Default::default() };
-            if let (true, Some(mut c)) = (alive, client) {
-                if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), c.health(pb::WorkerHealthRequest::default())).await {
+        let g = self.group_status();
+        let mut workers = Vec::new();
+        if let Some(a) = &g.active {
+            let routes = self.routes();
+            for (rank, w) in a.ranks.iter().enumerate() {
+                let slots = a.placement.layers.first().and_then(|l| l.ranks.get(rank)).map_or(0, Vec::len) as u32;
+                let mut st = pb::WorkerStatus {
+                    rank: rank as u32,
+                    grpc_address: w.grpc.clone(),
+                    node: w.node.clone(),
+                    worker_id: w.id.clone(),
+                    slots,
+                    draining: g.draining.get(rank).copied().unwrap_or(false),
+                    ..Default::default()
+                };
+                let client = routes.iter().find(|r| r.id == w.id).map(|r| r.client()).or_else(|| self.client_of(&w.id, &w.grpc));
+                if let Some(mut c) = client
+                    && let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(2), c.health(pb::WorkerHealthRequest::default())).await
+                {
                     let h = h.into_inner();
-                    w.epoch = h.epoch;
-                    w.active_requests = h.active_requests;
-                    w.steps = h.steps;
-                    w.degraded = h.degraded;
-                } else {
-                    w.alive = false;
+                    st.alive = true;
+                    st.epoch = h.epoch;
+                    st.active_requests = h.active_requests;
+                    st.steps = h.steps;
+                    st.degraded = h.degraded;
+                    st.generation = h.generation;
+                    st.loaded_expert_bytes = h.loaded_expert_bytes;
                 }
+                workers.push(st);
             }
-            workers.push(w);
         }
+        let missing = match &g.serving {
+            coordinator::control::Serving::NoRoom { missing } => {
+                missing.iter().map(|&(l, e)| pb::ExpertRef { layer: l as u32, expert: e as u32 }).collect()
+            }
+            _ => Vec::new(),
+        };
         Ok(Response::new(pb::ClusterStatusResponse {
-            epoch,
-            world_size: self.world_size() as u32,
+            epoch: g.active.as_ref().map_or(0, |a| a.epoch),
+            world_size: g.active.as_ref().map_or(0, |a| a.world() as u32),
             workers,
             leader: self.listen_addr(),
-            ready: self.is_ready(),
-            ..Default::default()
+            ready: g.serving.is_serving(),
+            generation: g.active.as_ref().map_or(0, |a| a.number),
+            serving: g.serving.is_serving(),
+            not_serving_reason: g.serving.reason(),
+            missing_experts: missing,
+            spare_workers: g.spare as u32,
+            max_slots_per_rank: g.max_slots.unwrap_or(0) as u32,
+            min_replicas: g.min_replicas as u32,
+            generations_formed: g.formed,
         }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRankRequest>) -> Result<Response<pb::DrainRankResponse>, Status> {
+        self.require_leader()?;
+        let r = req.into_inner();
+        let deadline = if r.deadline_s > 0.0 && r.deadline_s.is_finite() { Duration::from_secs_f64(r.deadline_s) } else { Duration::from_secs(30) };
+        Ok(Response::new(self.drain_rank(r.rank as usize, deadline).await?))
     }
 
     async fn get_placement(&self, _req: Request<pb::GetPlacementRequest>) -> Result<Response<pb::GetPlacementResponse>, Status> {
         self.require_leader()?;
-        let (epoch, placement_json) = self.placement();
+        let Some((epoch, p)) = self.active_placement() else { return Err(Status::unavailable("no active generation yet")) };
+        let placement_json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::GetPlacementResponse { epoch, placement_json }))
     }
 
     async fn apply_placement(&self, req: Request<pb::ApplyPlacementRequest>) -> Result<Response<pb::ApplyPlacementResponse>, Status> {
         self.require_leader()?;
         Ok(Response::new(self.apply_epoch(req.into_inner().placement_json).await?))
-    }
-
-    async fn drain(&self, _req: Request<pb::DrainRankRequest>) -> Result<Response<pb::DrainRankResponse>, Status> {
-        self.require_leader()?;
-        Err(Status::unimplemented("drain: not yet"))
     }
 
     async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
@@ -158,33 +186,42 @@ impl CoordSvc {
         let started = Instant::now();
         // 1. Check everything before any worker changes.
         let p = placement::Placement::from_json(&json).map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
-        check_placement(&p, self.model_config(), self.world_size(), "the placement")
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        let json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
+        // Generations and placement epochs change one at a time.
         let _one_at_a_time = self.apply_lock().lock().await;
-        self.wait_ready().await?;
+        let Some((current, _)) = self.active_placement() else { return Err(Status::unavailable("no active generation yet")) };
+        let (generation, clients) = self.rank_clients()?;
+        check_placement(&p, self.model_config(), clients.len(), "the placement").map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
+        if !self.is_ready() {
+            return Err(Status::unavailable("the cluster is not serving; placement changes wait for a whole generation"));
+        }
         self.migration_running(true);
-        let r = self.apply_locked(json, started).await;
+        let r = self.apply_locked(&clients, current + 1, generation, json, p, started).await;
         self.migration_running(false);
         r
     }
 
-    async fn apply_locked(&self, json: String, started: Instant) -> Result<pb::ApplyPlacementResponse, Status> {
-        let clients = self.live_clients()?;
-        let epoch = self.placement().0 + 1;
+    async fn apply_locked(
+        &self,
+        clients: &[WorkerClient<Channel>],
+        epoch: u64,
+        generation: u64,
+        json: String,
+        p: placement::Placement,
+        started: Instant,
+    ) -> Result<pb::ApplyPlacementResponse, Status> {
         // 2. Prepare everywhere.
-        let prepared = on_all(&clients, PREPARE_TIMEOUT, |mut c| {
+        let prepared = on_all(clients, PREPARE_TIMEOUT, |mut c| {
             let placement_json = json.clone();
             async move { c.prepare(pb::PrepareRequest { epoch, placement_json }).await.map(Response::into_inner) }
         })
         .await;
         if let Some(why) = first_failure(&prepared) {
-            let aborted = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+            let aborted = on_all(clients, Duration::from_secs(10), |mut c| async move {
                 c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
             })
             .await;
             tracing::warn!(epoch, "placement epoch abandoned: {why}");
-            self.record_epoch(epoch, &json, EpochState::Abandoned);
             self.note_abandoned_epoch();
             let unclean = first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default();
             return Err(Status::failed_precondition(format!(
@@ -193,26 +230,29 @@ impl CoordSvc {
             )));
         }
         // 3. Commit everywhere; the group switches at the first step where every rank committed.
-        let committed = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+        let committed = on_all(clients, Duration::from_secs(10), |mut c| async move {
             c.commit(pb::CommitRequest { epoch }).await.map(Response::into_inner)
         })
         .await;
         if let Some(why) = first_failure(&committed) {
-            let _ = on_all(&clients, Duration::from_secs(10), |mut c| async move {
+            let _ = on_all(clients, Duration::from_secs(10), |mut c| async move {
                 c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
             })
             .await;
             return Err(Status::unavailable(format!("placement epoch {epoch} not committed everywhere: {why}")));
         }
-        // 4. Wait for every worker to serve the new epoch.
+        // 4. Wait for every worker to serve the new epoch (a regroup meanwhile ends the wait).
         let deadline = Instant::now() + SWITCH_TIMEOUT;
         loop {
-            let health = on_all(&clients, Duration::from_secs(5), |mut c| async move {
+            let health = on_all(clients, Duration::from_secs(5), |mut c| async move {
                 c.health(pb::WorkerHealthRequest::default()).await.map(Response::into_inner)
             })
             .await;
             if let Some(why) = first_failure(&health) {
                 return Err(Status::unavailable(format!("placement epoch {epoch}: lost a worker while switching: {why}")));
+            }
+            if health.iter().flatten().any(|h| h.generation != generation) {
+                return Err(Status::aborted(format!("placement epoch {epoch}: the group re-formed while switching")));
             }
             if health.iter().flatten().all(|h| h.epoch >= epoch) {
                 break;
@@ -222,8 +262,7 @@ impl CoordSvc {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.record_epoch(epoch, &json, EpochState::Committed);
-        self.set_placement(epoch, json);
+        self.epoch_committed(epoch, p)?;
         let switch_ms = started.elapsed().as_millis() as u64;
         tracing::info!(epoch, switch_ms, "placement epoch active");
         let (loaded_per_rank, kept_per_rank) = prepared.iter().flatten().map(|p| (p.loaded, p.kept)).unzip();

@@ -90,9 +90,17 @@ pub struct PlacementArgs {
 impl PlacementArgs {
     /// The placement for `workers` ranks of this model.
     pub fn resolve(&self, cfg: &ModelConfig, workers: usize) -> anyhow::Result<placement::Placement> {
+        self.resolve_with(cfg, workers, 1)
+    }
+
+    /// The placement for `workers` ranks with every expert on at least `min_replicas` of them
+    /// (a file must already satisfy it).
+    pub fn resolve_with(&self, cfg: &ModelConfig, workers: usize, min_replicas: usize) -> anyhow::Result<placement::Placement> {
+        anyhow::ensure!(min_replicas >= 1, "--min-replicas must be at least 1");
         let n_l = cfg.moe_layers().len();
         let n_e = cfg.router.n_experts;
-        let slots = self.slots_per_rank.unwrap_or(n_e.div_ceil(workers));
+        let floor = placement::solver::effective_min(min_replicas, workers);
+        let slots = self.slots_per_rank.unwrap_or((n_e * floor).div_ceil(workers));
         let topo = placement::Topology::uniform(workers, 1)?;
         let (p, origin) = if let Some(f) = &self.placement {
             (placement::Placement::read(f)?, format!("placement {}", f.display()))
@@ -109,6 +117,7 @@ impl PlacementArgs {
             }
             let mut opts = placement::solver::SolveOptions::new(topo, slots);
             opts.mode = self.mode;
+            opts.min_replicas = min_replicas;
             anyhow::ensure!(self.solve_time_limit > 0.0 && self.solve_time_limit.is_finite(), "--solve-time-limit must be positive");
             opts.time_limit = std::time::Duration::from_secs_f64(self.solve_time_limit);
             let (p, report) = placement::solver::solve(self.solver, &stats, &opts, &|_| {})
@@ -116,9 +125,13 @@ impl PlacementArgs {
             tracing::info!(objective = ?report.objective, "placement solved from {}", trace.display());
             (p, format!("the placement solved from {}", trace.display()))
         } else {
-            (placement::solver::contiguous::solve(n_l, n_e, &topo, slots)?, "the contiguous placement".into())
+            let mut p = placement::solver::contiguous::solve(n_l, n_e, &topo, slots)?;
+            placement::solver::ensure_min_replicas(&mut p, min_replicas, &[])?;
+            (p, "the contiguous placement".into())
         };
         check_placement(&p, cfg, workers, &origin)?;
+        let have = placement::solver::min_replica_count(&p);
+        anyhow::ensure!(have >= floor, "{origin} has an expert on {have} rank(s); --min-replicas asks for {floor}");
         Ok(p)
     }
 }
@@ -147,7 +160,7 @@ pub struct ServeArgs {
 
 /// What the coordinator hands every worker to build its all-to-all: the kind, and for NCCL a unique
 /// id made once here (so every rank joins the same communicator).
-fn transport_setup(kind: &str) -> anyhow::Result<(String, Vec<u8>)> {
+pub(super) fn transport_setup(kind: &str) -> anyhow::Result<(String, Vec<u8>)> {
     match kind {
         "tcp" => Ok(("tcp".into(), Vec::new())),
         #[cfg(feature = "cuda")]
@@ -172,7 +185,7 @@ pub(super) async fn health_and_reflection() -> anyhow::Result<(
 }
 
 
-pub use super::coordinator_cmd::{CoordinatorArgs, SchedulerArgs};
+pub use super::coordinator_cmd::{CoordinatorArgs, SchedulerArgs, check_placement};
 
 // ---------------------------------------------------------------------------------------------
 // Client side: generate --endpoint, model check --workers
@@ -270,7 +283,7 @@ pub async fn generate_with_retries(
 
 /// `req` continued after `generated` tokens: prompt `prompt ++ generated`, the token budget
 /// shrunk by as many, no prompt logits (they were sent, or the request moved before any token).
-fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, generated: &[u32]) -> pb::GenerateRequest {
+pub(super) fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, generated: &[u32]) -> pb::GenerateRequest {
     prompt.extend_from_slice(generated);
     pb::GenerateRequest {
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),

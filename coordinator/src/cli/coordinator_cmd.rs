@@ -145,7 +145,7 @@ pub struct SchedulerArgs {
 
 impl SchedulerArgs {
     /// The policy for a model with `layers` MoE layers and experts of `expert_bytes` bytes.
-    pub fn policy(&self, layers: usize, expert_bytes: u64) -> anyhow::Result<Option<placement::rebalance::Rebalancer>> {
+    pub fn policy(&self, layers: usize, expert_bytes: u64, min_replicas: usize) -> anyhow::Result<Option<placement::rebalance::Rebalancer>> {
         if !self.rebalance {
             return Ok(None);
         }
@@ -161,6 +161,7 @@ impl SchedulerArgs {
         }
         cfg.max_bytes_per_s = self.rebalance_max_bytes_per_s;
         cfg.expert_bytes = expert_bytes;
+        cfg.min_replicas = min_replicas;
         Ok(Some(placement::rebalance::Rebalancer::new(cfg)?))
     }
 
@@ -282,7 +283,7 @@ struct CoordState {
 pub(super) struct CoordSvc(Arc<CoordState>);
 
 /// Checks a placement against the model and the number of ranks (`origin` names it in errors).
-pub(super) fn check_placement(p: &placement::Placement, cfg: &ModelConfig, ranks: usize, origin: &str) -> anyhow::Result<()> {
+pub fn check_placement(p: &placement::Placement, cfg: &ModelConfig, ranks: usize, origin: &str) -> anyhow::Result<()> {
     let (n_l, n_e) = (cfg.moe_layers().len(), cfg.router.n_experts);
     if p.num_layers != n_l || p.num_experts != n_e {
         bail!("{origin} has {} MoE layers x {} experts, the model has {n_l} x {n_e}", p.num_layers, p.num_experts);
@@ -881,6 +882,11 @@ impl CoordSvc {
             min_replicas: g.settings().min_replicas,
             draining: g.active().map(|a| a.ranks.iter().map(|w| g.is_draining(&w.id)).collect()).unwrap_or_default(),
         })
+    }
+
+    /// A client of worker `id`, if it can be made.
+    pub(super) fn client_of(&self, id: &str, grpc: &str) -> Option<WorkerClient<Channel>> {
+        self.link(id, grpc).ok().map(|l| l.client)
     }
 
     /// Clients of every rank of the active generation (placement changes need all of them).

@@ -607,6 +607,7 @@ fn replay_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
         min_interval_s: r.min_interval,
         period_s: r.period,
         shift_distance: r.shift_distance,
+        min_replicas: 1,
     };
     let cfg = SimConfig {
         tokens_per_step: r.tokens_per_step,

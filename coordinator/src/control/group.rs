@@ -163,6 +163,8 @@ pub struct Group {
     epoch_floor: u64,
     /// Set by every membership change; cleared once planned (or found unplaceable).
     dirty: bool,
+    /// Re-form the group even with the same members (a rank's collectives broke).
+    reform: bool,
     no_room: Vec<(usize, usize)>,
     next_id: u64,
     formed: u64,
@@ -200,6 +202,7 @@ impl Group {
             generation_floor: 0,
             epoch_floor: 0,
             dirty: false,
+            reform: false,
             no_room: Vec::new(),
             next_id: 0,
             formed: 0,
@@ -253,6 +256,22 @@ impl Group {
         }
         self.dirty = true;
         Ok(())
+    }
+
+    /// Every rank is alive but a rank's collectives broke (a connection dropped): form a new
+    /// generation with the same members. `false` while one is being formed anyway.
+    pub fn reform(&mut self) -> bool {
+        if self.pending.is_some() || self.active.is_none() {
+            return false;
+        }
+        self.reform = true;
+        self.dirty = true;
+        true
+    }
+
+    /// Every live registered worker, by registration.
+    pub fn members(&self) -> Vec<WorkerInfo> {
+        self.order.iter().filter_map(|id| self.workers.get(id).map(|e| e.info.clone())).collect()
     }
 
     pub fn is_draining(&self, id: &str) -> bool {
@@ -312,6 +331,7 @@ impl Group {
             Ok(Some(g)) => {
                 self.no_room.clear();
                 self.dirty = false;
+                self.reform = false;
                 self.generation_floor = g.number;
                 self.epoch_floor = g.epoch;
                 self.pending = Some(g.clone());
@@ -353,7 +373,7 @@ impl Group {
             return Ok(Some(Generation { number, epoch, ranks, placement }));
         };
         let same = candidates.len() == active.world() && candidates.iter().zip(&active.ranks).all(|(c, a)| c.id == a.id);
-        if same {
+        if same && !self.reform {
             return Ok(None);
         }
         if candidates.is_empty() {
