@@ -868,9 +868,9 @@ impl CoordSvc {
             set.spawn(async move {
                 let ch = connect_channel(&addr).await.map_err(|e| format!("rank {rank} at {addr}: {}", error_chain(&e)))?;
                 let mut c = WorkerClient::new(ch).max_decoding_message_size(1 << 30);
-                c.start(pb::StartRequest { assignment: Some(a) })
+                c.regroup(pb::RegroupRequest { generation: 1, assignment: Some(a) })
                     .await
-                    .map_err(|s| format!("rank {rank}: start: {}", s.message()))?;
+                    .map_err(|s| format!("rank {rank}: regroup: {}", s.message()))?;
                 Ok::<_, String>((rank, c))
             });
         }
@@ -963,7 +963,7 @@ impl Control for CoordSvc {
         if full {
             tokio::spawn(self.clone().start_all());
         }
-        Ok(Response::new(pb::RegisterResponse { rank: rank as u32, world_size: self.0.n_workers as u32 }))
+        Ok(Response::new(pb::RegisterResponse { rank: rank as u32, world_size: self.0.n_workers as u32, worker_id: format!("rank-{rank}") }))
     }
 }
 
