@@ -47,6 +47,17 @@ impl KvCache {
         }
     }
 
+    /// Drop keys and values appended after the last completed forward (`len` tokens): a forward
+    /// that failed midway (a collective of a later layer failed) has already appended its tokens
+    /// to the earlier layers. After this the cache is as the last completed forward left it.
+    pub fn discard_uncommitted(&mut self) {
+        let (n, k_row, v_row) = (self.len, self.k_row, self.v_row);
+        for l in &mut self.layers {
+            l.k.truncate(n * k_row);
+            l.v.truncate(n * v_row);
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()

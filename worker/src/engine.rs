@@ -275,7 +275,19 @@ impl Engine {
                 .zip(&inputs)
                 .map(|((_, s), toks)| SeqInput { tokens: toks, cache: &mut s.cache })
                 .collect();
-            self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())?
+            self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())
+        };
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                // A failed step changes nothing: the forward may have appended this step's tokens
+                // to some layers' caches; prompt progress, samplers and statistics are only
+                // updated below, after a forward that completed. The step can be run again.
+                for s in self.running.values_mut() {
+                    s.cache.discard_uncommitted();
+                }
+                return Err(e);
+            }
         };
         self.stats.record(&out.routing, self.model.config.router.n_experts);
         self.stats.tokens += inputs.iter().map(|t| t.len() as u64).sum::<u64>();
@@ -312,6 +324,17 @@ impl Engine {
             self.running.remove(&id);
         }
         Ok(events)
+    }
+
+    /// Tokens held in the KV caches of the running sequences (what a failed step must leave as
+    /// it was).
+    pub fn cached_tokens(&self) -> Vec<(RequestId, usize, usize)> {
+        self.running.iter().map(|(id, s)| (*id, s.cache.len(), s.cache.bytes())).collect()
+    }
+
+    /// Running and waiting sequences.
+    pub fn n_sequences(&self) -> usize {
+        self.running.len() + self.waiting.len()
     }
 
     /// Run until every request is finished; returns generated tokens per request id.

@@ -1,7 +1,7 @@
 #![forbid(unsafe_code)]
 //! Expert parallelism across ranks: the [`EpExecutor`] (route → replica choice → all-to-all
-//! dispatch → local expert FFNs → all-to-all combine → weighted sum) and the [`RankLoop`] that
-//! steps every rank together.
+//! dispatch → local expert FFNs → all-to-all combine → weighted sum). The rank loop that steps
+//! every rank together is in [`crate::rank_loop`].
 //!
 //! Every rank holds the dense parts and its own expert slots (see [`experts_of_rank`]). Requests
 //! live on one rank (data-parallel attention). Each engine step starts with a one-byte "have work"
@@ -9,24 +9,93 @@
 //! again (no busy spinning), otherwise every rank runs one forward (or, with nothing of its own,
 //! joins each MoE layer's dispatch and combine with zero tokens).
 //!
-//! When a collective fails (a peer died), the rank loads the experts it lacks and carries on alone
-//! with local experts, so requests that live on surviving ranks still finish.
+//! An executor belongs to one *generation* of the group (one membership, one mesh). When a
+//! collective fails (a peer died) the executor is done: the coordinator regroups the survivors
+//! into a new generation, whose executor keeps the weights this rank holds
+//! ([`EpExecutor::expert_weights`]) and loads only the ones it gains ([`assemble_experts`]).
 
-use crate::engine::{Engine, EngineConfig, FinishReason, Request, RequestId};
 use crate::error::{ModelError, Result};
-use crate::model::{LoadOptions, LogitsMode, Model, SeqInput};
-use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing, gather_rows};
-use crate::transport::{Transport, TransportError};
+use crate::model::Model;
+use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing};
+use crate::transport::{InterruptHandle, Transport, TransportError};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// `placement[moe_layer][rank]` → the experts of `rank` in that layer, as loader input.
 pub fn experts_of_rank(placement: &[Vec<Vec<usize>>], rank: usize) -> Vec<Vec<usize>> {
     placement.iter().map(|l| l.get(rank).cloned().unwrap_or_default()).collect()
+}
+
+/// This rank's weights for the experts `mine[moe_layer]`: shared from `current`
+/// (`[moe_layer][expert]`, what the rank holds now) where it holds them, the rest read from the
+/// checkpoint in `dir`. Loading runs on a thread of its own at idle priority: it reads and converts the
+/// weights only when the serving threads leave a core free (a rank waiting in its all-to-all
+/// does), so the steps meanwhile are not stretched by the copy. Its CPU time is added to
+/// `background_cpu_us` after every expert (projected step lengths leave it out).
+pub fn assemble_experts(
+    current: &[Vec<Option<Arc<ExpertFfn>>>],
+    mine: &[Vec<usize>],
+    n_experts: usize,
+    dir: &Path,
+    background_cpu_us: &AtomicU64,
+) -> Result<Assembled> {
+    let mut experts: Vec<Vec<Option<Arc<ExpertFfn>>>> = vec![vec![None; n_experts]; mine.len()];
+    let mut missing: Vec<Vec<usize>> = vec![Vec::new(); mine.len()];
+    let mut kept = 0;
+    for (l, es) in mine.iter().enumerate() {
+        for &e in es {
+            if e >= n_experts {
+                return Err(proto_err(format!("MoE layer {l}: expert {e} out of range ({n_experts})")));
+            }
+            match current.get(l).and_then(|v| v.get(e)).cloned().flatten() {
+                Some(w) => {
+                    experts[l][e] = Some(w);
+                    kept += 1;
+                }
+                None => missing[l].push(e),
+            }
+        }
+    }
+    if missing.iter().all(Vec::is_empty) {
+        return Ok(Assembled { experts, loaded: 0, kept, loaded_bytes: 0 });
+    }
+    let loaded_now = std::thread::scope(|s| {
+        s.spawn(|| {
+            crate::kernels::set_current_thread_idle_priority();
+            let mut accounted = crate::kernels::thread_cpu_time_us();
+            Model::load_routed_experts(dir, &missing, || {
+                let now = crate::kernels::thread_cpu_time_us();
+                background_cpu_us.fetch_add(now.saturating_sub(accounted), Ordering::Relaxed);
+                accounted = now;
+            })
+        })
+        .join()
+    })
+    .map_err(|_| proto_err("expert loader thread panicked".into()))??;
+    let (mut loaded, mut loaded_bytes) = (0, 0u64);
+    for (l, es) in loaded_now.into_iter().enumerate() {
+        for (e, w) in es {
+            loaded_bytes += w.bytes() as u64;
+            experts[l][e] = Some(Arc::new(w));
+            loaded += 1;
+        }
+    }
+    Ok(Assembled { experts, loaded, kept, loaded_bytes })
+}
+
+/// What [`assemble_experts`] put together.
+pub struct Assembled {
+    /// `[moe_layer][expert]`: this rank's weights, `None` where it holds no slot.
+    pub experts: Vec<Vec<Option<Arc<ExpertFfn>>>>,
+    /// Read from the checkpoint.
+    pub loaded: usize,
+    /// Shared from what the rank held.
+    pub kept: usize,
+    pub loaded_bytes: u64,
 }
 
 /// Time spent in the parts of MoE layers (microseconds, accumulated) and traffic counters.
@@ -132,6 +201,10 @@ pub struct Prepared {
 pub struct EpExecutor {
     rank: usize,
     world: usize,
+    /// Group generation (membership) this executor's mesh belongs to.
+    generation: u64,
+    /// Shuts the mesh down from another thread (a regroup away from a dead or frozen peer).
+    interrupt: Option<InterruptHandle>,
     n_experts: usize,
     node_of_rank: Vec<usize>,
     /// The epoch every forward uses; swapped only by the rank loop between steps.
@@ -203,14 +276,31 @@ impl EpExecutor {
         node_of_rank: Vec<usize>,
         experts: Vec<Vec<Option<ExpertFfn>>>,
     ) -> Result<Self> {
+        let experts = experts.into_iter().map(|l| l.into_iter().map(|e| e.map(Arc::new)).collect()).collect();
+        Self::with_weights(transport, placement, n_experts, node_of_rank, experts, 1, 0)
+    }
+
+    /// An executor of group generation `generation` starting at placement `epoch`, over weights
+    /// that may be shared with the executor of the previous generation.
+    pub fn with_weights(
+        transport: Box<dyn Transport>,
+        placement: &[Vec<Vec<usize>>],
+        n_experts: usize,
+        node_of_rank: Vec<usize>,
+        experts: Vec<Vec<Option<Arc<ExpertFfn>>>>,
+        epoch: u64,
+        generation: u64,
+    ) -> Result<Self> {
         let rank = transport.rank();
         let world = transport.world();
-        let experts = experts.into_iter().map(|l| l.into_iter().map(|e| e.map(Arc::new)).collect()).collect();
-        let slots = EpSlots::new(1, placement, rank, world, n_experts, experts)?;
+        let slots = EpSlots::new(epoch, placement, rank, world, n_experts, experts)?;
         let node_of_rank = if node_of_rank.len() == world { node_of_rank } else { vec![0; world] };
+        let interrupt = transport.interrupt_handle();
         Ok(EpExecutor {
             rank,
             world,
+            generation,
+            interrupt,
             n_experts,
             node_of_rank,
             active: Mutex::new(Arc::new(slots)),
@@ -226,6 +316,41 @@ impl EpExecutor {
             projected_observer: Mutex::new(None),
             projected_steps: RecentSteps::default(),
         })
+    }
+
+    /// The group generation of this executor's mesh.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Make the collective in progress (and every later one) fail at once: the group is being
+    /// rebuilt without some peer. No-op for transports that cannot be interrupted.
+    pub fn interrupt(&self) {
+        if let Some(h) = &self.interrupt {
+            h.interrupt();
+        }
+    }
+
+    /// This rank's expert weights of the active epoch (`[moe_layer][expert]`), shared: the next
+    /// generation keeps them without a copy.
+    pub fn expert_weights(&self) -> Vec<Vec<Option<Arc<ExpertFfn>>>> {
+        self.slots().experts.clone()
+    }
+
+    /// Bytes of routed expert weights the active epoch holds on this rank.
+    pub fn loaded_expert_bytes(&self) -> u64 {
+        self.slots().experts.iter().flatten().flatten().map(|w| w.bytes() as u64).sum()
+    }
+
+    /// Whether load-aware replica choice is on, and the capacity factor (carried to the next
+    /// generation's executor).
+    pub fn options(&self) -> (bool, Option<f64>) {
+        (self.load_aware.load(Ordering::Relaxed), self.capacity())
+    }
+
+    /// CPU time counter of background work (expert loading) on this rank (see `prepare`).
+    pub fn background_cpu(&self) -> &AtomicU64 {
+        &self.background_cpu_us
     }
 
     pub fn rank(&self) -> usize {
@@ -265,49 +390,12 @@ impl EpExecutor {
             return Err(proto_err(format!("epoch {c} is committed and not yet active; prepare after the switch")));
         }
         replicas_of(placement, self.world, self.n_experts)?;
-        let mine = experts_of_rank(placement, self.rank);
-        let mut experts: Vec<Vec<Option<Arc<ExpertFfn>>>> = vec![vec![None; self.n_experts]; placement.len()];
-        let mut missing: Vec<Vec<usize>> = vec![Vec::new(); placement.len()];
-        let mut kept = 0;
-        for (l, es) in mine.iter().enumerate() {
-            for &e in es {
-                match cur.experts.get(l).and_then(|v| v.get(e)).cloned().flatten() {
-                    Some(w) => {
-                        experts[l][e] = Some(w);
-                        kept += 1;
-                    }
-                    None => missing[l].push(e),
-                }
-            }
-        }
         crate::failpoint::check("worker.prepare")?;
         crate::failpoint::check(&format!("worker.prepare.rank{}", self.rank))?;
-        // On a thread of its own at idle priority: it reads and converts the weights only when
-        // the serving threads leave a core free (a rank waiting in its all-to-all does), so the
-        // steps meanwhile are not stretched by the copy.
-        // Its CPU time is accounted as background work after every expert (the projected step
-        // lengths leave it out).
-        let loaded_now = std::thread::scope(|s| {
-            s.spawn(|| {
-                crate::kernels::set_current_thread_idle_priority();
-                let mut accounted = crate::kernels::thread_cpu_time_us();
-                Model::load_routed_experts(dir, &missing, || {
-                    let now = crate::kernels::thread_cpu_time_us();
-                    self.background_cpu_us.fetch_add(now.saturating_sub(accounted), Ordering::Relaxed);
-                    accounted = now;
-                })
-            })
-            .join()
-        })
-        .map_err(|_| proto_err("expert loader thread panicked".into()))??;
-        let mut loaded = 0;
-        for (l, es) in loaded_now.into_iter().enumerate() {
-            for (e, w) in es {
-                experts[l][e] = Some(Arc::new(w));
-                loaded += 1;
-            }
-        }
-        let next = EpSlots::new(epoch, placement, self.rank, self.world, self.n_experts, experts)?;
+        let mine = experts_of_rank(placement, self.rank);
+        let a = assemble_experts(&cur.experts, &mine, self.n_experts, dir, &self.background_cpu_us)?;
+        let (loaded, kept) = (a.loaded, a.kept);
+        let next = EpSlots::new(epoch, placement, self.rank, self.world, self.n_experts, a.experts)?;
         let mut p = self.prepared.lock().map_err(|_| proto_err("prepared lock poisoned".into()))?;
         *p = Some(Arc::new(next));
         Ok(Prepared { epoch, loaded, kept })
@@ -815,69 +903,6 @@ impl ExpertExecutor for EpExecutor {
     }
 }
 
-/// Runs routed experts from a fully loaded copy of the model (after the group broke up).
-struct FallbackExperts {
-    full: Arc<Model>,
-}
-
-impl ExpertExecutor for FallbackExperts {
-    fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {
-        let full = self
-            .full
-            .moe_layers()
-            .nth(layer.moe_index)
-            .ok_or_else(|| proto_err(format!("MoE layer {} missing in the fallback model", layer.moe_index)))?;
-        let h = layer.hidden;
-        let batches = routing.group_by_expert(full.n_experts());
-        let outs: Vec<Result<Vec<f32>>> = batches
-            .par_iter()
-            .map(|b| full.expert_forward(b.expert, &gather_rows(x, h, &b.tokens), b.tokens.len()))
-            .collect();
-        let mut out = vec![0.0; t * h];
-        for (b, y) in batches.iter().zip(outs) {
-            crate::moe::combine_into(&mut out, h, b, &y?);
-        }
-        Ok(out)
-    }
-}
-
-/// What a rank loop reports for one request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RankEvent {
-    /// Logits of every prompt position `[len × vocab]` (when asked for), before the first token.
-    PromptLogits(Vec<f32>),
-    Token { token: u32, index: usize, finished: Option<FinishReason> },
-    /// The request failed (the message says why).
-    Error(String),
-}
-
-/// Receives a request's events; returns `false` when nobody listens any more (the request is
-/// then aborted).
-pub type EventSink = Box<dyn FnMut(RankEvent) -> bool + Send>;
-
-/// A request handed to a rank loop.
-pub struct Job {
-    pub request: Request,
-    pub prompt_logits: bool,
-    pub sink: EventSink,
-}
-
-/// Live counters of a rank loop.
-#[derive(Debug, Default)]
-pub struct RankStats {
-    pub steps: AtomicU64,
-    pub busy_steps: AtomicU64,
-    pub active: AtomicU64,
-    pub outstanding_tokens: AtomicU64,
-    pub forward_us: AtomicU64,
-    pub transport_error: Mutex<Option<String>>,
-    pub degraded: AtomicBool,
-    pub expert_load: Mutex<Vec<u64>>,
-    /// Busy step durations (µs) not yet taken.
-    pub recent_steps: RecentSteps<4096>,
-    pub stop: AtomicBool,
-}
-
 /// Step durations (µs) recorded and not yet taken, the last `CAP` of them (older ones are
 /// dropped: whoever reads them reads often enough, or wants only the recent past).
 #[derive(Debug, Default)]
@@ -901,533 +926,6 @@ impl<const CAP: usize> RecentSteps<CAP> {
     }
 }
 
-/// Settings of [`RankLoop::spawn`].
-#[derive(Clone)]
-pub struct RankLoopConfig {
-    pub engine: EngineConfig,
-    /// How long an idle rank waits for work before asking the group again.
-    pub idle_poll: Duration,
-    /// Model directory, to load the missing experts when the group breaks up.
-    pub model_dir: Option<PathBuf>,
-    /// Hears the duration of every busy step (metrics).
-    pub on_step: Option<Arc<dyn Fn(Duration) + Send + Sync>>,
-}
-
-impl std::fmt::Debug for RankLoopConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RankLoopConfig").field("engine", &self.engine).field("idle_poll", &self.idle_poll).finish()
-    }
-}
-
-impl Default for RankLoopConfig {
-    fn default() -> Self {
-        RankLoopConfig { engine: EngineConfig::default(), idle_poll: Duration::from_millis(20), model_dir: None, on_step: None }
-    }
-}
-
-/// Handle of a running rank loop (a dedicated thread).
-pub struct RankLoop {
-    pub jobs: mpsc::Sender<Job>,
-    pub stats: Arc<RankStats>,
-    pub executor: Option<Arc<EpExecutor>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RankLoop {
-    /// Start stepping `model` with `executor` (None: a single rank with every expert loaded).
-    pub fn spawn(model: Arc<Model>, executor: Option<Arc<EpExecutor>>, cfg: RankLoopConfig) -> RankLoop {
-        let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(RankStats::default());
-        let st = stats.clone();
-        let ex = executor.clone();
-        let thread = std::thread::Builder::new()
-            .name("rank-loop".into())
-            .spawn(move || run_loop(model, ex, cfg, rx, st))
-            .expect("spawn rank loop");
-        RankLoop { jobs: tx, stats, executor, thread: Some(thread) }
-    }
-
-    /// Ask the loop to stop and wait for it.
-    pub fn stop(&mut self) {
-        self.stats.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-struct Live {
-    sink: EventSink,
-    generated: u64,
-    max_tokens: u64,
-}
-
-fn run_loop(
-    model: Arc<Model>,
-    mut executor: Option<Arc<EpExecutor>>,
-    cfg: RankLoopConfig,
-    rx: mpsc::Receiver<Job>,
-    stats: Arc<RankStats>,
-) {
-    let mut engine = Engine::new(model.clone(), cfg.engine.clone());
-    if let Some(ex) = &executor {
-        engine.set_executor(ex.clone());
-    }
-    let mut live: HashMap<RequestId, Live> = HashMap::new();
-    let mut scoring: Vec<Job> = Vec::new();
-    let mut disconnected = false;
-    let fail_all = |live: &mut HashMap<RequestId, Live>, engine: &mut Engine, msg: &str| {
-        for (id, mut l) in live.drain() {
-            engine.abort(id);
-            (l.sink)(RankEvent::Error(msg.to_string()));
-        }
-    };
-    let add = |job: Job, engine: &mut Engine, live: &mut HashMap<RequestId, Live>, scoring: &mut Vec<Job>| {
-        if job.prompt_logits {
-            scoring.push(job);
-            return;
-        }
-        let Job { request, mut sink, .. } = job;
-        let max_tokens = request.max_tokens as u64;
-        match engine.add_request(request) {
-            Ok(id) => {
-                live.insert(id, Live { sink, generated: 0, max_tokens });
-            }
-            Err(e) => {
-                sink(RankEvent::Error(e.to_string()));
-            }
-        }
-    };
-    while !stats.stop.load(Ordering::SeqCst) {
-        loop {
-            match rx.try_recv() {
-                Ok(job) => add(job, &mut engine, &mut live, &mut scoring),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            }
-        }
-        let mine = engine.has_work() || !scoring.is_empty();
-        let any = match &executor {
-            Some(ex) => match ex.exchange_step(mine) {
-                Ok(any) => any,
-                Err(e) => {
-                    degrade(&mut engine, &mut executor, &cfg, &stats, &e.to_string());
-                    if executor.is_some() {
-                        fail_all(&mut live, &mut engine, &e.to_string());
-                    }
-                    continue;
-                }
-            },
-            None => mine,
-        };
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        if !any {
-            if disconnected && executor.is_none() {
-                break;
-            }
-            match rx.recv_timeout(cfg.idle_poll) {
-                Ok(job) => add(job, &mut engine, &mut live, &mut scoring),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
-            }
-            continue;
-        }
-        stats.busy_steps.fetch_add(1, Ordering::Relaxed);
-        let t0 = Instant::now();
-        let result: Result<()> = if let Some(mut job) = scoring.pop() {
-            // Prompt logits: one forward over the prompt with a throw-away cache.
-            let exec: &dyn ExpertExecutor = match &executor {
-                Some(e) => e.as_ref(),
-                None => &crate::moe::LocalExperts,
-            };
-            let mut cache = model.new_cache();
-            let r = model.forward_with(
-                &mut [SeqInput { tokens: &job.request.prompt, cache: &mut cache }],
-                LogitsMode::All,
-                exec,
-            );
-            match r {
-                Ok(mut out) => {
-                    let logits = out.logits.remove(0);
-                    if (job.sink)(RankEvent::PromptLogits(logits)) {
-                        job.prompt_logits = false;
-                        add(job, &mut engine, &mut live, &mut scoring);
-                    }
-                    Ok(())
-                }
-                Err(ModelError::ExpertParallel(m)) => {
-                    scoring.push(job);
-                    Err(ModelError::ExpertParallel(m))
-                }
-                Err(e) => {
-                    (job.sink)(RankEvent::Error(e.to_string()));
-                    Ok(())
-                }
-            }
-        } else if engine.has_work() {
-            match engine.step() {
-                Ok(events) => {
-                    for ev in events {
-                        let Some(l) = live.get_mut(&ev.id) else { continue };
-                        l.generated += 1;
-                        let keep = match ev.token {
-                            Some(token) => (l.sink)(RankEvent::Token { token, index: ev.index, finished: ev.finished }),
-                            None => false,
-                        };
-                        if ev.finished.is_some() {
-                            live.remove(&ev.id);
-                        } else if !keep {
-                            live.remove(&ev.id);
-                            engine.abort(ev.id);
-                        }
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        } else if let Some(ex) = &executor {
-            ex.idle_forward(&model)
-        } else {
-            Ok(())
-        };
-        let took = t0.elapsed();
-        stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        stats.recent_steps.extend([took.as_micros().min(u32::MAX as u128) as u32]);
-        if let Some(f) = &cfg.on_step {
-            f(took);
-        }
-        stats.active.store((live.len() + scoring.len()) as u64, Ordering::Relaxed);
-        stats
-            .outstanding_tokens
-            .store(live.values().map(|l| l.max_tokens.saturating_sub(l.generated)).sum(), Ordering::Relaxed);
-        match result {
-            Ok(()) => {}
-            Err(ModelError::ExpertParallel(m)) => {
-                degrade(&mut engine, &mut executor, &cfg, &stats, &m);
-                if executor.is_some() {
-                    fail_all(&mut live, &mut engine, &m);
-                }
-            }
-            Err(e) => {
-                // Not a transport problem: fail what runs here; the group stays in step because
-                // the other ranks finish this step's collectives... only if we did too, so treat
-                // it as fatal for this rank's requests.
-                fail_all(&mut live, &mut engine, &e.to_string());
-            }
-        }
-        {
-            let s = engine.routing_stats();
-            if let Ok(mut l) = stats.expert_load.lock() {
-                *l = s.counts.iter().flatten().copied().collect();
-            }
-        }
-    }
-    fail_all(&mut live, &mut engine, "worker stopped");
-    for mut j in scoring.drain(..) {
-        (j.sink)(RankEvent::Error("worker stopped".into()));
-    }
-}
-
-/// The group broke up (a peer died): load every expert and go on alone.
-fn degrade(engine: &mut Engine, executor: &mut Option<Arc<EpExecutor>>, cfg: &RankLoopConfig, stats: &RankStats, why: &str) {
-    tracing::warn!("expert-parallel group failed: {why}; continuing with local experts");
-    if let Ok(mut e) = stats.transport_error.lock() {
-        *e = Some(why.to_string());
-    }
-    let Some(dir) = &cfg.model_dir else {
-        return; // keep the executor: every request will fail with the transport error
-    };
-    match Model::load(dir, &LoadOptions::default()) {
-        Ok(full) => {
-            engine.set_executor(Arc::new(FallbackExperts { full: Arc::new(full) }));
-            *executor = None;
-            stats.degraded.store(true, Ordering::SeqCst);
-        }
-        Err(e) => tracing::error!("cannot load the full model for the fallback: {e}"),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transport::tcp::TcpTransport;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-    }
-
-    /// What one rank of [`run_group`] reports: rank 0's logits, and its rows kept local, sent
-    /// away and dropped.
-    struct RankRun {
-        logits: Option<Vec<f32>>,
-        local: u64,
-        remote: u64,
-        dropped: u64,
-        rerouted: u64,
-    }
-
-    /// Every layer: rank r holds the r-th contiguous block of experts.
-    fn contiguous(layers: usize, experts: usize, world: usize) -> Vec<Vec<Vec<usize>>> {
-        (0..layers).map(|_| (0..world).map(|r| (0..experts).filter(|e| e * world / experts == r).collect()).collect()).collect()
-    }
-
-    /// `world` ranks in this process over a loopback mesh, each holding its slots of
-    /// `placement`: rank 0 forwards `prompt`, the others join every collective with zero tokens.
-    /// `setup` configures every rank's executor before the forward.
-    fn run_group(
-        dir: &Path,
-        placement: &[Vec<Vec<usize>>],
-        prompt: &[u32],
-        setup: impl Fn(&EpExecutor) + Clone + Send + 'static,
-    ) -> Vec<RankRun> {
-        let world = placement[0].len();
-        let n_e = crate::ModelConfig::from_dir(dir).expect("config").router.n_experts;
-        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-        let handles: Vec<_> = mesh
-            .into_iter()
-            .map(|t| {
-                let (placement, dir, prompt, setup) = (placement.to_vec(), dir.to_path_buf(), prompt.to_vec(), setup.clone());
-                std::thread::spawn(move || {
-                    let r = t.rank();
-                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load slots");
-                    let experts = m.take_routed_experts();
-                    let ex = EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep");
-                    setup(&ex);
-                    let logits = if r == 0 {
-                        let mut cache = m.new_cache();
-                        let out = m
-                            .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
-                            .expect("ep forward");
-                        Some(out.logits[0].clone())
-                    } else {
-                        ex.idle_forward(&m).expect("idle");
-                        None
-                    };
-                    let t = &ex.timers;
-                    RankRun {
-                        logits,
-                        local: t.local_rows.load(Ordering::Relaxed),
-                        remote: t.remote_rows.load(Ordering::Relaxed),
-                        dropped: t.dropped_rows.load(Ordering::Relaxed),
-                        rerouted: t.rerouted_rows.load(Ordering::Relaxed),
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank")).collect()
-    }
-
-    /// Every rank in one process: logits through 1, 2, 3 ranks with replicas equal the local ones.
-    #[test]
-    fn ep_forward_matches_local_across_ranks() {
-        let dir = fixture("mixtral");
-        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
-        let prompt: Vec<u32> = vec![1, 5, 9, 13, 17, 21];
-        let want = full.logits(&prompt).expect("local logits");
-        let n_e = full.config.router.n_experts;
-        let n_l = full.moe_layers().count();
-        for world in [2usize, 3] {
-            // Uneven, with replicas: rank r holds experts e where (e + r) % world != 1, plus expert 0.
-            let placement: Vec<Vec<Vec<usize>>> = (0..n_l)
-                .map(|l| {
-                    (0..world)
-                        .map(|r| {
-                            let mut v: Vec<usize> = (0..n_e).filter(|e| (e + r + l) % world == 0).collect();
-                            if !v.contains(&0) {
-                                v.push(0);
-                            }
-                            v
-                        })
-                        .collect()
-                })
-                .collect();
-            let got = run_group(&dir, &placement, &prompt, |_| {}).remove(0).logits.expect("rank 0 logits");
-            let d = crate::reference::rel_max_diff(&got, &want);
-            assert!(d < 1e-5, "world {world}: rel diff {d}");
-        }
-    }
-
-    /// A placement change across 2 ranks: prepare loads only the gained experts, nothing switches
-    /// until every rank committed, then all switch at the same step and logits stay those of the
-    /// single-process run.
-    #[test]
-    fn epoch_switch_is_simultaneous_and_keeps_logits() {
-        let dir = fixture("mixtral");
-        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
-        let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
-        let want = full.logits(&prompt).expect("local logits");
-        let n_e = full.config.router.n_experts;
-        let n_l = full.moe_layers().count();
-        let world = 2;
-        // Epoch 1: contiguous halves. Epoch 2: interleaved, with expert 0 replicated on both.
-        let first = contiguous(n_l, n_e, world);
-        let second: Vec<Vec<Vec<usize>>> = (0..n_l)
-            .map(|_| {
-                (0..world)
-                    .map(|r| {
-                        let mut v: Vec<usize> = (0..n_e).filter(|e| e % world == r).collect();
-                        if !v.contains(&0) {
-                            v.push(0);
-                        }
-                        v
-                    })
-                    .collect()
-            })
-            .collect();
-        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-        let barrier = Arc::new(std::sync::Barrier::new(world));
-        let handles: Vec<_> = mesh
-            .into_iter()
-            .map(|t| {
-                let (first, second, dir, prompt, barrier) =
-                    (first.clone(), second.clone(), dir.clone(), prompt.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    let r = t.rank();
-                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&first, r)) }).expect("load");
-                    let experts = m.take_routed_experts();
-                    let ex = EpExecutor::new(Box::new(t), &first, n_e, vec![0; world], experts).expect("ep");
-                    assert!(ex.commit(2).is_err(), "commit before prepare must fail");
-                    let p = ex.prepare(2, &second, &dir).expect("prepare");
-                    let gained: usize = (0..n_l)
-                        .map(|l| second[l][r].iter().filter(|e| !first[l][r].contains(e)).count())
-                        .sum();
-                    assert_eq!(p.loaded, gained, "rank {r} loads exactly the experts it gains");
-                    // Rank 0 commits first; one step later nobody may have switched.
-                    if r == 0 {
-                        ex.commit(2).expect("commit");
-                    }
-                    ex.exchange_step(false).expect("step");
-                    assert_eq!(ex.epoch(), 1, "rank {r} switched before every rank committed");
-                    barrier.wait();
-                    if r == 1 {
-                        ex.commit(2).expect("commit");
-                    }
-                    barrier.wait();
-                    ex.exchange_step(false).expect("step");
-                    assert_eq!(ex.epoch(), 2, "rank {r} did not switch");
-                    assert_eq!(ex.prepared_epoch(), None);
-                    if r == 0 {
-                        let mut cache = m.new_cache();
-                        let out = m
-                            .forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::All, &ex)
-                            .expect("ep forward");
-                        Some(out.logits[0].clone())
-                    } else {
-                        ex.idle_forward(&m).expect("idle");
-                        None
-                    }
-                })
-            })
-            .collect();
-        let got = handles.into_iter().map(|h| h.join().expect("rank")).next().flatten().expect("rank 0 logits");
-        let d = crate::reference::rel_max_diff(&got, &want);
-        assert!(d < 1e-5, "rel diff {d} after the switch");
-    }
-
-    /// Every expert on both ranks and all tokens on rank 0: the exchange-free choice (rank 0 evens
-    /// out its own sends) and load-aware choice (even receipts) both split the rows over both
-    /// ranks — with the same logits as one process.
-    #[test]
-    fn load_aware_replicas_split_the_load_and_keep_logits() {
-        let dir = fixture("qwen3_moe");
-        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
-        let prompt: Vec<u32> = (1..40).collect();
-        let want = full.logits(&prompt).expect("local logits");
-        let n_e = full.config.router.n_experts;
-        let n_l = full.moe_layers().count();
-        let world = 2;
-        let everything: Vec<Vec<Vec<usize>>> = (0..n_l).map(|_| vec![(0..n_e).collect(); world]).collect();
-        for load_aware in [false, true] {
-            let r0 = run_group(&dir, &everything, &prompt, move |ex| ex.set_load_aware(load_aware)).remove(0);
-            let (got, remote, local) = (r0.logits.expect("logits"), r0.remote, r0.local);
-            let d = crate::reference::rel_max_diff(&got, &want);
-            assert!(d < 1e-4, "load_aware {load_aware}: rel diff {d}");
-            assert!(remote > 0 && local > 0, "load_aware {load_aware} did not split: local {local}, remote {remote}");
-            let share = remote as f64 / (remote + local) as f64;
-            assert!((0.4..=0.6).contains(&share), "load_aware {load_aware}: uneven split {share}");
-        }
-    }
-
-    /// Capacity 1.0 with every token on rank 0 and a contiguous placement: what rank 1 would get
-    /// beyond the cap is dropped; with the option off nothing is.
-    #[test]
-    fn capacity_caps_rows_per_rank_and_off_changes_nothing() {
-        let dir = fixture("mixtral");
-        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
-        let prompt: Vec<u32> = (1..33).collect();
-        let want = full.logits(&prompt).expect("local logits");
-        let n_e = full.config.router.n_experts;
-        let n_l = full.moe_layers().count();
-        let world = 2;
-        let halves = contiguous(n_l, n_e, world);
-        let assignments = (prompt.len() * full.config.router.top_k * n_l) as u64;
-        for cap in [None, Some(0.6), Some(1.0)] {
-            let r0 = run_group(&dir, &halves, &prompt, move |ex| ex.set_capacity_factor(cap)).remove(0);
-            let (dropped, rerouted) = (r0.dropped, r0.rerouted);
-            // Every assignment is sent somewhere or counted as dropped: nothing is lost silently.
-            assert_eq!(r0.local + r0.remote + dropped, assignments, "cap {cap:?}: rows unaccounted for");
-            let got = r0.logits.expect("logits");
-            let d = crate::reference::rel_max_diff(&got, &want);
-            match cap {
-                None => {
-                    assert_eq!((dropped, rerouted), (0, 0));
-                    assert_eq!(got, want, "capacity off changed logits");
-                }
-                Some(f) => {
-                    assert!(got.iter().all(|x| x.is_finite()));
-                    assert!(d > 0.0, "capping rows left the logits unchanged");
-                    if f < 1.0 {
-                        assert!(dropped > 0, "a cap of {f} x mean has room for fewer rows than there are");
-                    } else {
-                        // Room for every row in total: overflow goes to next-best experts.
-                        assert!(rerouted > 0, "a cap of 1.0 x mean over skewed halves reroutes nothing");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Projected step lengths: every rank learns every rank's compute segments through the next
-    /// step header, so all ranks record the same projection; a busy step gets one, an idle one
-    /// none.
-    #[test]
-    fn projected_steps_agree_across_ranks_and_count_only_busy_steps() {
-        let dir = fixture("mixtral");
-        let n_l = crate::ModelConfig::from_dir(&dir).expect("config").moe_layers().len();
-        let n_e = crate::ModelConfig::from_dir(&dir).expect("config").router.n_experts;
-        let world = 2;
-        let halves = contiguous(n_l, n_e, world);
-        let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
-        let prompt: Vec<u32> = (1..65).collect();
-        let handles: Vec<_> = mesh
-            .into_iter()
-            .map(|t| {
-                let (halves, dir, prompt) = (halves.clone(), dir.clone(), prompt.clone());
-                std::thread::spawn(move || {
-                    let r = t.rank();
-                    let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&halves, r)) }).expect("load");
-                    let experts = m.take_routed_experts();
-                    let ex = EpExecutor::new(Box::new(t), &halves, n_e, vec![0; world], experts).expect("ep");
-                    // Step 1 busy (rank 0 forwards, rank 1 joins empty), step 2 idle, step 3 header.
-                    assert!(ex.exchange_step(r == 0).expect("header 1"));
-                    if r == 0 {
-                        let mut cache = m.new_cache();
-                        m.forward_with(&mut [SeqInput { tokens: &prompt, cache: &mut cache }], LogitsMode::Last, &ex).expect("forward");
-                    } else {
-                        ex.idle_forward(&m).expect("idle");
-                    }
-                    assert!(!ex.exchange_step(false).expect("header 2"));
-                    assert!(!ex.exchange_step(false).expect("header 3"));
-                    ex.take_projected_steps()
-                })
-            })
-            .collect();
-        let got: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
-        assert_eq!(got[0].len(), 1, "one busy step, one projection: {got:?}");
-        assert_eq!(got[0], got[1], "ranks disagree on the projection");
-        assert!(got[0][0] > 0, "a 64-token forward projected at 0 µs");
-    }
-}
+#[path = "expert_parallel_tests.rs"]
+mod tests;

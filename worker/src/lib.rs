@@ -29,3 +29,5 @@ pub use model::{LoadOptions, LogitsMode, Model, SeqInput};
 pub use sampling::SamplingParams;
 pub mod transport;
 pub mod expert_parallel;
+pub mod rank_loop;
+pub mod service;

@@ -13,30 +13,15 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
-use super::admin::AdminAuth;
 use super::tls::{ServerTls, endpoint};
-use super::ha::{Role, Seat, with_store_retries};
-use super::metrics::CoordMetrics;
-use coordinator::store::typed::{self, ClusterRecord, EpochState, Member, PlacementEpoch};
-use coordinator::store::{AnyStore, EventKind, StateStore};
-use switchyard_proto::v1::admin_server::AdminServer;
-use switchyard_proto::v1::control_server::{Control, ControlServer};
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
 use switchyard_proto::v1::worker_client::WorkerClient;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use worker::ModelConfig;
-use worker::expert_parallel::RecentSteps;
-use worker::model::Model;
-use worker::sampling::SamplingParams;
-use worker::tokenizer::Tokenizer;
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -141,9 +126,6 @@ pub fn load_placement(cfg: &ModelConfig, workers: usize, file: Option<&Path>) ->
     PlacementArgs { placement: file.map(Path::to_path_buf), ..Default::default() }.resolve(cfg, workers)
 }
 
-pub(super) fn placement_ranks(p: &placement::Placement) -> Vec<Vec<Vec<usize>>> {
-    p.layers.iter().map(|l| l.ranks.clone()).collect()
-}
 
 /// What every long-running server process (coordinator, worker) takes besides its own settings.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -185,7 +167,7 @@ pub(super) async fn health_and_reflection() -> anyhow::Result<(
 }
 
 
-pub use super::coordinator_cmd::{CoordinatorArgs, SchedulerArgs, check_placement};
+pub use super::coordinator_cmd::{SchedulerArgs, check_placement};
 
 // ---------------------------------------------------------------------------------------------
 // Client side: generate --endpoint, model check --workers

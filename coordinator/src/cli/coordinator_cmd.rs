@@ -224,8 +224,6 @@ struct WorkerLink {
 pub(super) struct RankRoute {
     pub rank: usize,
     pub id: WorkerId,
-    pub grpc: String,
-    pub node: String,
     client: WorkerClient<Channel>,
     outstanding: Arc<AtomicU64>,
 }
@@ -738,7 +736,7 @@ impl CoordSvc {
             .into_iter()
             .filter_map(|(rank, w)| {
                 let l = self.link(&w.id, &w.grpc).ok()?;
-                Some(RankRoute { rank, id: w.id, grpc: w.grpc, node: w.node, client: l.client, outstanding: l.outstanding })
+                Some(RankRoute { rank, id: w.id, client: l.client, outstanding: l.outstanding })
             })
             .collect()
     }
@@ -765,7 +763,7 @@ impl CoordSvc {
             _ => vec![],
         };
         let mut generated: Vec<u32> = Vec::new();
-        let mut outcome = "failed";
+        let outcome;
         let mut attempt = 0usize;
         loop {
             let (failure, st) = match self.attempt(&base, &prompt, &mut generated, &tx).await {

@@ -11,7 +11,7 @@
 //! placement epoch to the store; a new leader adopts the running workers from that record — they
 //! keep their KV caches and expert slots, nothing restarts.
 
-use coordinator::store::typed::{self, ClusterRecord, LEADER};
+use coordinator::store::typed::LEADER;
 use coordinator::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};
 use std::time::Duration;
 
@@ -69,11 +69,6 @@ impl Seat {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    /// The running cluster a previous leader recorded, if any.
-    pub async fn recorded_cluster(&self) -> Result<Option<ClusterRecord>, StoreError> {
-        typed::get_cluster(&self.store).await
     }
 }
 

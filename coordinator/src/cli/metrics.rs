@@ -7,14 +7,10 @@
 //!   under the windowed live load), `rank_load{rank}` (windowed routed assignments per rank),
 //!   `migrations_total`, `migrated_experts_total`, `abandoned_epochs_total`, `generation`,
 //!   `serving`, `missing_experts`, `world_size`;
-//! - worker: `step_seconds` (histogram of busy engine steps), `alltoall_seconds` (histogram of
-//!   dispatch/combine collectives), `alltoall_bytes_total`, `placement_epoch`,
-//!   `active_requests`, `engine_steps_total`, `tokens_total`.
+//! - worker: see `worker::service::WorkerMetrics`.
 
-use telemetry::{Counter, Gauge, Histogram, Registry, TelemetryError};
+use telemetry::{Counter, Gauge, Registry, TelemetryError};
 
-const STEP_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-const A2A_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
 
 /// The coordinator's metrics.
 pub struct CoordMetrics {
@@ -86,40 +82,5 @@ impl CoordMetrics {
                 g.set(*x);
             }
         }
-    }
-}
-
-/// A worker's metrics.
-pub struct WorkerMetrics {
-    pub registry: Registry,
-    pub step_seconds: Histogram,
-    pub projected_step_seconds: Histogram,
-    pub alltoall_seconds: Histogram,
-    pub alltoall_bytes: Counter,
-    pub epoch: Gauge,
-    pub active: Gauge,
-    pub steps: Gauge,
-    pub tokens: Counter,
-}
-
-impl WorkerMetrics {
-    pub fn new() -> Result<Self, TelemetryError> {
-        let r = Registry::new();
-        Ok(WorkerMetrics {
-            step_seconds: r.histogram("switchyard_step_seconds", "Busy engine steps (forward over the batch)", &[], STEP_BUCKETS)?,
-            projected_step_seconds: r.histogram(
-                "switchyard_projected_step_seconds",
-                "Busy steps of the expert-parallel group projected onto ranks with cores of their own (slowest rank per compute segment)",
-                &[],
-                STEP_BUCKETS,
-            )?,
-            alltoall_seconds: r.histogram("switchyard_alltoall_seconds", "Dispatch and combine all-to-all collectives", &[], A2A_BUCKETS)?,
-            alltoall_bytes: r.counter("switchyard_alltoall_bytes_total", "Bytes sent to other ranks by dispatch and combine", &[])?,
-            epoch: r.gauge("switchyard_placement_epoch", "Placement epoch this rank serves with", &[])?,
-            active: r.gauge("switchyard_active_requests", "Running and waiting sequences on this rank", &[])?,
-            steps: r.gauge("switchyard_engine_steps", "Engine steps since start (busy and idle)", &[])?,
-            tokens: r.counter("switchyard_tokens_total", "Tokens generated on this rank", &[])?,
-            registry: r,
-        })
     }
 }

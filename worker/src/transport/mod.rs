@@ -35,6 +35,30 @@ pub enum TransportError {
     Usage { rank: usize, msg: String },
     #[error("transport already failed: {0}")]
     Failed(String),
+    #[error("building the mesh of generation {generation} was cancelled (a newer generation started)")]
+    Cancelled { generation: u64 },
+}
+
+/// Shuts a transport's connections down from another thread (see
+/// [`Transport::interrupt_handle`]).
+#[derive(Clone)]
+pub struct InterruptHandle(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl InterruptHandle {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        InterruptHandle(std::sync::Arc::new(f))
+    }
+
+    /// Make every collective in progress (and every later one) fail at once.
+    pub fn interrupt(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for InterruptHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InterruptHandle")
+    }
 }
 
 /// An all-to-all-v communicator over `world()` ranks.
@@ -46,6 +70,11 @@ pub trait Transport: Send {
     fn all_to_all_v(&mut self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError>;
     /// Short name for logs and benchmarks ("tcp", "nccl", "local").
     fn kind(&self) -> &'static str;
+    /// A handle to interrupt collectives from another thread, where the transport can (a group
+    /// that regroups without a dead peer's help needs it); `None`: it cannot.
+    fn interrupt_handle(&self) -> Option<InterruptHandle> {
+        None
+    }
 }
 
 /// The one-rank group: all-to-all is the identity.

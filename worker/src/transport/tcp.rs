@@ -2,7 +2,8 @@
 //! Full-mesh TCP all-to-all-v.
 //!
 //! Rank `i` connects to every rank `j < i` and accepts from every `j > i`; each connection starts
-//! with a hello (magic, rank, world). One sender thread per peer writes frames (`[seq u64][len u64]`
+//! with a hello (magic, rank, world, group generation) that the acceptor answers (an ack) only for
+//! the generation it is building. One sender thread per peer writes frames (`[seq u64][len u64]`
 //! then the payload, straight from the caller's buffer, in one vectored write) so large exchanges in
 //! both directions cannot deadlock on full socket buffers. Frames are received from all peers at
 //! once: the calling thread reads one peer itself and a reader thread per other peer reads the rest.
@@ -10,14 +11,18 @@
 //! threads hand back are reused as the next collective's receive buffers.
 //! Reads and writes time out; a closed connection is reported as [`TransportError::PeerClosed`].
 
-use super::{Transport, TransportError};
+use super::{InterruptHandle, Transport, TransportError};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const MAGIC: u32 = 0x5359_4131; // "SYA1"
+const MAGIC: u32 = 0x5359_4132; // "SYA2"
+/// Hello: magic, rank, world (u32 each), generation (u64).
+const HELLO_LEN: usize = 20;
+/// The acceptor's answer: magic (u32), generation (u64).
+const ACK_LEN: usize = 12;
 /// Largest frame a peer may announce.
 const MAX_FRAME: u64 = 1 << 40;
 /// Spare buffers bigger than this are dropped instead of kept for reuse.
@@ -130,6 +135,76 @@ fn read_frame(
     Ok(buf)
 }
 
+/// Connect to lower rank `j` for `generation`: hello, then wait for the acceptor's ack. A peer
+/// that refuses (closes: it is building another generation, or has not started this one and an
+/// older build saw us) is tried again until `deadline`.
+fn connect_peer(
+    rank: usize,
+    world: usize,
+    j: usize,
+    sa: &SocketAddr,
+    generation: u64,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<TcpStream, TransportError> {
+    let mut hello = Vec::with_capacity(HELLO_LEN);
+    hello.extend_from_slice(&MAGIC.to_le_bytes());
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&(world as u32).to_le_bytes());
+    hello.extend_from_slice(&generation.to_le_bytes());
+    let mut last = String::from("no attempt");
+    loop {
+        if cancelled() {
+            return Err(TransportError::Cancelled { generation });
+        }
+        if Instant::now() >= deadline {
+            return Err(TransportError::Setup(format!("rank {rank}: cannot connect to rank {j} at {sa} (generation {generation}): {last}")));
+        }
+        match TcpStream::connect_timeout(sa, Duration::from_millis(500)) {
+            Ok(mut s) => {
+                if let Err(e) = s.write_all(&hello) {
+                    last = format!("hello: {e}");
+                } else {
+                    match wait_ack(&mut s, generation, deadline, cancelled) {
+                        Ok(true) => return Ok(s),
+                        Ok(false) => last = "refused (another generation)".into(),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait for the acceptor's ack: `Ok(false)` when it closed the connection (refused).
+fn wait_ack(s: &mut TcpStream, generation: u64, deadline: Instant, cancelled: &dyn Fn() -> bool) -> Result<bool, TransportError> {
+    // Short read timeouts: the acceptor may not be accepting yet (the connection waits in its
+    // backlog), and a cancelled build must notice soon.
+    s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+    let mut ack = [0u8; ACK_LEN];
+    let mut got = 0;
+    while got < ACK_LEN {
+        match s.read(&mut ack[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                if cancelled() {
+                    return Err(TransportError::Cancelled { generation });
+                }
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+            }
+            Err(_) => return Ok(false),
+        }
+    }
+    let magic = u32::from_le_bytes(ack[0..4].try_into().unwrap_or_default());
+    let g = u64::from_le_bytes(ack[4..12].try_into().unwrap_or_default());
+    Ok(magic == MAGIC && g == generation)
+}
+
 impl TcpTransport {
     /// Build the mesh. `listener` is this rank's bound listener (its address is `peers[rank]`);
     /// `peers` lists every rank's address. Waits at most `connect_timeout` for the others;
@@ -141,6 +216,24 @@ impl TcpTransport {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<TcpTransport, TransportError> {
+        Self::connect_generation(rank, &listener, peers, 0, connect_timeout, timeout, &|| false)
+    }
+
+    /// Build the mesh of group generation `generation`. The listener is borrowed: a worker keeps
+    /// one for its lifetime and builds one mesh per generation from it. Connections whose hello
+    /// names another generation are refused (closed without an answer; a connector retries until
+    /// its own deadline, so a peer that is still on an older generation is waited for, not lost).
+    /// `cancelled` is polled while waiting: when it says yes the build gives up with
+    /// [`TransportError::Cancelled`] (a newer generation superseded this one).
+    pub fn connect_generation(
+        rank: usize,
+        listener: &TcpListener,
+        peers: &[String],
+        generation: u64,
+        connect_timeout: Duration,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<TcpTransport, TransportError> {
         let world = peers.len();
         if rank >= world {
             return Err(TransportError::Setup(format!("rank {rank} outside a world of {world}")));
@@ -150,35 +243,20 @@ impl TcpTransport {
         // Connect to lower ranks.
         for (j, addr) in peers.iter().enumerate().take(rank) {
             let sa = resolve(addr)?;
-            let mut s = loop {
-                match TcpStream::connect_timeout(&sa, Duration::from_millis(500)) {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        if Instant::now() >= deadline {
-                            return Err(TransportError::Setup(format!(
-                                "rank {rank}: cannot connect to rank {j} at {addr}: {e}"
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-            };
-            let mut hello = Vec::with_capacity(12);
-            hello.extend_from_slice(&MAGIC.to_le_bytes());
-            hello.extend_from_slice(&(rank as u32).to_le_bytes());
-            hello.extend_from_slice(&(world as u32).to_le_bytes());
-            s.write_all(&hello).map_err(|e| TransportError::Setup(format!("rank {rank}: hello to rank {j}: {e}")))?;
-            streams[j] = Some(s);
+            streams[j] = Some(connect_peer(rank, world, j, &sa, generation, deadline, cancelled)?);
         }
         // Accept from higher ranks.
         listener.set_nonblocking(true).map_err(|e| TransportError::Setup(e.to_string()))?;
         let mut missing = world - rank - 1;
         while missing > 0 {
+            if cancelled() {
+                return Err(TransportError::Cancelled { generation });
+            }
             match listener.accept() {
                 Ok((mut s, from)) => {
                     s.set_nonblocking(false).map_err(|e| TransportError::Setup(e.to_string()))?;
                     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                    let mut hello = [0u8; 12];
+                    let mut hello = [0u8; HELLO_LEN];
                     if let Err(e) = s.read_exact(&mut hello) {
                         tracing::warn!("rank {rank}: dropping connection from {from}: {e}");
                         continue;
@@ -186,8 +264,17 @@ impl TcpTransport {
                     let magic = u32::from_le_bytes(hello[0..4].try_into().unwrap_or_default());
                     let r = u32::from_le_bytes(hello[4..8].try_into().unwrap_or_default()) as usize;
                     let w = u32::from_le_bytes(hello[8..12].try_into().unwrap_or_default()) as usize;
-                    if magic != MAGIC || w != world || r <= rank || r >= world || streams[r].is_some() {
-                        tracing::warn!("rank {rank}: unexpected hello from {from} (rank {r}, world {w})");
+                    let g = u64::from_le_bytes(hello[12..20].try_into().unwrap_or_default());
+                    if magic != MAGIC || g != generation || w != world || r <= rank || r >= world || streams[r].is_some() {
+                        // Closing it without an answer tells the connector to try again.
+                        tracing::warn!("rank {rank}: refusing hello from {from} (rank {r}, world {w}, generation {g}; building {generation})");
+                        continue;
+                    }
+                    let mut ack = Vec::with_capacity(ACK_LEN);
+                    ack.extend_from_slice(&MAGIC.to_le_bytes());
+                    ack.extend_from_slice(&generation.to_le_bytes());
+                    if let Err(e) = s.write_all(&ack) {
+                        tracing::warn!("rank {rank}: dropping connection from {from}: ack: {e}");
                         continue;
                     }
                     streams[r] = Some(s);
@@ -296,6 +383,17 @@ impl TcpTransport {
             .collect()
     }
 
+    /// A handle that shuts every connection of this mesh down from another thread: a collective
+    /// blocked on a dead or frozen peer then fails at once instead of waiting for its timeout.
+    pub fn interrupt_handle(&self) -> Option<InterruptHandle> {
+        let socks: Vec<TcpStream> = self.peers.iter().flatten().filter_map(|p| p.sock.try_clone().ok()).collect();
+        Some(InterruptHandle::new(move || {
+            for s in &socks {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }))
+    }
+
     fn fail(&mut self, e: TransportError) -> TransportError {
         self.failed = Some(e.to_string());
         // Make every peer notice at once instead of waiting for its timeout.
@@ -321,6 +419,9 @@ impl Transport for TcpTransport {
     }
     fn kind(&self) -> &'static str {
         "tcp"
+    }
+    fn interrupt_handle(&self) -> Option<InterruptHandle> {
+        TcpTransport::interrupt_handle(self)
     }
 
     fn all_to_all_v(&mut self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError> {
