@@ -1073,23 +1073,22 @@ impl Inference for CoordSvc {
 /// How long a request waits for a cluster that is starting or re-forming before it is refused.
 const START_WAIT: Duration = Duration::from_secs(120);
 
-/// Keeps gRPC health in step with what this coordinator can do: `switchyard.v1.Inference` is
-/// SERVING only on the leader while the cluster serves, so a Service in front of several
-/// coordinators (the Helm chart's readiness probe) routes clients only to the leader. The
-/// overall health ("") stays SERVING while the process runs (liveness).
+/// Keeps gRPC health in step with the role: `switchyard.v1.Inference` is SERVING only on the
+/// leader, so a Service in front of several coordinators (the Helm chart's readiness probe)
+/// routes clients, and workers registering, only to the leader. (Not tied to the cluster
+/// serving: workers register through that Service, and a cluster that lacks room refuses
+/// requests with a clear UNAVAILABLE itself.) The overall health ("") stays SERVING while the
+/// process runs (liveness).
 async fn follow_health(svc: CoordSvc, reporter: tonic_health::server::HealthReporter) {
     let mut role = svc.0.role.subscribe();
-    let mut serving = svc.0.serving.subscribe();
     loop {
-        let up = *role.borrow_and_update() == Role::Leader && serving.borrow_and_update().is_serving();
-        if up {
+        if *role.borrow_and_update() == Role::Leader {
             reporter.set_serving::<InferenceServer<CoordSvc>>().await;
         } else {
             reporter.set_not_serving::<InferenceServer<CoordSvc>>().await;
         }
-        tokio::select! {
-            r = role.changed() => if r.is_err() { return },
-            r = serving.changed() => if r.is_err() { return },
+        if role.changed().await.is_err() {
+            return;
         }
     }
 }
