@@ -32,4 +32,34 @@ pub enum PlacementError {
     Mismatch(String),
     #[error("solver failed: {0}")]
     Solver(String),
+    /// Some experts get no slot at all: `ranks × slots_per_rank` is less than the experts of a layer
+    /// (e.g. an expert-parallel group shrank below what the memory budget can hold).
+    #[error(
+        "{} (layer, expert) pairs get no slot on {ranks} ranks x {slots_per_rank} slots: {}",
+        .missing.len(),
+        preview(.missing)
+    )]
+    Unplaceable {
+        /// `(layer, expert)` pairs without a slot, ascending.
+        missing: Vec<(usize, usize)>,
+        ranks: usize,
+        slots_per_rank: usize,
+    },
+    /// `min_replicas` replicas of every expert need more slots than the ranks have.
+    #[error(
+        "{min_replicas} replicas of each of {experts} experts need {needed} slots per layer, \
+         {ranks} ranks x {slots_per_rank} slots give {}",
+        .ranks * .slots_per_rank
+    )]
+    TooFewSlots { experts: usize, min_replicas: usize, needed: usize, ranks: usize, slots_per_rank: usize },
+}
+
+/// The first few `layer/expert` pairs of a list, for messages.
+fn preview(pairs: &[(usize, usize)]) -> String {
+    const SHOWN: usize = 8;
+    let mut out: Vec<String> = pairs.iter().take(SHOWN).map(|(l, e)| format!("{l}/{e}")).collect();
+    if pairs.len() > SHOWN {
+        out.push(format!("... ({} more)", pairs.len() - SHOWN));
+    }
+    out.join(", ")
 }

@@ -15,9 +15,12 @@ pub mod plot;
 pub mod solver;
 pub mod live;
 pub mod rebalance;
+pub mod elastic;
 
+pub use elastic::{RegroupOptions, Regrouped, regroup};
 pub use error::{PlacementError, TraceError};
 pub use placement::Placement;
+pub use solver::{ensure_min_replicas, min_replica_count};
 pub use stats::RoutingStats;
 pub use topology::Topology;
 pub use trace::RoutingTrace;

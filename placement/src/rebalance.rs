@@ -11,6 +11,8 @@
 //! [`propose`] returns `None` when the window has no traffic (all zero: nothing changes), when the
 //! current placement's windowed balancedness `Σ_l mean / Σ_l max` rank load is at or above
 //! `threshold`, or when the best placement found within the move budget gains less than `margin`.
+//! A current placement with an expert below [`RebalanceConfig::min_replicas`] replicas is always
+//! raised to it first, and that proposal is made whatever the balance.
 //!
 //! # Incremental solve (warm start from the current placement)
 //!
@@ -19,7 +21,7 @@
 //! validity rule of [`Placement`]. Two kinds of change, both aimed at the layer's most loaded rank
 //! `m`:
 //! - **replace** (1 move): a slot on some rank takes expert `y` instead of `z`, where `z` keeps at
-//!   least one other replica — either a replica of an expert hosted on `m` is added on one of the
+//!   least one other replica (at least [`RebalanceConfig::min_replicas`]) — either a replica of an expert hosted on `m` is added on one of the
 //!   [`DESTINATIONS`] least loaded ranks (splitting its load), or a slot on `m` trades a redundant
 //!   replica for another expert (one of few candidates, see [`HEAVY`]);
 //! - **swap** (2 moves): `m` and one of the [`DESTINATIONS`] least loaded ranks exchange one expert
@@ -103,6 +105,11 @@ pub struct RebalanceConfig {
     /// stays near 0.01); never below three times the distance sampling alone gives
     /// ([`crate::live::LoadWindow::shift_distance_noise`]); above 1: never.
     pub shift_distance: f64,
+    /// Every expert stays on at least `min(min_replicas, ranks)` ranks: a replace never takes a slot
+    /// from an expert at that floor, and a current placement below it is first raised to it
+    /// ([`crate::solver::ensure_min_replicas`], its moves counted and taken from the budget; the
+    /// threshold and margin do not hold such a proposal back). Default 1 (no replicas required).
+    pub min_replicas: usize,
 }
 
 impl Default for RebalanceConfig {
@@ -117,6 +124,7 @@ impl Default for RebalanceConfig {
             min_interval_s: 5.0,
             period_s: None,
             shift_distance: 0.05,
+            min_replicas: 1,
         }
     }
 }
@@ -160,6 +168,9 @@ impl RebalanceConfig {
         }
         if !(self.shift_distance.is_finite() && self.shift_distance > 0.0) {
             return bad(format!("shift_distance {} is not a positive number", self.shift_distance));
+        }
+        if self.min_replicas == 0 {
+            return bad("min_replicas must be at least 1".into());
         }
         if let Some(p) = self.period_s.filter(|p| !(p.is_finite() && *p > 0.0)) {
             return bad(format!("period_s {p} is not a positive number of seconds"));
@@ -257,8 +268,9 @@ pub fn moves(a: &Placement, b: &Placement) -> usize {
 /// One rebalance decision on the windowed `load[layer][expert]` (e.g.
 /// [`crate::live::LoadWindow::load`]). See the module documentation.
 ///
-/// Errors: an invalid `cfg` or `current`, or `load` that does not fit `current` (layer or expert
-/// count, or a negative / non-finite entry).
+/// Errors: an invalid `cfg` or `current`, `load` that does not fit `current` (layer or expert
+/// count, or a negative / non-finite entry), or a `current` below [`RebalanceConfig::min_replicas`]
+/// whose slots cannot hold that many replicas ([`PlacementError::TooFewSlots`]).
 pub fn propose(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
     decide(cfg, current, load, true, cfg.move_budget())
 }
@@ -288,29 +300,40 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
     cfg.validate()?;
     current.validate()?;
     check_load(current, load)?;
-    if load.iter().flatten().all(|&v| v == 0.0) {
+    let floor = crate::solver::effective_min(cfg.min_replicas, current.num_ranks());
+    // Below the replica floor: raise it first; that proposal is due whatever the balance says.
+    let mut base = current.clone();
+    let repair = if crate::solver::min_replica_count(current) < floor {
+        crate::solver::ensure_min_replicas(&mut base, floor, load)?
+    } else {
+        0
+    };
+    if repair == 0 && load.iter().flatten().all(|&v| v == 0.0) {
         return Ok(None);
     }
     let (_, before) = balancedness(current, load);
-    if gated && before >= cfg.threshold {
+    if repair == 0 && gated && before >= cfg.threshold {
         return Ok(None);
     }
-    let layers = plan(current, load, budget, cfg.target);
-    let mut next = current.clone();
+    let layers = plan(&base, load, budget.saturating_sub(repair), cfg.target, floor);
+    let mut next = base.clone();
     for (l, ranks) in layers.into_iter().enumerate() {
         // Safety net: a layer never leaves worse than it came (the greedy guarantees it; floating
         // point should not be trusted to).
-        let old_max = max_of(&rank_loads(&current.layers[l].ranks, &load[l]));
+        let old_max = max_of(&rank_loads(&base.layers[l].ranks, &load[l]));
         if max_of(&rank_loads(&ranks, &load[l])) <= old_max {
             next.layers[l] = LayerPlacement { ranks };
         }
     }
     next.validate().map_err(|e| PlacementError::Solver(format!("rebalance produced an invalid placement: {e}")))?;
+    if crate::solver::min_replica_count(&next) < floor {
+        return Err(PlacementError::Solver(format!("rebalance left an expert with fewer than {floor} replicas")));
+    }
     let (_, after) = balancedness(&next, load);
     let per_layer_moves: Vec<usize> =
         diff(current, &next).iter().map(|layer| layer.iter().map(Vec::len).sum()).collect();
     let moves: usize = per_layer_moves.iter().sum();
-    if moves == 0 || after - before < cfg.margin {
+    if moves == 0 || (repair == 0 && after - before < cfg.margin) {
         return Ok(None);
     }
     Ok(Some(Proposal {
@@ -428,6 +451,8 @@ struct LayerState<'a> {
     rank_load: Vec<f64>,
     /// Ranks by load, heaviest first (ties: lower index first).
     order: Vec<usize>,
+    /// Fewest replicas an expert may be left with (`min_replicas`, at least 1).
+    floor: usize,
 }
 
 /// Per-rank load changes of one candidate change.
@@ -473,8 +498,16 @@ struct Best {
 }
 
 impl<'a> LayerState<'a> {
-    fn new(ranks: Vec<Vec<usize>>, load: &'a [f64]) -> Self {
-        let mut s = Self { load, ranks, count: Vec::new(), hosts: Vec::new(), rank_load: Vec::new(), order: Vec::new() };
+    fn new(ranks: Vec<Vec<usize>>, load: &'a [f64], floor: usize) -> Self {
+        let mut s = Self {
+            load,
+            ranks,
+            count: Vec::new(),
+            hosts: Vec::new(),
+            rank_load: Vec::new(),
+            order: Vec::new(),
+            floor: floor.max(1),
+        };
         s.refresh();
         s
     }
@@ -596,7 +629,7 @@ impl<'a> LayerState<'a> {
                     continue;
                 }
                 for (slot, &z) in self.ranks[r].iter().enumerate() {
-                    if self.count[z] < 2 {
+                    if self.count[z] <= self.floor {
                         continue;
                     }
                     let (nm, dsq) = self.eval_replace(r, slot, y, sc);
@@ -608,7 +641,7 @@ impl<'a> LayerState<'a> {
         // [`DESTINATIONS`] experts whose share grows least by a replica, or one hosted on the
         // [`HEAVY`] most loaded other ranks (whose load its new replica relieves).
         let mut ys: Vec<usize> = Vec::new();
-        if on_m.iter().any(|&x| self.count[x] >= 2) {
+        if on_m.iter().any(|&x| self.count[x] > self.floor) {
             let grown = |e: usize| self.load[e] / (self.count[e] + 1) as f64;
             let mut by_share: Vec<usize> = (0..self.load.len()).collect();
             by_share.sort_by(|&a, &b| grown(a).total_cmp(&grown(b)).then(a.cmp(&b)));
@@ -620,7 +653,7 @@ impl<'a> LayerState<'a> {
             ys.dedup();
         }
         for (slot, &x) in on_m.iter().enumerate() {
-            if self.count[x] < 2 {
+            if self.count[x] <= self.floor {
                 continue;
             }
             let sx = self.share(x);
@@ -689,10 +722,11 @@ fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, sc: &mut Scratch) -> O
 }
 
 /// The improved slots of every layer of `current` under `load`, spending at most `budget` moves.
-fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64) -> Vec<Vec<Vec<usize>>> {
+/// No replace leaves an expert with fewer than `floor` replicas.
+pub(crate) fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64, floor: usize) -> Vec<Vec<Vec<usize>>> {
     let nr = current.num_ranks().max(1) as f64;
     let mut states: Vec<LayerState> =
-        current.layers.iter().zip(load).map(|(l, row)| LayerState::new(l.ranks.clone(), row)).collect();
+        current.layers.iter().zip(load).map(|(l, row)| LayerState::new(l.ranks.clone(), row, floor)).collect();
     let means: Vec<f64> = load.iter().map(|row| row.iter().sum::<f64>() / nr).collect();
     let sum_mean: f64 = means.iter().sum();
     let mut maxes: Vec<f64> = states.iter().map(LayerState::max).collect();

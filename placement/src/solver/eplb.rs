@@ -7,6 +7,10 @@
 //! 3. hierarchical when expert groups divide evenly over nodes: groups are packed onto nodes first,
 //!    then replication and packing run inside each node, so replicas never leave their node.
 //!
+//! With `min_replicas` above 1 (see [`solve_with`]) step 1 starts every expert at that many replicas
+//! instead of one (capped at the ranks it may use); the hierarchical policy is used only when every
+//! node can hold that many replicas of each of its experts on distinct ranks.
+//!
 //! One deviation: a pack never receives two replicas of one expert (a rank holding the same expert
 //! twice gains nothing), so the heaviest-first step skips packs already holding the expert.
 use crate::placement::LayerPlacement;
@@ -14,8 +18,16 @@ use crate::{Placement, PlacementError, RoutingStats, Topology};
 
 /// Replica count per expert for `num_slots` slots, at most `max_replicas` each.
 pub fn replicate(load: &[f64], num_slots: usize, max_replicas: usize) -> Vec<usize> {
-    let mut counts = vec![1usize; load.len()];
-    for _ in load.len()..num_slots {
+    replicate_min(load, num_slots, max_replicas, 1)
+}
+
+/// [`replicate`] starting every expert at `min(min_replicas, max_replicas)` replicas (at least 1):
+/// the spare slots beyond those go to the highest load per replica. Callers size `num_slots` to hold
+/// the starting replicas; when it does not, every expert keeps its starting count.
+pub fn replicate_min(load: &[f64], num_slots: usize, max_replicas: usize, min_replicas: usize) -> Vec<usize> {
+    let start = min_replicas.min(max_replicas).max(1);
+    let mut counts = vec![start; load.len()];
+    for _ in (load.len() * start)..num_slots {
         let mut best: Option<usize> = None;
         for e in 0..load.len() {
             if counts[e] >= max_replicas {
@@ -106,7 +118,20 @@ pub fn solve_layer(
     slots_per_rank: usize,
     groups: Option<usize>,
 ) -> Result<LayerPlacement, PlacementError> {
+    solve_layer_with(load, topology, slots_per_rank, groups, 1)
+}
+
+/// [`solve_layer`] with every expert on at least `min(min_replicas, ranks)` ranks.
+pub fn solve_layer_with(
+    load: &[f64],
+    topology: &Topology,
+    slots_per_rank: usize,
+    groups: Option<usize>,
+    min_replicas: usize,
+) -> Result<LayerPlacement, PlacementError> {
+    let min = super::effective_min(min_replicas, topology.num_ranks());
     let e_count = load.len();
+    super::check_min_capacity(e_count, topology.num_ranks(), slots_per_rank, min)?;
     let nodes = topology.num_nodes();
     let ranks = topology.num_ranks();
     let ranks_per_node = ranks / nodes;
@@ -115,7 +140,9 @@ pub fn solve_layer(
         Some(g) if nodes > 1 && uniform_nodes && g > 0 && g.is_multiple_of(nodes) && e_count.is_multiple_of(g) => {
             // Each node must fill its slots with distinct experts of its own groups.
             let per_node = e_count / nodes;
-            per_node >= slots_per_rank && per_node <= ranks_per_node * slots_per_rank
+            per_node >= slots_per_rank
+                && per_node * min <= ranks_per_node * slots_per_rank
+                && min <= ranks_per_node
         }
         _ => false,
     };
@@ -130,12 +157,12 @@ pub fn solve_layer(
             let experts: Vec<usize> =
                 gs.iter().flat_map(|&gi| gi * group_size..(gi + 1) * group_size).collect();
             let local_load: Vec<f64> = experts.iter().map(|&e| load[e]).collect();
-            pack_onto(&experts, &local_load, &topology.nodes[n], slots_per_rank, &mut out)?;
+            pack_onto(&experts, &local_load, &topology.nodes[n], slots_per_rank, min, &mut out)?;
         }
     } else {
         let experts: Vec<usize> = (0..e_count).collect();
         let all_ranks: Vec<usize> = (0..ranks).collect();
-        pack_onto(&experts, load, &all_ranks, slots_per_rank, &mut out)?;
+        pack_onto(&experts, load, &all_ranks, slots_per_rank, min, &mut out)?;
     }
     Ok(LayerPlacement { ranks: out })
 }
@@ -146,9 +173,10 @@ fn pack_onto(
     load: &[f64],
     ranks: &[usize],
     slots_per_rank: usize,
+    min_replicas: usize,
     out: &mut [Vec<usize>],
 ) -> Result<(), PlacementError> {
-    let counts = replicate(load, ranks.len() * slots_per_rank, ranks.len());
+    let counts = replicate_min(load, ranks.len() * slots_per_rank, ranks.len(), min_replicas);
     let items: Vec<(usize, f64)> = experts
         .iter()
         .zip(&counts)
@@ -168,11 +196,29 @@ pub fn solve(
     slots_per_rank: usize,
     groups: Option<usize>,
 ) -> Result<Placement, PlacementError> {
+    solve_with(stats, topology, slots_per_rank, groups, 1)
+}
+
+/// [`solve`] with every expert on at least `min(min_replicas, ranks)` ranks.
+///
+/// Errors: as [`solve`], `min_replicas` 0 (`Solver`), or too few slots for the replicas
+/// (`TooFewSlots`).
+pub fn solve_with(
+    stats: &RoutingStats,
+    topology: &Topology,
+    slots_per_rank: usize,
+    groups: Option<usize>,
+    min_replicas: usize,
+) -> Result<Placement, PlacementError> {
     super::check_capacity(stats.num_experts, topology, slots_per_rank)?;
+    if min_replicas == 0 {
+        return Err(PlacementError::Solver("min_replicas must be at least 1".into()));
+    }
+    super::check_min_capacity(stats.num_experts, topology.num_ranks(), slots_per_rank, min_replicas)?;
     let layers = stats
         .load
         .iter()
-        .map(|load| solve_layer(load, topology, slots_per_rank, groups))
+        .map(|load| solve_layer_with(load, topology, slots_per_rank, groups, min_replicas))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Placement::new(stats.num_experts, topology.clone(), layers))
 }

@@ -14,7 +14,8 @@
 //!    warm start's max rank load of the layer.
 //!
 //! Replica counts stay those of the warm start (EPLB's replicate-the-heaviest is what minimises the
-//! per-replica load). A candidate layer is accepted only when the exact evaluator says it keeps more
+//! per-replica load; it honours `min_replicas`, and the counts are a hard constraint of every
+//! subproblem, locality counts included, so no layer drops below that floor). A candidate layer is accepted only when the exact evaluator says it keeps more
 //! traffic without exceeding the layer's load cap, so the result never scores worse than its warm
 //! start. Home mode layers are independent and solved once each; affinity mode sweeps odd layers, then
 //! even layers (each half in parallel, neighbours fixed) until a sweep gains nothing or time runs out.
@@ -386,7 +387,8 @@ impl Ctx<'_> {
         let mut total = LayerOutcome::default();
         if self.opts.mode == Mode::Home && topo.num_nodes() > 1 {
             for stretch in LOCALITY_STRETCH {
-                let copies = locality_counts(&self.stats.load[l], &current_copies, topo.num_nodes(), topo.num_ranks(), stretch);
+                let min = super::effective_min(self.opts.min_replicas, topo.num_ranks());
+                let copies = locality_counts(&self.stats.load[l], &current_copies, topo.num_nodes(), topo.num_ranks(), stretch, min);
                 let out = self.improve_layer_with(l, layers, &current_copies, copies, time_limit, deadline)?;
                 total.absorb(out);
                 if total.candidate.is_some() || Instant::now() >= deadline {
@@ -599,17 +601,21 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
 
 /// Replica counts for home mode: no expert's per-replica load may exceed `stretch` times the warm
 /// start's largest (so balance stays reachable), and the slots this frees go, heaviest expert first, to experts not
-/// yet on every node — each such replica turns `load / nodes` of cross-node dispatch local.
-fn locality_counts(load: &[f64], counts: &[usize], nodes: usize, ranks: usize, stretch: f64) -> Vec<usize> {
+/// yet on every node — each such replica turns `load / nodes` of cross-node dispatch local. No count
+/// goes below `min` (the `min_replicas` floor); when the floor does not fit, the counts stay.
+fn locality_counts(load: &[f64], counts: &[usize], nodes: usize, ranks: usize, stretch: f64, min: usize) -> Vec<usize> {
     let per_replica_max = stretch * load.iter().zip(counts).map(|(&n, &c)| n / c.max(1) as f64).fold(0.0, f64::max);
     if per_replica_max <= 0.0 {
         return counts.to_vec();
     }
     let mut out: Vec<usize> = load
         .iter()
-        .map(|&n| ((n / per_replica_max) * (1.0 - 1e-12)).ceil().max(1.0) as usize)
+        .map(|&n| (((n / per_replica_max) * (1.0 - 1e-12)).ceil().max(1.0) as usize).max(min))
         .collect();
     let total: usize = counts.iter().sum();
+    if out.iter().sum::<usize>() > total {
+        return counts.to_vec();
+    }
     let mut spare = total.saturating_sub(out.iter().sum());
     while spare > 0 {
         let spread = (0..load.len())
@@ -779,5 +785,10 @@ pub(crate) fn solve(
         layers.into_iter().map(|ranks| LayerPlacement { ranks }).collect(),
     );
     placement.validate()?;
+    // Replica counts are those of the warm start or `locality_counts`, both at or above the floor.
+    let floor = super::effective_min(opts.min_replicas, topo.num_ranks());
+    if super::min_replica_count(&placement) < floor {
+        return Err(PlacementError::Solver(format!("the ILP left an expert with fewer than {floor} replicas")));
+    }
     Ok((placement, run))
 }

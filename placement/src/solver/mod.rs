@@ -11,6 +11,9 @@ use crate::{Placement, PlacementError, RoutingStats, Topology};
 pub mod contiguous;
 pub mod eplb;
 pub mod ilp;
+pub mod replicas;
+
+pub use replicas::{check_min_capacity, effective_min, ensure_min_replicas, min_replica_count};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +74,10 @@ pub struct SolveOptions {
     pub traffic_weight: f64,
     /// Subproblems solved in parallel.
     pub threads: usize,
+    /// Every expert on at least `min(min_replicas, ranks)` ranks (1: no replicas required). The
+    /// slots must allow it (`ranks × slots_per_rank ≥ experts × that`), else the solve fails with
+    /// [`PlacementError::TooFewSlots`].
+    pub min_replicas: usize,
 }
 
 impl SolveOptions {
@@ -84,6 +91,7 @@ impl SolveOptions {
             balance_slack: 0.0,
             traffic_weight: 1.0,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            min_replicas: 1,
         }
     }
 }
@@ -162,6 +170,10 @@ pub fn solve(
 ) -> Result<(Placement, SolveReport), PlacementError> {
     opts.topology.validate()?;
     check_capacity(stats.num_experts, &opts.topology, opts.slots_per_rank)?;
+    if opts.min_replicas == 0 {
+        return Err(PlacementError::Solver("min_replicas must be at least 1".into()));
+    }
+    check_min_capacity(stats.num_experts, opts.topology.num_ranks(), opts.slots_per_rank, opts.min_replicas)?;
     if !(0.0..=1.0).contains(&opts.balance_slack) {
         return Err(PlacementError::Solver(format!("balance slack {} is not in 0..=1", opts.balance_slack)));
     }
@@ -182,17 +194,20 @@ pub fn solve(
     };
     match kind {
         SolverKind::Contiguous => {
-            let p = contiguous::solve(stats.num_layers, stats.num_experts, &opts.topology, opts.slots_per_rank)?;
+            let mut p = contiguous::solve(stats.num_layers, stats.num_experts, &opts.topology, opts.slots_per_rank)?;
+            // Contiguous repeats the id sequence, so it already spreads ⌊slots / experts⌋ replicas of
+            // everything; the post-pass only matters when that is short of the minimum.
+            ensure_min_replicas(&mut p, opts.min_replicas, &stats.load)?;
             let r = report(kind, &p, None);
             Ok((p, r))
         }
         SolverKind::Eplb => {
-            let p = eplb::solve(stats, &opts.topology, opts.slots_per_rank, opts.groups)?;
+            let p = eplb::solve_with(stats, &opts.topology, opts.slots_per_rank, opts.groups, opts.min_replicas)?;
             let r = report(kind, &p, None);
             Ok((p, r))
         }
         SolverKind::Ilp => {
-            let start = eplb::solve(stats, &opts.topology, opts.slots_per_rank, opts.groups)?;
+            let start = eplb::solve_with(stats, &opts.topology, opts.slots_per_rank, opts.groups, opts.min_replicas)?;
             let warm = objective(&start, stats, opts.mode, opts.traffic_weight);
             let (p, run) = ilp::solve(stats, opts, start, progress)?;
             let mut r = report(kind, &p, Some(warm));
