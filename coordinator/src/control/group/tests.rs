@@ -17,9 +17,9 @@ fn register(g: &mut Group, n: usize) -> Vec<WorkerId> {
     (0..n).map(|i| g.register(format!("grpc{i}"), format!("tx{i}"), format!("node{i}")).id).collect()
 }
 
-/// A group of `n` workers (min_workers = n, 2 slots each) with its first generation formed.
+/// A group of `n` workers (min_workers = n, each expert once) with its first generation formed.
 fn formed(n: usize, budget: Option<usize>) -> (Group, Vec<WorkerId>) {
-    let mut g = Group::new(settings(n, 2, budget, 1)).unwrap();
+    let mut g = Group::new(settings(n, EXPERTS.div_ceil(n), budget, 1)).unwrap();
     let ids = register(&mut g, n);
     let first = g.next_generation(None).expect("first generation");
     g.regroup_finished(first.number, &[]).unwrap();
@@ -176,7 +176,7 @@ fn adopting_a_generation_with_a_dead_member_plans_at_once_above_it() {
 fn adopting_a_whole_generation_serves_without_a_change() {
     let (old, ids) = formed(3, None);
     let recorded = old.active().unwrap().clone();
-    let mut g = Group::new(settings(3, 2, None, 1)).unwrap();
+    let mut g = Group::new(settings(3, 3, None, 1)).unwrap();
     g.adopt(recorded.clone(), &ids);
     assert_eq!(g.serving(), Serving::Yes);
     assert!(g.next_generation(None).is_none());

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use rand::Rng;
 
 use super::worker::{address, index};
-use super::{COORD_TTL, Ev, GENERATION_KEY, LEADER_KEY, Msg, RState, To, Val, WORKER_TTL, World};
+use super::{COORD_TTL, Ev, GENERATION_KEY, LEADER_KEY, RESERVED_KEY, Msg, RState, To, Val, WORKER_TTL, World};
 use crate::control::group::{Generation, Group, Serving, WorkerId};
 use crate::control::record::{GenerationRecord, supersedes};
 use crate::control::router::{AttemptFailure, Next, WAIT_FOR_SERVING, after_failure, least_outstanding};
@@ -86,7 +86,10 @@ impl World {
     }
 
     fn new_lead(&self) -> Lead {
-        let group = Group::new(self.settings.clone()).expect("valid sim settings");
+        let mut group = Group::new(self.settings.clone()).expect("valid sim settings");
+        if let (Some(&Val::Reserved(n, e)), _) = self.store.get(RESERVED_KEY) {
+            group.observe_generation(n, e);
+        }
         Lead { group, leases: BTreeMap::new(), pend: None, next_health: 0, no_room: false }
     }
 
@@ -243,10 +246,18 @@ impl World {
     fn lose_worker(&mut self, c: usize, lead: &mut Lead, id: &str) {
         let w = lead.group.worker(id).map(index);
         lead.leases.remove(id);
-        if lead.group.lose(id)
-            && let Some(w) = w
-        {
-            self.fail_requests_on(c, w);
+        if !lead.group.lose(id) {
+            return;
+        }
+        // A lost rank breaks its generation's collectives: every request of it continues
+        // elsewhere ("its group is being re-formed"); a spare only had its own.
+        match lead.group.active().filter(|a| a.rank_of(id).is_some()) {
+            Some(a) => {
+                for w in a.ranks.iter().map(index).collect::<Vec<_>>() {
+                    self.fail_requests_on(c, w);
+                }
+            }
+            None => w.into_iter().for_each(|w| self.fail_requests_on(c, w)),
         }
     }
 
@@ -263,6 +274,15 @@ impl World {
             self.violation = Some(format!("leader {c} planned generation {} after {} was planned", g.number, self.last_planned));
         }
         self.last_planned = self.last_planned.max(g.number);
+        // Reserve the number first (a CAS on the revision read, never lowering it).
+        let (v, rev) = self.store.get(RESERVED_KEY);
+        let existing = match v {
+            Some(&Val::Reserved(n, e)) => Some((n, e)),
+            _ => None,
+        };
+        if supersedes(existing, (g.number, g.epoch)) && self.store.cas(RESERVED_KEY, rev, Val::Reserved(g.number, g.epoch), None, self.now).is_err() {
+            self.violation = Some("the reservation CAS failed under a single writer".into());
+        }
         let members: Vec<(WorkerId, usize)> = g.ranks.iter().map(|w| (w.id.clone(), index(w))).collect();
         let idx: Vec<usize> = members.iter().map(|m| m.1).collect();
         for &w in &idx {
@@ -374,13 +394,13 @@ impl World {
                 lead.group.observe_generation(gnum, epoch);
                 // A rank that joined a later generation than the active one (an old leader's
                 // delayed regroup) has left it: its collectives broke.
-                let left = lead.group.active().is_some_and(|a| a.ranks.iter().any(|i| index(i) == w) && gnum > a.number)
-                    && lead.pend.as_ref().is_none_or(|p| p.number != gnum);
-                if left {
-                    let addr = address(w);
-                    if let Some(id) = lead.leases.keys().find(|id| lead.group.worker(id).is_some_and(|i| i.grpc == addr)).cloned() {
-                        self.lose_worker(c, lead, &id);
-                    }
+                let addr = address(w);
+                let member = lead.leases.keys().find(|id| lead.group.worker(id).is_some_and(|i| i.grpc == addr)).cloned();
+                if let Some(id) = member
+                    && lead.group.active().is_some_and(|a| a.rank_of(&id).is_some() && gnum > a.number)
+                    && lead.pend.as_ref().is_none_or(|p| p.number != gnum)
+                {
+                    self.lose_worker(c, lead, &id);
                 }
             }
             _ => {}

@@ -45,6 +45,9 @@ const FAULT_END: u64 = 30_000;
 const SETTLE: u64 = 300_000;
 const LEADER_KEY: &str = "leader";
 const GENERATION_KEY: &str = "cluster/generation";
+/// Driver rule: a leader reserves a generation's number here before carrying it out, so a new
+/// leader never reuses the number of one an old leader started but did not record.
+const RESERVED_KEY: &str = "cluster/generation_reserved";
 
 /// Deliberate bugs, to show the invariant checks catch them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -464,7 +467,9 @@ impl World {
     /// the live workers can hold every expert.
     fn settled(&self) -> Result<(), String> {
         if let Some(r) = self.reqs.iter().position(|r| !matches!(r.state, RState::Done | RState::Failed)) {
-            return Err(format!("request {r} never ended: {:?}", self.reqs[r]));
+            let ws: Vec<String> = self.workers.iter().enumerate().map(|(i, w)| format!("w{i}: dead {} gen {} members {:?} reg {:?}", w.dead, w.gnum, w.members, w.registered)).collect();
+            let gs: Vec<String> = self.coords.iter().map(|k| match &k.role { Role::Leader(l) => format!("{:?} active {:?} serving {:?}", l.group.pending().map(|p| p.number), l.group.active().map(|a| (a.number, a.ranks.iter().map(|w| w.grpc.clone()).collect::<Vec<_>>())), l.group.serving()), _ => "not leader".into() }).collect();
+            return Err(format!("request {r} never ended: {:?}\n{}\n{}", self.reqs[r], ws.join("\n"), gs.join("\n")));
         }
         let live = self.workers.iter().filter(|w| !w.dead).count();
         let ever_formed = self.last_recorded.0 > 0;
@@ -475,7 +480,7 @@ impl World {
         let Role::Leader(lead) = &self.coords[c].role else { return Err(format!("coordinator {c} is still adopting")) };
         let serving = lead.group.serving();
         let Some(a) = lead.group.active().filter(|_| serving == Serving::Yes && lead.group.pending().is_none()) else {
-            return Err(format!("{live} live workers can hold every expert but the cluster does not serve: {serving:?}"));
+            return Err(format!("{live} live workers can hold every expert but the cluster does not serve: {serving:?}\ngroup: {:#?}", lead.group));
         };
         for wi in &a.ranks {
             let w = &self.workers[worker::index(wi)];

@@ -11,6 +11,8 @@ pub enum Val {
     /// The leader key: coordinator index and incarnation.
     Leader(usize, u64),
     Gen(Box<GenerationRecord>),
+    /// The highest (generation, epoch) a leader is carrying out or has carried out.
+    Reserved(u64, u64),
 }
 
 #[derive(Debug, Clone)]
