@@ -164,6 +164,9 @@ pub struct Group {
     /// Set by every membership change; cleared once planned (or found unplaceable).
     dirty: bool,
     no_room: Vec<(usize, usize)>,
+    /// A generation carried out on the active ranks failed: those that accepted it have left
+    /// the active one, so it no longer serves and must be re-formed even with the same ranks.
+    broken: bool,
     next_id: u64,
     formed: u64,
 }
@@ -201,6 +204,7 @@ impl Group {
             epoch_floor: 0,
             dirty: false,
             no_room: Vec::new(),
+            broken: false,
             next_id: 0,
             formed: 0,
         })
@@ -299,6 +303,7 @@ impl Group {
         }
         self.dirty = recorded.ranks.iter().any(|w| !alive.contains(&w.id)) || self.workers.len() > recorded.world();
         self.active = Some(recorded);
+        self.broken = false;
         self.pending = None;
     }
 
@@ -353,7 +358,7 @@ impl Group {
             return Ok(Some(Generation { number, epoch, ranks, placement }));
         };
         let same = candidates.len() == active.world() && candidates.iter().zip(&active.ranks).all(|(c, a)| c.id == a.id);
-        if same {
+        if same && !self.broken {
             return Ok(None);
         }
         if candidates.is_empty() {
@@ -407,8 +412,10 @@ impl Group {
             // Workers lost while it formed (already removed from `workers`) leave `dirty` set:
             // the next generation follows.
             self.active = Some(p);
+            self.broken = false;
             self.formed += 1;
         } else {
+            self.broken = self.active.is_some();
             for id in failed {
                 self.lose(id);
             }
@@ -449,7 +456,7 @@ impl Group {
         let Some(a) = &self.active else {
             return Serving::WaitingForWorkers { have: self.workers.len(), want: self.settings.min_workers };
         };
-        let whole = a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
+        let whole = !self.broken && a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
         if whole {
             return Serving::Yes;
         }

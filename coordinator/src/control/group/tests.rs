@@ -201,3 +201,22 @@ fn settings_are_checked() {
     assert!(matches!(Group::new(settings(2, 4, Some(3), 1)), Err(ControlError::InvalidSettings(_))));
     assert!(matches!(Group::new(settings(2, 4, None, 0)), Err(ControlError::InvalidSettings(_))));
 }
+
+#[test]
+fn a_failed_join_reforms_the_survivors_that_left_the_active_generation() {
+    // The survivors accepted generation 2 (they left 1); the joiner did not answer. The next
+    // generation has the old composition, but must still be formed: the workers are no longer
+    // in generation 1.
+    let (mut g, ids) = formed(3, None);
+    let active = g.active().unwrap().number;
+    let j = g.register("j".into(), "tj".into(), "nj".into()).id;
+    let next = g.next_generation(None).unwrap();
+    g.regroup_finished(next.number, std::slice::from_ref(&j)).unwrap();
+    assert!(!g.serving().is_serving(), "the survivors left generation {active}");
+    assert!(g.routable().is_empty());
+    let again = g.next_generation(None).expect("the survivors are re-formed");
+    assert!(again.number > next.number);
+    assert_eq!(ids_of(&again), ids.iter().map(String::as_str).collect::<Vec<_>>());
+    g.regroup_finished(again.number, &[]).unwrap();
+    assert_eq!(g.serving(), Serving::Yes);
+}

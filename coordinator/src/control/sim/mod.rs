@@ -10,7 +10,10 @@
 //! lease lapses, what is sent to them waits or is lost) and come back; new workers that join;
 //! messages delayed by random amounts (so reordered) and some dropped; clients whose requests the
 //! leader routes and retries. The driver around `Group` (what the tokio coordinator does with it)
-//! is in [`coord`], the worker-side rules in [`worker`].
+//! is in [`coord`], the worker-side rules in [`worker`]. Driver rules the simulator needed (the
+//! tokio coordinator must follow them too): a leader reserves a generation's number in the store
+//! before carrying it out (`RESERVED_KEY`), a lost rank fails every request of its generation, a
+//! rank reporting a later generation than the active one has left it (lost).
 //!
 //! Invariants are checked after every event; a violation reports the seed, the event index and
 //! the last events. Reproduce one seed with its trace:
@@ -598,4 +601,5 @@ fn catches_a_record_write_that_ignores_supersedes() {
     let caught = (0..1000).find_map(|seed| run_seed(seed, flags, false).err());
     let e = caught.expect("no seed caught the broken record write");
     assert!(e.contains("recorded generation went backwards"), "{e}");
+    println!("caught: {}", e.lines().next().unwrap_or_default());
 }
