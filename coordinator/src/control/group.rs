@@ -166,6 +166,9 @@ pub struct Group {
     /// Re-form the group even with the same members (a rank's collectives broke).
     reform: bool,
     no_room: Vec<(usize, usize)>,
+    /// A generation carried out on the active ranks failed: those that accepted it have left
+    /// the active one, so it no longer serves and must be re-formed even with the same ranks.
+    broken: bool,
     next_id: u64,
     formed: u64,
 }
@@ -204,6 +207,7 @@ impl Group {
             dirty: false,
             reform: false,
             no_room: Vec::new(),
+            broken: false,
             next_id: 0,
             formed: 0,
         })
@@ -318,6 +322,7 @@ impl Group {
         }
         self.dirty = recorded.ranks.iter().any(|w| !alive.contains(&w.id)) || self.workers.len() > recorded.world();
         self.active = Some(recorded);
+        self.broken = false;
         self.pending = None;
     }
 
@@ -373,7 +378,7 @@ impl Group {
             return Ok(Some(Generation { number, epoch, ranks, placement }));
         };
         let same = candidates.len() == active.world() && candidates.iter().zip(&active.ranks).all(|(c, a)| c.id == a.id);
-        if same && !self.reform {
+        if same && !self.reform && !self.broken {
             return Ok(None);
         }
         if candidates.is_empty() {
@@ -427,8 +432,10 @@ impl Group {
             // Workers lost while it formed (already removed from `workers`) leave `dirty` set:
             // the next generation follows.
             self.active = Some(p);
+            self.broken = false;
             self.formed += 1;
         } else {
+            self.broken = self.active.is_some();
             for id in failed {
                 self.lose(id);
             }
@@ -469,7 +476,7 @@ impl Group {
         let Some(a) = &self.active else {
             return Serving::WaitingForWorkers { have: self.workers.len(), want: self.settings.min_workers };
         };
-        let whole = a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
+        let whole = !self.broken && a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
         if whole {
             return Serving::Yes;
         }
