@@ -37,6 +37,8 @@ pub enum BenchCommand {
     /// Straggler benchmark: skewed routing with a mid-run shift; static contiguous, static EPLB,
     /// the online rebalancer, and the rebalancer with load-aware replicas side by side.
     Straggler(super::bench_straggler::StragglerArgs),
+    /// Elastic expert parallelism: a worker killed and one joining under load, without and with --min-replicas 2.
+    Elastic(super::bench_elastic::ElasticArgs),
     /// Expert-FFN products `x[m×k]·Wᵀ` as a MoE layer runs them (one call per expert, the
     /// experts in parallel over the compute pool): the row-major path the experts used before
     /// (`kernels::matmul_bt`: the AVX2 small-m kernel for 2–16 rows, else OpenBLAS sgemm, which
@@ -296,6 +298,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Straggler(a) => super::bench_straggler::run(a),
+        BenchCommand::Elastic(a) => super::bench_elastic::run(a),
         BenchCommand::Kernels { rows, shapes } => kernels(&rows, &shapes),
         BenchCommand::Decode { model, workers, requests, max_tokens } => {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));

@@ -42,21 +42,33 @@ pub fn threads_per_local_worker(workers: usize) -> usize {
     (cores / workers.max(1)).max(1)
 }
 
-/// Child processes of a local cluster; killed on drop.
+/// Child processes of a local cluster; killed on drop. Workers can be added and killed while it
+/// runs (the elastic tests and `bench elastic`); a killed worker keeps its index, address and pid.
 pub struct LocalCluster {
     pub addr: String,
-    children: Vec<Child>,
+    coordinator: Child,
+    /// One entry per worker ever started, in start order; `None` once killed.
+    workers: Vec<Option<Child>>,
     pub worker_pids: Vec<u32>,
     /// The workers' gRPC addresses, in start order.
     pub worker_addrs: Vec<String>,
+    /// The workers' all-to-all addresses and ids (stable across generations), in start order.
+    pub worker_transport_addrs: Vec<String>,
+    pub worker_ids: Vec<String>,
+    /// Arguments every worker gets (`start_local_cluster`'s `worker_args`).
+    worker_args: Vec<String>,
+    /// Holds the ready files; removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        for c in self.children.iter_mut().rev() {
+        for c in self.workers.iter_mut().rev().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
     }
 }
 
@@ -68,20 +80,38 @@ pub fn relay_child_output_to_stderr() {
     CHILD_OUTPUT_TO_STDERR.store(true, Ordering::Relaxed);
 }
 
-fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) -> anyhow::Result<(Child, String)> {
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+/// How long a child may take to write its ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a coordinator writes to its `--ready-file` once listening.
+#[derive(serde::Deserialize)]
+struct CoordinatorReady {
+    grpc_address: String,
+}
+
+/// What a worker writes to its `--ready-file` once registered.
+#[derive(serde::Deserialize)]
+struct WorkerReady {
+    grpc_address: String,
+    #[serde(default)]
+    transport_address: String,
+    #[serde(default)]
+    worker_id: String,
+    #[serde(default)]
+    pid: u32,
+}
+
+/// Spawns `cmd --ready-file ready` and waits for the file. Its stdout lines are relayed (they are
+/// for humans; machines read the ready file, which does not depend on the wording of a log line).
+fn spawn_ready<T: serde::de::DeserializeOwned>(mut cmd: std::process::Command, ready: &Path, what: &str) -> anyhow::Result<(Child, T)> {
+    cmd.arg("--ready-file").arg(ready);
+    // stdin stays open (held in the Child): the children run with --exit-on-stdin-eof, so they
+    // also exit when this process dies without running Drop.
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().with_context(|| format!("spawning the {what}"))?;
     let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let want_t = want.to_string();
     std::thread::spawn(move || {
-        let want = want_t;
-        let mut sent = false;
         for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent && line.contains(&want) {
-                let _ = tx.send(line.clone());
-                sent = true;
-            }
             if CHILD_OUTPUT_TO_STDERR.load(Ordering::Relaxed) {
                 eprintln!("{line}");
             } else {
@@ -89,12 +119,65 @@ fn spawn_reading(mut cmd: std::process::Command, want: &str, timeout: Duration) 
             }
         }
     });
-    match rx.recv_timeout(timeout) {
-        Ok(line) => Ok((child, line)),
-        Err(_) => {
+    match wait_ready_file(&mut child, ready, READY_TIMEOUT) {
+        Ok(v) => Ok((child, v)),
+        Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("child did not print {want:?} within {timeout:?}")
+            Err(e.context(format!("the {what} did not become ready")))
+        }
+    }
+}
+
+/// Polls for `path` until it holds a complete JSON document, the child exits, or `timeout`. A file
+/// that does not parse yet is being written: polled again.
+fn wait_ready_file<T: serde::de::DeserializeOwned>(child: &mut Child, path: &Path, timeout: Duration) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            match serde_json::from_str(&text) {
+                Ok(v) => return Ok(v),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("it exited ({st}) before writing {}", path.display());
+        }
+        if std::time::Instant::now() > deadline {
+            match last_err {
+                Some(e) => bail!("{} is not the expected JSON after {timeout:?}: {e}", path.display()),
+                None => bail!("no {} within {timeout:?}", path.display()),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl LocalCluster {
+    /// Starts one more worker against the coordinator (`start_local_cluster`'s worker arguments,
+    /// then `extra_args`); returns its index once it registered. With an elastic coordinator it
+    /// joins the group as a new rank of a new generation.
+    pub fn add_worker(&mut self, extra_args: &[String]) -> anyhow::Result<usize> {
+        let i = self.workers.len();
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &self.addr]).args(&self.worker_args).args(extra_args);
+        let ready = self.dir.path().join(format!("worker-{i}.json"));
+        let (child, r): (Child, WorkerReady) = spawn_ready(cmd, &ready, &format!("worker {i}"))?;
+        self.worker_pids.push(if r.pid != 0 { r.pid } else { child.id() });
+        self.worker_addrs.push(r.grpc_address);
+        self.worker_transport_addrs.push(r.transport_address);
+        self.worker_ids.push(r.worker_id);
+        self.workers.push(Some(child));
+        Ok(i)
+    }
+
+    /// SIGKILLs worker `i` (as `kill -9`: no clean shutdown, no goodbye to the coordinator) and
+    /// reaps it. Its address and pid stay listed; a second kill, or an unknown index, does nothing.
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(Some(mut c)) = self.workers.get_mut(i).map(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -113,6 +196,7 @@ pub fn start_local_cluster(
     // Validate here first, for a clear error before any process starts.
     let cfg = ModelConfig::from_dir(model).with_context(|| format!("model {}", model.display()))?;
     load_placement(&cfg, workers, placement)?;
+    let dir = tempfile::Builder::new().prefix("switchyard-local-").tempdir()?;
     let mut cmd = std::process::Command::new(&exe);
     cmd.args(["coordinator", "--exit-on-stdin-eof", "--workers", &workers.to_string(), "--listen", listen, "--model"]).arg(model);
     if let Some(p) = placement {
@@ -122,19 +206,21 @@ pub fn start_local_cluster(
         cmd.env("SWITCHYARD_ADMIN_TOKEN", t); // not on the command line, where `ps` shows it
     }
     cmd.args(coordinator_args);
-    let (coord, line) = spawn_reading(cmd, "listening on ", Duration::from_secs(60))?;
-    let addr = line.trim().trim_start_matches("listening on ").to_string();
-    let mut cl = LocalCluster { addr: addr.clone(), children: vec![coord], worker_pids: vec![], worker_addrs: vec![] };
+    let (coord, ready): (Child, CoordinatorReady) = spawn_ready(cmd, &dir.path().join("coordinator.json"), "coordinator")?;
+    let addr = ready.grpc_address;
+    let mut cl = LocalCluster {
+        addr: addr.clone(),
+        coordinator: coord,
+        workers: vec![],
+        worker_pids: vec![],
+        worker_addrs: vec![],
+        worker_transport_addrs: vec![],
+        worker_ids: vec![],
+        worker_args: worker_args.to_vec(),
+        dir,
+    };
     for _ in 0..workers {
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &addr]).args(worker_args);
-        let (w, line) = spawn_reading(cmd, "worker rank", Duration::from_secs(60))?;
-        // "worker rank R of N ... pid P"
-        if let Some(a) = line.split("listening on ").nth(1).and_then(|r| r.split_whitespace().next()) {
-            cl.worker_addrs.push(a.to_string());
-        }
-        cl.worker_pids.push(w.id());
-        cl.children.push(w);
+        cl.add_worker(&[])?;
     }
     // Wait until every worker started.
     let rt = runtime()?;

@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod bench_cluster;
+pub mod bench_elastic;
 pub mod bench_straggler;
 pub mod coordinator_cmd;
 pub mod cluster;

@@ -283,3 +283,115 @@ impl Drop for Proc {
     }
 }
 
+
+/// Polls `path` (a process's `--ready-file`) until it holds JSON; panics after `timeout` with the
+/// process's output.
+pub fn wait_ready_file(p: &Proc, path: &Path, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(t) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no ready file {} within {timeout:?}; output {:?}", path.display(), p.lines.lock().expect("lines"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Calls the coordinator's admin API and gRPC health directly (tonic), for what the CLI does not
+/// print. Every call is bounded (5 s) and `None` when it fails.
+pub mod grpc {
+    use super::ADMIN_TOKEN;
+    use std::time::Duration;
+    use switchyard_proto::v1 as pb;
+    use switchyard_proto::v1::admin_client::AdminClient;
+
+    const CALL: Duration = Duration::from_secs(5);
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    }
+
+    fn url(addr: &str) -> String {
+        if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+    }
+
+    async fn channel(addr: &str) -> Option<tonic::transport::Channel> {
+        let ep = tonic::transport::Endpoint::from_shared(url(addr)).ok()?.connect_timeout(CALL).timeout(CALL);
+        ep.connect().await.ok()
+    }
+
+    fn authorized<T>(msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii"));
+        r
+    }
+
+    pub fn cluster_status(addr: &str) -> Option<pb::ClusterStatusResponse> {
+        rt().block_on(async {
+            let mut c = AdminClient::new(channel(addr).await?);
+            let r = tokio::time::timeout(CALL, c.cluster_status(authorized(pb::ClusterStatusRequest {}))).await.ok()?.ok()?;
+            Some(r.into_inner())
+        })
+    }
+
+    pub fn placement(addr: &str) -> Option<pb::GetPlacementResponse> {
+        rt().block_on(async {
+            let mut c = AdminClient::new(channel(addr).await?).max_decoding_message_size(1 << 30);
+            let r = tokio::time::timeout(CALL, c.get_placement(authorized(pb::GetPlacementRequest {}))).await.ok()?.ok()?;
+            Some(r.into_inner())
+        })
+    }
+
+    /// gRPC health of `service` at `addr`: `Some(true)` SERVING, `Some(false)` any other status
+    /// (NOT_SERVING, SERVICE_UNKNOWN), `None` no answer.
+    pub fn serving(addr: &str, service: &str) -> Option<bool> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        rt().block_on(async {
+            let mut c = HealthClient::new(channel(addr).await?);
+            let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+            match tokio::time::timeout(CALL, c.check(req)).await.ok()? {
+                Ok(r) => Some(r.into_inner().status == ServingStatus::Serving as i32),
+                // An unknown service is NOT_FOUND: not serving it.
+                Err(s) if s.code() == tonic::Code::NotFound => Some(false),
+                Err(_) => None,
+            }
+        })
+    }
+}
+
+/// Polls ClusterStatus at `addr` until `ok` holds; panics after `timeout` with the last status.
+pub fn wait_status(addr: &str, timeout: Duration, what: &str, ok: impl Fn(&switchyard_proto::v1::ClusterStatusResponse) -> bool) -> switchyard_proto::v1::ClusterStatusResponse {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(s) = grpc::cluster_status(addr) {
+            if ok(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}; last ClusterStatus {last:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every layer's expert list per rank of a `switchyard.placement.v1` JSON (`layers[].ranks`).
+pub fn placement_ranks(json: &str) -> Vec<Vec<Vec<usize>>> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("placement JSON");
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            l["ranks"]
+                .as_array()
+                .expect("ranks")
+                .iter()
+                .map(|r| r.as_array().expect("rank").iter().map(|e| e.as_u64().expect("expert") as usize).collect())
+                .collect()
+        })
+        .collect()
+}
