@@ -52,6 +52,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take a rank out of the expert-parallel group without failing a request (admin API): its
+    /// requests finish (or move after --deadline), then the group re-forms without it.
+    Drain {
+        #[command(flatten)]
+        endpoint: cli::admin::AdminEndpoint,
+        #[arg(long)]
+        rank: u32,
+        /// Seconds the rank's requests may take to finish before they move to other ranks.
+        #[arg(long, default_value_t = 30.0)]
+        deadline: f64,
+    },
     /// Cluster benchmarks: all-to-all transport, end-to-end decode.
     #[command(subcommand)]
     Bench(cli::bench_cluster::BenchCommand),
@@ -86,6 +97,7 @@ fn main() -> std::process::ExitCode {
         Command::Worker(a) => cli::worker_cmd::worker(a),
         Command::Status { endpoint, json } => cli::admin::status(endpoint, json),
         Command::Stats { endpoint, top, json } => cli::admin::stats(endpoint, top, json),
+        Command::Drain { endpoint, rank, deadline } => cli::admin::drain(endpoint, rank, deadline),
         Command::Bench(c) => cli::bench_cluster::run(c),
     };
     match result {

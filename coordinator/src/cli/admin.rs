@@ -350,11 +350,16 @@ pub fn status(ep: AdminEndpoint, json: bool) -> anyhow::Result<ExitCode> {
                         "epoch": w.epoch, "active_requests": w.active_requests, "steps": w.steps, "degraded": w.degraded})
                 })
                 .collect();
+            let missing: Vec<String> = s.missing_experts.iter().map(|m| format!("{}/{}", m.layer, m.expert)).collect();
             let v = serde_json::json!({"epoch": s.epoch, "world_size": s.world_size, "ready": s.ready,
-                "leader": s.leader, "workers": workers});
+                "leader": s.leader, "workers": workers, "generation": s.generation, "serving": s.serving,
+                "not_serving_reason": s.not_serving_reason, "missing_experts": missing, "spare_workers": s.spare_workers});
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("leader {}  world {}  placement epoch {}  ready {}", s.leader, s.world_size, s.epoch, s.ready);
+            println!("leader {}  generation {}  world {}  placement epoch {}  serving {}", s.leader, s.generation, s.world_size, s.epoch, s.serving);
+            if !s.serving {
+                println!("not serving: {}", s.not_serving_reason);
+            }
             println!("{:>4} {:<22} {:<10} {:>5} {:>6} {:>7} {:>10} {:>8}", "rank", "address", "node", "alive", "epoch", "active", "steps", "degraded");
             for w in &s.workers {
                 println!(
@@ -363,6 +368,17 @@ pub fn status(ep: AdminEndpoint, json: bool) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `switchyard drain`: drains a rank and prints the generation formed without it.
+pub fn drain(ep: AdminEndpoint, rank: u32, deadline_s: f64) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(deadline_s.is_finite() && deadline_s >= 0.0, "--deadline must be a number of seconds");
+    rt()?.block_on(async move {
+        let mut c = ep.client().await?;
+        let r = c.drain(pb::DrainRankRequest { rank, deadline_s }).await.map_err(|s| status_err("drain", s))?.into_inner();
+        println!("rank {rank} drained: generation {} formed without it; {} requests finished there, {} moved", r.generation, r.finished, r.moved);
         Ok(ExitCode::SUCCESS)
     })
 }
