@@ -443,7 +443,7 @@ impl CoordSvc {
                 Ok(l) => l,
                 Err(e) => {
                     let id = w.id.clone();
-                    set.spawn(async move { (id, Err(e)) });
+                    set.spawn(async move { (id, Err((tonic::Code::Unavailable, e))) });
                     continue;
                 }
             };
@@ -469,13 +469,14 @@ impl CoordSvc {
             set.spawn(async move {
                 let r = match tokio::time::timeout(REGROUP_TIMEOUT, c.regroup(req)).await {
                     Ok(Ok(r)) => Ok(r.into_inner()),
-                    Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-                    Err(_) => Err(format!("no answer within {REGROUP_TIMEOUT:?}")),
+                    Ok(Err(s)) => Err((s.code(), format!("{:?}: {}", s.code(), s.message()))),
+                    Err(_) => Err((tonic::Code::DeadlineExceeded, format!("no answer within {REGROUP_TIMEOUT:?}"))),
                 };
                 (id, r)
             });
         }
         let mut failed = Vec::new();
+        let mut abandoned = false;
         let (mut loaded, mut kept_seqs) = (0u64, 0u64);
         while let Some(j) = set.join_next().await {
             match j {
@@ -483,18 +484,31 @@ impl CoordSvc {
                     loaded += r.loaded_experts as u64;
                     kept_seqs += r.kept_sequences as u64;
                 }
-                Ok((id, Err(e))) => {
+                Ok((id, Err((code, e)))) => {
                     eprintln!("worker {id} did not join generation {}: {e}", g.number);
-                    failed.push(id);
+                    // A worker superseded by a newer generation is fine; any other failure
+                    // loses it. Either way this generation cannot form: stop waiting for the
+                    // others (they would wait for the failed peer until their connect timeout;
+                    // the next generation's Regroup supersedes their builds at once).
+                    if code != tonic::Code::Aborted {
+                        failed.push(id);
+                    }
+                    abandoned = true;
+                    set.abort_all();
+                    break;
                 }
                 Err(e) => tracing::error!("regroup task: {e}"),
             }
         }
-        let done = self.group(|grp| grp.regroup_finished(g.number, &failed));
+        let done = if abandoned {
+            self.group(|grp| grp.regroup_abandoned(g.number, &failed))
+        } else {
+            self.group(|grp| grp.regroup_finished(g.number, &[]))
+        };
         if let Err(e) = done {
             return tracing::warn!("generation {}: {e}", g.number);
         }
-        if failed.is_empty() {
+        if !abandoned {
             self.0.metrics.membership_changes.inc();
             self.record_active();
             println!(

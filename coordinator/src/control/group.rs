@@ -419,6 +419,23 @@ impl Group {
     /// The driver carried out generation `number`: every rank in `failed` could not join it (no
     /// answer, or an error). On success it becomes the active generation; otherwise the failed
     /// workers are treated as lost and the next generation is planned without them.
+    /// The driver gave generation `number` up (a rank failed or was superseded): the workers in
+    /// `lost` are lost, and the next generation is planned; none of it becomes active.
+    pub fn regroup_abandoned(&mut self, number: u64, lost: &[WorkerId]) -> Result<(), ControlError> {
+        match self.pending.as_ref() {
+            Some(p) if p.number == number => {}
+            other => return Err(ControlError::Stale { what: "generation", got: number, have: other.map_or(self.active_number(), |p| p.number) }),
+        }
+        self.pending = None;
+        self.broken = self.active.is_some();
+        for id in lost {
+            self.lose(id);
+        }
+        self.dirty = true;
+        self.reform = true;
+        Ok(())
+    }
+
     pub fn regroup_finished(&mut self, number: u64, failed: &[WorkerId]) -> Result<(), ControlError> {
         let Some(p) = self.pending.take() else {
             return Err(ControlError::Stale { what: "generation", got: number, have: self.active_number() });
