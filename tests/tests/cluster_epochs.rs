@@ -116,7 +116,7 @@ fn admin_calls_need_the_token_and_bad_placements_never_reach_workers() {
     // Malformed files are refused by the CLI; wrong shapes by the coordinator.
     let cases = [
         ("garbage.json", "{ not json".to_string(), "placement"),
-        ("three_ranks.json", replica_placement(layers, experts, 3), "3 ranks, the cluster has 2 workers"),
+        ("three_ranks.json", replica_placement(layers, experts, 3), "3 ranks, the group has 2"),
         ("wrong_layers.json", replica_placement(layers + 1, experts, 2), "MoE layers"),
     ];
     for (name, body, want) in cases {
