@@ -7,10 +7,6 @@ use std::path::Path;
 
 const TOKEN: &str = "s3cret-admin-token";
 
-fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
 fn status_json(ep: &str) -> serde_json::Value {
     let o = switchyard(&["status", "--endpoint", ep, "--token", TOKEN, "--json"]);
     assert!(o.status.success(), "status: {}", text(&o));

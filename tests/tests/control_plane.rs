@@ -22,23 +22,6 @@ fn worker(coordinators: &str, store: &str) -> Proc {
     p
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// Generate until it works (the cluster is starting or failing over); the time it took.
-fn until_served(endpoints: &str, timeout: Duration) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let o = generate_at(endpoints, &["--prompt-ids", "1,2,3", "--max-tokens", "2", "--retries", "0"]);
-        if o.status.success() {
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < timeout, "not served within {timeout:?}: {}", text(&o));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn killing_the_leading_coordinator_hands_over_with_no_request_lost() {
     let etcd = Etcd::start();

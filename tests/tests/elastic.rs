@@ -20,10 +20,6 @@ fn model() -> PathBuf {
     if q.join("config.json").exists() { q } else { fixture("mixtral") }
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
 /// Processes of one test; their ready files live in `dir`.
 struct Group {
     dir: tempfile::TempDir,
@@ -77,19 +73,6 @@ impl Group {
 fn kill(p: &mut Proc) {
     let _ = p.child.kill();
     let _ = p.child.wait();
-}
-
-/// Generate until it works (the cluster is starting or regrouping); the time it took.
-fn until_served(endpoints: &str, timeout: Duration) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let o = generate_at(endpoints, &["--prompt-ids", "1,2,3", "--max-tokens", "2", "--retries", "0"]);
-        if o.status.success() {
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < timeout, "not served within {timeout:?}: {}", text(&o));
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Every client request succeeded with the single-process tokens of its prompt; (completed, retried).

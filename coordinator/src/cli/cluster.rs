@@ -457,3 +457,13 @@ pub async fn worker_totals(worker_addrs: &[String]) -> WorkerTotals {
     let n = n.max(1);
     WorkerTotals { busy_steps: t.busy_steps / n, dispatch_us: t.dispatch_us / n, expert_us: t.expert_us / n, combine_us: t.combine_us / n, ..t }
 }
+
+/// Writes `value` to `path` atomically (a temporary file renamed over it): a process waiting for
+/// the file never reads half of it. How `switchyard up` and tests learn a started process's
+/// addresses, instead of grepping its output.
+pub(super) fn write_ready_file(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(value)?).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use super::admin::AdminAuth;
-use super::cluster::{BoxStream, PlacementArgs, ServeArgs, continuation, exit_on_stdin_eof, health_and_reflection, runtime, transport_setup};
+use super::cluster::{BoxStream, PlacementArgs, ServeArgs, continuation, exit_on_stdin_eof, health_and_reflection, runtime, transport_setup, write_ready_file};
 use super::ha::{Role, Seat, with_store_retries};
 use super::metrics::CoordMetrics;
 use super::tls::endpoint;
@@ -503,7 +503,7 @@ impl CoordSvc {
         let done = if abandoned {
             self.group(|grp| grp.regroup_abandoned(g.number, &failed))
         } else {
-            self.group(|grp| grp.regroup_finished(g.number, &[]))
+            self.group(|grp| grp.regroup_finished(g.number))
         };
         if let Err(e) = done {
             return tracing::warn!("generation {}: {e}", g.number);
@@ -1219,13 +1219,4 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             .await?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// Writes `value` to `path` atomically (a temporary file renamed over it): a reader never sees
-/// half a file.
-pub(super) fn write_ready_file(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, value.to_string()).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
 }

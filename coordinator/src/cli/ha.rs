@@ -1,5 +1,4 @@
-//! Coordinator high availability on the state store: leader election, the record a new leader
-//! adopts, and membership (worker leases and health).
+//! Coordinator high availability on the state store: leader election and store retries.
 //!
 //! Every coordinator holds a lease and campaigns by compare-and-swap of the leader key (absent →
 //! its address, under its lease). The winner leads; the others are standbys that answer clients
@@ -7,9 +6,8 @@
 //! the key vanishes and the next campaign wins. A leader that loses its lease exits (fail-stop),
 //! so two leaders never act at once for longer than the lease TTL.
 //!
-//! The leader writes the running cluster (ranks, workers' addresses, model, transport) and every
-//! placement epoch to the store; a new leader adopts the running workers from that record — they
-//! keep their KV caches and expert slots, nothing restarts.
+//! The leader records the active generation (`coordinator::control::record`); a new leader adopts
+//! its workers that still answer — they keep their KV caches and expert slots, nothing restarts.
 
 use coordinator::store::typed::LEADER;
 use coordinator::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};

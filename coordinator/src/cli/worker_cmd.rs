@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
-use super::cluster::{connect_channel, exit_on_stdin_eof, health_and_reflection, runtime, ServeArgs};
+use super::cluster::{ServeArgs, connect_channel, exit_on_stdin_eof, health_and_reflection, runtime, write_ready_file};
 use coordinator::store::typed::{self, Member};
 use coordinator::store::{AnyStore, StateStore};
 use switchyard_proto::v1::control_client::ControlClient;
@@ -68,14 +68,6 @@ pub struct WorkerArgs {
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
-}
-
-/// Write `value` to `path` atomically (readers never see a partial file).
-fn write_ready_file(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(value)?).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {

@@ -163,12 +163,11 @@ pub struct Group {
     epoch_floor: u64,
     /// Set by every membership change; cleared once planned (or found unplaceable).
     dirty: bool,
-    /// Re-form the group even with the same members (a rank's collectives broke).
+    /// The active generation no longer serves as it is — a rank's collectives broke, or a
+    /// generation carried out on its ranks failed (those that accepted it have left it) — so it
+    /// is re-formed even with the same members.
     reform: bool,
     no_room: Vec<(usize, usize)>,
-    /// A generation carried out on the active ranks failed: those that accepted it have left
-    /// the active one, so it no longer serves and must be re-formed even with the same ranks.
-    broken: bool,
     next_id: u64,
     formed: u64,
 }
@@ -207,7 +206,6 @@ impl Group {
             dirty: false,
             reform: false,
             no_room: Vec::new(),
-            broken: false,
             next_id: 0,
             formed: 0,
         })
@@ -322,7 +320,7 @@ impl Group {
         }
         self.dirty = recorded.ranks.iter().any(|w| !alive.contains(&w.id)) || self.workers.len() > recorded.world();
         self.active = Some(recorded);
-        self.broken = false;
+        self.reform = false;
         self.pending = None;
     }
 
@@ -378,7 +376,7 @@ impl Group {
             return Ok(Some(Generation { number, epoch, ranks, placement }));
         };
         let same = candidates.len() == active.world() && candidates.iter().zip(&active.ranks).all(|(c, a)| c.id == a.id);
-        if same && !self.reform && !self.broken {
+        if same && !self.reform {
             return Ok(None);
         }
         if candidates.is_empty() {
@@ -416,18 +414,22 @@ impl Group {
         out
     }
 
-    /// The driver carried out generation `number`: every rank in `failed` could not join it (no
-    /// answer, or an error). On success it becomes the active generation; otherwise the failed
-    /// workers are treated as lost and the next generation is planned without them.
-    /// The driver gave generation `number` up (a rank failed or was superseded): the workers in
-    /// `lost` are lost, and the next generation is planned; none of it becomes active.
+    /// The driver carried out generation `number` on every rank: it becomes the active one.
+    /// Workers lost while it formed (already removed) leave `dirty` set: the next one follows.
+    pub fn regroup_finished(&mut self, number: u64) -> Result<(), ControlError> {
+        let p = self.take_pending(number)?;
+        self.active = Some(p);
+        self.reform = false;
+        self.formed += 1;
+        Ok(())
+    }
+
+    /// The driver gave generation `number` up (a rank could not join it, or was superseded):
+    /// the workers in `lost` are lost, none of it becomes active, and the next generation is
+    /// planned without them — with the same members too, since ranks that accepted `number`
+    /// have left the active generation.
     pub fn regroup_abandoned(&mut self, number: u64, lost: &[WorkerId]) -> Result<(), ControlError> {
-        match self.pending.as_ref() {
-            Some(p) if p.number == number => {}
-            other => return Err(ControlError::Stale { what: "generation", got: number, have: other.map_or(self.active_number(), |p| p.number) }),
-        }
-        self.pending = None;
-        self.broken = self.active.is_some();
+        self.take_pending(number)?;
         for id in lost {
             self.lose(id);
         }
@@ -436,29 +438,16 @@ impl Group {
         Ok(())
     }
 
-    pub fn regroup_finished(&mut self, number: u64, failed: &[WorkerId]) -> Result<(), ControlError> {
-        let Some(p) = self.pending.take() else {
-            return Err(ControlError::Stale { what: "generation", got: number, have: self.active_number() });
-        };
-        if p.number != number {
-            let have = p.number;
-            self.pending = Some(p);
-            return Err(ControlError::Stale { what: "generation", got: number, have });
-        }
-        if failed.is_empty() {
-            // Workers lost while it formed (already removed from `workers`) leave `dirty` set:
-            // the next generation follows.
-            self.active = Some(p);
-            self.broken = false;
-            self.formed += 1;
-        } else {
-            self.broken = self.active.is_some();
-            for id in failed {
-                self.lose(id);
+    /// The generation being formed, if it is `number`.
+    fn take_pending(&mut self, number: u64) -> Result<Generation, ControlError> {
+        match self.pending.take() {
+            Some(p) if p.number == number => Ok(p),
+            other => {
+                let have = other.as_ref().map_or(self.active_number(), |p| p.number);
+                self.pending = other;
+                Err(ControlError::Stale { what: "generation", got: number, have })
             }
-            self.dirty = true;
         }
-        Ok(())
     }
 
     pub fn active(&self) -> Option<&Generation> {
@@ -493,7 +482,7 @@ impl Group {
         let Some(a) = &self.active else {
             return Serving::WaitingForWorkers { have: self.workers.len(), want: self.settings.min_workers };
         };
-        let whole = !self.broken && a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
+        let whole = !self.reform && a.ranks.iter().all(|w| self.workers.contains_key(&w.id));
         if whole {
             return Serving::Yes;
         }

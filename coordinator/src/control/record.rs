@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::group::{Generation, WorkerInfo};
-use crate::store::typed::{decode, CURRENT_EPOCH};
+use crate::store::typed::decode;
 use crate::store::{StateStore, StoreError};
 
 /// Key of the active generation.
@@ -99,7 +99,7 @@ pub async fn advance_current_epoch<S: StateStore>(s: &S, epoch: u64) -> Result<b
         if cur.is_some_and(|c| c >= epoch) {
             return Ok(false);
         }
-        match s.compare_and_swap(CURRENT_EPOCH, rev, epoch.to_string().into_bytes(), None).await {
+        match crate::store::typed::activate_epoch(s, epoch, rev).await {
             Ok(_) => return Ok(true),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e),

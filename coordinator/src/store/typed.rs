@@ -4,7 +4,9 @@
 //! - `members/<id>`: [`Member`], put with the worker's lease so it vanishes when the worker dies;
 //! - `placement/epochs/<epoch, 20 digits>`: [`PlacementEpoch`] records;
 //! - `placement/current`: the active epoch number (decimal), moved only by compare-and-swap;
-//! - `models/<name>`: [`ModelMeta`].
+//! - `models/<name>`: [`ModelMeta`];
+//! - `coordinator/leader`: [`LEADER`]; `cluster/generation`: the active generation
+//!   (`crate::control::record`).
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -171,33 +173,3 @@ pub async fn activate_epoch<S: StateStore>(s: &S, epoch: u64, expected_rev: Revi
 
 /// Where the leading coordinator is (its client API address), held with its lease.
 pub const LEADER: &str = "coordinator/leader";
-/// The running cluster as the leader set it up: what a new leader adopts after a failover.
-pub const CLUSTER: &str = "cluster/assignment";
-
-/// The running cluster: world, model, transport and every rank's worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterRecord {
-    pub world: u32,
-    pub model_path: String,
-    pub transport: String,
-    /// Indexed by rank.
-    pub members: Vec<Member>,
-}
-
-pub async fn put_cluster<S: StateStore>(s: &S, c: &ClusterRecord) -> Result<Revision> {
-    s.put(CLUSTER, encode(c), None).await
-}
-
-pub async fn get_cluster<S: StateStore>(s: &S) -> Result<Option<ClusterRecord>> {
-    Ok(get_json(s, CLUSTER).await?.map(|v| v.value))
-}
-
-/// Writes an epoch record as it is (the leader's own two-phase change decided its state) and, when
-/// it is `Committed`, makes it the current epoch.
-pub async fn record_epoch<S: StateStore>(s: &S, rec: &PlacementEpoch) -> Result<Revision> {
-    let rev = s.put(&epoch_key(rec.epoch), encode(rec), None).await?;
-    if rec.state == EpochState::Committed {
-        return s.put(CURRENT_EPOCH, rec.epoch.to_string().into_bytes(), None).await;
-    }
-    Ok(rev)
-}

@@ -196,6 +196,25 @@ impl Drop for Cluster {
     }
 }
 
+/// A command's stdout and stderr, for assertions and messages.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Generates until it works (the cluster is starting, failing over or re-forming); the time it
+/// took.
+pub fn until_served(endpoints: &str, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let o = generate_at(endpoints, &["--prompt-ids", "1,2,3", "--max-tokens", "2", "--retries", "0"]);
+        if o.status.success() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < timeout, "not served within {timeout:?}: {}", text(&o));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn ids_line(out: &Output) -> Option<String> {
     String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("ids: ")).map(|l| l.to_string())
 }

@@ -22,7 +22,7 @@ fn formed(n: usize, budget: Option<usize>) -> (Group, Vec<WorkerId>) {
     let mut g = Group::new(settings(n, EXPERTS.div_ceil(n), budget, 1)).unwrap();
     let ids = register(&mut g, n);
     let first = g.next_generation(None).expect("first generation");
-    g.regroup_finished(first.number, &[]).unwrap();
+    g.regroup_finished(first.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
     (g, ids)
 }
@@ -55,7 +55,7 @@ fn first_generation_waits_for_min_workers() {
     g.register("g".into(), "t".into(), "n".into());
     let first = g.next_generation(None).unwrap();
     assert_eq!(first.world(), 3);
-    g.regroup_finished(first.number, &[]).unwrap();
+    g.regroup_finished(first.number).unwrap();
     assert_eq!(g.routable().len(), 3);
 }
 
@@ -73,7 +73,7 @@ fn a_loss_plans_a_smaller_generation_in_order() {
     assert!(next.number > before.number && next.epoch > before.epoch);
     assert_eq!(ids_of(&next), vec![ids[0].as_str(), ids[2].as_str(), ids[3].as_str()], "survivors keep their order");
     check_placement(&next, Some(4));
-    g.regroup_finished(next.number, &[]).unwrap();
+    g.regroup_finished(next.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
     assert_eq!(g.active().unwrap().number, next.number);
     assert_eq!(g.generations_formed(), 2);
@@ -88,7 +88,7 @@ fn a_joiner_comes_last() {
     let next = g.next_generation(None).unwrap();
     assert_eq!(ids_of(&next), vec![ids[0].as_str(), ids[1].as_str(), ids[2].as_str(), j.as_str()]);
     check_placement(&next, Some(3));
-    g.regroup_finished(next.number, &[]).unwrap();
+    g.regroup_finished(next.number).unwrap();
     assert_eq!(g.spare_workers(), 0);
 }
 
@@ -107,7 +107,7 @@ fn no_room_names_the_missing_experts_and_a_join_resolves_it() {
     let next = g.next_generation(None).expect("a join resolves NoRoom");
     assert_eq!(next.world(), 4);
     check_placement(&next, Some(2));
-    g.regroup_finished(next.number, &[]).unwrap();
+    g.regroup_finished(next.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
 }
 
@@ -116,13 +116,13 @@ fn a_failed_regroup_replans_without_the_failed() {
     let (mut g, ids) = formed(4, Some(4));
     g.lose(&ids[3]);
     let next = g.next_generation(None).unwrap();
-    g.regroup_finished(next.number, std::slice::from_ref(&ids[2])).unwrap();
+    g.regroup_abandoned(next.number, std::slice::from_ref(&ids[2])).unwrap();
     assert!(g.worker(&ids[2]).is_none(), "a worker that failed to join counts as lost");
     let again = g.next_generation(None).unwrap();
     assert!(again.number > next.number);
     assert_eq!(ids_of(&again), vec![ids[0].as_str(), ids[1].as_str()]);
     check_placement(&again, Some(4));
-    g.regroup_finished(again.number, &[]).unwrap();
+    g.regroup_finished(again.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
 }
 
@@ -130,12 +130,12 @@ fn a_failed_regroup_replans_without_the_failed() {
 fn a_stale_finish_is_refused() {
     let (mut g, ids) = formed(3, None);
     let active = g.active().unwrap().number;
-    assert!(matches!(g.regroup_finished(active, &[]), Err(ControlError::Stale { .. })), "nothing pending");
+    assert!(matches!(g.regroup_finished(active), Err(ControlError::Stale { .. })), "nothing pending");
     g.lose(&ids[0]);
     let next = g.next_generation(None).unwrap();
-    assert!(matches!(g.regroup_finished(next.number - 1, &[]), Err(ControlError::Stale { .. })));
+    assert!(matches!(g.regroup_finished(next.number - 1), Err(ControlError::Stale { .. })));
     assert_eq!(g.pending().map(|p| p.number), Some(next.number), "a stale finish leaves the pending one");
-    g.regroup_finished(next.number, &[]).unwrap();
+    g.regroup_finished(next.number).unwrap();
 }
 
 #[test]
@@ -211,12 +211,12 @@ fn a_failed_join_reforms_the_survivors_that_left_the_active_generation() {
     let active = g.active().unwrap().number;
     let j = g.register("j".into(), "tj".into(), "nj".into()).id;
     let next = g.next_generation(None).unwrap();
-    g.regroup_finished(next.number, std::slice::from_ref(&j)).unwrap();
+    g.regroup_abandoned(next.number, std::slice::from_ref(&j)).unwrap();
     assert!(!g.serving().is_serving(), "the survivors left generation {active}");
     assert!(g.routable().is_empty());
     let again = g.next_generation(None).expect("the survivors are re-formed");
     assert!(again.number > next.number);
     assert_eq!(ids_of(&again), ids.iter().map(String::as_str).collect::<Vec<_>>());
-    g.regroup_finished(again.number, &[]).unwrap();
+    g.regroup_finished(again.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
 }

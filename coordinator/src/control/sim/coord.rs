@@ -295,8 +295,9 @@ impl World {
         let Some(p) = lead.pend.take() else { return };
         let failed: Vec<(WorkerId, usize)> = p.members.iter().filter(|m| !p.ok.contains(&m.1)).cloned().collect();
         let ids: Vec<WorkerId> = failed.iter().map(|f| f.0.clone()).collect();
-        if let Err(e) = lead.group.regroup_finished(p.number, &ids) {
-            self.violation = Some(format!("regroup_finished refused generation {}: {e}", p.number));
+        let done = if ids.is_empty() { lead.group.regroup_finished(p.number) } else { lead.group.regroup_abandoned(p.number, &ids) };
+        if let Err(e) = done {
+            self.violation = Some(format!("the group refused the outcome of generation {}: {e}", p.number));
             return;
         }
         for (id, w) in failed {
