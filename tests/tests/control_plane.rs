@@ -70,7 +70,6 @@ fn killing_the_leading_coordinator_hands_over_with_no_request_lost() {
 }
 
 #[test]
-#[ignore = "fails since generations landed: after SIGSTOP of a worker the test waits for a printed line that no longer comes in time (common/mod.rs:264); not yet investigated (issue 12 closing note)"]
 fn an_expired_worker_lease_removes_it_and_the_cluster_keeps_serving() {
     let etcd = Etcd::start();
     let store = format!("etcd://127.0.0.1:{}/lease", etcd.client_port);
@@ -80,14 +79,14 @@ fn an_expired_worker_lease_removes_it_and_the_cluster_keeps_serving() {
     let w1 = worker(&addr, &store);
     until_served(&addr, Duration::from_secs(60));
     let want = local_ids(&model, "9,8,7,6", 16);
-    // Freeze rank 1 (its process stays, its lease stops being refreshed).
-    let stalled = if w1.has_line("worker rank 1") { &w1 } else { &w0 };
+    // Freeze the second worker to register (its process stays, its lease stops being refreshed).
+    let stalled = if w1.has_line(" id w1 ") { &w1 } else { &w0 };
     let frozen = Instant::now();
     stalled.signal("-STOP");
-    c.wait_line("worker rank 1 lost: its lease expired", Duration::from_secs(20));
+    c.wait_line("worker w1 lost: its lease expired", Duration::from_secs(20));
     let removed = frozen.elapsed();
-    // The survivor's collective with the frozen peer times out (--transport-timeout 3), it loads
-    // every expert and serves alone; requests go only to it.
+    // A new generation over the survivor: its regroup interrupts the collective blocked on the
+    // frozen peer, it loads the experts it lacks, and requests go only to it.
     until_served(&addr, Duration::from_secs(30));
     let back = frozen.elapsed();
     for _ in 0..3 {

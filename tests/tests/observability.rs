@@ -30,7 +30,6 @@ fn metrics_addr(p: &Proc) -> String {
 }
 
 #[test]
-#[ignore = "since generations landed the worker prints its rank per generation (`worker rank 0 of 0 id wN`), and this test waits for a line naming rank 1 (common/mod.rs:264): update the harness to the ready files (issue 12 closing note)"]
 fn coordinator_and_workers_expose_prometheus_metrics_and_dead_otlp_does_not_hang() {
     let model = fixture("qwen3_moe");
     let m = model.to_str().expect("path");
@@ -45,7 +44,7 @@ fn coordinator_and_workers_expose_prometheus_metrics_and_dead_otlp_does_not_hang
         .map(|_| Proc::spawn(&["worker", "--coordinator", &addr, "--metrics-listen", "127.0.0.1:0", "--otlp-endpoint", &dead_collector]))
         .collect();
     let wm: Vec<String> = workers.iter().map(metrics_addr).collect();
-    c.wait_line("cluster ready", Duration::from_secs(60));
+    c.wait_line("generation 1 serving", Duration::from_secs(60));
     let prompts = ["1,2,3", "4,5,6,7", "8,9", "10,11,12"];
     let mut generated = 0.0;
     for p in prompts {

@@ -39,7 +39,7 @@ fn every_grpc_hop_speaks_tls_and_plaintext_or_a_foreign_ca_is_refused() {
     let _w: Vec<Proc> = (0..2)
         .map(|_| Proc::spawn(&["--tls-ca", &ca, "worker", "--coordinator", &addr, "--tls-cert", &cert, "--tls-key", &key]))
         .collect();
-    c.wait_line("cluster ready", Duration::from_secs(60));
+    c.wait_line("generation 1 serving", Duration::from_secs(60));
     let want = local_ids(&model, "2,4,6", 10);
     let o = switchyard(&["--tls-ca", &ca, "generate", "--endpoint", &addr, "--prompt-ids", "2,4,6", "--max-tokens", "10"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
