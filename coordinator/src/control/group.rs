@@ -167,6 +167,10 @@ pub struct Group {
     /// generation carried out on its ranks failed (those that accepted it have left it) — so it
     /// is re-formed even with the same members.
     reform: bool,
+    /// The active generation was formed without restoring `min_replicas` (survivors of a loss
+    /// serve at once with what they hold); the next generation restores it, loading while the
+    /// active one serves.
+    restore_replicas: bool,
     no_room: Vec<(usize, usize)>,
     next_id: u64,
     formed: u64,
@@ -205,6 +209,7 @@ impl Group {
             epoch_floor: 0,
             dirty: false,
             reform: false,
+            restore_replicas: false,
             no_room: Vec::new(),
             next_id: 0,
             formed: 0,
@@ -318,7 +323,11 @@ impl Group {
                 self.order.push(w.id.clone());
             }
         }
-        self.dirty = recorded.ranks.iter().any(|w| !alive.contains(&w.id)) || self.workers.len() > recorded.world();
+        // A leader that died between a quick regroup and the replica restore leaves the floor
+        // unmet: restore it.
+        let floor = placement::solver::effective_min(self.settings.min_replicas, recorded.world());
+        self.restore_replicas = placement::solver::min_replica_count(&recorded.placement) < floor;
+        self.dirty = self.restore_replicas || recorded.ranks.iter().any(|w| !alive.contains(&w.id)) || self.workers.len() > recorded.world();
         self.active = Some(recorded);
         self.reform = false;
         self.pending = None;
@@ -331,9 +340,12 @@ impl Group {
             return None;
         }
         match self.plan(load) {
-            Ok(Some(g)) => {
+            Ok(Some((g, replicas_deferred))) => {
                 self.no_room.clear();
-                self.dirty = false;
+                // A deferred replica floor keeps the group dirty: the follow-up generation is
+                // planned once this one is active.
+                self.dirty = replicas_deferred;
+                self.restore_replicas = replicas_deferred;
                 self.reform = false;
                 self.generation_floor = g.number;
                 self.epoch_floor = g.epoch;
@@ -343,6 +355,7 @@ impl Group {
             Ok(None) => {
                 self.no_room.clear();
                 self.dirty = false;
+                self.restore_replicas = false;
                 None
             }
             Err(ControlError::NoRoom { missing }) => {
@@ -360,9 +373,9 @@ impl Group {
         }
     }
 
-    /// What the next generation would be (without taking it). `Ok(None)`: nothing to change or
-    /// not enough workers yet.
-    fn plan(&self, load: Option<&[Vec<f64>]>) -> Result<Option<Generation>, ControlError> {
+    /// What the next generation would be (without taking it), and whether it defers the replica
+    /// floor. `Ok(None)`: nothing to change or not enough workers yet.
+    fn plan(&self, load: Option<&[Vec<f64>]>) -> Result<Option<(Generation, bool)>, ControlError> {
         let candidates: Vec<&WorkerInfo> = self.candidates();
         let number = self.generation_floor + 1;
         let epoch = self.epoch_floor + 1;
@@ -373,10 +386,10 @@ impl Group {
             let ranks: Vec<WorkerInfo> = candidates[..self.settings.min_workers].iter().map(|w| (*w).clone()).collect();
             let mut placement = self.settings.initial.clone();
             placement.topology = topology_of(&ranks).map_err(|e| ControlError::InvalidPlacement(e.to_string()))?;
-            return Ok(Some(Generation { number, epoch, ranks, placement }));
+            return Ok(Some((Generation { number, epoch, ranks, placement }, false)));
         };
         let same = candidates.len() == active.world() && candidates.iter().zip(&active.ranks).all(|(c, a)| c.id == a.id);
-        if same && !self.reform {
+        if same && !self.reform && !self.restore_replicas {
             return Ok(None);
         }
         if candidates.is_empty() {
@@ -391,8 +404,21 @@ impl Group {
             min_replicas: self.settings.min_replicas,
             load: load.map(<[Vec<f64>]>::to_vec),
         };
+        // Ranks were lost and none joined: when the survivors already hold every expert, serve
+        // again with exactly what they hold (no weight loading before serving) and restore the
+        // replica floor in the next generation.
+        let lost_only = ranks.len() < active.world() && survivors.iter().all(Option::is_some);
+        if lost_only && opts.min_replicas > 1 {
+            let quick = RegroupOptions { min_replicas: 1, ..opts.clone() };
+            if let Ok(r) = regroup(&active.placement, &survivors, &quick)
+                && r.loads_per_rank.iter().all(|&n| n == 0)
+            {
+                return Ok(Some((Generation { number, epoch, ranks, placement: r.placement }, true)));
+            }
+        }
         match regroup(&active.placement, &survivors, &opts) {
-            Ok(r) => Ok(Some(Generation { number, epoch, ranks, placement: r.placement })),
+            Ok(r) if same && !self.reform && r.placement == active.placement => Ok(None),
+            Ok(r) => Ok(Some((Generation { number, epoch, ranks, placement: r.placement }, false))),
             Err(PlacementError::Unplaceable { missing, .. }) => Err(ControlError::NoRoom { missing }),
             Err(e) => Err(ControlError::InvalidPlacement(e.to_string())),
         }

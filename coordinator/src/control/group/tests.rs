@@ -220,3 +220,39 @@ fn a_failed_join_reforms_the_survivors_that_left_the_active_generation() {
     g.regroup_finished(again.number).unwrap();
     assert_eq!(g.serving(), Serving::Yes);
 }
+
+/// With `min_replicas 2`, losing a rank serves again with what the survivors hold (no rank gains
+/// an expert), and the next generation — same members — restores the floor.
+#[test]
+fn a_loss_with_replicas_serves_first_and_restores_the_floor_next() {
+    let topo = Topology::uniform(4, 1).unwrap();
+    let mut initial = contiguous::solve(LAYERS, EXPERTS, &topo, 4).unwrap();
+    placement::solver::ensure_min_replicas(&mut initial, 2, &[]).unwrap();
+    assert!(placement::solver::min_replica_count(&initial) >= 2);
+    let mut g = Group::new(GroupSettings { min_workers: 4, max_slots_per_rank: Some(8), min_replicas: 2, initial }).unwrap();
+    let ids = register(&mut g, 4);
+    let first = g.next_generation(None).unwrap();
+    g.regroup_finished(first.number).unwrap();
+    g.lose(&ids[1]);
+    let quick = g.next_generation(None).expect("a generation over the survivors");
+    check_placement(&quick, Some(8));
+    assert_eq!(quick.world(), 3);
+    for (r, w) in quick.ranks.iter().enumerate() {
+        let old = first.rank_of(&w.id).unwrap();
+        for (l, layer) in quick.placement.layers.iter().enumerate() {
+            for e in &layer.ranks[r] {
+                assert!(first.placement.layers[l].ranks[old].contains(e), "{} gained layer {l} expert {e} before serving", w.id);
+            }
+        }
+    }
+    assert!(g.next_generation(None).is_none(), "one at a time");
+    g.regroup_finished(quick.number).unwrap();
+    assert_eq!(g.serving(), Serving::Yes);
+    let restore = g.next_generation(None).expect("the replica floor restored next");
+    assert_eq!(ids_of(&restore), ids_of(&quick));
+    assert!(restore.number > quick.number && restore.epoch > quick.epoch);
+    assert!(placement::solver::min_replica_count(&restore.placement) >= 2, "floor not restored");
+    check_placement(&restore, Some(8));
+    g.regroup_finished(restore.number).unwrap();
+    assert!(g.next_generation(None).is_none(), "nothing left to do");
+}
