@@ -159,8 +159,15 @@ def semantic_checks(name, objs):
     for flag in ("--tls-cert=", "--tls-key=", "--tls-ca="):
         check(f"{name}: {flag[:-1]} iff TLS", any(a.startswith(flag) for a in cargs) == tls and any(a.startswith(flag) for a in wargs) == tls)
     probes = [c[p] for c in (cc, wc) for p in ("readinessProbe", "livenessProbe")]
-    check(f"{name}: probes are {'TCP' if tls else 'gRPC health (no per-service readiness)'}",
-          all(("tcpSocket" in p) if tls else ("grpc" in p and "service" not in p["grpc"]) for p in probes), str(probes))
+    check(f"{name}: probes are {'TCP' if tls else 'gRPC health'}",
+          all(("tcpSocket" in p) if tls else "grpc" in p for p in probes), str(probes))
+    if not tls:
+        # Readiness of a coordinator is the leader's switchyard.v1.Control (standbys report it
+        # NOT_SERVING); every other probe checks the process (""), so a standby stays alive.
+        want = [("switchyard.v1.Control" if (c is cc and p == "readinessProbe") else None)
+                for c in (cc, wc) for p in ("readinessProbe", "livenessProbe")]
+        got = [c[p]["grpc"].get("service") for c in (cc, wc) for p in ("readinessProbe", "livenessProbe")]
+        check(f"{name}: only the coordinator's readiness checks switchyard.v1.Control", got == want, str(probes))
     otlp = vals.get("telemetry", {}).get("otlpEndpoint")
     check(f"{name}: --otlp-endpoint iff telemetry.otlpEndpoint",
           all((f"--otlp-endpoint={otlp}" in a) if otlp else not any(x.startswith("--otlp-endpoint") for x in a) for a in (cargs, wargs)))

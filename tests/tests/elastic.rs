@@ -214,9 +214,10 @@ fn survivors_without_room_refuse_clearly_then_recover_when_a_worker_joins() {
     // The survivor keeps its own experts (its budget is full): the dead rank's are missing.
     assert_eq!(s.missing_experts.len(), layers * (experts - budget), "missing {:?}", s.missing_experts);
     assert!(!s.not_serving_reason.is_empty(), "{s:#?}");
-    // The leader stays SERVING on gRPC health (workers register through the Service that probe
-    // gates); the refusal below is what clients see.
-    assert_eq!(grpc::serving(&addr, INFERENCE), Some(true), "gRPC health of the leader while experts are missing");
+    assert_eq!(grpc::serving(&addr, INFERENCE), Some(false), "gRPC health while experts are missing");
+    // The leader stays ready (switchyard.v1.Control): the worker that brings the room registers
+    // through the same Service.
+    assert_eq!(grpc::serving(&addr, "switchyard.v1.Control"), Some(true), "the leader's readiness while experts are missing");
     let o = generate_at(&addr, &["--prompt-ids", "5,6,7", "--max-tokens", &TOKENS.to_string(), "--retries", "0"]);
     let t = text(&o).to_lowercase();
     assert!(!o.status.success() && t.contains("unavailable") && t.contains("missing") && t.contains("expert"), "{}", text(&o));
@@ -317,6 +318,8 @@ fn a_standby_reports_not_serving_on_grpc_health() {
     until_served(&both, Duration::from_secs(60));
     assert_eq!(grpc::serving(&addr_a, INFERENCE), Some(true), "the leader's gRPC health");
     assert_eq!(grpc::serving(&addr_b, INFERENCE), Some(false), "the standby's gRPC health");
+    assert_eq!(grpc::serving(&addr_b, "switchyard.v1.Control"), Some(false), "the standby's readiness");
+    assert_eq!(grpc::serving(&addr_a, "switchyard.v1.Control"), Some(true), "the leader's readiness");
     // The standby takes over: it reports SERVING once it leads and serves.
     kill(&mut a);
     until_served(&addr_b, Duration::from_secs(30));

@@ -273,8 +273,8 @@ struct CoordState {
     recent_steps: RecentSteps<65536>,
     /// Rank 0's projected step lengths (dedicated cores), µs, not yet read by GetStats.
     recent_projected_steps: RecentSteps<65536>,
-    /// Transport kind and NCCL unique id handed to every worker.
-    transport: (String, Vec<u8>),
+    /// Transport kind handed to every worker ("tcp" or "nccl").
+    transport: String,
 }
 
 #[derive(Clone)]
@@ -354,7 +354,7 @@ impl CoordSvc {
 
     /// Records the active generation (in order, in the background).
     fn record_active(&self) {
-        let Some(rec) = self.group(|g| g.active().map(|a| GenerationRecord::of(a, &self.0.model_dir.display().to_string(), &self.0.transport.0)))
+        let Some(rec) = self.group(|g| g.active().map(|a| GenerationRecord::of(a, &self.0.model_dir.display().to_string(), &self.0.transport)))
         else {
             return;
         };
@@ -435,6 +435,11 @@ impl CoordSvc {
             Ok(j) => j,
             Err(e) => return tracing::error!("placement of generation {}: {e}", g.number),
         };
+        // Every generation is a new communicator: NCCL needs a unique id of its own for it.
+        let (transport, nccl_unique_id) = match transport_setup(&self.0.transport) {
+            Ok(t) => t,
+            Err(e) => return tracing::error!("generation {}: transport setup: {e:#}", g.number),
+        };
         let peers: Vec<String> = g.ranks.iter().map(|w| w.transport.clone()).collect();
         let nodes = g.node_indices();
         let mut set = tokio::task::JoinSet::new();
@@ -457,8 +462,8 @@ impl CoordSvc {
                     placement_json: json.clone(),
                     model_path: self.0.model_dir.display().to_string(),
                     epoch: g.epoch,
-                    transport: self.0.transport.0.clone(),
-                    nccl_unique_id: self.0.transport.1.clone(),
+                    transport: transport.clone(),
+                    nccl_unique_id: nccl_unique_id.clone(),
                     load_aware_replicas: self.0.load_aware_replicas,
                     capacity_factor: self.0.capacity_factor.unwrap_or(0.0),
                     max_batch_tokens: self.0.max_batch_tokens.unwrap_or(0),
@@ -1087,22 +1092,34 @@ impl Inference for CoordSvc {
 /// How long a request waits for a cluster that is starting or re-forming before it is refused.
 const START_WAIT: Duration = Duration::from_secs(120);
 
-/// Keeps gRPC health in step with the role: `switchyard.v1.Inference` is SERVING only on the
-/// leader, so a Service in front of several coordinators (the Helm chart's readiness probe)
-/// routes clients, and workers registering, only to the leader. (Not tied to the cluster
-/// serving: workers register through that Service, and a cluster that lacks room refuses
-/// requests with a clear UNAVAILABLE itself.) The overall health ("") stays SERVING while the
-/// process runs (liveness).
+/// Keeps gRPC health in step with what this coordinator can do:
+/// - `switchyard.v1.Control` (registration, the admin API's leader) is SERVING only on the
+///   leader: the Helm chart's readiness probe checks it, so a Service in front of several
+///   coordinators routes clients and registering workers to the leader only — also while the
+///   cluster lacks room, so that the worker which brings the room can register;
+/// - `switchyard.v1.Inference` is SERVING only on the leader while the cluster serves (every
+///   expert on a live rank): NOT_SERVING on a standby, while waiting for workers, re-forming, or
+///   without room;
+/// - the overall "" stays SERVING while the process runs (liveness).
 async fn follow_health(svc: CoordSvc, reporter: tonic_health::server::HealthReporter) {
     let mut role = svc.0.role.subscribe();
+    let mut serving = svc.0.serving.subscribe();
     loop {
-        if *role.borrow_and_update() == Role::Leader {
+        let leads = *role.borrow_and_update() == Role::Leader;
+        let serves = leads && serving.borrow_and_update().is_serving();
+        if leads {
+            reporter.set_serving::<ControlServer<CoordSvc>>().await;
+        } else {
+            reporter.set_not_serving::<ControlServer<CoordSvc>>().await;
+        }
+        if serves {
             reporter.set_serving::<InferenceServer<CoordSvc>>().await;
         } else {
             reporter.set_not_serving::<InferenceServer<CoordSvc>>().await;
         }
-        if role.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = role.changed() => if r.is_err() { return },
+            r = serving.changed() => if r.is_err() { return },
         }
     }
 }
@@ -1116,7 +1133,8 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         bail!("--workers must be at least 1");
     }
     let p = PlacementArgs { placement: a.placement.clone(), ..Default::default() }.resolve_with(&cfg, a.workers, a.min_replicas)?;
-    let transport = transport_setup(&a.transport)?;
+    // Checked here, for a clear error at start (each generation makes its own NCCL id).
+    let (transport, _) = transport_setup(&a.transport)?;
     let tok = Tokenizer::from_dir(&a.model)?.map(Arc::new);
     let model_dir = std::fs::canonicalize(&a.model)?;
     let (n_moe, n_experts) = (cfg.moe_layers().len(), cfg.router.n_experts);
@@ -1201,7 +1219,6 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             println!("metrics on http://{maddr}/metrics");
         }
         let (health, reflection, reporter) = health_and_reflection().await?;
-        reporter.set_not_serving::<InferenceServer<CoordSvc>>().await;
         tokio::spawn(follow_health(svc.clone(), reporter));
         println!("listening on {addr}");
         if let Some(f) = &a.ready_file {

@@ -98,6 +98,8 @@ etcd://{{ include "switchyard.etcdEndpoints" . }}{{ .Values.store.prefix }}
 {{- define "switchyard.probe" -}}
 {{- if .ctx.Values.tls.enabled }}
 tcpSocket: {port: {{ .port }}}
+{{- else if .service }}
+grpc: {port: {{ .port }}, service: {{ .service }}}
 {{- else }}
 grpc: {port: {{ .port }}}
 {{- end }}
