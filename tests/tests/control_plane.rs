@@ -18,7 +18,7 @@ fn coordinator(store: &str, model: &std::path::Path) -> (Proc, String) {
 
 fn worker(coordinators: &str, store: &str) -> Proc {
     let p = Proc::spawn(&["worker", "--coordinator", coordinators, "--store", store, "--lease-ttl", "2", "--transport-timeout", "3"]);
-    p.wait_line("worker rank", Duration::from_secs(60));
+    p.wait_line(" listening on ", Duration::from_secs(60));
     p
 }
 
@@ -80,7 +80,7 @@ fn an_expired_worker_lease_removes_it_and_the_cluster_keeps_serving() {
     until_served(&addr, Duration::from_secs(60));
     let want = local_ids(&model, "9,8,7,6", 16);
     // Freeze the second worker to register (its process stays, its lease stops being refreshed).
-    let stalled = if w1.has_line(" id w1 ") { &w1 } else { &w0 };
+    let stalled = if w1.has_line("worker w1 listening") { &w1 } else { &w0 };
     let frozen = Instant::now();
     stalled.signal("-STOP");
     c.wait_line("worker w1 lost: its lease expired", Duration::from_secs(20));

@@ -990,7 +990,7 @@ impl Control for CoordSvc {
         let w = self.group(|g| g.register(r.grpc_address, r.transport_address, r.node));
         self.0.membership_changed.notify_one();
         println!("worker {} registered ({})", w.id, w.grpc);
-        Ok(Response::new(pb::RegisterResponse { rank: 0, world_size: 0, worker_id: w.id }))
+        Ok(Response::new(pb::RegisterResponse { worker_id: w.id }))
     }
 }
 

@@ -141,7 +141,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         // The coordinator names the worker; an older coordinator that does not keeps the old key.
-        let worker_id = if reg.worker_id.is_empty() { format!("rank-{}", reg.rank) } else { reg.worker_id.clone() };
+        anyhow::ensure!(!reg.worker_id.is_empty(), "the coordinator gave this worker no id (a coordinator older than generations?)");
+        let worker_id = reg.worker_id.clone();
         // Membership lease: the key vanishes when this process dies or stalls.
         let _membership = match &a.store {
             Some(u) if u.starts_with("embedded:") => {
@@ -154,7 +155,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
                 let lease = store.grant_lease(ttl).await?;
                 let m = Member {
                     id: worker_id.clone(),
-                    rank: reg.rank,
+                    rank: 0, // ranks change with every generation (see `Member::rank`)
                     node: a.node.clone(),
                     addr: grpc_addr.clone(),
                     transport_addr: transport_addr.clone(),
@@ -172,8 +173,9 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             });
             write_ready_file(path, &ready)?;
         }
-        // The rank is only a hint now (each generation assigns one); tests read this line.
-        println!("worker rank {} of {} id {worker_id} listening on {grpc_addr} (transport {transport_addr}) pid {pid}", reg.rank, reg.world_size);
+        // Ranks come with each generation (Regroup), so the line names the worker id; for
+        // people (processes learn addresses from --ready-file).
+        println!("worker {worker_id} listening on {grpc_addr} (transport {transport_addr}) pid {pid}");
         server.await??;
         Ok(ExitCode::SUCCESS)
     })

@@ -21,6 +21,8 @@ pub const MODELS: &str = "models/";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub id: String,
+    /// Not a worker's rank any more (ranks change with every generation; the recorded
+    /// generation holds them): 0 for workers, kept so older records decode.
     pub rank: u32,
     /// Node (host) name: topology for the placement.
     pub node: String,

@@ -105,7 +105,8 @@ impl Cluster {
             if let Some(a) = line.strip_prefix("listening on ") {
                 cl.addr = a.trim().to_string();
             }
-            if line.starts_with("worker rank")
+            if line.starts_with("worker ")
+                && line.contains(" listening on ")
                 && let Some(pid) = line.rsplit("pid ").next().and_then(|p| p.trim().parse().ok())
             {
                 cl.worker_pids.push(pid);
