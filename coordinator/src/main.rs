@@ -83,7 +83,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if let Err(e) = cli::tls::init_client(cli.tls_ca.as_deref()) {
+    if let Err(e) = coordinator::tls::init_client(cli.tls_ca.as_deref()) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
     }

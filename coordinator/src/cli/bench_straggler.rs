@@ -174,7 +174,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
             hs.push(tokio::spawn(client(cl.addr.clone(), rot(&pa), rot(&pb_), shift.clone(), stop.clone(), a.max_tokens)));
         }
         // Poll the live statistics through the run.
-        let ep = super::tls::endpoint(&cl.addr)?.connect().await?;
+        let ep = coordinator::tls::endpoint(&cl.addr)?.connect().await?;
         let header: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse()?;
         let mut admin = AdminClient::with_interceptor(ep, super::admin::BearerToken(header));
         let mut timeline = Vec::new();

@@ -11,19 +11,15 @@ use anyhow::{Context, bail};
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
-use super::tls::{ServerTls, endpoint};
+use coordinator::tls::{ServerTls, endpoint};
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::worker_client::WorkerClient;
-use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::Status;
 use worker::ModelConfig;
-
-pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
@@ -140,34 +136,11 @@ pub struct ServeArgs {
     pub tls: ServerTls,
 }
 
-/// What the coordinator hands every worker to build its all-to-all: the kind, and for NCCL a unique
-/// id made once here (so every rank joins the same communicator).
-pub(super) fn transport_setup(kind: &str) -> anyhow::Result<(String, Vec<u8>)> {
-    match kind {
-        "tcp" => Ok(("tcp".into(), Vec::new())),
-        #[cfg(feature = "cuda")]
-        "nccl" => Ok(("nccl".into(), worker::transport::nccl::new_unique_id()?)),
-        #[cfg(not(feature = "cuda"))]
-        "nccl" => bail!("--transport nccl needs a build with the `cuda` feature (cargo build --features cuda)"),
-        other => bail!("unknown transport {other:?} (tcp or nccl)"),
-    }
-}
-
-pub(super) async fn health_and_reflection() -> anyhow::Result<(
-    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_health::server::HealthReporter,
-)> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok((health, reflection, reporter))
-}
 
 
-pub use super::coordinator_cmd::{SchedulerArgs, check_placement};
+
+pub use super::coordinator_cmd::SchedulerArgs;
+pub use coordinator::server::{check_placement, continuation};
 
 // ---------------------------------------------------------------------------------------------
 // Client side: generate --endpoint, model check --workers
@@ -263,17 +236,6 @@ pub async fn generate_with_retries(
     Err(last)
 }
 
-/// `req` continued after `generated` tokens: prompt `prompt ++ generated`, the token budget
-/// shrunk by as many, no prompt logits (they were sent, or the request moved before any token).
-pub(super) fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, generated: &[u32]) -> pb::GenerateRequest {
-    prompt.extend_from_slice(generated);
-    pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
-        max_tokens: req.max_tokens.saturating_sub(generated.len() as u32),
-        return_prompt_logits: false,
-        ..req.clone()
-    }
-}
 
 /// A call that broke because the connection did (the coordinator died mid-stream: h2 or hyper
 /// errors, surfaced as `UNKNOWN` with a source) is retryable like `UNAVAILABLE`; statuses the
@@ -281,11 +243,12 @@ pub(super) fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, gene
 fn connection_lost(st: Status) -> Status {
     if matches!(st.code(), tonic::Code::Unknown | tonic::Code::Cancelled) && std::error::Error::source(&st).is_some() {
         let why = std::error::Error::source(&st).map(error_chain).unwrap_or_default();
-        let hint = if super::tls::client_enabled() { "" } else { " (if the server speaks TLS, pass --tls-ca)" };
+        let hint = if coordinator::tls::client_enabled() { "" } else { " (if the server speaks TLS, pass --tls-ca)" };
         return Status::unavailable(format!("connection lost: {}: {why}{hint}", st.message()));
     }
-    if st.code() == tonic::Code::Internal && st.message().contains("h2 protocol error") {
-        // What a plaintext client gets from a TLS server.
+    if st.code() == tonic::Code::Internal && std::error::Error::source(&st).is_some() && !coordinator::tls::client_enabled() {
+        // A protocol error of the connection itself (a status the server sent has no source):
+        // what a plaintext client gets from a TLS server.
         return Status::internal(format!("{} (if the server speaks TLS, pass --tls-ca)", st.message()));
     }
     st

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
-use super::cluster::{ServeArgs, connect_channel, exit_on_stdin_eof, health_and_reflection, runtime, write_ready_file};
+use super::cluster::{ServeArgs, connect_channel, exit_on_stdin_eof, runtime, write_ready_file};
+use coordinator::server::health_and_reflection;
 use coordinator::store::typed::{self, Member};
 use coordinator::store::{AnyStore, StateStore};
 use switchyard_proto::v1::control_client::ControlClient;
@@ -104,7 +105,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        let (health, reflection, reporter) = health_and_reflection().await?;
+        let (health, reflection, reporter) = health_and_reflection()?;
         reporter.set_serving::<WorkerServer<WorkerService>>().await;
         let server = a.serve.tls.server()?
             .add_service(health)

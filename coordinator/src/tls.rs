@@ -3,10 +3,18 @@
 //! certificates). The all-to-all transport between workers is plain TCP inside the cluster
 //! network.
 
-use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+/// Why TLS could not be set up (the message names the flag and file).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {source}")]
+    Read { flag: &'static str, path: String, #[source] source: std::io::Error },
+    #[error("TLS server configuration (is --tls-key the key of --tls-cert, both PEM?): {0}")]
+    Config(#[source] tonic::transport::Error),
+}
 
 static CLIENT_TLS: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
 
@@ -23,22 +31,24 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// A server builder, with TLS when a certificate is configured.
-    pub fn server(&self) -> anyhow::Result<Server> {
+    pub fn server(&self) -> Result<Server, TlsError> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(Server::builder()) };
-        let c = std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
-        let k = std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?;
-        Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(c, k)))
-            .context("TLS server configuration (is --tls-key the key of --tls-cert, both PEM?)")
+        let c = read("--tls-cert", cert)?;
+        let k = read("--tls-key", key)?;
+        Server::builder().tls_config(ServerTlsConfig::new().identity(Identity::from_pem(c, k))).map_err(TlsError::Config)
     }
 }
 
+fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { flag, path: path.display().to_string(), source })
+}
+
 /// Sets the client TLS of this process: `Some(ca)` verifies servers against that CA (PEM).
-pub fn init_client(ca: Option<&std::path::Path>) -> anyhow::Result<()> {
+pub fn init_client(ca: Option<&std::path::Path>) -> Result<(), TlsError> {
     let cfg = match ca {
         None => None,
         Some(p) => {
-            let pem = std::fs::read(p).with_context(|| format!("--tls-ca {}", p.display()))?;
+            let pem = read("--tls-ca", p)?;
             Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
         }
     };

@@ -9,8 +9,8 @@
 //! The leader records the active generation (`coordinator::control::record`); a new leader adopts
 //! its workers that still answer — they keep their KV caches and expert slots, nothing restarts.
 
-use coordinator::store::typed::LEADER;
-use coordinator::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};
+use crate::store::typed::LEADER;
+use crate::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};
 use std::time::Duration;
 
 /// Role of this coordinator.
