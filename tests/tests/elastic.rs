@@ -54,6 +54,10 @@ impl Group {
 
     /// A worker registered with `coordinators`; its worker id from its ready file.
     fn worker(&mut self, coordinators: &str, store: Option<&str>) -> (Proc, String) {
+        self.worker_with_env(coordinators, store, &[])
+    }
+
+    fn worker_with_env(&mut self, coordinators: &str, store: Option<&str>, env: &[(&str, &str)]) -> (Proc, String) {
         let ready = self.ready_path("worker");
         let r = ready.to_str().expect("path");
         // One compute thread each: several workers share 2 cores.
@@ -61,7 +65,7 @@ impl Group {
         if let Some(s) = store {
             args.extend(["--store", s, "--lease-ttl", "2"]);
         }
-        let p = Proc::spawn(&args);
+        let p = Proc::spawn_with_env(&args, env);
         let v = wait_ready_file(&p, &ready, Duration::from_secs(60));
         let id = v["worker_id"].as_str().expect("worker_id").to_string();
         assert!(!id.is_empty() && v["grpc_address"].as_str().is_some() && v["transport_address"].as_str().is_some(), "ready file {v}");
@@ -328,5 +332,39 @@ fn a_standby_reports_not_serving_on_grpc_health() {
         assert!(Instant::now() < deadline, "the new leader still reports NOT_SERVING");
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(etcd);
+}
+
+/// The leader dies while a join's generation is being formed (the joiner stalls in its regroup,
+/// a failpoint): the standby takes over the joiner from its membership lease, plans above every
+/// generation the workers were asked for, and finishes the join; no request is lost.
+#[test]
+fn the_leader_killed_during_a_generation_change_leaves_it_to_the_standby() {
+    let etcd = Etcd::start();
+    let store = format!("etcd://127.0.0.1:{}/elastic-leader-mid-change", etcd.client_port);
+    let model = model();
+    let mut g = Group::new();
+    let (mut a, addr_a) = g.coordinator(&model, 2, Some(&store), &[]);
+    a.wait_line("leading", Duration::from_secs(30));
+    let (b, addr_b) = g.coordinator(&model, 2, Some(&store), &[]);
+    b.wait_line("standby", Duration::from_secs(30));
+    let both = format!("{addr_a},{addr_b}");
+    let _w: Vec<(Proc, String)> = (0..2).map(|_| g.worker(&both, Some(&store))).collect();
+    until_served(&both, Duration::from_secs(60));
+    let prompts = ["1,2,3", "4,5,6,7"];
+    let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, TOKENS)).collect();
+    let clients = LoopingClients::start(&both, &prompts, TOKENS, &["--retries", "20"]);
+    // The joiner takes 4 s in its regroup to generation 2: the leader dies meanwhile.
+    let (_joiner, joiner_id) = g.worker_with_env(&both, Some(&store), &[("SWITCHYARD_FAILPOINTS", "worker.regroup.generation2=sleep(4000)")]);
+    a.wait_line("registered", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!a.has_line("generation 2 serving"), "generation 2 formed before the kill: the failpoint did not hold it");
+    kill(&mut a);
+    b.wait_line(&format!("took over worker {joiner_id}"), Duration::from_secs(30));
+    let s = wait_status(&addr_b, Duration::from_secs(60), "the standby finished the join", |s| s.serving && s.world_size == 3);
+    assert!(s.generation > 2, "the new leader reused generation {}: workers had been asked for 2", s.generation);
+    assert!(ranks_of(&s).contains(&joiner_id), "the joiner is not a rank: {s:#?}");
+    let (done, retried) = assert_all_served(clients.finish(), &want, "across the leader's death mid-change");
+    eprintln!("leader killed mid-change: generation {} over 3 ranks on the standby; {done} requests completed, {retried} retried, 0 failed", s.generation);
     drop(etcd);
 }

@@ -255,6 +255,7 @@ impl WorkerService {
                 (Arc::new(m), experts, n, 0, bytes)
             }
         };
+        crate::failpoint::check(&format!("worker.regroup.generation{generation}")).map_err(|e| RegroupError::Failed(e.to_string()))?;
         if cancelled() {
             return Err(superseded());
         }
@@ -464,7 +465,11 @@ impl Worker for WorkerService {
 
     async fn health(&self, req: Request<pb::WorkerHealthRequest>) -> Result<Response<pb::WorkerHealthResponse>, Status> {
         let take_steps = req.into_inner().take_steps;
-        let mut h = pb::WorkerHealthResponse { rank: self.0.rank.load(Ordering::SeqCst) as u32, ..Default::default() };
+        let mut h = pb::WorkerHealthResponse {
+            rank: self.0.rank.load(Ordering::SeqCst) as u32,
+            newest_generation: self.0.newest.load(Ordering::SeqCst),
+            ..Default::default()
+        };
         let Some(rl) = self.rank_loop() else { return Ok(Response::new(h)) };
         let s = &rl.stats;
         h.serving = !self.0.draining.load(Ordering::SeqCst);

@@ -231,6 +231,22 @@ impl Group {
         info
     }
 
+    /// A worker a previous leader registered (a new leader finds it by its membership lease in
+    /// the store): it keeps its id and joins at the next generation unless it is a rank already.
+    /// `false` when it was known.
+    pub fn take_over(&mut self, info: WorkerInfo) -> bool {
+        if self.workers.contains_key(&info.id) {
+            return false;
+        }
+        if let Some(n) = info.id.strip_prefix('w').and_then(|n| n.parse::<u64>().ok()) {
+            self.next_id = self.next_id.max(n + 1);
+        }
+        self.order.push(info.id.clone());
+        self.workers.insert(info.id.clone(), Entry { info, draining: false });
+        self.dirty = true;
+        true
+    }
+
     /// A worker is gone (lease expired, health checks failed, its collectives broke). `false`
     /// when it was not a live member.
     pub fn lose(&mut self, id: &str) -> bool {

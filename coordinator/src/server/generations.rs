@@ -10,7 +10,7 @@ use tonic::Response;
 use super::ha::{Role, Seat};
 use super::{CoordSvc, HEALTH_FAILURES, HEALTH_PERIOD, MigrationWatch, REGROUP_TIMEOUT, RecordQueue, WorkerLink, link_to, transport_setup};
 use crate::control::record;
-use crate::control::{Generation, WorkerId};
+use crate::control::{Generation, WorkerId, WorkerInfo};
 use crate::store::typed;
 use crate::store::{EventKind, StateStore};
 
@@ -33,6 +33,7 @@ impl CoordSvc {
             Ok(None) => {}
             Err(e) => tracing::warn!("cannot read the recorded generation [{}]: {e}; waiting for workers to register", e.code()),
         }
+        self.take_over_members(&seat).await;
         self.0.role.send_replace(Role::Leader);
         match self.group(|g| g.active().map(|a| (a.number, a.world()))) {
             Some((n, w)) => println!("leading; adopted generation {n} of {w} ranks"),
@@ -40,6 +41,24 @@ impl CoordSvc {
         }
         tokio::spawn(self.clone().drive_generations());
         tokio::spawn(self.clone().watch_membership(seat));
+    }
+
+    /// Workers that registered with a previous leader but are not ranks of the recorded
+    /// generation (a join it did not finish): their membership leases in the store name them.
+    async fn take_over_members(&self, seat: &Seat) {
+        let members = match typed::list_members(&seat.store).await {
+            Ok((m, _)) => m,
+            Err(e) => return tracing::warn!("cannot list the members [{}]: {e}", e.code()),
+        };
+        let ranks: Vec<WorkerId> = self.group(|g| g.active().map(|a| a.ranks.iter().map(|w| w.id.clone()).collect()).unwrap_or_default());
+        // Ranks of the recorded generation were probed by `adopt`: one that did not answer
+        // stays out even while its lease still runs.
+        for m in members.into_iter().filter(|m| !ranks.contains(&m.id)) {
+            let info = WorkerInfo { id: m.id.clone(), grpc: m.addr, transport: m.transport_addr, node: m.node };
+            if self.group(|g| g.take_over(info)) {
+                println!("took over worker {} registered with the previous leader", m.id);
+            }
+        }
     }
 
     /// Takes over the workers of a recorded generation that still answer.
@@ -51,7 +70,7 @@ impl CoordSvc {
             let mut c = link.client.clone();
             if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest::default())).await {
                 let h = h.into_inner();
-                seen = seen.max((h.generation, h.epoch));
+                seen = seen.max((h.generation.max(h.newest_generation), h.epoch));
                 alive.push(w.id.clone());
                 if let Ok(mut l) = self.0.links.lock() {
                     l.insert(w.id.clone(), link);
@@ -370,7 +389,7 @@ impl CoordSvc {
                     continue;
                 }
                 let Some(h) = h else { continue };
-                self.group(|g| g.observe_generation(h.generation, h.epoch));
+                self.group(|g| g.observe_generation(h.generation.max(h.newest_generation), h.epoch));
                 let Some(rank) = ranks.iter().position(|r| *r == id) else { continue };
                 // A rank whose collectives failed waits for a new generation (see the worker's
                 // rank loop); when no member is lost, re-form the group as it is.

@@ -254,8 +254,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_with_env(args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (failpoints, say).
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(switchyard_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
