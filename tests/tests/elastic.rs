@@ -20,6 +20,17 @@ fn model() -> PathBuf {
     if q.join("config.json").exists() { q } else { fixture("mixtral") }
 }
 
+/// Two coordinators (leader first) and the workers of one test.
+struct Ha {
+    leader: Proc,
+    leader_addr: String,
+    standby: Proc,
+    standby_addr: String,
+    /// Both addresses, for clients that fail over.
+    both: String,
+    workers: Vec<(Proc, String)>,
+}
+
 /// Processes of one test; their ready files live in `dir`.
 struct Group {
     dir: tempfile::TempDir,
@@ -53,6 +64,19 @@ impl Group {
     }
 
     /// A worker registered with `coordinators`; its worker id from its ready file.
+    /// A leader and a standby on `store` (both with `extra`), and `workers` workers registered
+    /// through both addresses; returns once the cluster serves.
+    fn leader_standby_and_workers(&mut self, model: &Path, store: &str, workers: usize, extra: &[&str]) -> Ha {
+        let (leader, leader_addr) = self.coordinator(model, workers, Some(store), extra);
+        leader.wait_line("leading", Duration::from_secs(30));
+        let (standby, standby_addr) = self.coordinator(model, workers, Some(store), extra);
+        standby.wait_line("standby", Duration::from_secs(30));
+        let both = format!("{leader_addr},{standby_addr}");
+        let workers = (0..workers).map(|_| self.worker(&both, Some(store))).collect();
+        until_served(&both, Duration::from_secs(60));
+        Ha { leader, leader_addr, standby, standby_addr, both, workers }
+    }
+
     fn worker(&mut self, coordinators: &str, store: Option<&str>) -> (Proc, String) {
         self.worker_with_env(coordinators, store, &[])
     }
@@ -129,12 +153,7 @@ fn a_killed_worker_makes_a_new_generation_over_the_survivors() {
     let budget = experts.div_ceil(3) + 1;
     let b = budget.to_string();
     let mut g = Group::new();
-    let (a, addr_a) = g.coordinator(&model, 4, Some(&store), &["--max-slots-per-rank", &b]);
-    a.wait_line("leading", Duration::from_secs(30));
-    let (_b, addr_b) = g.coordinator(&model, 4, Some(&store), &["--max-slots-per-rank", &b]);
-    let both = format!("{addr_a},{addr_b}");
-    let mut workers: Vec<(Proc, String)> = (0..4).map(|_| g.worker(&both, Some(&store))).collect();
-    until_served(&both, Duration::from_secs(60));
+    let Ha { leader: _leader, leader_addr: addr_a, standby: _standby, both, mut workers, .. } = g.leader_standby_and_workers(&model, &store, 4, &["--max-slots-per-rank", &b]);
     let before = wait_status(&addr_a, Duration::from_secs(10), "4 ranks serving", |s| s.serving && s.world_size == 4);
     assert_eq!(before.max_slots_per_rank as usize, budget);
 
@@ -313,13 +332,8 @@ fn a_standby_reports_not_serving_on_grpc_health() {
     let store = format!("etcd://127.0.0.1:{}/elastic-health", etcd.client_port);
     let model = model();
     let mut g = Group::new();
-    let (mut a, addr_a) = g.coordinator(&model, 2, Some(&store), &[]);
-    a.wait_line("leading", Duration::from_secs(30));
-    let (b, addr_b) = g.coordinator(&model, 2, Some(&store), &[]);
-    b.wait_line("standby", Duration::from_secs(30));
-    let both = format!("{addr_a},{addr_b}");
-    let _w: Vec<(Proc, String)> = (0..2).map(|_| g.worker(&both, Some(&store))).collect();
-    until_served(&both, Duration::from_secs(60));
+    let Ha { leader: mut a, leader_addr: addr_a, standby: _b, standby_addr: addr_b, both: _, workers: _w } =
+        g.leader_standby_and_workers(&model, &store, 2, &[]);
     assert_eq!(grpc::serving(&addr_a, INFERENCE), Some(true), "the leader's gRPC health");
     assert_eq!(grpc::serving(&addr_b, INFERENCE), Some(false), "the standby's gRPC health");
     assert_eq!(grpc::serving(&addr_b, "switchyard.v1.Control"), Some(false), "the standby's readiness");
@@ -344,13 +358,8 @@ fn the_leader_killed_during_a_generation_change_leaves_it_to_the_standby() {
     let store = format!("etcd://127.0.0.1:{}/elastic-leader-mid-change", etcd.client_port);
     let model = model();
     let mut g = Group::new();
-    let (mut a, addr_a) = g.coordinator(&model, 2, Some(&store), &[]);
-    a.wait_line("leading", Duration::from_secs(30));
-    let (b, addr_b) = g.coordinator(&model, 2, Some(&store), &[]);
-    b.wait_line("standby", Duration::from_secs(30));
-    let both = format!("{addr_a},{addr_b}");
-    let _w: Vec<(Proc, String)> = (0..2).map(|_| g.worker(&both, Some(&store))).collect();
-    until_served(&both, Duration::from_secs(60));
+    let Ha { leader: mut a, leader_addr: _, standby: b, standby_addr: addr_b, both, workers: _w } =
+        g.leader_standby_and_workers(&model, &store, 2, &[]);
     let prompts = ["1,2,3", "4,5,6,7"];
     let want: Vec<String> = prompts.iter().map(|p| local_ids(&model, p, TOKENS)).collect();
     let clients = LoopingClients::start(&both, &prompts, TOKENS, &["--retries", "20"]);
