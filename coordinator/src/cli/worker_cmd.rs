@@ -122,6 +122,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             transport_address: transport_addr.clone(),
             rank_hint: -1,
             node: a.node.clone(),
+            worker_id: String::new(),
         };
         let mut attempt = 0usize;
         let reg = loop {
