@@ -2,5 +2,6 @@
 //! logic (`control`), the coordinator's gRPC server over it (`server`) and TLS.
 pub mod store;
 pub mod control;
+pub mod registration;
 pub mod server;
 pub mod tls;

@@ -14,6 +14,7 @@ pub mod error;
 pub mod formation;
 pub mod group;
 pub mod health;
+pub mod membership;
 pub mod record;
 pub mod router;
 pub mod succession;

@@ -481,7 +481,7 @@ impl World {
     /// the live workers can hold every expert.
     fn settled(&self) -> Result<(), String> {
         if let Some(r) = self.reqs.iter().position(|r| !matches!(r.state, RState::Done | RState::Failed)) {
-            let ws: Vec<String> = self.workers.iter().enumerate().map(|(i, w)| format!("w{i}: dead {} gen {} members {:?} id {:?}", w.dead, w.gnum, w.members, w.id)).collect();
+            let ws: Vec<String> = self.workers.iter().enumerate().map(|(i, w)| format!("w{i}: dead {} gen {} members {:?} id {:?}", w.dead, w.gnum, w.members, w.membership.id())).collect();
             let gs: Vec<String> = self.coords.iter().map(|k| match &k.role { Role::Leader(l) => format!("{:?} active {:?} serving {:?}", l.group.pending().map(|p| p.number), l.group.active().map(|a| (a.number, a.ranks.iter().map(|w| w.grpc.clone()).collect::<Vec<_>>())), l.group.serving()), _ => "not leader".into() }).collect();
             return Err(format!("request {r} never ended: {:?}\n{}\n{}", self.reqs[r], ws.join("\n"), gs.join("\n")));
         }

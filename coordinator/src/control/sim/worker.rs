@@ -1,12 +1,13 @@
-//! Worker-side rules: a lease kept alive in the store, registration with whoever holds the leader
-//! key, then its membership key under that lease (as `switchyard worker` does), registration
-//! again after a long silence (with the id it was given) or a lapsed lease, a generation accepted
-//! only above its own, steps only when every rank of its generation has joined it, and sequences
-//! that fail back to their coordinator when the generation changes.
+//! Worker-side rules: a lease kept alive in the store; registration with whoever holds the leader
+//! key, then the membership key under that lease, and registration again after a silence or a
+//! lapsed lease, by the production rules ([`Membership`], as `switchyard worker` runs them); a
+//! generation accepted only above its own, steps only when every rank of its generation has
+//! joined it, and sequences that fail back to their coordinator when the generation changes.
 
 use super::coord::parse_coord;
 use super::{Ev, Msg, RState, To, WORKER_TTL, World, ready};
 use crate::control::group::WorkerInfo;
+use crate::control::membership::Membership;
 use crate::store::typed::{self, LEADER, Member};
 use crate::store::{LeaseId, StateStore};
 
@@ -26,18 +27,13 @@ pub struct Worker {
     pub dead_at: u64,
     pub frozen_until: u64,
     pub lease: LeaseId,
-    /// The id its leader gave it.
-    pub id: Option<String>,
+    pub membership: Membership,
     /// The generation it joined, its epoch and its ranks (simulated worker indices).
     pub gnum: u64,
     pub epoch: u64,
     pub members: Vec<usize>,
     /// Highest generation seen by the invariant check.
     pub max_gnum: u64,
-    /// When a coordinator last asked for its health (or registered it).
-    pub last_health: u64,
-    /// When it last sent a registration.
-    pub last_register: u64,
     /// Sequences it runs: (request, attempt).
     pub seqs: Vec<(usize, usize)>,
 }
@@ -49,13 +45,11 @@ impl Worker {
             dead_at: 0,
             frozen_until: 0,
             lease,
-            id: None,
+            membership: Membership::new(HEALTH_SILENCE, REGISTER_WAIT),
             gnum: 0,
             epoch: 0,
             members: Vec::new(),
             max_gnum: 0,
-            last_health: 0,
-            last_register: 0,
             seqs: Vec::new(),
         }
     }
@@ -74,9 +68,7 @@ impl World {
         self.after(300, Ev::WorkerTick(w));
         let lease = self.workers[w].lease;
         self.send(To::Store, Msg::KeepAlive { lease, sent_at: self.now, from: To::Worker(w) });
-        let k = &self.workers[w];
-        let silent = self.now.saturating_sub(k.last_health) > HEALTH_SILENCE;
-        if (k.id.is_some() && !silent) || self.now.saturating_sub(k.last_register) < REGISTER_WAIT {
+        if self.workers[w].membership.due(self.now).is_none() {
             return;
         }
         // The coordinator that leads now (a worker tries its coordinators until one accepts).
@@ -85,25 +77,24 @@ impl World {
             Err(e) => return self.violation = Some(format!("the leader key cannot be read: {e}")),
         };
         let Some((c, inc)) = leader else { return };
-        self.workers[w].last_register = self.now;
-        let previous = self.workers[w].id.clone();
+        let k = &mut self.workers[w];
+        let previous = k.membership.id().map(String::from);
+        k.membership.attempted(self.now);
         self.send(To::Coord(c, inc), Msg::Register { w, previous });
     }
 
     /// Registered as `id`: its membership key goes into the store under its lease (so a later
     /// leader finds it), as `switchyard worker` does after registering.
     fn registered(&mut self, w: usize, id: String) {
-        let k = &mut self.workers[w];
-        k.last_health = self.now;
         let m = Member { id: id.clone(), rank: 0, node: format!("node{w}"), addr: address(w), transport_addr: format!("tx{w}"), gpus: 0 };
-        // Registered anew under another id: the old key names no member any more.
-        if let Some(old) = k.id.replace(id).filter(|old| *old != m.id)
+        let k = &mut self.workers[w];
+        let lease = k.lease;
+        if let Some(old) = k.membership.registered(id, self.now)
             && let Err(e) = ready(typed::remove_member(&self.store, &old))
         {
-            return self.violation = Some(format!("the old membership key cannot be deleted: {e}"));
+            return self.violation = Some(format!("the old membership key cannot be removed: {e}"));
         }
-        let k = &mut self.workers[w];
-        if ready(typed::put_member(&self.store, &m, Some(k.lease))).is_err() {
+        if ready(typed::put_member(&self.store, &m, Some(lease))).is_err() {
             // The lease lapsed meanwhile: a new one, and register again.
             self.renew_lease(w);
         }
@@ -113,7 +104,7 @@ impl World {
         match ready(self.store.grant_lease(std::time::Duration::from_millis(WORKER_TTL))) {
             Ok(l) => {
                 self.workers[w].lease = l;
-                self.workers[w].last_health = 0;
+                self.workers[w].membership.lease_lapsed();
             }
             Err(e) => self.violation = Some(format!("the store refused a lease: {e}")),
         }
@@ -171,7 +162,7 @@ impl World {
             Msg::Regroup { c, inc, number, epoch, members } => self.worker_regroup(w, (c, inc), number, epoch, members),
             Msg::Health { c, inc } => {
                 let k = &mut self.workers[w];
-                k.last_health = self.now;
+                k.membership.heard(self.now);
                 let (gnum, epoch) = (k.gnum, k.epoch);
                 self.send(To::Coord(c, inc), Msg::HealthReply { w, gnum, epoch });
             }
