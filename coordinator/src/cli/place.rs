@@ -125,8 +125,10 @@ impl ScoreArgs {
     }
 }
 
+/// A per-token trace: a safetensors trace or a JSONL log, told by content.
 fn read_trace(path: &Path) -> anyhow::Result<RoutingTrace> {
-    RoutingTrace::read(path).with_context(|| format!("reading {}", path.display()))
+    let f = placement::RoutingFile::read(path, None).with_context(|| format!("reading {}", path.display()))?;
+    Ok(f.into_trace(path)?)
 }
 
 #[derive(clap::Args)]
