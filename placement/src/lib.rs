@@ -9,6 +9,7 @@ pub mod placement;
 pub mod topology;
 pub mod trace;
 pub mod routing_file;
+pub mod robust;
 pub mod stats;
 pub mod synth;
 pub mod eval;

@@ -100,6 +100,10 @@ pub struct SolveArgs {
     /// Write an SVG heat map of rank load per layer here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Solve on the loads as sampled: no shrinkage toward the layer mean (by default the ILP
+    /// plans for the uncertainty of the sample, see `placement::robust`).
+    #[arg(long)]
+    no_shrink: bool,
 }
 
 /// One placement scored on one trace.
@@ -174,6 +178,9 @@ pub struct BenchArgs {
     /// other. Skipped when absent.
     #[arg(long, default_value = "models/tiny-moe/routing")]
     real_routing: PathBuf,
+    /// The ILP solves on the loads as sampled (no shrinkage, see `place solve --no-shrink`).
+    #[arg(long)]
+    no_shrink: bool,
     #[arg(long)]
     json: bool,
 }
@@ -253,7 +260,16 @@ fn progress_bar(kind: SolverKind) -> indicatif::ProgressBar {
 
 fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     let routing = Routing::read(&a.trace, a.num_experts)?;
-    let stats = routing.stats(a.ranks)?;
+    let mut stats = routing.stats(a.ranks)?;
+    // The ILP plans for the uncertainty of the sample (`placement::robust`), unless told not to.
+    let shrinkage = match (&routing, a.solver, a.no_shrink) {
+        (Routing::Trace(t), SolverKind::Ilp, false) => {
+            let (shrunk, s) = placement::robust::shrink_loads(&stats, t, placement::robust::RESAMPLES, 0);
+            stats = shrunk;
+            Some(s)
+        }
+        _ => None,
+    };
     let topology = Topology::uniform(a.ranks, a.nodes)?;
     let mut opts = SolveOptions::new(topology, a.slots_per_rank);
     opts.mode = a.mode;
@@ -272,13 +288,36 @@ fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     })?;
     bar.finish_and_clear();
     p.write(&a.out)?;
+    // In-sample balancedness, and on resamples of the trace (what the sample's luck is worth).
+    let unseen = match &routing {
+        Routing::Trace(t) => {
+            let in_sample = placement::robust::balancedness(&p, &placement::RoutingStats::from_trace(t, None).load);
+            Some((in_sample, placement::robust::balancedness_interval(&p, t, placement::robust::RESAMPLES, 1)))
+        }
+        Routing::Counts(_) => None,
+    };
     if let Some(path) = &a.plot {
         write_plot(path, &p, &stats.load, &format!("{:?} placement, rank load / layer mean", a.solver))?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some((in_sample, (lo, mid, hi))) = unseen {
+            v["balancedness_in_sample"] = in_sample.into();
+            v["balancedness_resampled"] = serde_json::json!({"p5": lo, "p50": mid, "p95": hi});
+        }
+        if let Some(s) = &shrinkage {
+            v["load_shrinkage_per_layer"] = s.per_layer.clone().into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report);
+        if let Some(s) = &shrinkage {
+            let mean = s.per_layer.iter().sum::<f64>() / s.per_layer.len().max(1) as f64;
+            println!("shrinkage   loads toward the layer mean by {mean:.3} on average (sequence bootstrap; --no-shrink: off)");
+        }
+        if let Some((in_sample, (lo, mid, hi))) = unseen {
+            println!("balance     {in_sample:.4} in sample; on {} resamples of the trace {mid:.4} [{lo:.4}, {hi:.4}] (5-95%)", placement::robust::RESAMPLES);
+        }
         println!("wrote {}", a.out.display());
     }
     Ok(ExitCode::SUCCESS)
@@ -384,6 +423,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             Source::Real(a, b) => (a.clone(), b.clone()),
         };
         let stats = placement::RoutingStats::from_trace(&solve_trace, Some(sc.ranks));
+        let shrunk = placement::robust::shrink_loads(&stats, &solve_trace, placement::robust::RESAMPLES, 0).0;
         let topology = Topology::uniform(sc.ranks, sc.nodes)?;
         let runs: [(&str, SolverKind, Mode); 4] = [
             ("contiguous", SolverKind::Contiguous, Mode::Home),
@@ -398,7 +438,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             opts.time_limit = Duration::from_secs_f64(a.time_limit);
             opts.balance_slack = a.balance_slack;
             let started = Instant::now();
-            let (p, _) = solver::solve(kind, &stats, &opts, &|_| {})?;
+            let planned = if kind == SolverKind::Ilp && !a.no_shrink { &shrunk } else { &stats };
+            let (p, _) = solver::solve(kind, planned, &opts, &|_| {})?;
             let secs = started.elapsed().as_secs_f64();
             let ev: Evaluation = placement::eval::evaluate(&p, &held_out, &hw)?;
             rows.push(BenchRow {

@@ -1,0 +1,185 @@
+//! Planning for the uncertainty of routing statistics. A trace is a sample of tomorrow's traffic,
+//! and its sequences are not independent tokens: a document or a conversation sends many tokens
+//! to the same few experts, so per-expert loads vary from sample to sample far more than token
+//! counts suggest. Two tools, both from resampling whole sequences of the trace (the bootstrap):
+//!
+//! - [`shrink_loads`]: an empirical-Bayes (James–Stein) shrinkage of each layer's expert loads
+//!   toward the layer mean, by the share of their spread across experts that resampling alone
+//!   produces. An expert that looks hot only because a few sequences used it is planned for as
+//!   less hot; a spread that holds across resamples stays. Layers with strong, stable skew barely
+//!   move. The solvers then balance what is likely to hold rather than what the sample shows.
+//! - [`balancedness_interval`]: a placement's balancedness on resamples of a trace, as a
+//!   5th–95th percentile interval beside the in-sample figure: how much of the in-sample figure
+//!   is luck of the sample. (It cannot see shifts the trace does not contain, such as another
+//!   domain of traffic; the cross-domain scenarios of `place bench` measure those.)
+//!
+//! Deterministic: resampling draws from a seeded generator.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::eval::rank_loads;
+use crate::placement::Placement;
+use crate::stats::RoutingStats;
+use crate::trace::RoutingTrace;
+
+/// Resamples drawn by default.
+pub const RESAMPLES: usize = 32;
+
+/// Per-layer expert loads of `resamples` bootstrap resamples of `trace` (whole sequences drawn
+/// with replacement, as many as the trace has).
+pub fn bootstrap_loads(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    let (nl, ne) = (trace.num_layers, trace.num_experts);
+    // Per sequence, its per-layer expert counts.
+    let mut seq_index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    let mut per_seq: Vec<Vec<Vec<f64>>> = Vec::new();
+    for t in 0..trace.num_tokens() {
+        let next = per_seq.len();
+        let s = *seq_index.entry(trace.seq_id(t)).or_insert(next);
+        if s == per_seq.len() {
+            per_seq.push(vec![vec![0.0; ne]; nl]);
+        }
+        for (l, counts) in per_seq[s].iter_mut().enumerate() {
+            for &e in trace.experts(t, l) {
+                counts[e as usize] += 1.0;
+            }
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = per_seq.len();
+    (0..resamples)
+        .map(|_| {
+            let mut load = vec![vec![0.0; ne]; nl];
+            for _ in 0..n {
+                let s = &per_seq[rng.random_range(0..n)];
+                for (acc, counts) in load.iter_mut().zip(s) {
+                    for (a, c) in acc.iter_mut().zip(counts) {
+                        *a += c;
+                    }
+                }
+            }
+            load
+        })
+        .collect()
+}
+
+/// How far each layer's loads were shrunk (0: not at all, 1: to the mean).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shrinkage {
+    pub per_layer: Vec<f64>,
+}
+
+/// `stats` with every layer's expert loads shrunk toward the layer mean (see the module doc);
+/// the per-home-rank split is scaled with them, transitions and co-activation are kept. A trace
+/// of fewer than two sequences cannot be resampled meaningfully: nothing is shrunk.
+pub fn shrink_loads(stats: &RoutingStats, trace: &RoutingTrace, resamples: usize, seed: u64) -> (RoutingStats, Shrinkage) {
+    let boots = bootstrap_loads(trace, resamples.max(2), seed);
+    let sequences = {
+        let mut ids: Vec<i64> = (0..trace.num_tokens()).map(|t| trace.seq_id(t)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
+    let mut out = stats.clone();
+    let mut per_layer = Vec::with_capacity(stats.num_layers);
+    for l in 0..stats.num_layers {
+        let load = &stats.load[l];
+        let total: f64 = load.iter().sum();
+        let ne = load.len() as f64;
+        if total <= 0.0 || sequences < 2 {
+            per_layer.push(0.0);
+            continue;
+        }
+        let share: Vec<f64> = load.iter().map(|x| x / total).collect();
+        let mean = 1.0 / ne;
+        // Spread of the shares across experts, and the part of it resampling alone produces.
+        let spread = share.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / ne;
+        let noise = (0..load.len())
+            .map(|e| {
+                let xs: Vec<f64> = boots.iter().map(|b| b[l][e] / b[l].iter().sum::<f64>().max(f64::MIN_POSITIVE)).collect();
+                let m = xs.iter().sum::<f64>() / xs.len() as f64;
+                xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64
+            })
+            .sum::<f64>()
+            / ne;
+        let b = if spread > 0.0 { (noise / spread).clamp(0.0, 1.0) } else { 0.0 };
+        per_layer.push(b);
+        for (e, x) in out.load[l].iter_mut().enumerate() {
+            let shrunk = total * (mean + (1.0 - b) * (share[e] - mean));
+            if let Some(home) = out.home_load.as_mut() {
+                let scale = if *x > 0.0 { shrunk / *x } else { 0.0 };
+                for r in home[l].iter_mut() {
+                    r[e] *= scale;
+                }
+            }
+            *x = shrunk;
+        }
+    }
+    (out, Shrinkage { per_layer })
+}
+
+/// Balancedness (Σ mean rank load / Σ max rank load over layers) of `p` under per-layer loads.
+pub fn balancedness(p: &Placement, load: &[Vec<f64>]) -> f64 {
+    let (mut sum_mean, mut sum_max) = (0.0, 0.0);
+    for (layer, l) in p.layers.iter().zip(load) {
+        let loads = rank_loads(&layer.ranks, l);
+        sum_mean += loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+        sum_max += loads.iter().copied().fold(0.0, f64::max);
+    }
+    if sum_max > 0.0 { sum_mean / sum_max } else { 1.0 }
+}
+
+/// `p`'s balancedness on `resamples` bootstrap resamples of `trace`: (5th, 50th, 95th percentile).
+pub fn balancedness_interval(p: &Placement, trace: &RoutingTrace, resamples: usize, seed: u64) -> (f64, f64, f64) {
+    let mut b: Vec<f64> = bootstrap_loads(trace, resamples.max(1), seed).iter().map(|load| balancedness(p, load)).collect();
+    b.sort_by(f64::total_cmp);
+    let at = |q: f64| b[((b.len() - 1) as f64 * q).round() as usize];
+    (at(0.05), at(0.5), at(0.95))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 40 sequences: at layer 0 every sequence uses expert 0 (a stable skew), at layer 1 each
+    /// sequence sticks to one expert of its own choosing (a skew that is luck of the sample).
+    fn trace() -> RoutingTrace {
+        let mut ids = Vec::new();
+        let mut seqs = Vec::new();
+        for s in 0..40i64 {
+            let own = [0u32, 0, 0, 1, 2, 3][s as usize % 6];
+            for t in 0..20 {
+                ids.extend_from_slice(&[0, 1 + (t % 3) as u32]);
+                ids.extend_from_slice(&[own, (own + 1 + (t % 3) as u32) % 4]);
+                seqs.push(s);
+            }
+        }
+        RoutingTrace { num_experts: 4, num_layers: 2, top_k: 2, topk_ids: ids, topk_weights: None, seq_ids: Some(seqs) }
+    }
+
+    #[test]
+    fn sampling_luck_is_shrunk_and_a_stable_skew_is_kept() {
+        let t = trace();
+        let stats = RoutingStats::from_trace(&t, Some(2));
+        let (shrunk, s) = shrink_loads(&stats, &t, 64, 7);
+        assert!(s.per_layer[0] < 0.05, "the stable skew of layer 0 stays: {:?}", s.per_layer);
+        assert!(s.per_layer[1] > s.per_layer[0] + 0.02, "layer 1's skew depends on which sequences were drawn: {:?}", s.per_layer);
+        for l in 0..2 {
+            let (a, b): (f64, f64) = (stats.load[l].iter().sum(), shrunk.load[l].iter().sum());
+            assert!((a - b).abs() < 1e-6, "total load kept");
+        }
+        let hot = |x: &RoutingStats| x.load[1].iter().copied().fold(0.0, f64::max);
+        assert!(hot(&shrunk) < hot(&stats), "the hottest expert of layer 1 is planned for as less hot");
+        let home: f64 = shrunk.home_load.as_ref().expect("home split")[1].iter().map(|r| r[0]).sum();
+        assert!((home - shrunk.load[1][0]).abs() < 1e-6, "the home split follows the shrunk load");
+    }
+
+    #[test]
+    fn the_interval_brackets_the_median() {
+        let t = trace();
+        let p = crate::solver::contiguous::solve(2, 4, &crate::Topology::uniform(2, 1).expect("topology"), 2).expect("contiguous");
+        let (lo, mid, hi) = balancedness_interval(&p, &t, 64, 3);
+        assert!(lo <= mid && mid <= hi && lo > 0.0 && hi <= 1.0, "{lo} {mid} {hi}");
+        assert!(hi - lo > 0.0, "resamples differ");
+    }
+}
