@@ -2,8 +2,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = ["switchyard/v1/inference.proto", "switchyard/v1/control.proto", "switchyard/v1/admin.proto"];
-    // SESSION-ONLY (revert before landing): worktrees share one target dir; always regenerate.
-    println!("cargo:rerun-if-changed=/nonexistent-switchyard-always-rerun");
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
