@@ -49,7 +49,7 @@ impl RequestError {
 pub enum RankEvent {
     /// Logits of every prompt position `[len × vocab]` (when asked for), before the first token.
     PromptLogits(Vec<f32>),
-    Token { token: u32, index: usize, finished: Option<FinishReason> },
+    Token { token: u32, index: usize, finished: Option<FinishReason>, logprobs: Option<crate::sampling::TokenLogprobs> },
     /// The request failed.
     Error(RequestError),
 }
@@ -463,11 +463,13 @@ impl LoopState {
 
     /// One engine step; its tokens go to their sinks.
     fn decode(&mut self) -> Result<()> {
+        // `worker.step=sleep(MS)` slows every step: tests of cancellation need long generations.
+        crate::failpoint::check("worker.step")?;
         for ev in self.engine.step()? {
             let Some(l) = self.live.get_mut(&ev.id) else { continue };
             l.generated += 1;
             let keep = match ev.token {
-                Some(token) => (l.sink)(RankEvent::Token { token, index: ev.index, finished: ev.finished }),
+                Some(token) => (l.sink)(RankEvent::Token { token, index: ev.index, finished: ev.finished, logprobs: ev.logprobs }),
                 None => false,
             };
             if ev.finished.is_some() {

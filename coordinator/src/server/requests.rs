@@ -222,6 +222,7 @@ impl Inference for CoordSvc {
             max_tokens: r.max_tokens,
             ignore_eos: r.ignore_eos,
             return_prompt_logits: r.return_prompt_logits,
+            ..Default::default()
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(self.clone().run_request(base, tx));
