@@ -105,11 +105,12 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        let (health, reflection, reporter) = health_and_reflection()?;
-        reporter.set_serving::<WorkerServer<WorkerService>>().await;
+        let hr = health_and_reflection()?;
+        hr.reporter.set_serving::<WorkerServer<WorkerService>>().await;
         let server = a.serve.tls.server()?
-            .add_service(health)
-            .add_service(reflection)
+            .add_service(hr.health)
+            .add_service(hr.reflection_v1)
+            .add_service(hr.reflection_v1alpha)
             .add_service(svc.clone().into_server())
             .serve_with_incoming(TcpListenerStream::new(listener));
         let server = tokio::spawn(server);
