@@ -12,7 +12,7 @@ use coordinator::store::typed::{self, Member};
 use coordinator::store::{AnyStore, StateStore};
 use switchyard_proto::v1::control_client::ControlClient;
 use switchyard_proto::v1::worker_server::WorkerServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use worker::service::{WorkerConfig, WorkerMetrics, WorkerService};
 use worker::transport::tcp::TcpTransport;
 
@@ -112,7 +112,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             .add_service(hr.reflection_v1)
             .add_service(hr.reflection_v1alpha)
             .add_service(svc.clone().into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener));
+            // TCP_NODELAY: tokens stream as small writes (see the coordinator's server).
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
         let server = tokio::spawn(server);
         // Register with the leader (coordinators may still be starting or electing).
         let coordinators: Vec<String> = a.coordinator.split(',').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect();

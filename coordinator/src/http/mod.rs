@@ -53,6 +53,12 @@ pub async fn serve(listener: tokio::net::TcpListener, svc: CoordSvc, cfg: HttpCo
         .route("/v1/chat/completions", post(chat))
         .fallback(|| async { ApiError::bad("unknown path (the API has /v1/completions, /v1/chat/completions, /v1/models, /health)", None) })
         .with_state(api);
+    // TCP_NODELAY: every SSE event is a small write; Nagle would hold it for the previous ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("the HTTP API stopped: {e}");
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use switchyard_proto::v1::admin_server::AdminServer;
 use switchyard_proto::v1::control_server::ControlServer;
 use switchyard_proto::v1::inference_server::InferenceServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use worker::ModelConfig;
 use worker::expert_parallel::RecentSteps;
 use worker::tokenizer::Tokenizer;
@@ -110,7 +110,9 @@ pub async fn serve(
         .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
         .add_service(AdminServer::with_interceptor(svc.clone(), AdminAuth::new(cfg.admin_token)))
         .add_service(ControlServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // TCP_NODELAY: a streamed token is one small write; Nagle would hold it for the ACK of the
+        // previous one (tens of ms of time to first token).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
     tokio::select! {
         r = grpc => Ok(r?),
         Ok(why) = lost_rx => Err(ServerError::LeaseLost(why)),
