@@ -113,3 +113,23 @@ fn a_model_without_a_chat_template_answers_chat_with_a_clear_400() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
 }
+
+#[test]
+fn bench_http_reports_ttft_and_itl_of_both_apis() {
+    let child = Command::new(switchyard_tests::switchyard_bin())
+        .args(["bench", "http", "--clients", "2", "--max-tokens", "8", "--rounds", "1", "--json", "--model"])
+        .arg(fixture("mixtral"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bench http");
+    let o = wait_bounded(child, "bench http", Duration::from_secs(300));
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    for api in ["grpc", "http"] {
+        assert_eq!(v[api]["tokens"], 16, "{v}");
+        assert!(v[api]["ttft_ms"]["p50"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v[api]["itl_ms"]["p99"].as_f64().is_some(), "{v}");
+    }
+    assert!(v["http_itl_overhead_pct"]["mean"].is_number(), "{v}");
+}
