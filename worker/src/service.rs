@@ -407,6 +407,9 @@ impl Worker for WorkerService {
             logprobs: r.logprobs.then_some(r.top_logprobs.min(MAX_TOP_LOGPROBS) as usize),
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Closed once the response stream is dropped (the coordinator cancelled the request).
+        let probe = tx.clone();
+        let gone: crate::rank_loop::GoneProbe = Box::new(move || probe.is_closed());
         let rank = self.0.rank.load(Ordering::SeqCst) as u32;
         let tokens = self.0.metrics.tokens.clone();
         let sink = Box::new(move |ev: RankEvent| {
@@ -431,7 +434,7 @@ impl Worker for WorkerService {
         });
         let Some(rl) = self.rank_loop() else { return Err(Status::unavailable("worker not started (no generation yet)")) };
         rl.jobs
-            .send(Job { request, prompt_logits: r.return_prompt_logits, sink })
+            .send(Job { request, prompt_logits: r.return_prompt_logits, sink, gone: Some(gone) })
             .map_err(|_| Status::unavailable("worker loop stopped"))?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
