@@ -5,6 +5,7 @@ reflection, message classes made from it, no generated stubs) streams tokens wit
 log-probabilities and usage. `--part limits` (a cluster with slowed steps): a cancelled stream
 and a missed deadline (DEADLINE_EXCEEDED) free their sequence at once."""
 import argparse
+import time
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
@@ -65,6 +66,16 @@ def a_cancelled_stream_frees_its_sequence():
     print(f"     freed {took:.2f} s after the cancel")
 
 
+def a_cancel_during_a_long_prefill_frees_it_before_its_first_token():
+    # --max-batch-tokens 4 and 10 ms steps: a 500-token prompt is over a second of prefill.
+    call = generate(Request(text="ab" * 250, max_tokens=4), timeout=60)
+    time.sleep(0.3)
+    assert active_requests(a.switchyard, a.grpc) == 1
+    call.cancel()
+    took = wait_active(a.switchyard, a.grpc, 0, limit_s=0.6)
+    print(f"     freed {took:.2f} s after the cancel, mid-prefill")
+
+
 def a_deadline_ends_the_request_and_frees_it():
     try:
         for _ in generate(Request(text="long", max_tokens=400, ignore_eos=True), timeout=1.0):
@@ -78,4 +89,5 @@ def a_deadline_ends_the_request_and_frees_it():
 if a.part == "basic":
     run([v1alpha_lists_the_inference_service, a_client_from_reflection_streams_tokens, stop_strings_end_the_stream])
 else:
-    run([a_cancelled_stream_frees_its_sequence, a_deadline_ends_the_request_and_frees_it])
+    run([a_cancelled_stream_frees_its_sequence, a_cancel_during_a_long_prefill_frees_it_before_its_first_token,
+         a_deadline_ends_the_request_and_frees_it])

@@ -78,8 +78,12 @@ fn openai_api_and_grpc_reflection_clients_against_a_running_cluster() {
 #[test]
 fn openai_api_disconnects_cancels_deadlines_and_the_queue_bound_free_sequences() {
     let dir = tempfile::tempdir().unwrap();
-    // Slowed steps (a 400-token stream takes seconds), two places in the queue.
-    let cl = up(&chat_model(dir.path()), &["--max-queued-requests", "2"], &[("SWITCHYARD_FAILPOINTS", "worker.step=sleep(10)")]);
+    // Slowed steps (a 400-token stream takes seconds), small prefill chunks, two places in the queue.
+    let cl = up(
+        &chat_model(dir.path()),
+        &["--max-queued-requests", "2", "--max-batch-tokens", "4"],
+        &[("SWITCHYARD_FAILPOINTS", "worker.step=sleep(10)")],
+    );
     let bin = switchyard_tests::switchyard_bin();
     let bin = bin.to_str().unwrap();
     let out = run_script("openai_api.py", &["--http", &cl.http_addr, "--grpc", &cl.addr, "--switchyard", bin, "--model", MODEL, "--part", "limits"]);
