@@ -3,6 +3,7 @@
 //! HTTP API (`http`) and TLS.
 pub mod store;
 pub mod control;
+pub mod registration;
 pub mod server;
 pub mod tls;
 pub mod http;

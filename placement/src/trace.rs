@@ -284,6 +284,11 @@ impl RoutingTrace {
     /// skipped. `num_experts` defaults to the largest id + 1.
     pub fn import_jsonl(path: &Path, num_experts: Option<usize>) -> Result<Self, TraceError> {
         let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io { path: path.into(), source })?;
+        Self::parse_jsonl(&text, path, num_experts)
+    }
+
+    /// [`Self::import_jsonl`] from text; `path` only names the source in errors.
+    pub fn parse_jsonl(text: &str, path: &Path, num_experts: Option<usize>) -> Result<Self, TraceError> {
         if let Some(n) = num_experts.filter(|&n| n == 0 || n > MAX_EXPERTS) {
             return Err(TraceError::Invalid(format!("num_experts {n} is not in 1..={MAX_EXPERTS}")));
         }

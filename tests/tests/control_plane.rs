@@ -70,7 +70,7 @@ fn killing_the_leading_coordinator_hands_over_with_no_request_lost() {
 }
 
 #[test]
-fn an_expired_worker_lease_removes_it_and_the_cluster_keeps_serving() {
+fn an_expired_worker_lease_removes_it_the_cluster_keeps_serving_and_it_rejoins_when_thawed() {
     let etcd = Etcd::start();
     let store = format!("etcd://127.0.0.1:{}/lease", etcd.client_port);
     let model = fixture("qwen3_moe");
@@ -94,10 +94,23 @@ fn an_expired_worker_lease_removes_it_and_the_cluster_keeps_serving() {
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(ids_line(&o).as_deref(), Some(want.as_str()));
     }
+    // Thawed, the worker finds its lease gone and no health polls: it registers again under a new
+    // lease (`coordinator::registration`) and the group grows back to two ranks.
+    let thawed = Instant::now();
+    stalled.signal("-CONT");
+    stalled.wait_line("registered again", Duration::from_secs(30));
+    wait_status(&addr, Duration::from_secs(30), "two ranks again after the thaw", |s| s.serving && s.world_size == 2);
+    let rejoined = thawed.elapsed();
+    for _ in 0..2 {
+        let o = generate_at(&addr, &["--prompt-ids", "9,8,7,6", "--max-tokens", "16"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(ids_line(&o).as_deref(), Some(want.as_str()));
+    }
     eprintln!(
-        "worker lease expiry: removed {:.2} s after the stall, serving again {:.2} s after it",
+        "worker lease expiry: removed {:.2} s after the stall, serving again {:.2} s after it; thawed, a rank again {:.2} s later",
         removed.as_secs_f64(),
-        back.as_secs_f64()
+        back.as_secs_f64(),
+        rejoined.as_secs_f64()
     );
     drop(etcd);
 }

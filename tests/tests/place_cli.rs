@@ -144,3 +144,35 @@ fn jsonl_logs_and_sglang_counts_are_accepted() {
     std::fs::write(&counts, "[[1, 2], [3]]").unwrap();
     fails(&["place", "solve", "--trace", &counts, "--ranks", "2", "--slots-per-rank", "1", "--out", &out], "ragged");
 }
+
+/// `--trace` is told by content: a safetensors trace named `x.st`, a JSONL log named `.txt` and a
+/// `logical_count` JSON with no extension are read as what they are; anything else is a clear
+/// error naming the file.
+#[test]
+fn traces_are_read_by_content_whatever_they_are_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = p(dir.path(), "x.st");
+    ok(&["trace", "synth", "--preset", "mixtral", "--sequences", "4", "--seed", "3", "--out", &st]);
+    ok(&["place", "solve", "--trace", &st, "--ranks", "4", "--slots-per-rank", "2", "--out", &p(dir.path(), "a.json")]);
+    ok(&["place", "eval", "--placement", &p(dir.path(), "a.json"), "--trace", &st]);
+
+    let log = p(dir.path(), "routing.txt");
+    let mut text = String::new();
+    for t in 0..3 {
+        for layer in 0..2 {
+            text += &format!("{{\"problem_id\": 7, \"layer\": {layer}, \"experts\": [{}, {}], \"token_idx\": {t}}}\n", t % 4, (t + 1) % 4);
+        }
+    }
+    std::fs::write(&log, text).unwrap();
+    ok(&["place", "solve", "--trace", &log, "--num-experts", "4", "--ranks", "2", "--slots-per-rank", "2", "--out", &p(dir.path(), "b.json")]);
+
+    let counts = p(dir.path(), "counts");
+    std::fs::write(&counts, "[[5, 1, 1, 1], [1, 1, 1, 9]]").unwrap();
+    ok(&["place", "solve", "--trace", &counts, "--ranks", "2", "--slots-per-rank", "3", "--solver", "eplb", "--out", &p(dir.path(), "c.json")]);
+    // Counts are not per-token routing: commands that need tokens say so.
+    fails(&["place", "eval", "--placement", &p(dir.path(), "c.json"), "--trace", &counts], "per-token routing");
+
+    let junk = p(dir.path(), "junk.safetensors");
+    std::fs::write(&junk, "not routing at all").unwrap();
+    fails(&["place", "solve", "--trace", &junk, "--ranks", "2", "--slots-per-rank", "2", "--out", &p(dir.path(), "d.json")], "not a routing file");
+}

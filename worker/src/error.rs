@@ -50,6 +50,8 @@ pub enum ModelError {
     ExpertParallel(String),
     #[error("failpoint {0} is switched on (SWITCHYARD_FAILPOINTS)")]
     Failpoint(String),
+    #[error("routing capture: {0}")]
+    RoutingCapture(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod reference;
+pub mod routing_capture;
 pub mod sampling;
 pub mod synth;
 pub mod tokenizer;

@@ -111,6 +111,8 @@ struct Inner {
     newest: AtomicU64,
     /// One regroup builds at a time (a newer one waits for the older one to give up).
     regrouping: Mutex<()>,
+    /// Health polls answered: a leader that polls counts this worker as a member.
+    health_polls: AtomicU64,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -167,8 +169,14 @@ impl WorkerService {
             draining: AtomicBool::new(false),
             newest: AtomicU64::new(0),
             regrouping: Mutex::new(()),
+            health_polls: AtomicU64::new(0),
             metrics,
         }))
+    }
+
+    /// How many health polls this worker answered (its registration watches it for silence).
+    pub fn health_polls(&self) -> u64 {
+        self.0.health_polls.load(Ordering::Relaxed)
     }
 
     /// The tonic server of this service.
@@ -475,6 +483,7 @@ impl Worker for WorkerService {
 
     async fn health(&self, req: Request<pb::WorkerHealthRequest>) -> Result<Response<pb::WorkerHealthResponse>, Status> {
         let take_steps = req.into_inner().take_steps;
+        self.0.health_polls.fetch_add(1, Ordering::Relaxed);
         let mut h = pb::WorkerHealthResponse {
             rank: self.0.rank.load(Ordering::SeqCst) as u32,
             newest_generation: self.0.newest.load(Ordering::SeqCst),

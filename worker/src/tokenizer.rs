@@ -31,7 +31,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -125,8 +125,10 @@ impl ScoreArgs {
     }
 }
 
+/// A per-token trace: a safetensors trace or a JSONL log, told by content.
 fn read_trace(path: &Path) -> anyhow::Result<RoutingTrace> {
-    RoutingTrace::read(path).with_context(|| format!("reading {}", path.display()))
+    let f = placement::RoutingFile::read(path, None).with_context(|| format!("reading {}", path.display()))?;
+    Ok(f.into_trace(path)?)
 }
 
 #[derive(clap::Args)]
@@ -167,6 +169,11 @@ pub struct BenchArgs {
     /// The ILP's balance slack (see `place solve --balance-slack`).
     #[arg(long, default_value_t = 0.0)]
     balance_slack: f64,
+    /// Real routing traces (`prose.safetensors`, `code.safetensors`, captured from the trained
+    /// model with `trace capture`): cross-domain scenarios, solved on one domain and scored on the
+    /// other. Skipped when absent.
+    #[arg(long, default_value = "models/tiny-moe/routing")]
+    real_routing: PathBuf,
     #[arg(long)]
     json: bool,
 }
@@ -309,46 +316,73 @@ struct BenchRow {
     solve_seconds: f64,
 }
 
+/// Where a scenario's solve and score traces come from.
+enum Source {
+    /// Two samples of one synthetic routing model.
+    Synth(SynthConfig),
+    /// Two real traces (solve on the first, score on the second).
+    Real(RoutingTrace, RoutingTrace),
+}
+
 struct Scenario {
-    name: &'static str,
-    synth: SynthConfig,
+    name: String,
+    source: Source,
     ranks: usize,
     nodes: usize,
     slots: usize,
     groups: Option<usize>,
 }
 
+/// The real cross-domain scenarios, when the traces are there: both directions, 4 ranks with one
+/// spare slot each, and 8 ranks with two experts each (no replica).
+fn real_scenarios(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
+    let (prose, code) = (dir.join("prose.safetensors"), dir.join("code.safetensors"));
+    if !prose.exists() || !code.exists() {
+        return Ok(Vec::new());
+    }
+    let (p, c) = (read_trace(&prose)?, read_trace(&code)?);
+    let shape = format!("{}x{} top-{}", p.num_layers, p.num_experts, p.top_k);
+    let mut out = Vec::new();
+    for (ranks, slots) in [(4, p.num_experts / 4 + 1), (8, p.num_experts / 8)] {
+        for (from, to, solve, score) in [("prose", "code", &p, &c), ("code", "prose", &c, &p)] {
+            let name = format!("real: tiny-moe {from}->{to} ({shape}, {ranks} ranks, {slots} slots)");
+            out.push(Scenario { name, source: Source::Real(solve.clone(), score.clone()), ranks, nodes: 1, slots, groups: None });
+        }
+    }
+    Ok(out)
+}
+
 fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
-    let mut scenarios = Vec::new();
+    let mut scenarios = real_scenarios(&a.real_routing)?;
     let per_seq = 64;
     let seqs = a.tokens.div_ceil(per_seq).max(1);
-    if !a.mixtral_only {
-        let mut s = SynthConfig::deepseek_v3();
+    let tuned = |mut s: SynthConfig| {
         s.num_sequences = seqs;
         s.tokens_per_sequence = per_seq;
-        scenarios.push(Scenario { name: "deepseek-v3 (58x256 top-8, 32 ranks / 4 nodes, 9 slots)", synth: s, ranks: 32, nodes: 4, slots: 9, groups: Some(8) });
-    }
-    for slots in [2, 3] {
-        let mut s = SynthConfig::mixtral();
-        s.num_sequences = seqs;
-        s.tokens_per_sequence = per_seq;
-        let name = if slots == 2 { "mixtral (32x8 top-2, 4 ranks, 2 slots)" } else { "mixtral (32x8 top-2, 4 ranks, 3 slots)" };
-        scenarios.push(Scenario { name, synth: s, ranks: 4, nodes: 1, slots, groups: None });
-    }
-    for sc in &mut scenarios {
         if let Some(t) = a.transition_strength {
-            sc.synth.transition_strength = t;
+            s.transition_strength = t;
         }
         if let Some(z) = a.zipf {
-            sc.synth.zipf_exponent = z;
+            s.zipf_exponent = z;
         }
+        Source::Synth(s)
+    };
+    if !a.mixtral_only {
+        let name = "deepseek-v3 (58x256 top-8, 32 ranks / 4 nodes, 9 slots)".to_string();
+        scenarios.push(Scenario { name, source: tuned(SynthConfig::deepseek_v3()), ranks: 32, nodes: 4, slots: 9, groups: Some(8) });
+    }
+    for slots in [2, 3] {
+        let name = format!("mixtral (32x8 top-2, 4 ranks, {slots} slots)");
+        scenarios.push(Scenario { name, source: tuned(SynthConfig::mixtral()), ranks: 4, nodes: 1, slots, groups: None });
     }
     let hw = HardwareProfile::h100();
     let mut rows = Vec::new();
     for sc in &scenarios {
-        // Same routing model (model_seed), two independent samples: solve on one, score on the other.
-        let solve_trace = synthesize(&SynthConfig { seed: sc.synth.seed, ..sc.synth.clone() })?;
-        let held_out = synthesize(&SynthConfig { seed: sc.synth.seed.wrapping_add(1_000_003), ..sc.synth.clone() })?;
+        let (solve_trace, held_out) = match &sc.source {
+            // Same routing model (model_seed), two independent samples: solve on one, score on the other.
+            Source::Synth(s) => (synthesize(&SynthConfig { seed: s.seed, ..s.clone() })?, synthesize(&SynthConfig { seed: s.seed.wrapping_add(1_000_003), ..s.clone() })?),
+            Source::Real(a, b) => (a.clone(), b.clone()),
+        };
         let stats = placement::RoutingStats::from_trace(&solve_trace, Some(sc.ranks));
         let topology = Topology::uniform(sc.ranks, sc.nodes)?;
         let runs: [(&str, SolverKind, Mode); 4] = [
@@ -368,7 +402,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             let secs = started.elapsed().as_secs_f64();
             let ev: Evaluation = placement::eval::evaluate(&p, &held_out, &hw)?;
             rows.push(BenchRow {
-                scenario: sc.name.to_string(),
+                scenario: sc.name.clone(),
                 solver: label.to_string(),
                 balancedness: ev.balancedness,
                 cross_node_fraction: ev.cross_node_fraction,
@@ -383,21 +417,21 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("solved on one synthetic sample, scored on a held-out sample of the same routing model ({} tokens each)", seqs * per_seq);
+    println!("real: solved on the trained model's routing of one domain, scored on the other's ({})", a.real_routing.display());
+    println!("synthetic: solved on one sample, scored on a held-out sample of the same routing model ({} tokens each)", seqs * per_seq);
     for sc in &scenarios {
-        println!(
-            "  {}: zipf {}, transition strength {} (fanout {}), {} domains",
-            sc.name, sc.synth.zipf_exponent, sc.synth.transition_strength, sc.synth.transition_fanout, sc.synth.domains
-        );
+        if let Source::Synth(s) = &sc.source {
+            println!("  {}: zipf {}, transition strength {} (fanout {}), {} domains", sc.name, s.zipf_exponent, s.transition_strength, s.transition_fanout, s.domains);
+        }
     }
     println!();
     println!(
-        "{:<58} {:<13} {:>8} {:>10} {:>10} {:>10} {:>12} {:>9}",
+        "{:<64} {:<13} {:>8} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "scenario", "solver", "balance", "x-node %", "rank-hop %", "node-hop %", "step µs", "solve s"
     );
     for r in &rows {
         println!(
-            "{:<58} {:<13} {:>8.4} {:>10.2} {:>10.2} {:>10.2} {:>12.1} {:>9.2}",
+            "{:<64} {:<13} {:>8.4} {:>10.2} {:>10.2} {:>10.2} {:>12.1} {:>9.2}",
             r.scenario,
             r.solver,
             r.balancedness,

@@ -1,9 +1,9 @@
 //! Reading routing statistics from whatever the user has: a trace (safetensors), a per-token JSONL
-//! log, or SGLang's aggregated `logical_count` JSON.
+//! log, or SGLang's aggregated `logical_count` JSON, told apart by content.
 use std::path::Path;
 
 use anyhow::Context;
-use placement::{RoutingStats, RoutingTrace};
+use placement::{RoutingFile, RoutingStats, RoutingTrace};
 
 pub enum Routing {
     Trace(RoutingTrace),
@@ -12,20 +12,13 @@ pub enum Routing {
 }
 
 impl Routing {
+    /// Reads `path`, told by its content whatever it is called (`placement::routing_file`).
     pub fn read(path: &Path, num_experts: Option<usize>) -> anyhow::Result<Self> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let read = || -> anyhow::Result<Self> {
-            Ok(match ext {
-                "safetensors" => Routing::Trace(RoutingTrace::read(path)?),
-                "jsonl" => Routing::Trace(RoutingTrace::import_jsonl(path, num_experts)?),
-                "json" => Routing::Counts(placement::trace::read_logical_count(path)?),
-                _ => anyhow::bail!(
-                    "{}: unknown routing file type (expected .safetensors trace, .jsonl token log or .json logical_count)",
-                    path.display()
-                ),
-            })
-        };
-        read().with_context(|| format!("reading {}", path.display()))
+        let f = RoutingFile::read(path, num_experts).with_context(|| format!("reading {}", path.display()))?;
+        Ok(match f {
+            RoutingFile::Trace(t) => Routing::Trace(t),
+            RoutingFile::Counts(c) => Routing::Counts(c),
+        })
     }
 
     /// Statistics with load split by home rank for `ranks` ranks (when the input has tokens).

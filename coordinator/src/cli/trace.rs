@@ -21,6 +21,23 @@ pub enum TraceCommand {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Capture a model's real routing on text files (every token's top-k experts at every MoE
+    /// layer, in this process) as a safetensors trace: `--input` files are tokenized with the
+    /// model's tokenizer and cut into sequences of `--seq-len` tokens.
+    Capture {
+        #[arg(long)]
+        model: PathBuf,
+        /// Text files (prose, code, ...); read in order.
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Stop after this many tokens.
+        #[arg(long, default_value_t = 20_000)]
+        max_tokens: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a synthetic routing trace: Zipf-skewed popularity per layer, sparse cross-layer
     /// transitions, several domains, sequences.
     Synth(SynthArgs),
@@ -104,6 +121,32 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
                 t.num_experts,
                 t.top_k
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        TraceCommand::Capture { model, input, seq_len, max_tokens, out } => {
+            anyhow::ensure!(seq_len >= 1 && max_tokens >= 1, "--seq-len and --max-tokens must be at least 1");
+            let m = worker::model::Model::load(&model, &worker::model::LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
+            let tok = worker::tokenizer::Tokenizer::from_dir(&model)?.with_context(|| format!("{} has no tokenizer.json", model.display()))?;
+            let seq_len = seq_len.min(m.config.max_position_embeddings);
+            let mut sequences: Vec<Vec<u32>> = Vec::new();
+            let mut total = 0usize;
+            for f in &input {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                for chunk in tok.encode(&text)?.chunks(seq_len) {
+                    let take = chunk.len().min(max_tokens - total);
+                    sequences.push(chunk[..take].to_vec());
+                    total += take;
+                    if total == max_tokens {
+                        break;
+                    }
+                }
+                if total == max_tokens {
+                    break;
+                }
+            }
+            let t = worker::routing_capture::capture(&m, &sequences)?;
+            t.write(&out)?;
+            println!("wrote {}: {} tokens in {} sequences, {} layers, {} experts, top-{}", out.display(), t.num_tokens(), sequences.len(), t.num_layers, t.num_experts, t.top_k);
             Ok(ExitCode::SUCCESS)
         }
         TraceCommand::Convert { input, num_experts, out } => {

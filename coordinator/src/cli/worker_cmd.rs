@@ -1,16 +1,14 @@
-//! `switchyard worker`: flag parsing, registration with the coordinator and the membership
-//! lease; the gRPC service itself is `worker::service`.
+//! `switchyard worker`: flag parsing; the gRPC service is `worker::service`, the registration
+//! and membership lease `coordinator::registration`.
 use anyhow::{Context, bail};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_proto::v1 as pb;
-use super::cluster::{ServeArgs, connect_channel, exit_on_stdin_eof, runtime, write_ready_file};
+use super::cluster::{ServeArgs, exit_on_stdin_eof, runtime, write_ready_file};
+use coordinator::registration::{Registration, RegistrationConfig};
 use coordinator::server::health_and_reflection;
-use coordinator::store::typed::{self, Member};
-use coordinator::store::{AnyStore, StateStore};
-use switchyard_proto::v1::control_client::ControlClient;
+use coordinator::store::AnyStore;
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tonic::transport::server::TcpIncoming;
 use worker::service::{WorkerConfig, WorkerMetrics, WorkerService};
@@ -115,60 +113,32 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             // TCP_NODELAY: tokens stream as small writes (see the coordinator's server).
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
         let server = tokio::spawn(server);
-        // Register with the leader (coordinators may still be starting or electing).
+        // Register with the leader (coordinators may still be starting or electing), then keep
+        // the membership (`coordinator::registration`).
         let coordinators: Vec<String> = a.coordinator.split(',').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect();
         anyhow::ensure!(!coordinators.is_empty(), "--coordinator names no address");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let request = pb::RegisterRequest {
-            grpc_address: grpc_addr.clone(),
-            transport_address: transport_addr.clone(),
-            rank_hint: -1,
-            node: a.node.clone(),
-        };
-        let mut attempt = 0usize;
-        let reg = loop {
-            let c = &coordinators[attempt % coordinators.len()];
-            attempt += 1;
-            let why = match connect_channel(c).await {
-                Ok(ch) => match ControlClient::new(ch).register(request.clone()).await {
-                    Ok(r) => break r.into_inner(),
-                    Err(s) if s.code() == tonic::Code::Unavailable => format!("{c}: {}", s.message()),
-                    Err(s) => bail!("register at {c}: {:?}: {}", s.code(), s.message()),
-                },
-                Err(e) => format!("{c}: {e}"),
-            };
-            if tokio::time::Instant::now() >= deadline {
-                bail!("no coordinator accepted the registration within 60 s (last: {why})");
-            }
-            tracing::debug!("registration not accepted yet: {why}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        // The coordinator names the worker; an older coordinator that does not keeps the old key.
-        anyhow::ensure!(!reg.worker_id.is_empty(), "the coordinator gave this worker no id (a coordinator older than generations?)");
-        let worker_id = reg.worker_id.clone();
-        // Membership lease: the key vanishes when this process dies or stalls.
-        let _membership = match &a.store {
+        let store = match &a.store {
             Some(u) if u.starts_with("embedded:") => {
                 bail!("--store {u}: the embedded store lives inside the coordinator; workers take etcd://")
             }
             Some(u) => {
-                let store = AnyStore::open(u).await.with_context(|| format!("state store {u}"))?;
                 anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
-                let ttl = Duration::from_secs(a.lease_ttl);
-                let lease = store.grant_lease(ttl).await?;
-                let m = Member {
-                    id: worker_id.clone(),
-                    rank: 0, // ranks change with every generation (see `Member::rank`)
-                    node: a.node.clone(),
-                    addr: grpc_addr.clone(),
-                    transport_addr: transport_addr.clone(),
-                    gpus: 0,
-                };
-                typed::put_member(&store, &m, Some(lease)).await?;
-                Some(store.keep_alive(lease, ttl / 3))
+                Some(AnyStore::open(u).await.with_context(|| format!("state store {u}"))?)
             }
             None => None,
         };
+        let cfg = RegistrationConfig {
+            coordinators,
+            grpc_address: grpc_addr.clone(),
+            transport_address: transport_addr.clone(),
+            node: a.node.clone(),
+            store,
+            lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
+        };
+        let registration = Registration::start(cfg, Duration::from_secs(60)).await?;
+        let worker_id = registration.worker_id().to_string();
+        let polls = svc.clone();
+        tokio::spawn(registration.keep(Arc::new(move || polls.health_polls())));
         let pid = std::process::id();
         if let Some(path) = &a.ready_file {
             let ready = serde_json::json!({

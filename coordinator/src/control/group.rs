@@ -220,8 +220,19 @@ impl Group {
         &self.settings
     }
 
-    /// A new worker: it gets an id and joins at the next generation.
-    pub fn register(&mut self, grpc: String, transport: String, node: String) -> WorkerInfo {
+    /// A worker registering: it gets an id and joins at the next generation. `previous` is the id
+    /// a leader gave this process before (it registers again after a long silence): if this group
+    /// still has it at the same address it stays what it is. Any other member at the same address
+    /// was an earlier process there (it died and restarted, or an earlier registration's reply
+    /// was lost): it is lost, since whatever it held is gone with it.
+    pub fn register(&mut self, grpc: String, transport: String, node: String, previous: Option<&str>) -> WorkerInfo {
+        if let Some(e) = previous.and_then(|id| self.workers.get(id)).filter(|e| e.info.grpc == grpc && e.info.transport == transport) {
+            return e.info.clone();
+        }
+        let stale: Vec<WorkerId> = self.workers.values().filter(|e| e.info.grpc == grpc).map(|e| e.info.id.clone()).collect();
+        for id in stale {
+            self.lose(&id);
+        }
         let id = format!("w{}", self.next_id);
         self.next_id += 1;
         let info = WorkerInfo { id: id.clone(), grpc, transport, node };
@@ -235,7 +246,9 @@ impl Group {
     /// the store): it keeps its id and joins at the next generation unless it is a rank already.
     /// `false` when it was known.
     pub fn take_over(&mut self, info: WorkerInfo) -> bool {
-        if self.workers.contains_key(&info.id) {
+        // One process, one member: a second key at a member's address is a stale registration
+        // of the same process (its old id, under the same lease).
+        if self.workers.contains_key(&info.id) || self.workers.values().any(|e| e.info.grpc == info.grpc) {
             return false;
         }
         if let Some(n) = info.id.strip_prefix('w').and_then(|n| n.parse::<u64>().ok()) {

@@ -68,6 +68,16 @@ pub enum Recorded {
 
 /// Writes `rec` unless the store holds a later one (CAS on the revision read; re-read on conflict).
 pub async fn record_generation<S: StateStore>(s: &S, rec: &GenerationRecord) -> Result<Recorded, StoreError> {
+    record_generation_with(s, rec, supersedes).await
+}
+
+/// [`record_generation`] with the ordering rule as a parameter: the simulator plants a broken
+/// rule here to show that its checks catch a record that goes backwards.
+pub(crate) async fn record_generation_with<S: StateStore>(
+    s: &S,
+    rec: &GenerationRecord,
+    may_replace: fn(Option<(u64, u64)>, (u64, u64)) -> bool,
+) -> Result<Recorded, StoreError> {
     let value = serde_json::to_vec(rec).map_err(|e| StoreError::Internal(e.to_string()))?;
     loop {
         let (existing, rev) = match s.get(GENERATION).await? {
@@ -77,7 +87,7 @@ pub async fn record_generation<S: StateStore>(s: &S, rec: &GenerationRecord) -> 
             }
             None => (None, 0),
         };
-        if !supersedes(existing, (rec.number, rec.epoch)) {
+        if !may_replace(existing, (rec.number, rec.epoch)) {
             let (number, epoch) = existing.unwrap_or_default();
             return Ok(Recorded::Superseded { number, epoch });
         }
@@ -111,6 +121,54 @@ pub async fn advance_current_epoch<S: StateStore>(s: &S, epoch: u64) -> Result<b
 pub async fn recorded_generation<S: StateStore>(s: &S) -> Result<Option<GenerationRecord>, StoreError> {
     match s.get(GENERATION).await? {
         Some(kv) => Ok(Some(decode(&kv)?)),
+        None => Ok(None),
+    }
+}
+
+/// Key of the highest generation (and its epoch) a leader has started to carry out.
+pub const RESERVED: &str = "cluster/generation_reserved";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Reservation {
+    number: u64,
+    epoch: u64,
+}
+
+/// Reserves generation `number` (with `epoch`) before it is carried out: a CAS that never lowers
+/// the reservation. A new leader plans above it, so a number its predecessor handed to workers
+/// but never recorded (it died while the generation formed) is never reused with other content.
+/// `Superseded` names a later reservation: this leader is behind and must not carry it out.
+pub async fn reserve_generation<S: StateStore>(s: &S, number: u64, epoch: u64) -> Result<Recorded, StoreError> {
+    let value = serde_json::to_vec(&Reservation { number, epoch }).map_err(|e| StoreError::Internal(e.to_string()))?;
+    loop {
+        let (existing, rev) = match s.get(RESERVED).await? {
+            Some(kv) => {
+                let r: Reservation = decode(&kv)?;
+                (Some((r.number, r.epoch)), kv.mod_revision)
+            }
+            None => (None, 0),
+        };
+        match existing {
+            Some(e) if e > (number, epoch) => return Ok(Recorded::Superseded { number: e.0, epoch: e.1 }),
+            // Already ours (a retry after a store hiccup).
+            Some(e) if e == (number, epoch) => return Ok(Recorded::Written),
+            _ => {}
+        }
+        match s.compare_and_swap(RESERVED, rev, value.clone(), None).await {
+            Ok(_) => return Ok(Recorded::Written),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The reservation floor: the highest (generation, epoch) any leader started.
+pub async fn reserved_generation<S: StateStore>(s: &S) -> Result<Option<(u64, u64)>, StoreError> {
+    match s.get(RESERVED).await? {
+        Some(kv) => {
+            let r: Reservation = decode(&kv)?;
+            Ok(Some((r.number, r.epoch)))
+        }
         None => Ok(None),
     }
 }

@@ -1,39 +1,64 @@
 //! The leader's generation driver: adopting a recorded generation, forming every generation the
 //! group plans on its workers, membership (lease watch, health polls), and the rebalance loop.
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_proto::v1 as pb;
 use tonic::Response;
 
-use super::ha::{Role, Seat};
-use super::{CoordSvc, HEALTH_FAILURES, HEALTH_PERIOD, MigrationWatch, REGROUP_TIMEOUT, RecordQueue, WorkerLink, link_to, transport_setup};
-use crate::control::record;
+use super::ha::{Role, Seat, with_store_retries};
+use super::{CoordSvc, HEALTH_PERIOD, MigrationWatch, REGROUP_TIMEOUT, RecordQueue, WorkerLink, link_to, transport_setup};
+use crate::control::formation::{Formation, Formed, RegroupReply};
+use crate::control::health::{HealthReport, HealthWatch, Verdict};
+use crate::control::record::{self, Recorded};
+use crate::control::succession::{self, RankProbe};
 use crate::control::{Generation, WorkerId, WorkerInfo};
 use crate::store::typed;
 use crate::store::{EventKind, StateStore};
 
 impl CoordSvc {
-    /// This coordinator won the election: adopt the generation a previous leader recorded (the
-    /// workers keep their KV caches and experts), or wait for registrations.
+    /// This coordinator won the election: take over from the predecessor (see
+    /// `control::succession`): its recorded generation with the ranks that still answer (they
+    /// keep their KV caches and experts), the workers registered with it, its reservation floor.
     pub(crate) async fn lead(self, seat: Arc<Seat>) {
         let _ = self.0.records.set(RecordQueue::spawn(seat.store.clone()));
         if let Some(policy) = self.0.policy.lock().ok().and_then(|mut p| p.take()) {
             tokio::spawn(self.clone().rebalance_loop(policy));
         }
-        match record::recorded_generation(&seat.store).await {
-            Ok(Some(rec)) => match rec.generation() {
-                Ok(g) if g.placement.num_layers == self.0.cfg.moe_layers().len() && g.placement.num_experts == self.0.cfg.router.n_experts => {
-                    self.adopt(g).await
-                }
-                Ok(_) => tracing::warn!("ignoring the recorded generation: it is for another model"),
-                Err(e) => tracing::warn!("ignoring the recorded generation: {e}"),
-            },
-            Ok(None) => {}
-            Err(e) => tracing::warn!("cannot read the recorded generation [{}]: {e}; waiting for workers to register", e.code()),
+        let (layers, experts) = (self.0.cfg.moe_layers().len(), self.0.cfg.router.n_experts);
+        let recorded = match record::recorded_generation(&seat.store).await {
+            Ok(Some(rec)) => succession::usable_record(&rec, layers, experts).inspect_err(|e| tracing::warn!("ignoring it: {e}")).ok(),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("cannot read the recorded generation [{}]: {e}; waiting for workers to register", e.code());
+                None
+            }
+        };
+        let probes = match &recorded {
+            Some(g) => self.probe_ranks(g).await,
+            None => Vec::new(),
+        };
+        let members = match typed::list_members(&seat.store).await {
+            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node }).collect(),
+            Err(e) => {
+                tracing::warn!("cannot list the members [{}]: {e}", e.code());
+                Vec::new()
+            }
+        };
+        let reserved = match with_store_retries("generation reservation", || record::reserved_generation(&seat.store)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot read the generation reservation [{}]: {e}; planning above what the workers report", e.code());
+                None
+            }
+        };
+        let s = self.group(|g| succession::succeed(g, recorded, &probes, members, reserved));
+        if let Some((n, adopted, world)) = s.adopted {
+            println!("adopted {adopted} of {world} running workers of generation {n}");
         }
-        self.take_over_members(&seat).await;
+        for id in &s.taken_over {
+            println!("took over worker {id} registered with the previous leader");
+        }
         self.0.role.send_replace(Role::Leader);
         match self.group(|g| g.active().map(|a| (a.number, a.world()))) {
             Some((n, w)) => println!("leading; adopted generation {n} of {w} ranks"),
@@ -43,48 +68,30 @@ impl CoordSvc {
         tokio::spawn(self.clone().watch_membership(seat));
     }
 
-    /// Workers that registered with a previous leader but are not ranks of the recorded
-    /// generation (a join it did not finish): their membership leases in the store name them.
-    async fn take_over_members(&self, seat: &Seat) {
-        let members = match typed::list_members(&seat.store).await {
-            Ok((m, _)) => m,
-            Err(e) => return tracing::warn!("cannot list the members [{}]: {e}", e.code()),
-        };
-        let ranks: Vec<WorkerId> = self.group(|g| g.active().map(|a| a.ranks.iter().map(|w| w.id.clone()).collect()).unwrap_or_default());
-        // Ranks of the recorded generation were probed by `adopt`: one that did not answer
-        // stays out even while its lease still runs.
-        for m in members.into_iter().filter(|m| !ranks.contains(&m.id)) {
-            let info = WorkerInfo { id: m.id.clone(), grpc: m.addr, transport: m.transport_addr, node: m.node };
-            if self.group(|g| g.take_over(info)) {
-                println!("took over worker {} registered with the previous leader", m.id);
-            }
-        }
-    }
-
-    /// Takes over the workers of a recorded generation that still answer.
-    pub(crate) async fn adopt(&self, g: Generation) {
-        let mut alive = Vec::new();
-        let mut seen = (0u64, 0u64);
+    /// Asks every rank of a recorded generation for its health, at once: which answer, and the
+    /// newest generation each was asked to join.
+    async fn probe_ranks(&self, g: &Generation) -> Vec<RankProbe> {
+        let mut set = tokio::task::JoinSet::new();
         for w in &g.ranks {
             let Ok(link) = link_to(&w.grpc) else { continue };
-            let mut c = link.client.clone();
-            if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest::default())).await {
-                let h = h.into_inner();
-                seen = seen.max((h.generation.max(h.newest_generation), h.epoch));
-                alive.push(w.id.clone());
-                if let Ok(mut l) = self.0.links.lock() {
-                    l.insert(w.id.clone(), link);
-                }
+            let id = w.id.clone();
+            set.spawn(async move {
+                let mut c = link.client.clone();
+                let h = tokio::time::timeout(Duration::from_secs(3), c.health(pb::WorkerHealthRequest::default())).await;
+                (id, link, h.ok().and_then(Result::ok).map(Response::into_inner))
+            });
+        }
+        let mut probes: Vec<RankProbe> = g.ranks.iter().map(|w| RankProbe { id: w.id.clone(), answered: None }).collect();
+        while let Some(Ok((id, link, h))) = set.join_next().await {
+            let Some(h) = h else { continue };
+            if let Some(p) = probes.iter_mut().find(|p| p.id == id) {
+                p.answered = Some((h.generation.max(h.newest_generation), h.epoch));
+            }
+            if let Ok(mut l) = self.0.links.lock() {
+                l.insert(id, link);
             }
         }
-        let (n, world) = (g.number, g.world());
-        let adopted = alive.len();
-        self.group(|grp| {
-            grp.adopt(g, &alive);
-            // A leader that died mid-change may have handed out a later generation.
-            grp.observe_generation(seen.0, seen.1);
-        });
-        println!("adopted {adopted} of {world} running workers of generation {n}");
+        probes
     }
 
     /// Leader only: forms every generation the group plans, one at a time.
@@ -98,27 +105,120 @@ impl CoordSvc {
         }
     }
 
+    /// Reserves generation `g`'s number in the store (`record::reserve_generation`); `false`
+    /// (and the generation dropped) when the store holds a later one or cannot be written.
+    async fn reserve(&self, g: &Generation) -> bool {
+        let Some(seat) = self.0.seat.get() else { return true };
+        let outcome = with_store_retries("generation reservation", || record::reserve_generation(&seat.store, g.number, g.epoch)).await;
+        let floor = match outcome {
+            Ok(Recorded::Written) => return true,
+            Ok(Recorded::Superseded { number, epoch }) => {
+                eprintln!("generation {} not carried out: a leader reserved generation {number} already", g.number);
+                Some((number, epoch))
+            }
+            Err(e) => {
+                tracing::error!("generation {}: cannot reserve its number [{}]: {e}", g.number, e.code());
+                None
+            }
+        };
+        self.group(|grp| {
+            if let Some((n, e)) = floor {
+                grp.observe_generation(n, e);
+            }
+            let _ = grp.regroup_abandoned(g.number, &[]);
+        });
+        self.0.membership_changed.notify_one();
+        false
+    }
+
     /// Carries generation `g` out on its workers: every rank keeps what it holds, loads what it
-    /// gains, and joins the new mesh; the group switches when all have.
+    /// gains, and joins the new mesh; the group switches when all have (`control::formation`).
     pub(crate) async fn form(&self, g: Generation) {
         let t0 = std::time::Instant::now();
+        if !self.reserve(&g).await {
+            return;
+        }
+        let mut formation = Formation::new(&g);
+        let mut set = self.send_regroups(&g);
+        while let Some(j) = set.join_next().await {
+            let (id, r) = match j {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!("regroup task: {e}");
+                    continue;
+                }
+            };
+            let reply = match r {
+                Ok(r) => RegroupReply::Joined { loaded_experts: r.loaded_experts as u64, kept_sequences: r.kept_sequences as u64 },
+                Err((code, e)) => {
+                    eprintln!("worker {id} did not join generation {}: {e}", g.number);
+                    if code == tonic::Code::Aborted { RegroupReply::Superseded } else { RegroupReply::Failed(e) }
+                }
+            };
+            if formation.reply(&id, reply) {
+                break;
+            }
+        }
+        // Decided: a failed rank abandons the generation at once (see `Formation`).
+        set.abort_all();
+        match self.group(|grp| formation.finish(grp)) {
+            Err(e) => tracing::warn!("generation {}: {e}", g.number),
+            Ok(Formed::Serving { loaded_experts, kept_sequences }) => {
+                self.0.metrics.membership_changes.inc();
+                self.record_active();
+                println!(
+                    "generation {} serving: {} ranks, epoch {}, {loaded_experts} experts loaded, {kept_sequences} sequences kept, {} ms",
+                    g.number,
+                    g.world(),
+                    g.epoch,
+                    t0.elapsed().as_millis()
+                );
+            }
+            Ok(Formed::Abandoned { lost }) => {
+                if let Ok(mut l) = self.0.links.lock() {
+                    for id in &lost {
+                        l.remove(id);
+                    }
+                }
+                self.0.membership_changed.notify_one();
+            }
+        }
+    }
+
+    /// Sends `Regroup` for generation `g` to each of its ranks; each task ends with the rank's
+    /// answer or why there is none.
+    fn send_regroups(&self, g: &Generation) -> tokio::task::JoinSet<(WorkerId, Result<pb::RegroupResponse, (tonic::Code, String)>)> {
+        let mut set = tokio::task::JoinSet::new();
         let json = match serde_json::to_string(&g.placement) {
             Ok(j) => j,
-            Err(e) => return tracing::error!("placement of generation {}: {e}", g.number),
+            Err(e) => {
+                let why = format!("placement of generation {}: {e}", g.number);
+                for w in &g.ranks {
+                    let (id, why) = (w.id.clone(), why.clone());
+                    set.spawn(async move { (id, Err((tonic::Code::Internal, why))) });
+                }
+                return set;
+            }
         };
         // Every generation is a new communicator: NCCL needs a unique id of its own for it.
         let (transport, nccl_unique_id) = match transport_setup(&self.0.transport) {
             Ok(t) => t,
-            Err(e) => return tracing::error!("generation {}: transport setup: {e:#}", g.number),
+            Err(e) => {
+                let why = format!("transport setup: {e:#}");
+                for w in &g.ranks {
+                    let (id, why) = (w.id.clone(), why.clone());
+                    set.spawn(async move { (id, Err((tonic::Code::Internal, why))) });
+                }
+                return set;
+            }
         };
         let peers: Vec<String> = g.ranks.iter().map(|w| w.transport.clone()).collect();
         let nodes = g.node_indices();
-        let mut set = tokio::task::JoinSet::new();
         for (rank, w) in g.ranks.iter().enumerate() {
+            let id = w.id.clone();
             let link = match self.link(&w.id, &w.grpc) {
                 Ok(l) => l,
                 Err(e) => {
-                    let id = w.id.clone();
                     set.spawn(async move { (id, Err((tonic::Code::Unavailable, e))) });
                     continue;
                 }
@@ -140,7 +240,6 @@ impl CoordSvc {
                     max_batch_tokens: self.0.max_batch_tokens.unwrap_or(0),
                 }),
             };
-            let id = w.id.clone();
             let mut c = link.client;
             set.spawn(async move {
                 let r = match tokio::time::timeout(REGROUP_TIMEOUT, c.regroup(req)).await {
@@ -151,52 +250,7 @@ impl CoordSvc {
                 (id, r)
             });
         }
-        let mut failed = Vec::new();
-        let mut abandoned = false;
-        let (mut loaded, mut kept_seqs) = (0u64, 0u64);
-        while let Some(j) = set.join_next().await {
-            match j {
-                Ok((_, Ok(r))) => {
-                    loaded += r.loaded_experts as u64;
-                    kept_seqs += r.kept_sequences as u64;
-                }
-                Ok((id, Err((code, e)))) => {
-                    eprintln!("worker {id} did not join generation {}: {e}", g.number);
-                    // A worker superseded by a newer generation is fine; any other failure
-                    // loses it. Either way this generation cannot form: stop waiting for the
-                    // others (they would wait for the failed peer until their connect timeout;
-                    // the next generation's Regroup supersedes their builds at once).
-                    if code != tonic::Code::Aborted {
-                        failed.push(id);
-                    }
-                    abandoned = true;
-                    set.abort_all();
-                    break;
-                }
-                Err(e) => tracing::error!("regroup task: {e}"),
-            }
-        }
-        let done = if abandoned {
-            self.group(|grp| grp.regroup_abandoned(g.number, &failed))
-        } else {
-            self.group(|grp| grp.regroup_finished(g.number))
-        };
-        if let Err(e) = done {
-            return tracing::warn!("generation {}: {e}", g.number);
-        }
-        if !abandoned {
-            self.0.metrics.membership_changes.inc();
-            self.record_active();
-            println!(
-                "generation {} serving: {} ranks, epoch {}, {loaded} experts loaded, {kept_seqs} sequences kept, {} ms",
-                g.number,
-                g.world(),
-                g.epoch,
-                t0.elapsed().as_millis()
-            );
-        } else {
-            self.0.membership_changed.notify_one();
-        }
+        set
     }
 
     /// The connection to worker `id` (made once).
@@ -344,13 +398,14 @@ impl CoordSvc {
         }
     }
 
-    /// Leader only: a worker whose lease expired (its `members/` key vanished) or whose health
-    /// checks fail three times in a row is lost; a rank whose collectives broke with every peer
-    /// alive makes the group re-form as it is.
+    /// Leader only: members are lost, or the group re-formed, as `control::health` decides from
+    /// the membership leases (a watch for fast notice, and a listing every poll in case the watch
+    /// broke) and from health polls every `HEALTH_PERIOD`, which also bring the expert load.
     pub(crate) async fn watch_membership(self, seat: Arc<Seat>) {
         let me = self.clone();
+        let watch_store = seat.store.clone();
         tokio::spawn(async move {
-            let mut watch = match seat.store.watch(typed::MEMBERS, None).await {
+            let mut watch = match watch_store.watch(typed::MEMBERS, None).await {
                 Ok(w) => w,
                 Err(e) => return tracing::warn!("cannot watch members [{}]: {e}", e.code()),
             };
@@ -362,10 +417,16 @@ impl CoordSvc {
                 }
             }
         });
-        let mut failures: HashMap<WorkerId, u32> = HashMap::new();
+        let mut health = HealthWatch::default();
         let mut last = std::time::Instant::now();
         loop {
             tokio::time::sleep(HEALTH_PERIOD).await;
+            if let Ok((listed, _)) = typed::list_members(&seat.store).await {
+                let listed: Vec<WorkerId> = listed.into_iter().map(|m| m.id).collect();
+                for id in self.group(|g| health.lapsed(g, &listed)) {
+                    self.lose_worker(&id, "its lease expired");
+                }
+            }
             let (ranks, members) = self.group(|g| {
                 let ranks: Vec<WorkerId> = g.active().map(|a| a.ranks.iter().map(|w| w.id.clone()).collect()).unwrap_or_default();
                 (ranks, g.members())
@@ -380,20 +441,19 @@ impl CoordSvc {
                 });
             }
             let mut reports = Vec::new();
-            let mut broken = false;
+            let mut reform = false;
             while let Some(Ok((id, h))) = polls.join_next().await {
-                let f = failures.entry(id.clone()).or_default();
-                *f = if h.is_some() { 0 } else { *f + 1 };
-                if *f >= HEALTH_FAILURES {
-                    self.lose_worker(&id, &format!("{HEALTH_FAILURES} health checks failed"));
-                    continue;
+                let report = h.as_ref().map(|h| HealthReport { generation: h.generation, newest_generation: h.newest_generation, epoch: h.epoch, paused: h.paused });
+                match self.group(|g| health.observe(g, &id, report)) {
+                    Verdict::Lost(why) => {
+                        self.lose_worker(&id, &why);
+                        health.forget(&id);
+                        continue;
+                    }
+                    Verdict::Reform => reform = true,
+                    Verdict::Healthy | Verdict::Silent => {}
                 }
-                let Some(h) = h else { continue };
-                self.group(|g| g.observe_generation(h.generation.max(h.newest_generation), h.epoch));
-                let Some(rank) = ranks.iter().position(|r| *r == id) else { continue };
-                // A rank whose collectives failed waits for a new generation (see the worker's
-                // rank loop); when no member is lost, re-form the group as it is.
-                broken |= h.paused && h.generation == self.group(|g| g.active().map_or(0, |a| a.number));
+                let (Some(h), Some(rank)) = (h, ranks.iter().position(|r| *r == id)) else { continue };
                 self.note_steps_during_migration(&h.recent_step_us);
                 if rank == 0 {
                     self.0.recent_steps.extend(h.recent_step_us.iter().copied());
@@ -401,8 +461,8 @@ impl CoordSvc {
                 }
                 reports.push((rank, h.expert_load));
             }
-            if broken && self.group(|g| g.reform()) {
-                eprintln!("a rank's collectives broke; re-forming the group");
+            if reform && self.group(|g| g.reform()) {
+                eprintln!("a rank's collectives broke or it left the active generation; re-forming the group");
                 self.0.membership_changed.notify_one();
             }
             self.observe_load(&reports, last.elapsed().as_secs_f64());

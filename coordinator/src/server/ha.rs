@@ -1,7 +1,8 @@
 //! Coordinator high availability on the state store: leader election and store retries.
 //!
 //! Every coordinator holds a lease and campaigns by compare-and-swap of the leader key (absent →
-//! its address, under its lease). The winner leads; the others are standbys that answer clients
+//! its address, under its lease: `control::election`, the round the simulator runs too). The
+//! winner leads; the others are standbys that answer clients
 //! with `UNAVAILABLE` naming the leader, and poll the key: when the leader dies its lease expires,
 //! the key vanishes and the next campaign wins. A leader that loses its lease exits (fail-stop),
 //! so two leaders never act at once for longer than the lease TTL.
@@ -9,7 +10,7 @@
 //! The leader records the active generation (`coordinator::control::record`); a new leader adopts
 //! its workers that still answer — they keep their KV caches and expert slots, nothing restarts.
 
-use crate::store::typed::LEADER;
+use crate::control::election::{Campaign, campaign_round};
 use crate::store::{AnyStore, KeepAlive, LeaseId, StateStore, StoreError};
 use std::time::Duration;
 
@@ -38,25 +39,18 @@ impl Seat {
         Ok(Seat { store, lease, keep_alive, advertise })
     }
 
-    /// Campaigns until this coordinator leads; `on_standby` hears the current leader while waiting.
-    /// Store outages are retried; only a lost lease ends the campaign with an error.
+    /// Campaigns until this coordinator leads (one [`campaign_round`] every 200 ms); `on_standby`
+    /// hears the current leader while waiting. Store outages are retried; only a lost lease ends
+    /// the campaign with an error.
     pub async fn campaign(&self, mut on_standby: impl FnMut(Option<String>)) -> Result<(), StoreError> {
         let mut last_leader: Option<String> = None;
         loop {
             if self.keep_alive.is_lost() {
                 return Err(StoreError::LeaseNotFound(self.lease.0));
             }
-            match self.store.compare_and_swap(LEADER, 0, self.advertise.clone().into_bytes(), Some(self.lease)).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Conflict { .. }) => {
-                    let leader = match self.store.get(LEADER).await {
-                        Ok(Some(kv)) => Some(String::from_utf8_lossy(&kv.value).to_string()),
-                        _ => None,
-                    };
-                    if leader.as_deref() == Some(self.advertise.as_str()) {
-                        // Our own key from before a store hiccup: the lease still holds it.
-                        return Ok(());
-                    }
+            match campaign_round(&self.store, self.lease, &self.advertise).await {
+                Ok(Campaign::Won) => return Ok(()),
+                Ok(Campaign::Standby(leader)) => {
                     if leader != last_leader {
                         on_standby(leader.clone());
                         last_leader = leader;

@@ -437,6 +437,5 @@ fn link_to(grpc: &str) -> Result<WorkerLink, String> {
 
 /// How long a worker may take to join a generation (it may load experts first).
 const REGROUP_TIMEOUT: Duration = Duration::from_secs(120);
-/// Health polls of every member, and how many failed polls in a row lose a worker.
+/// Health polls of every member (how many failed polls lose one: `control::health`).
 const HEALTH_PERIOD: Duration = Duration::from_millis(250);
-const HEALTH_FAILURES: u32 = 3;

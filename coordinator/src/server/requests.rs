@@ -212,7 +212,8 @@ impl Control for CoordSvc {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.require_leader()?;
         let r = req.into_inner();
-        let w = self.group(|g| g.register(r.grpc_address, r.transport_address, r.node));
+        let previous = Some(r.worker_id.as_str()).filter(|id| !id.is_empty());
+        let w = self.group(|g| g.register(r.grpc_address, r.transport_address, r.node, previous));
         self.0.membership_changed.notify_one();
         println!("worker {} registered ({})", w.id, w.grpc);
         Ok(Response::new(pb::RegisterResponse { worker_id: w.id }))

@@ -2,9 +2,12 @@
 //! revisions, CAS, leases that expire after a heartbeat timeout, watch from a revision — kept in
 //! memory. History for watches is bounded ([`HISTORY_LIMIT`] events); older starts get
 //! [`StoreError::Compacted`].
+//!
+//! Leases expire on a [`StoreClock`]: the wall clock in production, or a clock the deterministic
+//! simulator (`control::sim`) sets, so the simulator runs this very store.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,7 +33,8 @@ struct Entry {
 
 struct Lease {
     ttl: Duration,
-    deadline: Instant,
+    /// On the store's clock.
+    deadline: Duration,
     keys: HashSet<String>,
 }
 
@@ -134,7 +138,7 @@ impl Inner {
         true
     }
 
-    fn reap(&mut self, now: Instant) {
+    fn reap(&mut self, now: Duration) {
         let mut expired: Vec<i64> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
         expired.sort();
         for id in expired {
@@ -143,11 +147,45 @@ impl Inner {
     }
 }
 
+/// The time lease deadlines are kept in.
+#[derive(Clone, Debug)]
+pub enum StoreClock {
+    /// Time since the store was made.
+    Wall(Instant),
+    /// A simulated clock: whatever its owner set last.
+    Simulated(SimClock),
+}
+
+impl StoreClock {
+    fn now(&self) -> Duration {
+        match self {
+            StoreClock::Wall(origin) => origin.elapsed(),
+            StoreClock::Simulated(c) => Duration::from_millis(c.now_ms()),
+        }
+    }
+}
+
+/// A clock in milliseconds that only moves when its owner sets it (shared by clones).
+#[derive(Clone, Debug, Default)]
+pub struct SimClock(Arc<AtomicU64>);
+
+impl SimClock {
+    pub fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Moves the clock to `ms` (never back).
+    pub fn set_ms(&self, ms: u64) {
+        self.0.fetch_max(ms, Ordering::SeqCst);
+    }
+}
+
 /// The embedded store. Cloning shares the same state.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Mutex<Inner>>,
     prefix: Arc<str>,
+    clock: StoreClock,
 }
 
 impl EmbeddedStore {
@@ -155,23 +193,32 @@ impl EmbeddedStore {
     /// leases (it exits when the last clone of the store is dropped).
     pub fn new(prefix: &str) -> Self {
         let inner = Arc::new(Mutex::new(Inner { next_lease: 1, ..Default::default() }));
+        let clock = StoreClock::Wall(Instant::now());
         let weak: Weak<Mutex<Inner>> = Arc::downgrade(&inner);
+        let reaper_clock = clock.clone();
         std::thread::Builder::new()
             .name("store-reaper".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(REAP_INTERVAL);
                     let Some(inner) = weak.upgrade() else { return };
-                    lock(&inner).reap(Instant::now());
+                    lock(&inner).reap(reaper_clock.now());
                 }
             })
             .expect("spawn reaper thread");
-        EmbeddedStore { inner, prefix: normalize_prefix(prefix).into() }
+        EmbeddedStore { inner, prefix: normalize_prefix(prefix).into(), clock }
+    }
+
+    /// A store whose leases expire on `clock`, with no threads: every call reaps what expired
+    /// (so its futures complete at once, and watches see deletions when the store is next used).
+    pub fn simulated(prefix: &str, clock: SimClock) -> Self {
+        let inner = Arc::new(Mutex::new(Inner { next_lease: 1, ..Default::default() }));
+        EmbeddedStore { inner, prefix: normalize_prefix(prefix).into(), clock: StoreClock::Simulated(clock) }
     }
 
     /// Another view of the same data under a different prefix (like a second etcd client).
     pub fn with_prefix(&self, prefix: &str) -> Self {
-        EmbeddedStore { inner: self.inner.clone(), prefix: normalize_prefix(prefix).into() }
+        EmbeddedStore { inner: self.inner.clone(), prefix: normalize_prefix(prefix).into(), clock: self.clock.clone() }
     }
 
     fn full(&self, key: &str) -> String {
@@ -184,7 +231,7 @@ impl EmbeddedStore {
 
     fn state(&self) -> std::sync::MutexGuard<'_, Inner> {
         let mut g = lock(&self.inner);
-        g.reap(Instant::now());
+        g.reap(self.clock.now());
         g
     }
 }
@@ -201,12 +248,13 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn refresh(inner: &Mutex<Inner>, lease: LeaseId) -> Result<()> {
+fn refresh(inner: &Mutex<Inner>, clock: &StoreClock, lease: LeaseId) -> Result<()> {
     let mut g = lock(inner);
-    g.reap(Instant::now());
+    let now = clock.now();
+    g.reap(now);
     match g.leases.get_mut(&lease.0) {
         Some(l) => {
-            l.deadline = Instant::now() + l.ttl;
+            l.deadline = now + l.ttl;
             Ok(())
         }
         None => Err(StoreError::LeaseNotFound(lease.0)),
@@ -268,15 +316,16 @@ impl StateStore for EmbeddedStore {
         if ttl.is_zero() {
             return Err(StoreError::InvalidArgument("lease TTL must be positive".into()));
         }
+        let deadline = self.clock.now() + ttl;
         let mut g = self.state();
         let id = g.next_lease;
         g.next_lease += 1;
-        g.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: HashSet::new() });
+        g.leases.insert(id, Lease { ttl, deadline, keys: HashSet::new() });
         Ok(LeaseId(id))
     }
 
     async fn keep_alive_once(&self, lease: LeaseId) -> Result<()> {
-        refresh(&self.inner, lease)
+        refresh(&self.inner, &self.clock, lease)
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
@@ -285,10 +334,11 @@ impl StateStore for EmbeddedStore {
 
     fn keep_alive(&self, lease: LeaseId, interval: Duration) -> KeepAlive {
         let weak = Arc::downgrade(&self.inner);
+        let clock = self.clock.clone();
         KeepAlive::spawn(lease, "store-keepalive", move |stop, lost| {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
-                if refresh(&inner, lease).is_err() {
+                if refresh(&inner, &clock, lease).is_err() {
                     lost.store(true, Ordering::SeqCst);
                     return;
                 }

@@ -14,7 +14,7 @@ fn settings(min_workers: usize, slots: usize, budget: Option<usize>, min_replica
 }
 
 fn register(g: &mut Group, n: usize) -> Vec<WorkerId> {
-    (0..n).map(|i| g.register(format!("grpc{i}"), format!("tx{i}"), format!("node{i}")).id).collect()
+    (0..n).map(|i| g.register(format!("grpc{i}"), format!("tx{i}"), format!("node{i}"), None).id).collect()
 }
 
 /// A group of `n` workers (min_workers = n, each expert once) with its first generation formed.
@@ -52,7 +52,7 @@ fn first_generation_waits_for_min_workers() {
     assert!(g.next_generation(None).is_none());
     assert_eq!(g.serving(), Serving::WaitingForWorkers { have: 2, want: 3 });
     assert!(g.routable().is_empty());
-    g.register("g".into(), "t".into(), "n".into());
+    g.register("g".into(), "t".into(), "n".into(), None);
     let first = g.next_generation(None).unwrap();
     assert_eq!(first.world(), 3);
     g.regroup_finished(first.number).unwrap();
@@ -82,7 +82,7 @@ fn a_loss_plans_a_smaller_generation_in_order() {
 #[test]
 fn a_joiner_comes_last() {
     let (mut g, ids) = formed(3, Some(3));
-    let j = g.register("j".into(), "tj".into(), "nj".into()).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
     assert_eq!(g.spare_workers(), 1);
     assert_eq!(g.serving(), Serving::Yes, "a join being formed does not stop serving");
     let next = g.next_generation(None).unwrap();
@@ -103,7 +103,7 @@ fn no_room_names_the_missing_experts_and_a_join_resolves_it() {
     assert!(missing.iter().all(|&(l, e)| l < LAYERS && e < EXPERTS));
     assert!(g.serving().reason().contains("experts missing"));
     assert!(g.routable().is_empty());
-    g.register("j".into(), "tj".into(), "nj".into());
+    g.register("j".into(), "tj".into(), "nj".into(), None);
     let next = g.next_generation(None).expect("a join resolves NoRoom");
     assert_eq!(next.world(), 4);
     check_placement(&next, Some(2));
@@ -168,7 +168,7 @@ fn adopting_a_generation_with_a_dead_member_plans_at_once_above_it() {
     assert_eq!(ids_of(&next), alive.iter().map(String::as_str).collect::<Vec<_>>());
     check_placement(&next, Some(3));
     // New registrations do not reuse the recorded ids.
-    let j = g.register("j".into(), "tj".into(), "nj".into()).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
     assert!(!ids.contains(&j));
 }
 
@@ -209,7 +209,7 @@ fn a_failed_join_reforms_the_survivors_that_left_the_active_generation() {
     // in generation 1.
     let (mut g, ids) = formed(3, None);
     let active = g.active().unwrap().number;
-    let j = g.register("j".into(), "tj".into(), "nj".into()).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
     let next = g.next_generation(None).unwrap();
     g.regroup_abandoned(next.number, std::slice::from_ref(&j)).unwrap();
     assert!(!g.serving().is_serving(), "the survivors left generation {active}");

@@ -1,33 +1,40 @@
-//! The coordinator driver around [`Group`]: what the tokio coordinator does with it, at simulated
-//! time. Election by CAS of the leader key under its lease (every 200 ms, as `cli/ha.rs`), fail-stop
-//! when it sees its lease lost, adoption of the recorded generation with the workers that answer,
-//! worker losses by lease expiry, generations carried out on the workers and recorded with
-//! `supersedes`, and client requests routed with `least_outstanding` and retried with
-//! `after_failure`.
-
-use std::collections::BTreeMap;
+//! The simulated coordinator: the production leader rules over simulated messages and the
+//! embedded store on the simulated clock. What it runs from production, unchanged:
+//! [`campaign_round`] (election), [`succession::succeed`] (what a new leader takes over),
+//! [`record::reserve_generation`] and [`record::record_generation`] (the store records),
+//! [`Formation`] (a generation's outcome), [`HealthWatch`] (which members count), [`Group`]
+//! (membership and generations) and the router's rules. What is its own: the plumbing that the
+//! tokio server does with gRPC and timers — sending messages, waiting `ADOPT_WAIT` for probes and
+//! `REGROUP_WAIT` for regroup replies, polling health every `HEALTH_EVERY` — and the model of a
+//! lost rank failing the requests of its generation.
 
 use rand::Rng;
 
 use super::worker::{address, index};
-use super::{COORD_TTL, Ev, GENERATION_KEY, LEADER_KEY, RESERVED_KEY, Msg, RState, To, Val, WORKER_TTL, World};
-use crate::control::group::{Generation, Group, Serving, WorkerId};
-use crate::control::record::{GenerationRecord, supersedes};
+use super::{COORD_TTL, EXPERTS, Ev, LAYERS, Msg, RState, To, WORKER_TTL, World, ready};
+use crate::control::election::{Campaign, campaign_round};
+use crate::control::formation::{Formation, Formed, RegroupReply};
+use crate::control::group::{Generation, Group, Serving, WorkerId, WorkerInfo};
+use crate::control::health::{HealthReport, HealthWatch, Verdict};
+use crate::control::record::{self, GenerationRecord, Recorded};
 use crate::control::router::{AttemptFailure, Next, WAIT_FOR_SERVING, after_failure, least_outstanding};
+use crate::control::succession::{self, RankProbe};
+use crate::store::typed;
+use crate::store::{LeaseId, StateStore, StoreError};
 
 /// How long a new leader waits for the recorded ranks to answer before it adopts.
 const ADOPT_WAIT: u64 = 400;
 /// How long a generation's ranks have to accept it.
 const REGROUP_WAIT: u64 = 1000;
 const HEALTH_EVERY: u64 = 500;
-/// A dead rank is noticed within its lease TTL after its last keep-alive lands (which may be
-/// delayed up to 2.5 s), plus a tick.
+/// A dead rank is noticed by its failed health polls (three rounds) or its lease (its TTL after
+/// its last keep-alive lands, which may be delayed up to 2.5 s), plus a tick.
 const DETECTION_BOUND: u64 = WORKER_TTL + 2500 + 300;
 
 pub struct Coord {
     pub inc: u64,
     pub up: bool,
-    pub lease: u64,
+    pub lease: LeaseId,
     /// Its own view of its lease: the send time of the last acknowledged keep-alive plus the TTL
     /// (never later than the store's expiry).
     pub deadline: u64,
@@ -37,9 +44,20 @@ pub struct Coord {
 }
 
 impl Coord {
-    pub fn new(lease: u64, ttl: u64) -> Self {
+    pub fn new(lease: LeaseId, ttl: u64) -> Self {
         Coord { inc: 0, up: true, lease, deadline: ttl, frozen_until: 0, role: Role::Standby, next_campaign: 0 }
     }
+}
+
+/// The address coordinator `c` writes to the leader key in incarnation `inc`.
+pub fn coord_address(c: usize, inc: u64) -> String {
+    format!("sim://c{c}#{inc}")
+}
+
+/// The coordinator (index, incarnation) a leader key names.
+pub fn parse_coord(addr: &str) -> Option<(usize, u64)> {
+    let (c, inc) = addr.strip_prefix("sim://c")?.split_once('#')?;
+    Some((c.parse().ok()?, inc.parse().ok()?))
 }
 
 pub enum Role {
@@ -50,26 +68,18 @@ pub enum Role {
 
 pub struct Adopting {
     until: u64,
-    record: Generation,
-    /// (worker, lease, generation, epoch) of the ranks that answered.
-    answered: Vec<(usize, u64, u64, u64)>,
+    record: Option<Generation>,
+    probes: Vec<RankProbe>,
 }
 
 pub struct Lead {
     pub group: Group,
-    /// Every member's lease.
-    leases: BTreeMap<WorkerId, u64>,
-    pend: Option<Pend>,
+    health: HealthWatch,
+    /// Members asked for their health in the last round that have not answered.
+    awaiting: Vec<WorkerId>,
+    forming: Option<(Formation, u64)>,
     next_health: u64,
     no_room: bool,
-}
-
-struct Pend {
-    number: u64,
-    until: u64,
-    members: Vec<(WorkerId, usize)>,
-    ok: Vec<usize>,
-    answered: Vec<usize>,
 }
 
 impl World {
@@ -83,14 +93,6 @@ impl World {
         let r = f(self, &mut lead);
         self.coords[c].role = Role::Leader(lead);
         Some(r)
-    }
-
-    fn new_lead(&self) -> Lead {
-        let mut group = Group::new(self.settings.clone()).expect("valid sim settings");
-        if let (Some(&Val::Reserved(n, e)), _) = self.store.get(RESERVED_KEY) {
-            group.observe_generation(n, e);
-        }
-        Lead { group, leases: BTreeMap::new(), pend: None, next_health: 0, no_room: false }
     }
 
     /// The process exits (its lease is lost, or it crashed) and restarts later as a standby; the
@@ -111,7 +113,10 @@ impl World {
     }
 
     pub fn coord_restart(&mut self, c: usize) {
-        let lease = self.store.grant(self.now, COORD_TTL);
+        let lease = match ready(self.store.grant_lease(std::time::Duration::from_millis(COORD_TTL))) {
+            Ok(l) => l,
+            Err(e) => return self.violation = Some(format!("the store refused a lease: {e}")),
+        };
         let k = &mut self.coords[c];
         k.up = true;
         k.lease = lease;
@@ -161,44 +166,50 @@ impl World {
         }
     }
 
+    /// One election round; on a win, the succession starts: probe the recorded ranks (as
+    /// `server::generations::lead`), or take over at once when nothing is recorded.
     fn campaign(&mut self, c: usize) {
-        let me = Val::Leader(c, self.coords[c].inc);
-        let won = match self.store.get(LEADER_KEY) {
-            (None, _) => self.store.cas(LEADER_KEY, 0, me, Some(self.coords[c].lease), self.now).is_ok(),
-            (Some(v), _) => *v == me,
-        };
-        if !won {
-            return;
+        let (lease, inc) = (self.coords[c].lease, self.coords[c].inc);
+        match ready(campaign_round(&self.store, lease, &coord_address(c, inc))) {
+            Ok(Campaign::Won) => {}
+            Ok(Campaign::Standby(_)) => return,
+            // As `Seat::campaign`: a lost lease ends the process.
+            Err(StoreError::LeaseNotFound(_)) => return self.fail_stop(c),
+            Err(e) => return self.violation = Some(format!("campaign: the embedded store failed: {e}")),
         }
-        let recorded = match self.store.get(GENERATION_KEY) {
-            (Some(Val::Gen(rec)), _) => Some(rec.generation()),
-            _ => None,
+        let recorded = match ready(record::recorded_generation(&self.store)) {
+            Ok(r) => r,
+            Err(e) => return self.violation = Some(format!("the recorded generation cannot be read: {e}")),
         };
-        match recorded {
-            None => self.coords[c].role = Role::Leader(Box::new(self.new_lead())),
-            Some(Err(e)) => self.violation = Some(format!("the recorded generation does not parse: {e}")),
-            Some(Ok(record)) => {
-                let inc = self.coords[c].inc;
-                for w in &record.ranks {
-                    self.send(To::Worker(index(w)), Msg::Ping { c, inc });
-                }
-                let until = self.now + ADOPT_WAIT;
-                self.coords[c].role = Role::Adopting(Box::new(Adopting { until, record, answered: Vec::new() }));
-            }
+        let Some(rec) = recorded else {
+            self.coords[c].role = Role::Adopting(Box::new(Adopting { until: self.now, record: None, probes: Vec::new() }));
+            return self.finish_adopt(c);
+        };
+        let record = match succession::usable_record(&rec, LAYERS, EXPERTS) {
+            Ok(g) => g,
+            Err(e) => return self.violation = Some(format!("{e}")),
+        };
+        for w in &record.ranks {
+            self.send(To::Worker(index(w)), Msg::Ping { c, inc });
         }
+        let probes = record.ranks.iter().map(|w| RankProbe { id: w.id.clone(), answered: None }).collect();
+        let until = self.now + ADOPT_WAIT;
+        self.coords[c].role = Role::Adopting(Box::new(Adopting { until, record: Some(record), probes }));
     }
 
     fn finish_adopt(&mut self, c: usize) {
         let Role::Adopting(a) = std::mem::replace(&mut self.coords[c].role, Role::Standby) else { return };
-        let mut lead = self.new_lead();
-        let alive: Vec<WorkerId> = a.record.ranks.iter().filter(|w| a.answered.iter().any(|x| x.0 == index(w))).map(|w| w.id.clone()).collect();
-        for &(w, lease, gnum, epoch) in &a.answered {
-            lead.group.observe_generation(gnum, epoch);
-            if let Some(info) = a.record.ranks.iter().find(|i| index(i) == w) {
-                lead.leases.insert(info.id.clone(), lease);
-            }
-        }
-        lead.group.adopt(a.record, &alive);
+        let mut group = Group::new(self.settings.clone()).expect("valid sim settings");
+        let members = match ready(typed::list_members(&self.store)) {
+            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node }),
+            Err(e) => return self.violation = Some(format!("members cannot be listed: {e}")),
+        };
+        let reserved = match ready(record::reserved_generation(&self.store)) {
+            Ok(r) => r,
+            Err(e) => return self.violation = Some(format!("the reservation cannot be read: {e}")),
+        };
+        succession::succeed(&mut group, a.record, &a.probes, members, reserved);
+        let lead = Lead { group, health: HealthWatch::default(), awaiting: Vec::new(), forming: None, next_health: 0, no_room: false };
         self.coords[c].role = Role::Leader(Box::new(lead));
     }
 
@@ -206,17 +217,18 @@ impl World {
         let inc = self.coords[c].inc;
         self.with_lead(c, |world, lead| {
             let now = world.now;
-            let gone: Vec<WorkerId> =
-                lead.leases.iter().filter(|(id, l)| lead.group.worker(id).is_some() && !world.store.lease_valid(**l, now)).map(|(id, _)| id.clone()).collect();
-            for id in gone {
+            // Membership leases, as the production leader lists them every poll.
+            let listed: Vec<WorkerId> = match ready(typed::list_members(&world.store)) {
+                Ok((m, _)) => m.into_iter().map(|m| m.id).collect(),
+                Err(e) => return world.violation = Some(format!("members cannot be listed: {e}")),
+            };
+            for id in lead.health.lapsed(&lead.group, &listed) {
                 world.lose_worker(c, lead, &id);
             }
-            let group = &lead.group;
-            lead.leases.retain(|id, _| group.worker(id).is_some());
-            if lead.pend.as_ref().is_some_and(|p| p.answered.len() == p.members.len() || now >= p.until) {
-                world.finish_pending(c, lead);
+            if lead.forming.as_ref().is_some_and(|(f, until)| f.decided() || now >= *until) {
+                world.finish_forming(c, lead);
             }
-            if lead.pend.is_none()
+            if lead.forming.is_none()
                 && let Some(g) = lead.group.next_generation(None)
             {
                 world.start_generation(c, inc, lead, g);
@@ -229,10 +241,7 @@ impl World {
             lead.no_room = no_room;
             if now >= lead.next_health {
                 lead.next_health = now + HEALTH_EVERY;
-                for id in lead.leases.keys() {
-                    let w = lead.group.worker(id).map(index).expect("members have leases");
-                    world.send(To::Worker(w), Msg::Health { c, inc });
-                }
+                world.health_round(c, inc, lead);
             }
             if serving == Serving::Yes
                 && let Some(a) = lead.group.active()
@@ -243,20 +252,34 @@ impl World {
         });
     }
 
+    /// A poll round: members that did not answer the last one count a failed check (as the
+    /// production poll's 1 s timeout), then every member is asked again.
+    fn health_round(&mut self, c: usize, inc: u64, lead: &mut Lead) {
+        for id in std::mem::take(&mut lead.awaiting) {
+            if lead.group.worker(&id).is_none() {
+                continue;
+            }
+            if let Verdict::Lost(_) = lead.health.observe(&mut lead.group, &id, None) {
+                self.lose_worker(c, lead, &id);
+            }
+        }
+        for w in lead.group.members() {
+            self.send(To::Worker(index(&w)), Msg::Health { c, inc });
+            lead.awaiting.push(w.id);
+        }
+    }
+
     fn lose_worker(&mut self, c: usize, lead: &mut Lead, id: &str) {
         let w = lead.group.worker(id).map(index);
-        lead.leases.remove(id);
+        lead.health.forget(id);
+        // A lost rank breaks its generation's collectives: every request of it continues
+        // elsewhere ("its group is being re-formed"); a spare only had its own.
+        let ranks: Option<Vec<usize>> = lead.group.active().filter(|a| a.rank_of(id).is_some()).map(|a| a.ranks.iter().map(index).collect());
         if !lead.group.lose(id) {
             return;
         }
-        // A lost rank breaks its generation's collectives: every request of it continues
-        // elsewhere ("its group is being re-formed"); a spare only had its own.
-        match lead.group.active().filter(|a| a.rank_of(id).is_some()) {
-            Some(a) => {
-                for w in a.ranks.iter().map(index).collect::<Vec<_>>() {
-                    self.fail_requests_on(c, w);
-                }
-            }
+        match ranks {
+            Some(ranks) => ranks.into_iter().for_each(|w| self.fail_requests_on(c, w)),
             None => w.into_iter().for_each(|w| self.fail_requests_on(c, w)),
         }
     }
@@ -269,59 +292,64 @@ impl World {
         }
     }
 
+    /// As `server::generations::form`: reserve the number, then ask every rank to join.
     fn start_generation(&mut self, c: usize, inc: u64, lead: &mut Lead, g: Generation) {
-        if g.number <= self.last_planned {
-            self.violation = Some(format!("leader {c} planned generation {} after {} was planned", g.number, self.last_planned));
+        let reserved = if self.flags.skip_reservation { Ok(Recorded::Written) } else { ready(record::reserve_generation(&self.store, g.number, g.epoch)) };
+        match reserved {
+            Ok(Recorded::Written) => {}
+            Ok(Recorded::Superseded { number, epoch }) => {
+                lead.group.observe_generation(number, epoch);
+                let _ = lead.group.regroup_abandoned(g.number, &[]);
+                return;
+            }
+            Err(e) => return self.violation = Some(format!("the reservation failed: {e}")),
         }
-        self.last_planned = self.last_planned.max(g.number);
-        // Reserve the number first (a CAS on the revision read, never lowering it).
-        let (v, rev) = self.store.get(RESERVED_KEY);
-        let existing = match v {
-            Some(&Val::Reserved(n, e)) => Some((n, e)),
-            _ => None,
-        };
-        if supersedes(existing, (g.number, g.epoch)) && self.store.cas(RESERVED_KEY, rev, Val::Reserved(g.number, g.epoch), None, self.now).is_err() {
-            self.violation = Some("the reservation CAS failed under a single writer".into());
+        let idx: Vec<usize> = g.ranks.iter().map(index).collect();
+        match self.carried.get(&g.number) {
+            Some(before) if *before != idx => {
+                self.violation = Some(format!("generation {} carried out twice: with workers {before:?}, now by leader {c} with {idx:?}", g.number));
+            }
+            _ => {
+                self.carried.insert(g.number, idx.clone());
+            }
         }
-        let members: Vec<(WorkerId, usize)> = g.ranks.iter().map(|w| (w.id.clone(), index(w))).collect();
-        let idx: Vec<usize> = members.iter().map(|m| m.1).collect();
         for &w in &idx {
             self.send(To::Worker(w), Msg::Regroup { c, inc, number: g.number, epoch: g.epoch, members: idx.clone() });
         }
-        lead.pend = Some(Pend { number: g.number, until: self.now + REGROUP_WAIT, members, ok: Vec::new(), answered: Vec::new() });
+        lead.forming = Some((Formation::new(&g), self.now + REGROUP_WAIT));
     }
 
-    fn finish_pending(&mut self, c: usize, lead: &mut Lead) {
-        let Some(p) = lead.pend.take() else { return };
-        let failed: Vec<(WorkerId, usize)> = p.members.iter().filter(|m| !p.ok.contains(&m.1)).cloned().collect();
-        let ids: Vec<WorkerId> = failed.iter().map(|f| f.0.clone()).collect();
-        let done = if ids.is_empty() { lead.group.regroup_finished(p.number) } else { lead.group.regroup_abandoned(p.number, &ids) };
-        if let Err(e) = done {
-            self.violation = Some(format!("the group refused the outcome of generation {}: {e}", p.number));
-            return;
-        }
-        for (id, w) in failed {
-            lead.leases.remove(&id);
-            self.fail_requests_on(c, w);
-        }
-        if ids.is_empty() {
-            self.stats.generations += 1;
-            let g = lead.group.active().expect("just formed");
-            self.record_attempt(c, Box::new(GenerationRecord::of(g, "sim-model", "sim")));
+    fn finish_forming(&mut self, c: usize, lead: &mut Lead) {
+        let Some((formation, _)) = lead.forming.take() else { return };
+        let number = formation.number();
+        let lost_workers: Vec<(WorkerId, usize)> = lead.group.pending().map(|p| p.ranks.iter().map(|w| (w.id.clone(), index(w))).collect()).unwrap_or_default();
+        match formation.finish(&mut lead.group) {
+            Err(e) => self.violation = Some(format!("the group refused the outcome of generation {number}: {e}")),
+            Ok(Formed::Abandoned { lost }) => {
+                for (id, w) in lost_workers.into_iter().filter(|(id, _)| lost.contains(id)) {
+                    lead.health.forget(&id);
+                    self.fail_requests_on(c, w);
+                }
+            }
+            Ok(Formed::Serving { .. }) => {
+                self.stats.generations += 1;
+                let g = lead.group.active().expect("just formed");
+                let rec = Box::new(GenerationRecord::of(g, "sim-model", "sim"));
+                // The record queue writes it in the background: usually soon, sometimes late.
+                let d = if self.rng.random_bool(0.1) { self.rng.random_range(300..3000) } else { self.rng.random_range(1..30) };
+                self.after(d, Ev::RecordWrite(rec));
+            }
         }
     }
 
-    /// One round of `record::record_generation`: read, and CAS on the revision read unless the
-    /// store holds this or a later generation.
-    fn record_attempt(&mut self, c: usize, rec: Box<GenerationRecord>) {
-        let (v, rev) = self.store.get(GENERATION_KEY);
-        let existing = match v {
-            Some(Val::Gen(r)) => Some((r.number, r.epoch)),
-            _ => None,
-        };
-        if self.flags.ignore_supersedes || supersedes(existing, (rec.number, rec.epoch)) {
-            let inc = self.coords[c].inc;
-            self.send(To::Store, Msg::WriteRecord { c, inc, rec, rev });
+    /// The record queue's write (`record::record_generation`), whatever the writer's role now.
+    pub fn record_write(&mut self, rec: &GenerationRecord) {
+        let rule = if self.flags.ignore_supersedes { |_: Option<(u64, u64)>, _: (u64, u64)| true } else { record::supersedes };
+        self.record_touched = true;
+        match ready(record::record_generation_with(&self.store, rec, rule)) {
+            Ok(Recorded::Written) => self.stats.record_writes += 1,
+            Ok(Recorded::Superseded { .. }) => {}
+            Err(e) => self.violation = Some(format!("the record write failed: {e}")),
         }
     }
 
@@ -342,13 +370,12 @@ impl World {
                     self.fail_stop(c);
                 }
             }
-            // The write task runs on whatever the role (as `record_generation` does).
-            Msg::RecordConflict { rec } => self.record_attempt(c, rec),
-            Msg::PingReply { w, lease, gnum, epoch } => {
+            Msg::PingReply { w, gnum, epoch } => {
                 if let Role::Adopting(a) = &mut self.coords[c].role
-                    && !a.answered.iter().any(|x| x.0 == w)
+                    && let Some(rank) = a.record.as_ref().and_then(|g| g.ranks.iter().find(|r| index(r) == w))
+                    && let Some(p) = a.probes.iter_mut().find(|p| p.id == rank.id)
                 {
-                    a.answered.push((w, lease, gnum, epoch));
+                    p.answered = Some((gnum, epoch));
                 }
             }
             Msg::SeqDone { req, attempt } => {
@@ -365,43 +392,42 @@ impl World {
                 }
             }
             m => {
-                self.with_lead(c, |world, lead| world.leader_msg(c, inc, lead, m));
+                self.with_lead(c, |world, lead| world.leader_msg(c, lead, m));
             }
         }
     }
 
-    fn leader_msg(&mut self, c: usize, inc: u64, lead: &mut Lead, m: Msg) {
+    /// The member that worker `w` is in `lead`'s group (by its address).
+    fn member_of(lead: &Lead, w: usize) -> Option<WorkerId> {
+        let addr = address(w);
+        lead.group.members().into_iter().find(|i| i.grpc == addr).map(|i| i.id)
+    }
+
+    fn leader_msg(&mut self, c: usize, lead: &mut Lead, m: Msg) {
         match m {
-            Msg::Register { w, lease } => {
-                let addr = address(w);
-                let known = lead.leases.keys().find(|id| lead.group.worker(id).is_some_and(|i| i.grpc == addr)).cloned();
-                let id = known.unwrap_or_else(|| lead.group.register(addr, format!("tx{w}"), format!("node{w}")).id);
-                lead.leases.insert(id, lease);
-                self.send(To::Worker(w), Msg::Registered { c, inc });
+            Msg::Register { w, previous } => {
+                // As the Control service's `register`.
+                let id = lead.group.register(address(w), format!("tx{w}"), format!("node{w}"), previous.as_deref()).id;
+                self.send(To::Worker(w), Msg::Registered { id });
             }
             Msg::RegroupReply { w, number, ok } => {
-                if let Some(p) = lead.pend.as_mut()
-                    && p.number == number
-                    && p.members.iter().any(|m| m.1 == w)
-                    && !p.answered.contains(&w)
+                if let Some((f, _)) = lead.forming.as_mut()
+                    && f.number() == number
+                    && let Some(id) = lead.group.pending().and_then(|p| p.ranks.iter().find(|r| index(r) == w)).map(|r| r.id.clone())
                 {
-                    p.answered.push(w);
-                    if ok {
-                        p.ok.push(w);
-                    }
+                    f.reply(&id, if ok { RegroupReply::Joined { loaded_experts: 0, kept_sequences: 0 } } else { RegroupReply::Superseded });
                 }
             }
             Msg::HealthReply { w, gnum, epoch } => {
-                lead.group.observe_generation(gnum, epoch);
-                // A rank that joined a later generation than the active one (an old leader's
-                // delayed regroup) has left it: its collectives broke.
-                let addr = address(w);
-                let member = lead.leases.keys().find(|id| lead.group.worker(id).is_some_and(|i| i.grpc == addr)).cloned();
-                if let Some(id) = member
-                    && lead.group.active().is_some_and(|a| a.rank_of(&id).is_some() && gnum > a.number)
-                    && lead.pend.as_ref().is_none_or(|p| p.number != gnum)
-                {
-                    self.lose_worker(c, lead, &id);
+                let Some(id) = Self::member_of(lead, w) else { return };
+                lead.awaiting.retain(|a| *a != id);
+                let report = HealthReport { generation: gnum, newest_generation: gnum, epoch, paused: false };
+                match lead.health.observe(&mut lead.group, &id, Some(report)) {
+                    Verdict::Reform => {
+                        lead.group.reform();
+                    }
+                    Verdict::Lost(_) => self.lose_worker(c, lead, &id),
+                    Verdict::Healthy | Verdict::Silent => {}
                 }
             }
             _ => {}

@@ -1,9 +1,15 @@
-//! Worker-side rules: a lease kept alive in the store, registration with whoever holds the leader
-//! key, a generation accepted only above its own, steps only when every rank of its generation has
+//! Worker-side rules: a lease kept alive in the store; registration with whoever holds the leader
+//! key, then the membership key under that lease, and registration again after a silence or a
+//! lapsed lease, by the production rules ([`Membership`], as `switchyard worker` runs them); a
+//! generation accepted only above its own, steps only when every rank of its generation has
 //! joined it, and sequences that fail back to their coordinator when the generation changes.
 
-use super::{Ev, LEADER_KEY, Msg, RState, To, Val, WORKER_TTL, World};
+use super::coord::parse_coord;
+use super::{Ev, Msg, RState, To, WORKER_TTL, World, ready};
 use crate::control::group::WorkerInfo;
+use crate::control::membership::Membership;
+use crate::store::typed::{self, LEADER, Member};
+use crate::store::{LeaseId, StateStore};
 
 /// Worker `w`'s gRPC address in the simulation.
 pub fn address(w: usize) -> String {
@@ -20,41 +26,39 @@ pub struct Worker {
     pub dead: bool,
     pub dead_at: u64,
     pub frozen_until: u64,
-    pub lease: u64,
+    pub lease: LeaseId,
+    pub membership: Membership,
     /// The generation it joined, its epoch and its ranks (simulated worker indices).
     pub gnum: u64,
     pub epoch: u64,
     pub members: Vec<usize>,
     /// Highest generation seen by the invariant check.
     pub max_gnum: u64,
-    /// The coordinator (index, incarnation) that registered it.
-    pub registered: Option<(usize, u64)>,
-    pub last_health: u64,
     /// Sequences it runs: (request, attempt).
     pub seqs: Vec<(usize, usize)>,
 }
 
 impl Worker {
-    pub fn new(lease: u64) -> Self {
+    pub fn new(lease: LeaseId) -> Self {
         Worker {
             dead: false,
             dead_at: 0,
             frozen_until: 0,
             lease,
+            membership: Membership::new(HEALTH_SILENCE, REGISTER_WAIT),
             gnum: 0,
             epoch: 0,
             members: Vec::new(),
             max_gnum: 0,
-            registered: None,
-            last_health: 0,
             seqs: Vec::new(),
         }
     }
 }
 
-/// How long a worker goes without its leader's health checks before it registers again (it may
-/// have been dropped from the group).
+/// How long a worker goes without health checks before it registers again (it may have been
+/// dropped from the group), and how long it waits for an answer to a registration.
 const HEALTH_SILENCE: u64 = 2500;
+const REGISTER_WAIT: u64 = 500;
 
 impl World {
     pub fn worker_tick(&mut self, w: usize) {
@@ -64,11 +68,45 @@ impl World {
         self.after(300, Ev::WorkerTick(w));
         let lease = self.workers[w].lease;
         self.send(To::Store, Msg::KeepAlive { lease, sent_at: self.now, from: To::Worker(w) });
-        let (leader, _) = self.store.get(LEADER_KEY);
-        let Some(&Val::Leader(c, inc)) = leader else { return };
-        let k = &self.workers[w];
-        if k.registered != Some((c, inc)) || self.now.saturating_sub(k.last_health) > HEALTH_SILENCE {
-            self.send(To::Coord(c, inc), Msg::Register { w, lease });
+        if self.workers[w].membership.due(self.now).is_none() {
+            return;
+        }
+        // The coordinator that leads now (a worker tries its coordinators until one accepts).
+        let leader = match ready(self.store.get(LEADER)) {
+            Ok(kv) => kv.and_then(|kv| parse_coord(&String::from_utf8_lossy(&kv.value))),
+            Err(e) => return self.violation = Some(format!("the leader key cannot be read: {e}")),
+        };
+        let Some((c, inc)) = leader else { return };
+        let k = &mut self.workers[w];
+        let previous = k.membership.id().map(String::from);
+        k.membership.attempted(self.now);
+        self.send(To::Coord(c, inc), Msg::Register { w, previous });
+    }
+
+    /// Registered as `id`: its membership key goes into the store under its lease (so a later
+    /// leader finds it), as `switchyard worker` does after registering.
+    fn registered(&mut self, w: usize, id: String) {
+        let m = Member { id: id.clone(), rank: 0, node: format!("node{w}"), addr: address(w), transport_addr: format!("tx{w}"), gpus: 0 };
+        let k = &mut self.workers[w];
+        let lease = k.lease;
+        if let Some(old) = k.membership.registered(id, self.now)
+            && let Err(e) = ready(typed::remove_member(&self.store, &old))
+        {
+            return self.violation = Some(format!("the old membership key cannot be removed: {e}"));
+        }
+        if ready(typed::put_member(&self.store, &m, Some(lease))).is_err() {
+            // The lease lapsed meanwhile: a new one, and register again.
+            self.renew_lease(w);
+        }
+    }
+
+    fn renew_lease(&mut self, w: usize) {
+        match ready(self.store.grant_lease(std::time::Duration::from_millis(WORKER_TTL))) {
+            Ok(l) => {
+                self.workers[w].lease = l;
+                self.workers[w].membership.lease_lapsed();
+            }
+            Err(e) => self.violation = Some(format!("the store refused a lease: {e}")),
         }
     }
 
@@ -117,26 +155,20 @@ impl World {
             Msg::KeepAliveAck { lease, ok, .. } => {
                 if !ok && lease == self.workers[w].lease {
                     // The lease lapsed (a pause): a new one, and register again.
-                    self.workers[w].lease = self.store.grant(self.now, WORKER_TTL);
-                    self.workers[w].registered = None;
+                    self.renew_lease(w);
                 }
             }
-            Msg::Registered { c, inc } => {
-                self.workers[w].registered = Some((c, inc));
-                self.workers[w].last_health = self.now;
-            }
+            Msg::Registered { id, .. } => self.registered(w, id),
             Msg::Regroup { c, inc, number, epoch, members } => self.worker_regroup(w, (c, inc), number, epoch, members),
             Msg::Health { c, inc } => {
                 let k = &mut self.workers[w];
-                if k.registered == Some((c, inc)) {
-                    k.last_health = self.now;
-                }
+                k.membership.heard(self.now);
                 let (gnum, epoch) = (k.gnum, k.epoch);
                 self.send(To::Coord(c, inc), Msg::HealthReply { w, gnum, epoch });
             }
             Msg::Ping { c, inc } => {
                 let k = &self.workers[w];
-                let reply = Msg::PingReply { w, lease: k.lease, gnum: k.gnum, epoch: k.epoch };
+                let reply = Msg::PingReply { w, gnum: k.gnum, epoch: k.epoch };
                 self.send(To::Coord(c, inc), reply);
             }
             Msg::StartSeq { req, attempt, gnum } => {
