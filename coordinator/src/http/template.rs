@@ -8,7 +8,7 @@ use minijinja::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    #[error("the model has no chat template (no chat_template in {0}/tokenizer_config.json); use /v1/completions with a prompt")]
+    #[error("the model has no chat template (no chat_template in {0}/tokenizer_config.json, no chat_template.jinja); use /v1/completions with a prompt")]
     Missing(String),
     #[error("{path}: {message}")]
     Config { path: String, message: String },
@@ -58,7 +58,9 @@ impl ChatTemplate {
         };
         let cfg: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| TemplateError::Config { path: path.display().to_string(), message: e.to_string() })?;
-        // A string, or (older checkpoints) a list of named templates of which "default" is used.
+        // A string, or (older checkpoints) a list of named templates of which "default" is used;
+        // newer transformers save it beside the config as chat_template.jinja instead.
+        let beside = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
         let source = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(list)) => list
@@ -67,7 +69,7 @@ impl ChatTemplate {
                 .and_then(|t| t.get("template")?.as_str())
                 .ok_or_else(missing)?
                 .to_string(),
-            _ => return Err(missing()),
+            _ => beside.ok_or_else(missing)?,
         };
         let t = ChatTemplate { source, bos: token_text(cfg.get("bos_token")), eos: token_text(cfg.get("eos_token")) };
         // Parse once now, so that a broken template is reported at start, not per request.
@@ -115,5 +117,19 @@ mod tests {
         assert_eq!(t.eos, "<|im_end|>");
         let out = t.render(&[TemplateMessage { role: "user".into(), content: " hi ".into() }]).unwrap();
         assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn a_template_beside_the_config_and_the_default_models_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
+        let out = ChatTemplate::load(dir.path()).unwrap().render(&[TemplateMessage { role: "user".into(), content: "x".into() }]).unwrap();
+        assert_eq!(out, "[user] x\n");
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-moe");
+        if tiny.join("tokenizer_config.json").exists() {
+            let out = ChatTemplate::load(&tiny).unwrap().render(&[TemplateMessage { role: "user".into(), content: "hello".into() }]).unwrap();
+            assert_eq!(out, "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n");
+        }
     }
 }
