@@ -152,8 +152,8 @@ pub async fn collect(
     }))
 }
 
-/// One streamed chunk of choice `index` (`extra` goes into the choice: text or delta, logprobs,
-/// finish_reason).
+/// One streamed chunk with these choices (each with its index, text or delta, logprobs and
+/// finish_reason); `usage` only in the last chunk, and only with `include_usage`.
 pub fn chunk(p: &Prepared, choices: Vec<Value>, usage: Option<Value>) -> Value {
     let object = if p.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let mut c = json!({"id": p.id, "object": object, "created": p.created, "model": p.model, "choices": choices});

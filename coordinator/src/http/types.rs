@@ -124,7 +124,7 @@ impl Common {
     pub fn generate_request(&self) -> Result<pb::GenerateRequest, ApiError> {
         for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if v.is_some_and(|p| p != 0.0) {
-                return Err(ApiError::bad(format!("{name} is not supported (only 0)"), Some(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" })));
+                return Err(ApiError::bad(format!("{name} is not supported (only 0)"), Some(name)));
             }
         }
         if self.stream_options.is_some() && !self.stream {
