@@ -24,11 +24,13 @@ if ((${#need[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Python tools for the Helm chart test (render + lint with the Helm Go library, manifest schema
-# validation), pinned, in a venv under target/py; skipped when already there.
-PY_TOOLS=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+# Python tools, pinned, in a venv under target/py; skipped when already there: the Helm chart
+# test's (render + lint with the Helm Go library, manifest schema validation), and the API
+# clients tests/python/ drives against a running cluster (the `openai` package; grpcio with its
+# v1alpha reflection client and protobuf for a client built from reflection alone).
+PY_TOOLS=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0 grpcio==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2)
 cd "$(dirname "$0")/.."
-if ! target/py/bin/python -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
+if ! target/py/bin/python -c 'import helm_python, kubernetes_validate, openai, grpc, grpc_reflection, google.protobuf' 2>/dev/null; then
   echo "installing python tools into target/py: ${PY_TOOLS[*]}" >&2
   rm -rf target/py
   python3 -m venv target/py

@@ -17,7 +17,7 @@ $bin model check --model "$model" --expected "$model/expected.safetensors"
 echo "== generate"
 $bin generate --model "$model" --prompt "Switchyard routes tokens" --max-tokens 16
 echo "== cluster: switchyard up (coordinator + 2 workers, expert-parallel over TCP, online rebalancer), 3 streamed requests"
-SWITCHYARD_ADMIN_TOKEN=demo $bin up --model "$model" --workers 2 --listen 127.0.0.1:0 --rebalance > "$work/up.log" 2>&1 &
+SWITCHYARD_ADMIN_TOKEN=demo $bin up --model "$model" --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --rebalance > "$work/up.log" 2>&1 &
 up_pid=$!
 for _ in $(seq 1 600); do grep -q "switchyard is serving" "$work/up.log" && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$work/up.log" | head -1)

@@ -45,7 +45,7 @@ fn a_routing_trace_that_disagrees_with_the_model_is_refused_before_anything_star
     let dir = tempfile::tempdir().unwrap();
     let trace = synth(dir.path(), 16);
     let o = Command::new(switchyard_bin())
-        .args(["up", "--listen", "127.0.0.1:0", "--workers", "2", "--model"])
+        .args(["up", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--workers", "2", "--model"])
         .arg(fixture("mixtral"))
         .arg("--routing-trace")
         .arg(&trace)

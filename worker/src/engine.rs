@@ -10,7 +10,7 @@ use crate::attention::KvCache;
 use crate::error::Result;
 use crate::model::{LogitsMode, Model, SeqInput};
 use crate::moe::{ExpertExecutor, LocalExperts, Routing};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -25,11 +25,13 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Generation stops after emitting one of these (the stop token is reported).
     pub stop_tokens: Vec<u32>,
+    /// Report each generated token's log-probability and this many top alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Request {
     pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
-        Request { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: vec![] }
+        Request { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: vec![], logprobs: None }
     }
 }
 
@@ -55,6 +57,8 @@ pub struct TokenEvent {
     /// Index of the token among the generated ones.
     pub index: usize,
     pub finished: Option<FinishReason>,
+    /// When the request asked for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Engine limits.
@@ -305,6 +309,7 @@ impl Engine {
                 }
             }
             let tok = s.sampler.sample(&out.logits[i]);
+            let logprobs = s.req.logprobs.map(|n| crate::sampling::logprobs(&out.logits[i], tok, n));
             s.generated.push(tok);
             let finished = if s.req.stop_tokens.contains(&tok) {
                 Some(FinishReason::Stop)
@@ -315,7 +320,7 @@ impl Engine {
             } else {
                 None
             };
-            events.push(TokenEvent { id: *id, token: Some(tok), index: s.generated.len() - 1, finished });
+            events.push(TokenEvent { id: *id, token: Some(tok), index: s.generated.len() - 1, finished, logprobs });
             if finished.is_some() {
                 done.push(*id);
             }

@@ -49,7 +49,7 @@ impl RequestError {
 pub enum RankEvent {
     /// Logits of every prompt position `[len × vocab]` (when asked for), before the first token.
     PromptLogits(Vec<f32>),
-    Token { token: u32, index: usize, finished: Option<FinishReason> },
+    Token { token: u32, index: usize, finished: Option<FinishReason>, logprobs: Option<crate::sampling::TokenLogprobs> },
     /// The request failed.
     Error(RequestError),
 }
@@ -58,11 +58,16 @@ pub enum RankEvent {
 /// then aborted).
 pub type EventSink = Box<dyn FnMut(RankEvent) -> bool + Send>;
 
+/// Whether the request's client went away (checked before every step).
+pub type GoneProbe = Box<dyn Fn() -> bool + Send>;
+
 /// A request handed to a rank loop.
 pub struct Job {
     pub request: Request,
     pub prompt_logits: bool,
     pub sink: EventSink,
+    /// Without one, a cancelled request is noticed at its next token (the sink returns false).
+    pub gone: Option<GoneProbe>,
 }
 
 /// Live counters of a rank loop.
@@ -225,6 +230,7 @@ impl Drop for RankLoop {
 
 struct Live {
     sink: EventSink,
+    gone: Option<GoneProbe>,
     generated: u64,
     max_tokens: u64,
 }
@@ -368,11 +374,11 @@ impl LoopState {
             self.scoring.push(job);
             return;
         }
-        let Job { request, mut sink, .. } = job;
+        let Job { request, mut sink, gone, .. } = job;
         let max_tokens = request.max_tokens as u64;
         match self.engine.add_request(request) {
             Ok(id) => {
-                self.live.insert(id, Live { sink, generated: 0, max_tokens });
+                self.live.insert(id, Live { sink, gone, generated: 0, max_tokens });
             }
             Err(e) => {
                 sink(RankEvent::Error(RequestError::Invalid(e.to_string())));
@@ -382,6 +388,7 @@ impl LoopState {
 
     /// One step of the group. Returns `false` when the loop should end.
     fn step(&mut self, rx: &mpsc::Receiver<Job>) -> bool {
+        self.drop_gone();
         let mine = self.engine.has_work() || !self.scoring.is_empty();
         let any = match self.executor.exchange_step(mine) {
             Ok(any) => any,
@@ -461,13 +468,29 @@ impl LoopState {
         }
     }
 
+    /// Sequences whose client went away end now, with their KV cache, also while they wait or
+    /// prefill (their next token may be a long prefill away).
+    fn drop_gone(&mut self) {
+        let gone: Vec<RequestId> = self.live.iter().filter(|(_, l)| l.gone.as_ref().is_some_and(|g| g())).map(|(id, _)| *id).collect();
+        if gone.is_empty() {
+            return;
+        }
+        for id in gone {
+            self.live.remove(&id);
+            self.engine.abort(id);
+        }
+        self.publish();
+    }
+
     /// One engine step; its tokens go to their sinks.
     fn decode(&mut self) -> Result<()> {
+        // `worker.step=sleep(MS)` slows every step: tests of cancellation need long generations.
+        crate::failpoint::check("worker.step")?;
         for ev in self.engine.step()? {
             let Some(l) = self.live.get_mut(&ev.id) else { continue };
             l.generated += 1;
             let keep = match ev.token {
-                Some(token) => (l.sink)(RankEvent::Token { token, index: ev.index, finished: ev.finished }),
+                Some(token) => (l.sink)(RankEvent::Token { token, index: ev.index, finished: ev.finished, logprobs: ev.logprobs }),
                 None => false,
             };
             if ev.finished.is_some() {

@@ -55,6 +55,41 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
+/// Log-probabilities of one generated token, from the raw distribution `softmax(logits)`
+/// (before temperature, top-k and top-p: what OpenAI's API reports).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The `n` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probability of `token` under `log_softmax(logits)` and the `top_n` most likely tokens.
+/// Non-finite logits count as probability 0.
+pub fn logprobs(logits: &[f32], token: u32, top_n: usize) -> TokenLogprobs {
+    let mx = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    if !mx.is_finite() {
+        return TokenLogprobs { logprob: f32::NEG_INFINITY, top: vec![] };
+    }
+    // log-sum-exp in f64: a vocabulary of 100k+ terms loses precision in f32.
+    let lse = mx as f64 + logits.iter().filter(|x| x.is_finite()).map(|&x| ((x - mx) as f64).exp()).sum::<f64>().ln();
+    let lp = |x: f32| if x.is_finite() { (x as f64 - lse) as f32 } else { f32::NEG_INFINITY };
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| lp(x));
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
+    if top_n > 0 {
+        // One pass keeping the best `top_n` (n <= 20): cheaper than sorting the vocabulary.
+        for (i, &x) in logits.iter().enumerate() {
+            if !x.is_finite() || (top.len() == top_n && x <= top[top_n - 1].1) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, y)| y >= x);
+            top.insert(at, (i as u32, x));
+            top.truncate(top_n);
+        }
+    }
+    TokenLogprobs { logprob, top: top.into_iter().map(|(i, x)| (i, lp(x))).collect() }
+}
+
 /// A per-sequence sampler (owns its RNG, so results do not depend on batching).
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -109,5 +144,21 @@ impl Sampler {
             }
         }
         cand[probs.len() - 1].0 as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_n_in_order() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let lp = logprobs(&logits, 2, 2);
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!((lp.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert_eq!(logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
     }
 }

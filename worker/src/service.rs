@@ -358,6 +358,9 @@ fn nccl_transport(_gpu: usize, _rank: usize, _world: usize, _id: &[u8]) -> Resul
     Err(TransportError::Setup("the coordinator chose the NCCL transport, but this worker was built without the `cuda` feature".into()))
 }
 
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
 fn finish_code(f: Option<FinishReason>) -> pb::FinishReason {
     match f {
         None | Some(FinishReason::Aborted) => pb::FinishReason::Unspecified,
@@ -409,20 +412,27 @@ impl Worker for WorkerService {
                 seed: s.seed,
             },
             stop_tokens: r.stop_token_ids,
+            logprobs: r.logprobs.then_some(r.top_logprobs.min(MAX_TOP_LOGPROBS) as usize),
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Closed once the response stream is dropped (the coordinator cancelled the request).
+        let probe = tx.clone();
+        let gone: crate::rank_loop::GoneProbe = Box::new(move || probe.is_closed());
         let rank = self.0.rank.load(Ordering::SeqCst) as u32;
         let tokens = self.0.metrics.tokens.clone();
         let sink = Box::new(move |ev: RankEvent| {
             let msg = match ev {
                 RankEvent::PromptLogits(l) => Ok(pb::GenerateResponse { prompt_logits: l, rank, ..Default::default() }),
-                RankEvent::Token { token, index, finished } => {
+                RankEvent::Token { token, index, finished, logprobs } => {
                     tokens.inc();
+                    let lp = logprobs.unwrap_or_default();
                     Ok(pb::GenerateResponse {
                         token_id: token,
                         index: index as u32,
                         finish_reason: finish_code(finished) as i32,
                         rank,
+                        logprob: lp.logprob,
+                        top_logprobs: lp.top.into_iter().map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob, text: String::new() }).collect(),
                         ..Default::default()
                     })
                 }
@@ -432,7 +442,7 @@ impl Worker for WorkerService {
         });
         let Some(rl) = self.rank_loop() else { return Err(Status::unavailable("worker not started (no generation yet)")) };
         rl.jobs
-            .send(Job { request, prompt_logits: r.return_prompt_logits, sink })
+            .send(Job { request, prompt_logits: r.return_prompt_logits, sink, gone: Some(gone) })
             .map_err(|_| Status::unavailable("worker loop stopped"))?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }

@@ -39,6 +39,9 @@ pub enum BenchCommand {
     Straggler(super::bench_straggler::StragglerArgs),
     /// Elastic expert parallelism: a worker killed and one joining under load, without and with --min-replicas 2.
     Elastic(super::bench_elastic::ElasticArgs),
+    /// The OpenAI-compatible HTTP layer's cost: TTFT and inter-token latency p50/p99 of N
+    /// concurrent streaming clients over HTTP (SSE) beside the same load over gRPC.
+    Http(super::bench_http::HttpBenchArgs),
     /// Expert-FFN products `x[m×k]·Wᵀ` as a MoE layer runs them (one call per expert, the
     /// experts in parallel over the compute pool): the row-major path the experts used before
     /// (`kernels::matmul_bt`: the AVX2 small-m kernel for 2–16 rows, else OpenBLAS sgemm, which
@@ -299,6 +302,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
         }
         BenchCommand::Straggler(a) => super::bench_straggler::run(a),
         BenchCommand::Elastic(a) => super::bench_elastic::run(a),
+        BenchCommand::Http(a) => super::bench_http::run(a),
         BenchCommand::Kernels { rows, shapes } => kernels(&rows, &shapes),
         BenchCommand::Decode { model, workers, requests, max_tokens } => {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));

@@ -291,6 +291,7 @@ pub fn generate_endpoint(endpoint: &str, a: &super::model::GenerateArgs) -> anyh
         max_tokens: a.max_tokens as u32,
         ignore_eos: false,
         return_prompt_logits: false,
+        ..Default::default()
     };
     let endpoints: Vec<String> = endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
     if endpoints.is_empty() {
@@ -340,6 +341,7 @@ pub fn check_cluster(
                 max_tokens: c.greedy.len().max(1) as u32,
                 ignore_eos: true,
                 return_prompt_logits: true,
+                ..Default::default()
             };
             let addr = cl.addr.clone();
             handles.push(tokio::spawn(async move { generate_remote(&addr, req, false).await }));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use super::cluster::{PlacementArgs, ServeArgs, exit_on_stdin_eof, runtime, write_ready_file};
 use coordinator::control::{Group, GroupSettings};
+use coordinator::http::HttpConfig;
 use coordinator::server::{CoordinatorConfig, ServerError, serve, transport_setup};
 use worker::ModelConfig;
 use worker::model::Model;
@@ -67,6 +68,38 @@ pub struct CoordinatorArgs {
     /// Exit when stdin closes (used by `switchyard up`).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// The OpenAI-compatible HTTP API and the bound on requests held at once.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct HttpArgs {
+    /// Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health) on this address (port 0: any free port; printed as `http listening on ADDR`).
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// The model name HTTP clients give (default: the model directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Requests held at once at most, over gRPC and HTTP together (waiting for the cluster,
+    /// queued or streaming); more are refused at once (RESOURCE_EXHAUSTED, HTTP 429).
+    #[arg(long, default_value_t = 256)]
+    pub max_queued_requests: usize,
+}
+
+impl HttpArgs {
+    /// The same settings as arguments of the coordinator `switchyard up` starts.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![format!("--max-queued-requests={}", self.max_queued_requests)];
+        if let Some(h) = &self.http_listen {
+            a.push(format!("--http-listen={h}"));
+        }
+        if let Some(n) = &self.served_model_name {
+            a.push(format!("--served-model-name={n}"));
+        }
+        a
+    }
 }
 
 /// The scheduler's settings: online rebalancing of the placement from the live load, replica
@@ -200,11 +233,26 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     anyhow::ensure!(a.max_slots_per_rank != Some(0), "--max-slots-per-rank must be at least 1");
     anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
+    anyhow::ensure!(a.http.max_queued_requests >= 1, "--max-queued-requests must be at least 1");
+    let served_model_name = a.http.served_model_name.clone().unwrap_or_else(|| {
+        model_dir.file_name().map_or_else(|| model_dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+    });
     let group = Group::new(GroupSettings { min_workers: a.workers, max_slots_per_rank: a.max_slots_per_rank, min_replicas: a.min_replicas, initial: p })?;
     let server = a.serve.tls.server()?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("bind {}", a.listen))?;
         let addr = listener.local_addr()?;
+        let http = match &a.http.http_listen {
+            Some(h) => {
+                let l = tokio::net::TcpListener::bind(h).await.with_context(|| format!("bind --http-listen {h}"))?;
+                Some((l, HttpConfig { served_model_name }))
+            }
+            None => None,
+        };
+        let http_addr = match &http {
+            Some((l, _)) => Some(l.local_addr()?.to_string()),
+            None => None,
+        };
         let cfg = CoordinatorConfig {
             model_dir,
             model: cfg,
@@ -221,10 +269,16 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             lease_ttl: Duration::from_secs(a.lease_ttl),
             advertise: a.advertise.clone().unwrap_or_else(|| addr.to_string()),
             metrics_listen: a.serve.metrics_listen.clone(),
+            max_queued_requests: a.http.max_queued_requests,
+            http,
         };
         println!("listening on {addr}");
+        if let Some(h) = &http_addr {
+            println!("http listening on {h}");
+        }
         if let Some(f) = &a.ready_file {
-            write_ready_file(f, &serde_json::json!({"grpc_address": addr.to_string(), "pid": std::process::id()}))?;
+            let ready = serde_json::json!({"grpc_address": addr.to_string(), "http_address": http_addr, "pid": std::process::id()});
+            write_ready_file(f, &ready)?;
         }
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;

@@ -10,6 +10,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use worker::ModelConfig;
 use super::cluster::{PlacementArgs, SchedulerArgs, connect_channel, load_placement, runtime};
+use super::coordinator_cmd::HttpArgs;
 
 
 #[derive(clap::Args, Clone)]
@@ -34,6 +35,15 @@ pub struct UpArgs {
     pub threads_per_worker: Option<usize>,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
+    /// The OpenAI-compatible HTTP API's address (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http_listen: String,
+    /// The model name HTTP clients give (default: the model directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Requests held at once at most (gRPC and HTTP); more are refused (429 over HTTP).
+    #[arg(long, default_value_t = 256)]
+    pub max_queued_requests: usize,
 }
 
 /// Compute threads per worker when `workers` share this machine: its cores split evenly.
@@ -46,6 +56,8 @@ pub fn threads_per_local_worker(workers: usize) -> usize {
 /// runs (the elastic tests and `bench elastic`); a killed worker keeps its index, address and pid.
 pub struct LocalCluster {
     pub addr: String,
+    /// The coordinator's HTTP API (`--http-listen` among the coordinator's arguments).
+    pub http_addr: Option<String>,
     coordinator: Child,
     /// One entry per worker ever started, in start order; `None` once killed.
     workers: Vec<Option<Child>>,
@@ -87,6 +99,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(serde::Deserialize)]
 struct CoordinatorReady {
     grpc_address: String,
+    /// The OpenAI-compatible HTTP API's address, when it was asked for.
+    #[serde(default)]
+    http_address: Option<String>,
 }
 
 /// What a worker writes to its `--ready-file` once registered.
@@ -210,6 +225,7 @@ pub fn start_local_cluster(
     let addr = ready.grpc_address;
     let mut cl = LocalCluster {
         addr: addr.clone(),
+        http_addr: ready.http_address,
         coordinator: coord,
         workers: vec![],
         worker_pids: vec![],
@@ -276,11 +292,22 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         Some(&placement_file),
         &a.listen,
         a.admin_token.as_deref(),
-        &a.scheduler.to_args(),
+        &[
+            a.scheduler.to_args(),
+            HttpArgs { http_listen: Some(a.http_listen.clone()), served_model_name: a.served_model_name.clone(), max_queued_requests: a.max_queued_requests }.to_args(),
+        ]
+        .concat(),
         &[format!("--threads={}", a.threads_per_worker.unwrap_or_else(|| threads_per_local_worker(a.workers)))],
     )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);
+    if let Some(h) = &cl.http_addr {
+        println!("OpenAI-compatible API on http://{h}/v1 (model {:?}):", served_name(&model, a.served_model_name.as_deref()));
+        println!(
+            "  curl -N http://{h}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": {:?}, \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16, \"stream\": true}}'",
+            served_name(&model, a.served_model_name.as_deref())
+        );
+    }
     println!("press Ctrl-C to stop");
     runtime()?.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
@@ -289,3 +316,11 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+
+/// The name HTTP clients give for `model` (the coordinator's default: the directory's name).
+fn served_name(model: &Path, asked: Option<&str>) -> String {
+    asked.map(String::from).unwrap_or_else(|| {
+        let m = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+        m.file_name().map_or_else(|| m.display().to_string(), |n| n.to_string_lossy().into_owned())
+    })
+}

@@ -1,6 +1,7 @@
 pub mod admin;
 pub mod bench_cluster;
 pub mod bench_elastic;
+pub mod bench_http;
 pub mod bench_straggler;
 pub mod coordinator_cmd;
 pub mod cluster;

@@ -205,6 +205,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         max_tokens: a.max_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
         stop_tokens: stop,
+        logprobs: None,
     };
     let id = engine.add_request(req)?;
     let t0 = Instant::now();

@@ -10,7 +10,7 @@ use coordinator::registration::{Registration, RegistrationConfig};
 use coordinator::server::health_and_reflection;
 use coordinator::store::AnyStore;
 use switchyard_proto::v1::worker_server::WorkerServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use worker::service::{WorkerConfig, WorkerMetrics, WorkerService};
 use worker::transport::tcp::TcpTransport;
 
@@ -103,13 +103,15 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        let (health, reflection, reporter) = health_and_reflection()?;
-        reporter.set_serving::<WorkerServer<WorkerService>>().await;
+        let hr = health_and_reflection()?;
+        hr.reporter.set_serving::<WorkerServer<WorkerService>>().await;
         let server = a.serve.tls.server()?
-            .add_service(health)
-            .add_service(reflection)
+            .add_service(hr.health)
+            .add_service(hr.reflection_v1)
+            .add_service(hr.reflection_v1alpha)
             .add_service(svc.clone().into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener));
+            // TCP_NODELAY: tokens stream as small writes (see the coordinator's server).
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
         let server = tokio::spawn(server);
         // Register with the leader (coordinators may still be starting or electing), then keep
         // the membership (`coordinator::registration`).

@@ -31,11 +31,14 @@ use ha::{Role, Seat, with_store_retries};
 use metrics::CoordMetrics;
 
 pub mod admin;
+mod admission;
 mod generations;
 pub mod ha;
 pub mod metrics;
+mod output;
 mod requests;
 mod serve;
+mod start;
 
 pub use admin::AdminAuth;
 pub use requests::continuation;
@@ -100,21 +103,33 @@ pub fn transport_setup(kind: &str) -> Result<(String, Vec<u8>), ServerError> {
     }
 }
 
-/// gRPC health and reflection (`v1`) services for a server of this binary.
+/// gRPC health and reflection services for a server of this binary.
+pub struct HealthAndReflection<H, R1, R0> {
+    pub health: tonic_health::pb::health_server::HealthServer<H>,
+    /// `grpc.reflection.v1` (grpcurl, Postman, tonic clients).
+    pub reflection_v1: tonic_reflection::server::v1::ServerReflectionServer<R1>,
+    /// `grpc.reflection.v1alpha`: the only one Python's `grpcio-reflection` (1.85) and the
+    /// clients built on it speak.
+    pub reflection_v1alpha: tonic_reflection::server::v1alpha::ServerReflectionServer<R0>,
+    pub reporter: tonic_health::server::HealthReporter,
+}
+
+/// gRPC health and reflection (`v1` and `v1alpha`) services for a server of this binary.
 pub fn health_and_reflection() -> Result<
-    (
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-        tonic_health::server::HealthReporter,
-    ),
+    HealthAndReflection<
+        impl tonic_health::pb::health_server::Health,
+        impl tonic_reflection::server::v1::ServerReflection,
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
     ServerError,
 > {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok((health, reflection, reporter))
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(HealthAndReflection { health, reflection_v1: builder().build_v1()?, reflection_v1alpha: builder().build_v1alpha()?, reporter })
 }
 
 /// Where the coordinator is in watching a placement change's step lengths.
@@ -191,6 +206,8 @@ struct CoordState {
     recent_projected_steps: RecentSteps<65536>,
     /// Transport kind handed to every worker ("tcp" or "nccl").
     transport: String,
+    /// The bound on requests held at once (`--max-queued-requests`).
+    admission: admission::Admission,
 }
 
 #[derive(Clone)]
@@ -303,6 +320,23 @@ impl CoordSvc {
 
     pub(crate) fn model_config(&self) -> &ModelConfig {
         &self.0.cfg
+    }
+
+    pub(crate) fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.0.tok.as_deref()
+    }
+
+    pub(crate) fn model_dir(&self) -> &std::path::Path {
+        &self.0.model_dir
+    }
+
+    /// Leads and serves: what new requests need.
+    pub(crate) fn takes_requests(&self) -> Result<(), Status> {
+        self.require_leader()?;
+        match &*self.0.serving.borrow() {
+            s if s.is_serving() => Ok(()),
+            s => Err(ControlError::NotServing(s.reason()).into()),
+        }
     }
 
     pub(crate) fn listen_addr(&self) -> String {

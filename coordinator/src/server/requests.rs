@@ -9,8 +9,9 @@ use switchyard_proto::v1::control_server::Control;
 use switchyard_proto::v1::inference_server::Inference;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use worker::sampling::SamplingParams;
 
+use super::admission::Permit;
+use super::output::OutputText;
 use super::{BoxStream, CoordSvc, RankRoute};
 use crate::control::router::{self, AttemptFailure};
 use crate::control::{ControlError, Serving, WorkerInfo};
@@ -25,6 +26,23 @@ pub fn continuation(req: &pb::GenerateRequest, mut prompt: Vec<u32>, generated: 
         return_prompt_logits: false,
         ..req.clone()
     }
+}
+
+/// Where a running request's responses go.
+pub(crate) type ResponseTx = tokio::sync::mpsc::Sender<Result<pb::GenerateResponse, Status>>;
+/// The responses of a started request, in order; it ends after the one with a finish_reason,
+/// or with an error. Dropping it cancels the request.
+pub(crate) type ResponseRx = tokio::sync::mpsc::Receiver<Result<pb::GenerateResponse, Status>>;
+
+/// A validated request, ready to run.
+pub(crate) struct Job {
+    /// What the workers get: token ids, the stop token ids, the sampling parameters.
+    pub base: pb::GenerateRequest,
+    /// Stop strings (matched here, on the decoded text).
+    pub stops: Vec<String>,
+    pub deadline: Option<tokio::time::Instant>,
+    /// Its place in the bounded queue, held until the request ends.
+    pub _permit: Permit,
 }
 
 impl CoordSvc {
@@ -60,23 +78,38 @@ impl CoordSvc {
     /// Streams one accepted request from its home rank to `tx`. When the rank fails (it died, or
     /// its group is re-forming), the request continues on a live rank from where it stopped
     /// (prompt + tokens streamed so far), so the client sees one sequence; it ends with its tokens
-    /// or a terminal status (`router::after_failure`), never in silence.
-    pub(crate) async fn run_request(self, base: pb::GenerateRequest, tx: tokio::sync::mpsc::Sender<Result<pb::GenerateResponse, Status>>) {
+    /// or a terminal status (`router::after_failure`), never in silence. Past its deadline it
+    /// ends with DEADLINE_EXCEEDED, and dropping the worker's stream frees the sequence there.
+    pub(crate) async fn run_request(self, job: Job, tx: ResponseTx) {
         let m = &self.0.metrics;
         m.in_flight.add(1.0);
+        let outcome = match job.deadline {
+            Some(d) => match tokio::time::timeout_at(d, self.drive(&job, &tx)).await {
+                Ok(o) => o,
+                Err(_) => {
+                    let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+                    "deadline_exceeded"
+                }
+            },
+            None => self.drive(&job, &tx).await,
+        };
+        m.in_flight.add(-1.0);
+        m.request(outcome);
+    }
+
+    /// The attempts of one request until it ends; its outcome (metrics label).
+    async fn drive(&self, job: &Job, tx: &ResponseTx) -> &'static str {
+        let base = &job.base;
         let prompt = match &base.prompt {
             Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
             _ => vec![],
         };
         let mut generated: Vec<u32> = Vec::new();
-        let outcome;
+        let mut out = OutputText::new(job.stops.clone());
         let mut attempt = 0usize;
         loop {
-            let (failure, st) = match self.attempt(&base, &prompt, &mut generated, &tx).await {
-                Ok(()) => {
-                    outcome = "completed";
-                    break;
-                }
+            let (failure, st) = match self.attempt(base, &prompt, &mut generated, &mut out, tx).await {
+                Ok(()) => return "completed",
                 Err(f) => f,
             };
             match router::after_failure(attempt, failure, generated.len(), base.return_prompt_logits) {
@@ -86,14 +119,11 @@ impl CoordSvc {
                     attempt += 1;
                 }
                 router::Next::Fail => {
-                    outcome = if failure == AttemptFailure::Rejected { "invalid" } else { "failed" };
                     let _ = tx.send(Err(st)).await;
-                    break;
+                    return if failure == AttemptFailure::Rejected { "invalid" } else { "failed" };
                 }
             }
         }
-        m.in_flight.add(-1.0);
-        m.request(outcome);
     }
 
     /// One attempt of a request on one rank: `Ok` once it finished (or the client went away).
@@ -102,7 +132,8 @@ impl CoordSvc {
         base: &pb::GenerateRequest,
         prompt: &[u32],
         generated: &mut Vec<u32>,
-        tx: &tokio::sync::mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+        out: &mut OutputText,
+        tx: &ResponseTx,
     ) -> Result<(), (AttemptFailure, Status)> {
         if let Err(s) = self.wait_serving(router::WAIT_FOR_SERVING).await {
             return Err((AttemptFailure::NotServing, ControlError::NotServing(s.reason()).into()));
@@ -117,7 +148,13 @@ impl CoordSvc {
         let streamed: Result<(), Status> = async {
             let mut stream = route.client().generate(req).await?.into_inner();
             loop {
-                let Some(mut msg) = stream.message().await? else {
+                // A client that went away ends the request at once, also during a long prefill:
+                // dropping the worker's stream makes the worker abort the sequence and free its KV.
+                let next = tokio::select! {
+                    m = stream.message() => m?,
+                    _ = tx.closed() => return Ok(()),
+                };
+                let Some(mut msg) = next else {
                     return Err(Status::unavailable("the worker's stream ended before the request finished"));
                 };
                 if msg.prompt_logits.is_empty() {
@@ -128,12 +165,10 @@ impl CoordSvc {
                     if let Some(t) = &tokens {
                         t.inc();
                     }
-                    if let Some(t) = &self.0.tok {
-                        msg.text = t.decode(&[msg.token_id]).unwrap_or_default();
-                    }
+                    self.annotate(&mut msg, out, prompt.len(), generated.len());
                 }
                 let fin = msg.finish_reason != 0;
-                // A client that went away ends the request (the worker aborts it).
+                // A stop string ends the request here: returning drops the worker's stream.
                 if tx.send(Ok(msg)).await.is_err() || fin {
                     return Ok(());
                 }
@@ -145,6 +180,30 @@ impl CoordSvc {
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange => (AttemptFailure::Rejected, st),
             _ => (AttemptFailure::RankFailed, Status::unavailable(format!("worker rank {} failed: {} (retry)", route.rank, st.message()))),
         })
+    }
+
+    /// Fills in what the worker does not know: the text (incremental, cut at a stop string,
+    /// which then finishes the request), the text of the top log-probabilities, and the usage
+    /// counts in the last message.
+    fn annotate(&self, msg: &mut pb::GenerateResponse, out: &mut OutputText, prompt_tokens: usize, completion_tokens: usize) {
+        if let Some(t) = &self.0.tok {
+            let mut piece = out.push(t, msg.token_id);
+            if !piece.stopped && msg.finish_reason != 0 {
+                let rest = out.finish(t);
+                piece.text.push_str(&rest.text);
+                piece.stopped = rest.stopped;
+            }
+            msg.text = piece.text;
+            if piece.stopped {
+                msg.finish_reason = pb::FinishReason::Stop as i32;
+            }
+            for top in &mut msg.top_logprobs {
+                top.text = t.decode(&[top.token_id]).unwrap_or_default();
+            }
+        }
+        if msg.finish_reason != 0 {
+            msg.usage = Some(pb::Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: completion_tokens as u32 });
+        }
     }
 }
 
@@ -166,66 +225,8 @@ impl Inference for CoordSvc {
     type GenerateStream = BoxStream<pb::GenerateResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        self.require_leader()?;
-        let r = req.into_inner();
-        let cfg = &self.0.cfg;
-        let prompt = match &r.prompt {
-            Some(pb::generate_request::Prompt::Text(t)) => match &self.0.tok {
-                Some(tok) => tok.encode(t).map_err(|e| Status::invalid_argument(e.to_string()))?,
-                None => return Err(Status::invalid_argument("the model has no tokenizer.json: send token_ids")),
-            },
-            Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
-            None => return Err(Status::invalid_argument("no prompt: set text or token_ids")),
-        };
-        if prompt.is_empty() {
-            return Err(Status::invalid_argument("empty prompt"));
-        }
-        if let Some((i, t)) = prompt.iter().enumerate().find(|(_, t)| **t as usize >= cfg.vocab_size) {
-            return Err(Status::invalid_argument(format!(
-                "token id {t} at position {i} is out of range (vocab size {})",
-                cfg.vocab_size
-            )));
-        }
-        let max_pos = cfg.max_position_embeddings;
-        if r.max_tokens == 0 {
-            return Err(Status::invalid_argument("max_tokens must be at least 1"));
-        }
-        if prompt.len() + r.max_tokens as usize > max_pos {
-            return Err(Status::invalid_argument(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {max_pos} tokens",
-                prompt.len(),
-                r.max_tokens
-            )));
-        }
-        let s = r.sampling.unwrap_or_default();
-        let sp = SamplingParams {
-            temperature: s.temperature,
-            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
-            top_k: s.top_k as usize,
-            seed: s.seed,
-        };
-        sp.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut stop = r.stop_token_ids.clone();
-        if stop.is_empty() && !r.ignore_eos {
-            stop = cfg.eos_token_ids.clone();
-        }
-        // No room for every expert: refuse at once, naming what is missing. Otherwise wait
-        // for the cluster to come up (start, or a generation being formed).
-        let now = self.0.serving.borrow().clone();
-        let limit = if matches!(now, Serving::NoRoom { .. }) { Duration::ZERO } else { START_WAIT };
-        if let Err(s) = self.wait_serving(limit).await {
-            return Err(ControlError::NotServing(s.reason()).into());
-        }
-        let base = pb::GenerateRequest {
-            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
-            sampling: Some(pb::SamplingParams { temperature: sp.temperature, top_p: sp.top_p, top_k: sp.top_k as u32, seed: sp.seed }),
-            stop_token_ids: stop,
-            max_tokens: r.max_tokens,
-            ignore_eos: r.ignore_eos,
-            return_prompt_logits: r.return_prompt_logits,
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(self.clone().run_request(base, tx));
+        let deadline = grpc_timeout(req.metadata());
+        let rx = self.start_generate(req.into_inner(), deadline, START_WAIT).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -256,5 +257,23 @@ impl Inference for CoordSvc {
     }
 }
 
-/// How long a request waits for a cluster that is starting or re-forming before it is refused.
-const START_WAIT: Duration = Duration::from_secs(120);
+/// How long a gRPC request waits for a cluster that is starting or re-forming before it is refused.
+pub(crate) const START_WAIT: Duration = Duration::from_secs(120);
+
+/// The deadline a gRPC client sent (`grpc-timeout`: up to 8 digits and a unit, H M S m u n).
+/// Tonic applies it only until the response headers, not to a server stream, so requests apply
+/// it themselves.
+pub(crate) fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use switchyard_proto::v1::admin_server::AdminServer;
 use switchyard_proto::v1::control_server::ControlServer;
 use switchyard_proto::v1::inference_server::InferenceServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use worker::ModelConfig;
 use worker::expert_parallel::RecentSteps;
 use worker::tokenizer::Tokenizer;
@@ -44,6 +44,10 @@ pub struct CoordinatorConfig {
     pub advertise: String,
     /// Prometheus `/metrics` listen address.
     pub metrics_listen: Option<String>,
+    /// Requests held at once at most (waiting, queued or streaming); past it they are refused.
+    pub max_queued_requests: usize,
+    /// The OpenAI-compatible HTTP API, on this listener (`None`: off).
+    pub http: Option<(tokio::net::TcpListener, crate::http::HttpConfig)>,
 }
 
 /// Runs the coordinator on `listener` until `shutdown` completes (Ok), or this coordinator loses
@@ -82,6 +86,7 @@ pub async fn serve(
         recent_steps: RecentSteps::default(),
         recent_projected_steps: RecentSteps::default(),
         transport: cfg.transport,
+        admission: super::admission::Admission::new(cfg.max_queued_requests),
     }));
     let store_err = |source| ServerError::Store { url: cfg.store.clone(), source };
     let store = AnyStore::open(&cfg.store).await.map_err(store_err)?;
@@ -93,15 +98,21 @@ pub async fn serve(
         let (maddr, _) = telemetry::serve_metrics(m, svc.0.metrics.registry.clone()).await?;
         println!("metrics on http://{maddr}/metrics");
     }
-    let (health, reflection, reporter) = health_and_reflection()?;
-    tokio::spawn(follow_health(svc.clone(), reporter));
+    if let Some((listener, http)) = cfg.http {
+        tokio::spawn(crate::http::serve(listener, svc.clone(), http));
+    }
+    let hr = health_and_reflection()?;
+    tokio::spawn(follow_health(svc.clone(), hr.reporter));
     let grpc = server
-        .add_service(health)
-        .add_service(reflection)
+        .add_service(hr.health)
+        .add_service(hr.reflection_v1)
+        .add_service(hr.reflection_v1alpha)
         .add_service(InferenceServer::new(svc.clone()).max_encoding_message_size(1 << 30))
         .add_service(AdminServer::with_interceptor(svc.clone(), AdminAuth::new(cfg.admin_token)))
         .add_service(ControlServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // TCP_NODELAY: a streamed token is one small write; Nagle would hold it for the ACK of the
+        // previous one (tens of ms of time to first token).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
     tokio::select! {
         r = grpc => Ok(r?),
         Ok(why) = lost_rx => Err(ServerError::LeaseLost(why)),

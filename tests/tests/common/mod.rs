@@ -64,6 +64,8 @@ pub fn replica_placement(layers: usize, experts: usize, ranks: usize) -> String 
 pub struct Cluster {
     child: Child,
     pub addr: String,
+    /// The OpenAI-compatible HTTP API (`http listening on ADDR`).
+    pub http_addr: String,
     pub worker_pids: Vec<u32>,
 }
 
@@ -86,7 +88,8 @@ impl Cluster {
     pub fn up_with_env(model: &Path, workers: usize, extra: &[std::ffi::OsString], env: &[(&str, &str)]) -> Cluster {
         let mut cmd = Command::new(switchyard_bin());
         cmd.envs(env.iter().copied());
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--workers", &workers.to_string(), "--model"]).arg(model);
+        // Port 0 for both APIs: tests run side by side.
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--workers", &workers.to_string(), "--model"]).arg(model);
         cmd.args(extra);
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn up");
         let stdout = child.stdout.take().expect("stdout");
@@ -99,11 +102,14 @@ impl Cluster {
                 }
             }
         });
-        let mut cl = Cluster { child, addr: String::new(), worker_pids: vec![] };
+        let mut cl = Cluster { child, addr: String::new(), http_addr: String::new(), worker_pids: vec![] };
         loop {
             let line = rx.recv_timeout(Duration::from_secs(120)).expect("switchyard up did not become ready");
             if let Some(a) = line.strip_prefix("listening on ") {
                 cl.addr = a.trim().to_string();
+            }
+            if let Some(a) = line.strip_prefix("http listening on ") {
+                cl.http_addr = a.trim().to_string();
             }
             if line.starts_with("worker ")
                 && line.contains(" listening on ")
