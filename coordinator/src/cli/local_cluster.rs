@@ -15,8 +15,8 @@ use super::coordinator_cmd::HttpArgs;
 
 #[derive(clap::Args, Clone)]
 pub struct UpArgs {
-    /// Model directory; default: tests/fixtures/mixtral when present, else a small generated
-    /// checkpoint.
+    /// Model directory; default: the trained models/tiny-moe (prose and Python, with a chat
+    /// template), else tests/fixtures/mixtral, else a small generated checkpoint.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
@@ -259,11 +259,17 @@ pub fn start_local_cluster(
     Ok(cl)
 }
 
-/// The default model of `switchyard up`.
+/// The default model of `switchyard up`: the trained `models/tiny-moe` of the repository (looked
+/// up from the working directory, then beside the binary's `target/<profile>/`), else the Mixtral
+/// test fixture, else a small generated checkpoint.
 fn default_model() -> anyhow::Result<PathBuf> {
-    let fx = PathBuf::from("tests/fixtures/mixtral");
-    if fx.join("config.json").exists() {
-        return Ok(std::fs::canonicalize(fx)?);
+    let mut candidates = vec![PathBuf::from("models/tiny-moe")];
+    if let Some(repo) = std::env::current_exe().ok().and_then(|e| e.parent()?.parent()?.parent().map(PathBuf::from)) {
+        candidates.push(repo.join("models/tiny-moe"));
+    }
+    candidates.push(PathBuf::from("tests/fixtures/mixtral"));
+    if let Some(dir) = candidates.iter().find(|d| d.join("config.json").exists()) {
+        return Ok(std::fs::canonicalize(dir)?);
     }
     let dir = std::env::temp_dir().join("switchyard-up-tiny-model");
     if !dir.join("config.json").exists() {
