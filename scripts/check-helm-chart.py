@@ -49,6 +49,7 @@ VALUE_SETS = {
         "coordinator": {"service": {"type": "LoadBalancer"}, "expectedWorkers": 8, "leaseTtlSeconds": 10},
     },
     "cpu": {"transport": "tcp", "workers": {"gpusPerWorker": 0}},
+    "no-http": {"coordinator": {"httpPort": None}},
 }
 
 # Values that the schema (or the templates) must refuse.
@@ -149,6 +150,14 @@ def semantic_checks(name, objs):
           "--node=$(NODE_NAME)" in wargs and env_of(wc, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
     check(f"{name}: metrics listen on the scraped ports",
           "--metrics-listen=0.0.0.0:9090" in cargs and "--metrics-listen=0.0.0.0:9091" in wargs)
+    http_port = vals.get("coordinator", {}).get("httpPort", 8000)
+    client_svc = [o for _, o in objs if o["kind"] == "Service" and any(p["name"] == "grpc" for p in o["spec"]["ports"]) and o["spec"].get("selector", {}).get("app.kubernetes.io/component") == "coordinator"]
+    svc_http = [p for svc in client_svc for p in svc["spec"]["ports"] if p["name"] == "http"]
+    if http_port:
+        check(f"{name}: the OpenAI HTTP API listens and is on the client Service",
+              f"--http-listen=0.0.0.0:{http_port}" in cargs and len(svc_http) == 1 and svc_http[0]["port"] == http_port, str(svc_http))
+    else:
+        check(f"{name}: no HTTP API when httpPort is null", not any(a.startswith("--http-listen") for a in cargs) and not svc_http)
     if vals.get("etcd", {}).get("enabled", True):
         check(f"{name}: bundled etcd StatefulSet", any(o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-etcd") for _, o in objs))
     else:
