@@ -439,10 +439,11 @@ impl World {
             self.last_recorded = (n, e);
         }
         for (i, w) in self.workers.iter_mut().enumerate() {
-            if w.gnum < w.max_gnum {
-                return Err(format!("worker {i}'s generation went backwards: {} -> {}", w.max_gnum, w.gnum));
+            if w.gnum < w.max_gnum || w.epoch < w.max_epoch {
+                return Err(format!("worker {i}'s generation or epoch went backwards: {:?} -> {:?}", (w.max_gnum, w.max_epoch), (w.gnum, w.epoch)));
             }
             w.max_gnum = w.gnum;
+            w.max_epoch = w.epoch;
         }
         for &c in &acting {
             if let Role::Leader(lead) = &self.coords[c].role {

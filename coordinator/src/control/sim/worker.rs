@@ -32,8 +32,9 @@ pub struct Worker {
     pub gnum: u64,
     pub epoch: u64,
     pub members: Vec<usize>,
-    /// Highest generation seen by the invariant check.
+    /// Highest generation and epoch seen by the invariant check.
     pub max_gnum: u64,
+    pub max_epoch: u64,
     /// Sequences it runs: (request, attempt).
     pub seqs: Vec<(usize, usize)>,
 }
@@ -50,6 +51,7 @@ impl Worker {
             epoch: 0,
             members: Vec::new(),
             max_gnum: 0,
+            max_epoch: 0,
             seqs: Vec::new(),
         }
     }
