@@ -166,3 +166,26 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
     assert_eq!(rows[0]["migrations"], 0, "the static policy never migrates");
     assert!(std::fs::read_to_string(&plot).expect("plot").contains("<polyline"));
 }
+
+/// The straggler benchmark on the trained model with a real routing shift (prose, then code).
+#[test]
+fn bench_straggler_runs_the_trained_model_on_a_prose_then_code_workload() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (prose, code) = (tmp.path().join("prose.txt"), tmp.path().join("code.txt"));
+    std::fs::write(&prose, "The old man walked down to the harbour in the evening and watched the boats come in. ".repeat(40)).expect("write");
+    std::fs::write(&code, "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n\n".repeat(40)).expect("write");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-moe");
+    let texts = format!("{},{}", prose.display(), code.display());
+    let o = switchyard(&[
+        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--clients", "2", "--max-tokens", "8", "--json",
+        "--policies", "static-contiguous", "--model", model.to_str().expect("path"), "--phase-texts", &texts,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{}", rows[0]);
+    let one = format!("{}", prose.display());
+    let o = switchyard(&["bench", "straggler", "--model", model.to_str().expect("path"), "--phase-texts", &one]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("two files"), "{}", String::from_utf8_lossy(&o.stderr));
+}

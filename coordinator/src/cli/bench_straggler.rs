@@ -1,6 +1,8 @@
 //! `switchyard bench straggler`: local CPU clusters serving a generated checkpoint whose routing is
 //! skewed (Zipf-like hot experts per layer) and depends on the prompts, with the workload shifting
-//! mid-run to prompts that prefer other experts. Policies side by side in one run:
+//! mid-run to prompts that prefer other experts — or (`--model DIR --phase-texts A,B`) a real model
+//! with the real routing shift between two kinds of text (the trained models/tiny-moe on prose, then
+//! code). Policies side by side in one run:
 //! - `static-contiguous`: the contiguous placement, never changed;
 //! - `static-eplb`: EPLB solved on the first phase's routing (measured in this process), never changed;
 //! - `rebalance`: contiguous start, the scheduler rebalances online (placement epochs);
@@ -68,6 +70,14 @@ pub struct StragglerArgs {
     /// so that ranks do not share cores while there are enough of them).
     #[arg(long)]
     pub threads_per_worker: Option<usize>,
+    /// Serve this model instead of the generated skewed checkpoint (e.g. the trained
+    /// models/tiny-moe: real, learned routing), with the workload of `--phase-texts`.
+    #[arg(long, requires = "phase_texts")]
+    pub model: Option<PathBuf>,
+    /// With `--model`: two text files, the prompts of the first phase and of the second (e.g.
+    /// prose, then code: a real domain shift of the routing), cut into 24-token prompts.
+    #[arg(long, value_delimiter = ',', requires = "model")]
+    pub phase_texts: Option<Vec<PathBuf>>,
     /// Write an SVG of windowed balancedness over time per policy.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -160,9 +170,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
     let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
     let threads = a.threads_per_worker.unwrap_or_else(|| super::local_cluster::threads_per_local_worker(workers));
     let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[format!("--threads={threads}")])?;
-    let spec = bench_spec(a);
-    let pa = skewed_prompts(&spec, 0, 64, 24, 1);
-    let pb_ = skewed_prompts(&spec, 1, 64, 24, 2);
+    let (pa, pb_) = phase_prompts(model, a)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let out = rt.block_on(async {
         let shift = Arc::new(AtomicBool::new(false));
@@ -269,6 +277,26 @@ fn svg(outcomes: &[Outcome]) -> String {
 }
 
 /// The generated checkpoint of the benchmark: `SynthSpec::skewed_bench` with `--expert-inter`.
+/// The prompts of the two workload phases: the generated checkpoint's skewed prompt sets, or
+/// 24-token pieces of the two `--phase-texts` tokenized by `--model`'s tokenizer.
+fn phase_prompts(model: &Path, a: &StragglerArgs) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    let Some(texts) = &a.phase_texts else {
+        let spec = bench_spec(a);
+        return Ok((skewed_prompts(&spec, 0, 64, 24, 1), skewed_prompts(&spec, 1, 64, 24, 2)));
+    };
+    anyhow::ensure!(texts.len() == 2, "--phase-texts takes two files (first phase, second phase), not {}", texts.len());
+    let tok = worker::tokenizer::Tokenizer::from_dir(model)?.with_context(|| format!("{} has no tokenizer.json", model.display()))?;
+    let mut phases = Vec::new();
+    for f in texts {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let prompts: Vec<Vec<u32>> = tok.encode(&text)?.chunks_exact(24).take(256).map(<[u32]>::to_vec).collect();
+        anyhow::ensure!(!prompts.is_empty(), "{}: fewer than 24 tokens", f.display());
+        phases.push(prompts);
+    }
+    let b = phases.pop().unwrap_or_default();
+    Ok((phases.pop().unwrap_or_default(), b))
+}
+
 fn bench_spec(a: &StragglerArgs) -> SynthSpec {
     SynthSpec { expert_inter: a.expert_inter, ..SynthSpec::skewed_bench() }
 }
@@ -286,20 +314,29 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.expert_inter >= 1, "--expert-inter must be at least 1");
     anyhow::ensure!(a.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1");
     let spec = bench_spec(&a);
-    let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-i{}", a.expert_inter)));
-    if !model.join("config.json").exists() {
-        write_checkpoint(&model, &spec)?;
-    }
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-i{}", a.expert_inter)));
+            if !model.join("config.json").exists() {
+                write_checkpoint(&model, &spec)?;
+            }
+            let cfg = worker::ModelConfig::from_dir(&model)?;
+            anyhow::ensure!(
+                cfg.moe_intermediate_size == spec.expert_inter && cfg.hidden_size == spec.hidden,
+                "{} holds a checkpoint of another shape (expert FFN {}, hidden {}); remove it or pass another --model-dir",
+                model.display(),
+                cfg.moe_intermediate_size,
+                cfg.hidden_size
+            );
+            model
+        }
+    };
     let cfg = worker::ModelConfig::from_dir(&model)?;
-    anyhow::ensure!(
-        cfg.moe_intermediate_size == spec.expert_inter && cfg.hidden_size == spec.hidden,
-        "{} holds a checkpoint of another shape (expert FFN {}, hidden {}); remove it or pass another --model-dir",
-        model.display(),
-        cfg.moe_intermediate_size,
-        cfg.hidden_size
-    );
     let (nl, ne) = (cfg.moe_layers().len(), cfg.router.n_experts);
-    let first_phase = phase_routing(&model, &skewed_prompts(&spec, 0, 64, 24, 1), 8)?;
+    // EPLB's statistics: the first phase's routing, measured in this process.
+    let (phase_a, _) = phase_prompts(&model, &a)?;
+    let first_phase = phase_routing(&model, &phase_a[..phase_a.len().min(64)], 8)?;
     let tmp = tempfile::tempdir()?;
     let mut outcomes = Vec::new();
     for &n in &a.workers {
@@ -334,14 +371,21 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let served = match (&a.model, &a.phase_texts) {
+        (Some(m), Some(t)) => format!(
+            "{} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}; phases: {})",
+            m.display(),
+            nl,
+            ne,
+            cfg.router.top_k,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            t.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" then ")
+        ),
+        _ => format!("skewed {} ({nl} MoE layers x {ne} experts top-{}, hidden {}, expert FFN {})", spec.arch, spec.top_k, spec.hidden, spec.expert_inter),
+    };
     println!(
-        "skewed {} ({} MoE layers x {} experts top-{}, hidden {}, expert FFN {}), {} clients, {:.0} s per phase, slots = experts/workers + {}, threads per worker {}, max batch tokens {}",
-        spec.arch,
-        nl,
-        ne,
-        spec.top_k,
-        spec.hidden,
-        spec.expert_inter,
+        "{served}, {} clients, {:.0} s per phase, slots = experts/workers + {}, threads per worker {}, max batch tokens {}",
         a.clients,
         a.phase_seconds,
         a.spare_slots,
