@@ -339,6 +339,12 @@ impl Group {
         Ok(())
     }
 
+    /// The number of the next placement epoch: above the active one and every epoch seen (a rank
+    /// may have committed an epoch whose change was then abandoned).
+    pub fn next_epoch(&self) -> u64 {
+        self.active.as_ref().map_or(0, |a| a.epoch).max(self.epoch_floor) + 1
+    }
+
     /// Adopt the generation a previous leader recorded (a new leader), with the workers of it
     /// that still answer; the others count as lost (a new generation follows at once).
     pub fn adopt(&mut self, recorded: Generation, alive: &[WorkerId]) {

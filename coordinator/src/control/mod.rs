@@ -1,5 +1,6 @@
 //! The control plane of the expert-parallel cluster, as a library: the group's membership and
-//! generations ([`group`]), leader election ([`election`]), what a new leader takes over
+//! generations ([`group`]), placement epochs within a generation ([`epoch_change`]), leader
+//! election ([`election`]), what a new leader takes over
 //! ([`succession`]), the outcome of carrying out a generation ([`formation`]), which members
 //! count ([`health`]), request routing and retry rules ([`router`]), the ordered generation
 //! record and reservation in the state store ([`record`]), typed errors with stable codes
@@ -10,6 +11,7 @@
 //! simulator is another adapter: the same functions, over the embedded store on a simulated
 //! clock and simulated workers.
 pub mod election;
+pub mod epoch_change;
 pub mod error;
 pub mod formation;
 pub mod group;

@@ -11,6 +11,7 @@
 //! prepared slots are dropped everywhere and the old epoch keeps serving.
 
 use super::{CoordSvc, check_placement};
+use crate::control::epoch_change::{EpochChange, EpochFailure, Step, SwitchReport};
 use std::time::{Duration, Instant};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::admin_server::Admin;
@@ -82,6 +83,11 @@ where
         }
     }
     out.into_iter().map(|r| r.unwrap_or_else(|| Err(Status::internal("task failed")))).collect()
+}
+
+/// The RPC results as `control::epoch_change` takes them (errors named by rank).
+fn outcomes<T>(results: &[Result<T, Status>]) -> Vec<Result<(), String>> {
+    results.iter().enumerate().map(|(r, x)| x.as_ref().map(|_| ()).map_err(|s| format!("rank {r}: {}", s.message()))).collect()
 }
 
 fn first_failure<T>(results: &[Result<T, Status>]) -> Option<String> {
@@ -177,22 +183,25 @@ impl Admin for CoordSvc {
 }
 
 impl CoordSvc {
-    /// The two-phase placement change (see the module docs); also what the scheduler calls.
+    /// The two-phase placement change (`control::epoch_change`); also what the scheduler calls.
     pub(super) async fn apply_epoch(&self, json: String) -> Result<pb::ApplyPlacementResponse, Status> {
         let started = Instant::now();
         // 1. Check everything before any worker changes.
         let p = placement::Placement::from_json(&json).map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
         // Generations and placement epochs change one at a time.
         let _one_at_a_time = self.apply_lock().lock().await;
-        let Some((current, _)) = self.active_placement() else { return Err(Status::unavailable("no active generation yet")) };
+        let Some(change) = self.group(|g| EpochChange::start(g)) else { return Err(Status::unavailable("no active generation yet")) };
         let (generation, clients) = self.rank_clients()?;
+        if generation != change.generation() {
+            return Err(Status::unavailable("the group is re-forming; try again"));
+        }
         check_placement(&p, self.model_config(), clients.len(), "the placement").map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         let json = serde_json::to_string(&p).map_err(|e| Status::internal(e.to_string()))?;
         if !self.is_ready() {
             return Err(Status::unavailable("the cluster is not serving; placement changes wait for a whole generation"));
         }
         self.migration_running(true);
-        let r = self.apply_locked(&clients, current + 1, generation, json, p, started).await;
+        let r = self.apply_locked(&clients, change, json, p, started).await;
         self.migration_running(false);
         r
     }
@@ -200,63 +209,63 @@ impl CoordSvc {
     async fn apply_locked(
         &self,
         clients: &[WorkerClient<Channel>],
-        epoch: u64,
-        generation: u64,
+        mut change: EpochChange,
         json: String,
         p: placement::Placement,
         started: Instant,
     ) -> Result<pb::ApplyPlacementResponse, Status> {
+        let epoch = change.epoch();
         // 2. Prepare everywhere.
         let prepared = on_all(clients, PREPARE_TIMEOUT, |mut c| {
             let placement_json = json.clone();
             async move { c.prepare(pb::PrepareRequest { epoch, placement_json }).await.map(Response::into_inner) }
         })
         .await;
-        if let Some(why) = first_failure(&prepared) {
-            let aborted = on_all(clients, Duration::from_secs(10), |mut c| async move {
-                c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
-            })
-            .await;
-            tracing::warn!(epoch, "placement epoch abandoned: {why}");
-            self.note_abandoned_epoch();
-            let unclean = first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default();
-            return Err(Status::failed_precondition(format!(
-                "placement epoch {epoch} abandoned, epoch {} keeps serving: {why}{unclean}",
-                epoch - 1
-            )));
-        }
+        let mut step = change.prepared(&outcomes(&prepared));
         // 3. Commit everywhere; the group switches at the first step where every rank committed.
-        let committed = on_all(clients, Duration::from_secs(10), |mut c| async move {
-            c.commit(pb::CommitRequest { epoch }).await.map(Response::into_inner)
-        })
-        .await;
-        if let Some(why) = first_failure(&committed) {
-            let _ = on_all(clients, Duration::from_secs(10), |mut c| async move {
-                c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
+        if step == Step::Commit {
+            let committed = on_all(clients, Duration::from_secs(10), |mut c| async move {
+                c.commit(pb::CommitRequest { epoch }).await.map(Response::into_inner)
             })
             .await;
-            return Err(Status::unavailable(format!("placement epoch {epoch} not committed everywhere: {why}")));
+            step = change.committed(&outcomes(&committed));
         }
         // 4. Wait for every worker to serve the new epoch (a regroup meanwhile ends the wait).
         let deadline = Instant::now() + SWITCH_TIMEOUT;
-        loop {
+        while step == Step::Poll {
             let health = on_all(clients, Duration::from_secs(5), |mut c| async move {
                 c.health(pb::WorkerHealthRequest::default()).await.map(Response::into_inner)
             })
             .await;
-            if let Some(why) = first_failure(&health) {
-                return Err(Status::unavailable(format!("placement epoch {epoch}: lost a worker while switching: {why}")));
+            let reports: Vec<SwitchReport> = health.iter().enumerate().map(|(r, h)| h.as_ref().map(|h| (h.generation, h.epoch)).map_err(|s| format!("rank {r}: {}", s.message()))).collect();
+            step = change.switched(&reports);
+            if step == Step::Poll {
+                if Instant::now() > deadline {
+                    return Err(Status::deadline_exceeded(format!("placement epoch {epoch} committed but not active within {SWITCH_TIMEOUT:?}")));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            if health.iter().flatten().any(|h| h.generation != generation) {
-                return Err(Status::aborted(format!("placement epoch {epoch}: the group re-formed while switching")));
-            }
-            if health.iter().flatten().all(|h| h.epoch >= epoch) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(Status::deadline_exceeded(format!("placement epoch {epoch} committed but not active within {SWITCH_TIMEOUT:?}")));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Step::Abort(why) = step {
+            // Before the switch the ranks hold a prepared epoch to drop; after it (a lost rank, a
+            // regroup) the next generation replaces whatever they serve.
+            let unclean = if matches!(why, EpochFailure::Prepare(_) | EpochFailure::Commit(_)) {
+                let aborted = on_all(clients, Duration::from_secs(10), |mut c| async move {
+                    c.abort(pb::AbortRequest { epoch }).await.map(Response::into_inner)
+                })
+                .await;
+                first_failure(&aborted).map(|e| format!(" (abort failed: {e})")).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            tracing::warn!(epoch, "placement epoch abandoned: {why}");
+            self.note_abandoned_epoch();
+            let msg = format!("placement epoch {epoch} abandoned, the active epoch keeps serving: {why}{unclean}");
+            return Err(match why {
+                EpochFailure::Prepare(_) => Status::failed_precondition(msg),
+                EpochFailure::Regrouped => Status::aborted(msg),
+                EpochFailure::Commit(_) | EpochFailure::LostWorker(_) => Status::unavailable(msg),
+            });
         }
         self.epoch_committed(epoch, p)?;
         let switch_ms = started.elapsed().as_millis() as u64;

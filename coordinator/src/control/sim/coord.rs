@@ -2,7 +2,7 @@
 //! embedded store on the simulated clock. What it runs from production, unchanged:
 //! [`campaign_round`] (election), [`succession::succeed`] (what a new leader takes over),
 //! [`record::reserve_generation`] and [`record::record_generation`] (the store records),
-//! [`Formation`] (a generation's outcome), [`HealthWatch`] (which members count), [`Group`]
+//! [`Formation`] (a generation's outcome), [`EpochChange`] (a placement epoch's two phases), [`HealthWatch`] (which members count), [`Group`]
 //! (membership and generations) and the router's rules. What is its own: the plumbing that the
 //! tokio server does with gRPC and timers — sending messages, waiting `ADOPT_WAIT` for probes and
 //! `REGROUP_WAIT` for regroup replies, polling health every `HEALTH_EVERY` — and the model of a
@@ -11,8 +11,9 @@
 use rand::Rng;
 
 use super::worker::{address, index};
-use super::{COORD_TTL, EXPERTS, Ev, LAYERS, Msg, RState, To, WORKER_TTL, World, ready};
+use super::{COORD_TTL, EXPERTS, Ev, FAULT_END, LAYERS, Msg, RState, To, WORKER_TTL, World, ready};
 use crate::control::election::{Campaign, campaign_round};
+use crate::control::epoch_change::{EpochChange, EpochFailure, Step, SwitchReport};
 use crate::control::formation::{Formation, Formed, RegroupReply};
 use crate::control::group::{Generation, Group, Serving, WorkerId, WorkerInfo};
 use crate::control::health::{HealthReport, HealthWatch, Verdict};
@@ -72,8 +73,31 @@ pub struct Adopting {
     probes: Vec<RankProbe>,
 }
 
+/// A placement epoch being carried out (`server::admin::apply_epoch`'s plumbing).
+struct EpochRun {
+    change: EpochChange,
+    placement: placement::Placement,
+    /// The ranks' workers, in rank order.
+    ranks: Vec<usize>,
+    phase: EpochPhase,
+    /// This phase's answers by rank.
+    answers: Vec<Option<Result<(), String>>>,
+    /// Health reports by rank while switching.
+    health: Vec<Option<SwitchReport>>,
+    until: u64,
+    deadline: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EpochPhase {
+    Prepare,
+    Commit,
+    Switch,
+}
+
 pub struct Lead {
     pub group: Group,
+    epoch_run: Option<EpochRun>,
     health: HealthWatch,
     /// Members asked for their health in the last round that have not answered.
     awaiting: Vec<WorkerId>,
@@ -209,7 +233,7 @@ impl World {
             Err(e) => return self.violation = Some(format!("the reservation cannot be read: {e}")),
         };
         succession::succeed(&mut group, a.record, &a.probes, members, reserved);
-        let lead = Lead { group, health: HealthWatch::default(), awaiting: Vec::new(), forming: None, next_health: 0, no_room: false };
+        let lead = Lead { group, epoch_run: None, health: HealthWatch::default(), awaiting: Vec::new(), forming: None, next_health: 0, no_room: false };
         self.coords[c].role = Role::Leader(Box::new(lead));
     }
 
@@ -228,10 +252,18 @@ impl World {
             if lead.forming.as_ref().is_some_and(|(f, until)| f.decided() || now >= *until) {
                 world.finish_forming(c, lead);
             }
+            if lead.epoch_run.is_some() {
+                world.epoch_tick(c, inc, lead);
+            }
+            // Generations and placement epochs change one at a time (the server's apply lock).
             if lead.forming.is_none()
+                && lead.epoch_run.is_none()
                 && let Some(g) = lead.group.next_generation(None)
             {
                 world.start_generation(c, inc, lead, g);
+            }
+            if lead.forming.is_none() && lead.epoch_run.is_none() && now < FAULT_END && lead.group.serving() == Serving::Yes && world.rng.random_bool(0.03) {
+                world.start_epoch(c, inc, lead);
             }
             let serving = lead.group.serving();
             let no_room = matches!(serving, Serving::NoRoom { .. });
@@ -250,6 +282,91 @@ impl World {
                 world.violation = Some(format!("leader {c} serves generation {} with worker {w} dead since {}", a.number, world.workers[w].dead_at));
             }
         });
+    }
+
+    /// A new placement epoch of the active generation: its layer 0 with the ranks' slots
+    /// rotated (the content does not matter to the control logic; coverage and budget hold).
+    fn start_epoch(&mut self, c: usize, inc: u64, lead: &mut Lead) {
+        let Some(change) = EpochChange::start(&lead.group) else { return };
+        let Some(a) = lead.group.active() else { return };
+        let mut placement = a.placement.clone();
+        placement.layers[0].ranks.rotate_left(1);
+        let ranks: Vec<usize> = a.ranks.iter().map(index).collect();
+        let (epoch, gnum) = (change.epoch(), change.generation());
+        for &w in &ranks {
+            self.send(To::Worker(w), Msg::Prepare { c, inc, epoch, gnum });
+        }
+        let n = ranks.len();
+        lead.epoch_run = Some(EpochRun { change, placement, ranks, phase: EpochPhase::Prepare, answers: vec![None; n], health: vec![None; n], until: self.now + REGROUP_WAIT, deadline: self.now + 4 * REGROUP_WAIT });
+    }
+
+    /// Moves the epoch change on when its phase has every answer (a missing one, after the wait,
+    /// counts as failed, as the server's RPC timeouts).
+    fn epoch_tick(&mut self, c: usize, inc: u64, lead: &mut Lead) {
+        let Some(mut run) = lead.epoch_run.take() else { return };
+        let now = self.now;
+        let complete = match run.phase {
+            EpochPhase::Prepare | EpochPhase::Commit => run.answers.iter().all(Option::is_some),
+            EpochPhase::Switch => run.health.iter().all(Option::is_some),
+        };
+        if !complete && now < run.until {
+            lead.epoch_run = Some(run);
+            return;
+        }
+        let answers: Vec<Result<(), String>> = run.answers.iter().map(|a| a.clone().unwrap_or_else(|| Err("no answer".into()))).collect();
+        let step = match run.phase {
+            EpochPhase::Prepare => run.change.prepared(&answers),
+            EpochPhase::Commit => run.change.committed(&answers),
+            EpochPhase::Switch => {
+                let reports: Vec<SwitchReport> = run.health.iter().map(|h| h.clone().unwrap_or_else(|| Err("no answer".into()))).collect();
+                match run.change.switched(&reports) {
+                    Step::Poll if now >= run.deadline => Step::Abort(EpochFailure::LostWorker("not active in time".into())),
+                    s => s,
+                }
+            }
+        };
+        let epoch = run.change.epoch();
+        match step {
+            Step::Commit => {
+                for &w in &run.ranks {
+                    self.send(To::Worker(w), Msg::Commit { c, inc, epoch });
+                }
+                run.phase = EpochPhase::Commit;
+            }
+            Step::Poll => {
+                for &w in &run.ranks {
+                    self.send(To::Worker(w), Msg::Health { c, inc });
+                }
+                run.phase = EpochPhase::Switch;
+            }
+            Step::Active => {
+                match lead.group.epoch_committed(epoch, run.placement) {
+                    Ok(()) => {
+                        self.stats.epochs_active += 1;
+                        let g = lead.group.active().expect("active");
+                        let rec = Box::new(GenerationRecord::of(g, "sim-model", "sim"));
+                        let d = self.rng.random_range(1..30);
+                        self.after(d, Ev::RecordWrite(rec));
+                    }
+                    Err(e) => self.violation = Some(format!("the group refused placement epoch {epoch}: {e}")),
+                }
+                return;
+            }
+            Step::Abort(why) => {
+                self.stats.epochs_abandoned += 1;
+                if matches!(why, EpochFailure::Prepare(_) | EpochFailure::Commit(_)) {
+                    for &w in &run.ranks {
+                        self.send(To::Worker(w), Msg::Abort { epoch });
+                    }
+                }
+                return;
+            }
+        }
+        let n = run.ranks.len();
+        run.answers = vec![None; n];
+        run.health = vec![None; n];
+        run.until = now + REGROUP_WAIT;
+        lead.epoch_run = Some(run);
     }
 
     /// A poll round: members that did not answer the last one count a failed check (as the
@@ -418,7 +535,21 @@ impl World {
                     f.reply(&id, if ok { RegroupReply::Joined { loaded_experts: 0, kept_sequences: 0 } } else { RegroupReply::Superseded });
                 }
             }
+            Msg::PrepareReply { w, epoch, ok } | Msg::CommitReply { w, epoch, ok } => {
+                if let Some(run) = lead.epoch_run.as_mut()
+                    && run.change.epoch() == epoch
+                    && let Some(r) = run.ranks.iter().position(|&x| x == w)
+                {
+                    run.answers[r] = Some(if ok { Ok(()) } else { Err(format!("worker {w} refused")) });
+                }
+            }
             Msg::HealthReply { w, gnum, epoch } => {
+                if let Some(run) = lead.epoch_run.as_mut()
+                    && run.phase == EpochPhase::Switch
+                    && let Some(r) = run.ranks.iter().position(|&x| x == w)
+                {
+                    run.health[r] = Some(Ok((gnum, epoch)));
+                }
                 let Some(id) = Self::member_of(lead, w) else { return };
                 lead.awaiting.retain(|a| *a != id);
                 let report = HealthReport { generation: gnum, newest_generation: gnum, epoch, paused: false };

@@ -95,6 +95,12 @@ pub enum Msg {
     Health { c: usize, inc: u64 },
     Ping { c: usize, inc: u64 },
     StartSeq { req: usize, attempt: usize, gnum: u64 },
+    // A placement epoch within a generation (two-phase).
+    Prepare { c: usize, inc: u64, epoch: u64, gnum: u64 },
+    Commit { c: usize, inc: u64, epoch: u64 },
+    Abort { epoch: u64 },
+    PrepareReply { w: usize, epoch: u64, ok: bool },
+    CommitReply { w: usize, epoch: u64, ok: bool },
 }
 
 impl Msg {
@@ -157,6 +163,8 @@ pub struct Stats {
     pub leader_lost: u64,
     pub no_room: u64,
     pub record_writes: u64,
+    pub epochs_active: u64,
+    pub epochs_abandoned: u64,
 }
 
 impl Stats {
@@ -175,6 +183,8 @@ impl Stats {
         self.leader_lost += o.leader_lost;
         self.no_room += o.no_room;
         self.record_writes += o.record_writes;
+        self.epochs_active += o.epochs_active;
+        self.epochs_abandoned += o.epochs_abandoned;
     }
 }
 
@@ -584,7 +594,7 @@ fn thousand_seeds() {
         }
     }
     println!(
-        "sim: {} seeds in {:.2?}: {} events, {} worker kills, {} worker freezes, {} coordinator faults, {} joins, {} generations formed, {} records written; requests {} accepted / {} completed / {} retried / {} failed terminal ({} with their leader); {} NoRoom episodes",
+        "sim: {} seeds in {:.2?}: {} events, {} worker kills, {} worker freezes, {} coordinator faults, {} joins, {} generations formed, {} placement epochs active / {} abandoned, {} records written; requests {} accepted / {} completed / {} retried / {} failed terminal ({} with their leader); {} NoRoom episodes",
         total.seeds,
         start.elapsed(),
         total.events,
@@ -593,6 +603,8 @@ fn thousand_seeds() {
         total.coord_faults,
         total.joins,
         total.generations,
+        total.epochs_active,
+        total.epochs_abandoned,
         total.record_writes,
         total.accepted,
         total.completed,
@@ -601,7 +613,7 @@ fn thousand_seeds() {
         total.leader_lost,
         total.no_room
     );
-    assert!(total.generations > 0 && total.completed > 0);
+    assert!(total.generations > 0 && total.completed > 0 && total.epochs_active > 0);
 }
 
 /// The reservation is needed: leaders that carry generations out without reserving their numbers

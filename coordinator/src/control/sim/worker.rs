@@ -32,6 +32,9 @@ pub struct Worker {
     pub gnum: u64,
     pub epoch: u64,
     pub members: Vec<usize>,
+    /// A placement epoch prepared and not yet committed, and one committed and not yet switched to.
+    pub prepared: Option<u64>,
+    pub committed: Option<u64>,
     /// Highest generation and epoch seen by the invariant check.
     pub max_gnum: u64,
     pub max_epoch: u64,
@@ -50,6 +53,8 @@ impl Worker {
             gnum: 0,
             epoch: 0,
             members: Vec::new(),
+            prepared: None,
+            committed: None,
             max_gnum: 0,
             max_epoch: 0,
             seqs: Vec::new(),
@@ -131,6 +136,13 @@ impl World {
         if !self.formed(w) {
             return;
         }
+        if let Some(e) = self.workers[w].committed
+            && self.workers[w].members.iter().all(|&m| self.workers[m].committed == Some(e) || self.workers[m].epoch >= e)
+        {
+            let k = &mut self.workers[w];
+            k.epoch = e;
+            k.committed = None;
+        }
         let seqs = std::mem::take(&mut self.workers[w].seqs);
         let mut keep = Vec::with_capacity(seqs.len());
         for (r, a) in seqs {
@@ -173,6 +185,33 @@ impl World {
                 let reply = Msg::PingReply { w, gnum: k.gnum, epoch: k.epoch };
                 self.send(To::Coord(c, inc), reply);
             }
+            Msg::Prepare { c, inc, epoch, gnum } => {
+                let k = &mut self.workers[w];
+                let ok = gnum == k.gnum && epoch > k.epoch;
+                if ok {
+                    k.prepared = Some(epoch);
+                }
+                self.send(To::Coord(c, inc), Msg::PrepareReply { w, epoch, ok });
+            }
+            Msg::Commit { c, inc, epoch } => {
+                let k = &mut self.workers[w];
+                let ok = k.prepared == Some(epoch);
+                if ok {
+                    // It switches at a step where every rank of its generation has committed.
+                    k.committed = Some(epoch);
+                    k.prepared = None;
+                }
+                self.send(To::Coord(c, inc), Msg::CommitReply { w, epoch, ok });
+            }
+            Msg::Abort { epoch } => {
+                let k = &mut self.workers[w];
+                if k.prepared == Some(epoch) {
+                    k.prepared = None;
+                }
+                if k.committed == Some(epoch) {
+                    k.committed = None;
+                }
+            }
             Msg::StartSeq { req, attempt, gnum } => {
                 if gnum == self.workers[w].gnum {
                     self.workers[w].seqs.push((req, attempt));
@@ -194,6 +233,8 @@ impl World {
             k.gnum = number;
             k.epoch = epoch;
             k.members = members;
+            k.prepared = None;
+            k.committed = None;
             let seqs = std::mem::take(&mut k.seqs);
             for (req, attempt) in seqs {
                 let (c, inc) = self.reqs[req].owner;
