@@ -10,7 +10,7 @@ scripts/install-deps.sh
 cargo build --release --locked --bin switchyard
 bin=target/release/switchyard
 model=models/tiny-moe
-sample=(--temperature 0.7 --top-p 0.9 --seed 1)
+sample=(--temperature 0.5 --top-p 0.9 --seed 1)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -31,12 +31,12 @@ for p in "The meaning of life is" "def read_config(path):" "Once upon a time"; d
 done
 echo "-- HTTP: curl -N http://$http/v1/chat/completions (streamed, server-sent events)"
 curl -sS -N "http://$http/v1/chat/completions" -H 'Content-Type: application/json' \
-  -d '{"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me a fortune"}], "max_tokens": 48, "temperature": 0.7, "seed": 3, "stream": true}' > "$work/sse.txt"
+  -d '{"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me a fortune"}], "max_tokens": 48, "temperature": 0.5, "seed": 3, "stream": true}' > "$work/sse.txt"
 grep '^data:' "$work/sse.txt" | head -3
 echo "... $(grep -c '^data:' "$work/sse.txt") events in all, the last: $(grep '^data:' "$work/sse.txt" | tail -1)"
 echo "-- HTTP: the whole answer"
 curl -sS "http://$http/v1/chat/completions" -H 'Content-Type: application/json' \
-  -d '{"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me a fortune"}], "max_tokens": 48, "temperature": 0.7, "seed": 3}'
+  -d '{"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me a fortune"}], "max_tokens": 48, "temperature": 0.5, "seed": 3}'
 echo
 sleep 1  # one statistics poll
 echo "== live statistics and cluster status (admin API)"

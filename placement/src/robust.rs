@@ -29,8 +29,12 @@ pub const RESAMPLES: usize = 32;
 /// Per-layer expert loads of `resamples` bootstrap resamples of `trace` (whole sequences drawn
 /// with replacement, as many as the trace has).
 pub fn bootstrap_loads(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    resample(&sequence_loads(trace), resamples, seed)
+}
+
+/// Per sequence of `trace` (in order of first appearance), its per-layer expert counts.
+fn sequence_loads(trace: &RoutingTrace) -> Vec<Vec<Vec<f64>>> {
     let (nl, ne) = (trace.num_layers, trace.num_experts);
-    // Per sequence, its per-layer expert counts.
     let mut seq_index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
     let mut per_seq: Vec<Vec<Vec<f64>>> = Vec::new();
     for t in 0..trace.num_tokens() {
@@ -45,11 +49,17 @@ pub fn bootstrap_loads(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec
             }
         }
     }
+    per_seq
+}
+
+/// `resamples` sums of `per_seq.len()` sequences drawn with replacement.
+fn resample(per_seq: &[Vec<Vec<f64>>], resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    let Some(shape) = per_seq.first() else { return Vec::new() };
     let mut rng = StdRng::seed_from_u64(seed);
     let n = per_seq.len();
     (0..resamples)
         .map(|_| {
-            let mut load = vec![vec![0.0; ne]; nl];
+            let mut load: Vec<Vec<f64>> = shape.iter().map(|l| vec![0.0; l.len()]).collect();
             for _ in 0..n {
                 let s = &per_seq[rng.random_range(0..n)];
                 for (acc, counts) in load.iter_mut().zip(s) {
@@ -73,13 +83,9 @@ pub struct Shrinkage {
 /// the per-home-rank split is scaled with them, transitions and co-activation are kept. A trace
 /// of fewer than two sequences cannot be resampled meaningfully: nothing is shrunk.
 pub fn shrink_loads(stats: &RoutingStats, trace: &RoutingTrace, resamples: usize, seed: u64) -> (RoutingStats, Shrinkage) {
-    let boots = bootstrap_loads(trace, resamples.max(2), seed);
-    let sequences = {
-        let mut ids: Vec<i64> = (0..trace.num_tokens()).map(|t| trace.seq_id(t)).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.len()
-    };
+    let per_seq = sequence_loads(trace);
+    let sequences = per_seq.len();
+    let boots = resample(&per_seq, resamples.max(2), seed);
     let mut out = stats.clone();
     let mut per_layer = Vec::with_capacity(stats.num_layers);
     for l in 0..stats.num_layers {
@@ -132,6 +138,11 @@ pub fn balancedness(p: &Placement, load: &[Vec<f64>]) -> f64 {
 /// `p`'s balancedness on `resamples` bootstrap resamples of `trace`: (5th, 50th, 95th percentile).
 pub fn balancedness_interval(p: &Placement, trace: &RoutingTrace, resamples: usize, seed: u64) -> (f64, f64, f64) {
     let mut b: Vec<f64> = bootstrap_loads(trace, resamples.max(1), seed).iter().map(|load| balancedness(p, load)).collect();
+    if b.is_empty() {
+        // No sequence to draw: nothing to vary.
+        let x = balancedness(p, &[]);
+        return (x, x, x);
+    }
     b.sort_by(f64::total_cmp);
     let at = |q: f64| b[((b.len() - 1) as f64 * q).round() as usize];
     (at(0.05), at(0.5), at(0.95))

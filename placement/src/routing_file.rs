@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::error::TraceError;
+use crate::stats::RoutingStats;
 use crate::trace::{RoutingTrace, parse_logical_count};
 
 /// The kinds of routing file.
@@ -72,6 +73,14 @@ impl RoutingFile {
                 bytes.len(),
                 if bytes.is_empty() { "" } else { ", starting with something else" }
             ))),
+        }
+    }
+
+    /// Its statistics, load split by home rank for `ranks` ranks when it has tokens.
+    pub fn stats(&self, ranks: usize) -> Result<RoutingStats, TraceError> {
+        match self {
+            RoutingFile::Trace(t) => Ok(RoutingStats::from_trace(t, Some(ranks))),
+            RoutingFile::Counts(c) => RoutingStats::from_load(c.clone()),
         }
     }
 

@@ -86,7 +86,7 @@ impl PlacementArgs {
         let (p, origin) = if let Some(f) = &self.placement {
             (placement::Placement::read(f)?, format!("placement {}", f.display()))
         } else if let Some(trace) = &self.routing_trace {
-            let routing = super::routing::Routing::read(trace, Some(n_e))?;
+            let routing = super::routing::read_routing(trace, Some(n_e))?;
             let stats = routing.stats(workers)?;
             if stats.num_layers != n_l || stats.num_experts != n_e {
                 bail!(

@@ -9,7 +9,8 @@ use placement::solver::{self, Mode, SolveOptions, SolveReport, SolverKind};
 use placement::synth::{SynthConfig, synthesize};
 use placement::{Placement, RoutingTrace, Topology};
 
-use super::routing::Routing;
+use placement::RoutingFile;
+use super::routing::read_trace;
 
 #[derive(clap::Subcommand)]
 pub enum PlaceCommand {
@@ -129,11 +130,6 @@ impl ScoreArgs {
     }
 }
 
-/// A per-token trace: a safetensors trace or a JSONL log, told by content.
-fn read_trace(path: &Path) -> anyhow::Result<RoutingTrace> {
-    let f = placement::RoutingFile::read(path, None).with_context(|| format!("reading {}", path.display()))?;
-    Ok(f.into_trace(path)?)
-}
 
 #[derive(clap::Args)]
 pub struct HardwareArgs {
@@ -259,11 +255,11 @@ fn progress_bar(kind: SolverKind) -> indicatif::ProgressBar {
 }
 
 fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
-    let routing = Routing::read(&a.trace, a.num_experts)?;
+    let routing = super::routing::read_routing(&a.trace, a.num_experts)?;
     let mut stats = routing.stats(a.ranks)?;
     // The ILP plans for the uncertainty of the sample (`placement::robust`), unless told not to.
     let shrinkage = match (&routing, a.solver, a.no_shrink) {
-        (Routing::Trace(t), SolverKind::Ilp, false) => {
+        (RoutingFile::Trace(t), SolverKind::Ilp, false) => {
             let (shrunk, s) = placement::robust::shrink_loads(&stats, t, placement::robust::RESAMPLES, 0);
             stats = shrunk;
             Some(s)
@@ -290,11 +286,11 @@ fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     p.write(&a.out)?;
     // In-sample balancedness, and on resamples of the trace (what the sample's luck is worth).
     let unseen = match &routing {
-        Routing::Trace(t) => {
+        RoutingFile::Trace(t) => {
             let in_sample = placement::robust::balancedness(&p, &placement::RoutingStats::from_trace(t, None).load);
             Some((in_sample, placement::robust::balancedness_interval(&p, t, placement::robust::RESAMPLES, 1)))
         }
-        Routing::Counts(_) => None,
+        RoutingFile::Counts(_) => None,
     };
     if let Some(path) = &a.plot {
         write_plot(path, &p, &stats.load, &format!("{:?} placement, rank load / layer mean", a.solver))?;

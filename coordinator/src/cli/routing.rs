@@ -1,31 +1,17 @@
-//! Reading routing statistics from whatever the user has: a trace (safetensors), a per-token JSONL
-//! log, or SGLang's aggregated `logical_count` JSON, told apart by content.
+//! Reading routing files for the commands: a trace (safetensors), a per-token JSONL log, or
+//! SGLang's aggregated `logical_count` JSON, told apart by content (`placement::routing_file`),
+//! with the file named in errors.
 use std::path::Path;
 
 use anyhow::Context;
-use placement::{RoutingFile, RoutingStats, RoutingTrace};
+use placement::{RoutingFile, RoutingTrace};
 
-pub enum Routing {
-    Trace(RoutingTrace),
-    /// Per-layer expert counts only.
-    Counts(Vec<Vec<f64>>),
+/// Whatever routing `path` holds.
+pub fn read_routing(path: &Path, num_experts: Option<usize>) -> anyhow::Result<RoutingFile> {
+    RoutingFile::read(path, num_experts).with_context(|| format!("reading {}", path.display()))
 }
 
-impl Routing {
-    /// Reads `path`, told by its content whatever it is called (`placement::routing_file`).
-    pub fn read(path: &Path, num_experts: Option<usize>) -> anyhow::Result<Self> {
-        let f = RoutingFile::read(path, num_experts).with_context(|| format!("reading {}", path.display()))?;
-        Ok(match f {
-            RoutingFile::Trace(t) => Routing::Trace(t),
-            RoutingFile::Counts(c) => Routing::Counts(c),
-        })
-    }
-
-    /// Statistics with load split by home rank for `ranks` ranks (when the input has tokens).
-    pub fn stats(&self, ranks: usize) -> anyhow::Result<RoutingStats> {
-        Ok(match self {
-            Routing::Trace(t) => RoutingStats::from_trace(t, Some(ranks)),
-            Routing::Counts(c) => RoutingStats::from_load(c.clone())?,
-        })
-    }
+/// A per-token trace: a safetensors trace or a JSONL log (counts alone are refused).
+pub fn read_trace(path: &Path) -> anyhow::Result<RoutingTrace> {
+    Ok(read_routing(path, None)?.into_trace(path)?)
 }

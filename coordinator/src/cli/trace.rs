@@ -6,7 +6,7 @@ use anyhow::Context;
 use placement::synth::{SynthConfig, synthesize};
 use placement::{RoutingStats, RoutingTrace};
 
-use super::routing::Routing;
+use placement::RoutingFile;
 
 #[derive(clap::Subcommand)]
 pub enum TraceCommand {
@@ -157,11 +157,11 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TraceCommand::Stats { trace, num_experts, json } => {
-            let routing = Routing::read(&trace, num_experts)?;
+            let routing = super::routing::read_routing(&trace, num_experts)?;
             let stats = routing.stats(1)?;
             let summary = summarise(&stats, match &routing {
-                Routing::Trace(t) => Some(t),
-                Routing::Counts(_) => None,
+                RoutingFile::Trace(t) => Some(t),
+                RoutingFile::Counts(_) => None,
             });
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -78,27 +78,40 @@ pub(crate) async fn record_generation_with<S: StateStore>(
     rec: &GenerationRecord,
     may_replace: fn(Option<(u64, u64)>, (u64, u64)) -> bool,
 ) -> Result<Recorded, StoreError> {
-    let value = serde_json::to_vec(rec).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let order = |r: &GenerationRecord| (r.number, r.epoch);
+    let written = write_in_order(s, GENERATION, rec, order, may_replace).await?;
+    if written == Recorded::Written {
+        advance_current_epoch(s, rec.epoch).await?;
+    }
+    Ok(written)
+}
+
+/// Writes `value` at `key` in (generation, epoch) order: reads what the key holds, and unless
+/// `may_replace(held, value's)` refuses (`Superseded`, naming what it holds) writes by a
+/// compare-and-swap on the revision read, re-reading on a conflict.
+async fn write_in_order<S: StateStore, T: Serialize + serde::de::DeserializeOwned>(
+    s: &S,
+    key: &str,
+    value: &T,
+    order: impl Fn(&T) -> (u64, u64),
+    may_replace: fn(Option<(u64, u64)>, (u64, u64)) -> bool,
+) -> Result<Recorded, StoreError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Internal(e.to_string()))?;
     loop {
-        let (existing, rev) = match s.get(GENERATION).await? {
-            Some(kv) => {
-                let old: GenerationRecord = decode(&kv)?;
-                (Some((old.number, old.epoch)), kv.mod_revision)
-            }
+        let (held, rev) = match s.get(key).await? {
+            Some(kv) => (Some(order(&decode::<T>(&kv)?)), kv.mod_revision),
             None => (None, 0),
         };
-        if !may_replace(existing, (rec.number, rec.epoch)) {
-            let (number, epoch) = existing.unwrap_or_default();
+        if !may_replace(held, order(value)) {
+            let (number, epoch) = held.unwrap_or_default();
             return Ok(Recorded::Superseded { number, epoch });
         }
-        match s.compare_and_swap(GENERATION, rev, value.clone(), None).await {
-            Ok(_) => break,
+        match s.compare_and_swap(key, rev, bytes.clone(), None).await {
+            Ok(_) => return Ok(Recorded::Written),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e),
         }
     }
-    advance_current_epoch(s, rec.epoch).await?;
-    Ok(Recorded::Written)
 }
 
 /// Moves `placement/current` to `epoch` unless it is already there or later (CAS, re-read on
@@ -139,36 +152,15 @@ struct Reservation {
 /// but never recorded (it died while the generation formed) is never reused with other content.
 /// `Superseded` names a later reservation: this leader is behind and must not carry it out.
 pub async fn reserve_generation<S: StateStore>(s: &S, number: u64, epoch: u64) -> Result<Recorded, StoreError> {
-    let value = serde_json::to_vec(&Reservation { number, epoch }).map_err(|e| StoreError::Internal(e.to_string()))?;
-    loop {
-        let (existing, rev) = match s.get(RESERVED).await? {
-            Some(kv) => {
-                let r: Reservation = decode(&kv)?;
-                (Some((r.number, r.epoch)), kv.mod_revision)
-            }
-            None => (None, 0),
-        };
-        match existing {
-            Some(e) if e > (number, epoch) => return Ok(Recorded::Superseded { number: e.0, epoch: e.1 }),
-            // Already ours (a retry after a store hiccup).
-            Some(e) if e == (number, epoch) => return Ok(Recorded::Written),
-            _ => {}
-        }
-        match s.compare_and_swap(RESERVED, rev, value.clone(), None).await {
-            Ok(_) => return Ok(Recorded::Written),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    // The same reservation again (a retry after a store hiccup) is ours: written again.
+    let not_lower = |held: Option<(u64, u64)>, new: (u64, u64)| held.is_none_or(|h| new >= h);
+    write_in_order(s, RESERVED, &Reservation { number, epoch }, |r: &Reservation| (r.number, r.epoch), not_lower).await
 }
 
 /// The reservation floor: the highest (generation, epoch) any leader started.
 pub async fn reserved_generation<S: StateStore>(s: &S) -> Result<Option<(u64, u64)>, StoreError> {
     match s.get(RESERVED).await? {
-        Some(kv) => {
-            let r: Reservation = decode(&kv)?;
-            Ok(Some((r.number, r.epoch)))
-        }
+        Some(kv) => decode::<Reservation>(&kv).map(|r| Some((r.number, r.epoch))),
         None => Ok(None),
     }
 }

@@ -189,22 +189,14 @@ impl CoordSvc {
     /// answer or why there is none.
     fn send_regroups(&self, g: &Generation) -> tokio::task::JoinSet<(WorkerId, Result<pb::RegroupResponse, (tonic::Code, String)>)> {
         let mut set = tokio::task::JoinSet::new();
-        let json = match serde_json::to_string(&g.placement) {
-            Ok(j) => j,
-            Err(e) => {
-                let why = format!("placement of generation {}: {e}", g.number);
-                for w in &g.ranks {
-                    let (id, why) = (w.id.clone(), why.clone());
-                    set.spawn(async move { (id, Err((tonic::Code::Internal, why))) });
-                }
-                return set;
-            }
-        };
         // Every generation is a new communicator: NCCL needs a unique id of its own for it.
-        let (transport, nccl_unique_id) = match transport_setup(&self.0.transport) {
-            Ok(t) => t,
-            Err(e) => {
-                let why = format!("transport setup: {e:#}");
+        let setup = serde_json::to_string(&g.placement)
+            .map_err(|e| format!("placement of generation {}: {e}", g.number))
+            .and_then(|json| transport_setup(&self.0.transport).map(|t| (json, t)).map_err(|e| format!("transport setup: {e:#}")));
+        let (json, (transport, nccl_unique_id)) = match setup {
+            Ok(s) => s,
+            Err(why) => {
+                // Nothing can be sent: every rank's answer is this error.
                 for w in &g.ranks {
                     let (id, why) = (w.id.clone(), why.clone());
                     set.spawn(async move { (id, Err((tonic::Code::Internal, why))) });
