@@ -11,7 +11,22 @@
 //! 2. **rank level**, per node: which rank holds which of the node's replicas. First the minimum
 //!    max-rank load is solved (its proven gap is reported), then traffic kept on one rank is
 //!    maximised with the rank load capped at that optimum plus `balance_slack`, and never above the
-//!    warm start's max rank load of the layer.
+//!    warm start's max rank load of the layer (both in the two views below).
+//!
+//! **Balance in two views.** A trace predicts tomorrow's traffic only so well: another prompt domain
+//! moves expert loads by factors of 2 and more (see [`crate::robust::DEFAULT_DRIFT`]), and a
+//! placement fitted exactly to the sampled loads is no better than chance under such a shift (on
+//! the trained model's prose → code routing the in-sample optimum scored 0.66–0.68 against
+//! EPLB's 0.70). So every layer's balance is measured twice: the max rank load under the sampled
+//! loads, and under `load_drift` — each expert's load times its own mean-one log-normal factor,
+//! where the heaviest rank expects `max_r (μ_r + c·sd_r)`; linearised (see
+//! `Ctx::drifted_weights`) that is a rank load in which heavy replicas weigh more than their load.
+//! The balance phase minimises the mean of the two views, the traffic phase and every acceptance
+//! keep both within the warm start's (EPLB's) and within the optimum plus `balance_slack`, and the
+//! load spread the traffic phase may not exceed is measured under drift, since under drift any rank
+//! may become the heaviest. The drift term is linear, so it costs the MIP nothing at DeepSeek-V3
+//! scale (a scenario-average formulation was tried: 8–32 sampled load scenarios per layer made the
+//! MIPs too slow at that scale and their answers depended on the scenario draws).
 //!
 //! Replica counts stay those of the warm start (EPLB's replicate-the-heaviest is what minimises the
 //! per-replica load; it honours `min_replicas`, and the counts are a hard constraint of every
@@ -27,7 +42,7 @@ use good_lp::{Expression, ProblemVariables, Variable, variable};
 use highs::HighsModelStatus;
 
 use super::{Mode, Progress, SolveOptions};
-use crate::eval::{local_dispatch, rank_loads, same_rank_hops};
+use crate::eval::{local_dispatch, same_rank_hops};
 use crate::placement::LayerPlacement;
 use crate::{Placement, PlacementError, RoutingStats};
 
@@ -45,6 +60,11 @@ pub(crate) struct IlpRun {
 struct BinProblem {
     /// Load of one replica of each item.
     weights: Vec<f64>,
+    /// The same inflated for drift ([`Ctx::drifted_weights`]); empty: no drift planned for, the
+    /// robust view is the nominal one.
+    drifted: Vec<f64>,
+    /// Added to every bin's drifted load (the part of the drift term the same on every bin).
+    drift_offset: f64,
     copies: Vec<usize>,
     /// Slots of each bin.
     capacity: Vec<usize>,
@@ -60,39 +80,85 @@ struct BinProblem {
     spread_cap: Option<f64>,
 }
 
+fn bin_loads_under(weights: &[f64], assign: &[Vec<usize>], bins: usize) -> Vec<f64> {
+    let mut loads = vec![0.0; bins];
+    for (i, row) in assign.iter().enumerate() {
+        for (b, &n) in row.iter().enumerate() {
+            loads[b] += weights[i] * n as f64;
+        }
+    }
+    loads
+}
+
 /// Weight of the load spread against the max load in the balance phase: small enough that a lower
 /// maximum always wins, large enough to break ties between equal maxima.
 const SPREAD_TIEBREAK: f64 = 1e-3;
 
+/// How balanced an assignment is, in the problem's load units: its max bin load under the sampled
+/// loads, and under drift (the max over bins of mean + spread, see [`Ctx::drifted_weights`]; the
+/// same as `nominal` when no drift is planned for).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Balance {
+    nominal: f64,
+    robust: f64,
+}
+
+impl Balance {
+    /// What the balance phase minimises: the sampled loads and the drift count alike, so a
+    /// placement neither fits the sample alone nor gives it up for drift it may never see.
+    fn score(&self) -> f64 {
+        (self.nominal + self.robust) / 2.0
+    }
+
+    /// At most `cap` in both views (relative tolerance 1e-9).
+    fn within(&self, cap: &Balance) -> bool {
+        self.nominal <= cap.nominal * (1.0 + 1e-9) && self.robust <= cap.robust * (1.0 + 1e-9)
+    }
+
+    /// The smaller of two caps in each view.
+    fn min(&self, other: &Balance) -> Balance {
+        Balance { nominal: self.nominal.min(other.nominal), robust: self.robust.min(other.robust) }
+    }
+
+    fn scaled(&self, f: f64) -> Balance {
+        Balance { nominal: self.nominal * f, robust: self.robust * f }
+    }
+}
+
 enum Goal {
+    /// Minimise [`Balance::score`].
     MinLoad,
-    MaxGain { load_cap: f64 },
+    /// Maximise the traffic kept within `load_cap` in both views.
+    MaxGain { load_cap: Balance },
 }
 
 struct BinSolution {
     assign: Vec<Vec<usize>>,
-    /// Objective in the problem's units (max bin load, or gain).
-    value: f64,
+    balance: Balance,
     gap: f64,
     hit_time_limit: bool,
 }
 
 impl BinProblem {
-    fn bin_loads(&self, assign: &[Vec<usize>]) -> Vec<f64> {
-        let mut loads = vec![0.0; self.capacity.len()];
-        for (i, row) in assign.iter().enumerate() {
-            for (b, &n) in row.iter().enumerate() {
-                loads[b] += self.weights[i] * n as f64;
-            }
-        }
-        loads
+    fn balance(&self, assign: &[Vec<usize>]) -> Balance {
+        let bins = self.capacity.len();
+        let max = |w: &[f64]| bin_loads_under(w, assign, bins).into_iter().fold(0.0, f64::max);
+        let nominal = max(&self.weights);
+        let robust = if self.drifted.is_empty() { nominal } else { self.drift_offset + max(&self.drifted) };
+        Balance { nominal, robust }
     }
 
     /// Σ_bins max(0, load − mean) of an assignment.
     fn spread(&self, assign: &[Vec<usize>]) -> f64 {
-        let loads = self.bin_loads(assign);
+        let loads = bin_loads_under(self.spread_weights(), assign, self.capacity.len());
         let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
         loads.iter().map(|&x| (x - mean).max(0.0)).sum()
+    }
+
+    /// The weights the spread is measured in: drifted when drift is planned for (under drift every
+    /// bin may become the heaviest, so the spread of all of them matters), else nominal.
+    fn spread_weights(&self) -> &[f64] {
+        if self.drifted.is_empty() { &self.weights } else { &self.drifted }
     }
 
     fn has_gain(&self) -> bool {
@@ -122,13 +188,26 @@ impl BinProblem {
         }
         let mut objective = Expression::default();
         let mut presence: Vec<(Variable, Variable)> = Vec::new();
-        let z = match goal {
-            Goal::MinLoad => {
-                let z = vars.add(variable().min(0.0));
-                let init_max = self.bin_loads(&self.initial).into_iter().fold(0.0, f64::max);
+        // Max-load variables: `z[0]` under the sampled loads, `z[1]` (if any) under drift, without
+        // its offset; each is at least the load of every bin under its weights.
+        let weight_sets: Vec<&[f64]> =
+            std::iter::once(&self.weights[..]).chain((!self.drifted.is_empty()).then_some(&self.drifted[..])).collect();
+        let z: Vec<Variable> = weight_sets
+            .iter()
+            .map(|w| {
+                let init_max = bin_loads_under(w, &self.initial, bins).into_iter().fold(0.0, f64::max);
                 start.push(init_max / w_scale);
-                objective += z;
-                Some(z)
+                vars.add(variable().min(0.0))
+            })
+            .collect();
+        let nominal_z = Expression::from(z[0]);
+        let (robust_z, robust_offset) = match z.get(1) {
+            Some(&zr) => (Expression::from(zr), self.drift_offset),
+            None => (nominal_z.clone(), 0.0),
+        };
+        match goal {
+            Goal::MinLoad => {
+                objective += 0.5 * nominal_z.clone() + 0.5 * robust_z.clone();
             }
             Goal::MaxGain { .. } => {
                 for i in 0..items {
@@ -147,14 +226,13 @@ impl BinProblem {
                         }
                     }
                 }
-                None
             }
-        };
+        }
         // Load above the mean per bin: minimised lightly in the balance phase (among equal maxima,
         // prefer the evener spread), capped in the traffic phase.
         let excess: Option<Vec<Variable>> = match (goal, self.spread_cap) {
             (Goal::MinLoad, _) | (Goal::MaxGain { .. }, Some(_)) => {
-                let loads = self.bin_loads(&self.initial);
+                let loads = bin_loads_under(self.spread_weights(), &self.initial, bins);
                 let mean = loads.iter().sum::<f64>() / bins as f64;
                 let xs: Vec<Variable> = loads
                     .iter()
@@ -185,23 +263,24 @@ impl BinProblem {
         for b in 0..bins {
             let col: Expression = (0..items).filter_map(|i| a[i][b]).map(Expression::from).sum();
             problem.add_constraint(col.eq(self.capacity[b] as f64));
-            let load: Expression =
-                (0..items).filter_map(|i| a[i][b].map(|v| (self.weights[i] / w_scale) * v)).sum();
-            match (goal, z) {
-                (Goal::MinLoad, Some(z)) => problem.add_constraint((load - z).leq(0.0)),
-                (Goal::MaxGain { load_cap }, _) => problem.add_constraint(load.leq(load_cap / w_scale)),
-                _ => unreachable!("MinLoad always has z"),
-            };
+            for (w, &zk) in weight_sets.iter().zip(&z) {
+                let load: Expression = (0..items).filter_map(|i| a[i][b].map(|v| (w[i] / w_scale) * v)).sum();
+                problem.add_constraint((load - zk).leq(0.0));
+            }
+        }
+        if let Goal::MaxGain { load_cap } = goal {
+            problem.add_constraint(nominal_z.leq(load_cap.nominal / w_scale));
+            problem.add_constraint(robust_z.leq((load_cap.robust - robust_offset) / w_scale));
         }
         for (y, ab) in presence {
             problem.add_constraint((Expression::from(y) - ab).leq(0.0));
         }
         if let Some(excess) = &excess {
             // excess_b >= load_b - mean (excess_b >= 0 by its bound); in the traffic phase Σ excess_b <= cap.
-            let mean = self.weights.iter().zip(&self.copies).map(|(w, &c)| w * c as f64).sum::<f64>() / bins as f64;
+            let sw = self.spread_weights();
+            let mean = sw.iter().zip(&self.copies).map(|(w, &c)| w * c as f64).sum::<f64>() / bins as f64;
             for (b, &x) in excess.iter().enumerate() {
-                let load: Expression =
-                    (0..items).filter_map(|i| a[i][b].map(|v| (self.weights[i] / w_scale) * v)).sum();
+                let load: Expression = (0..items).filter_map(|i| a[i][b].map(|v| (sw[i] / w_scale) * v)).sum();
                 problem.add_constraint((load - x).leq(mean / w_scale));
             }
             if let (Goal::MaxGain { .. }, Some(cap)) = (goal, self.spread_cap) {
@@ -242,21 +321,14 @@ impl BinProblem {
             }
         }
         let gap = if solved.mip_gap().is_finite() { solved.mip_gap().max(0.0) } else { 1.0 };
-        let value = match goal {
-            Goal::MinLoad => self.bin_loads(&assign).into_iter().fold(0.0, f64::max),
-            Goal::MaxGain { .. } => (0..items)
-                .flat_map(|i| (0..bins).map(move |b| (i, b)))
-                .filter(|&(i, b)| assign[i][b] > 0)
-                .map(|(i, b)| self.gain[i][b])
-                .sum(),
-        };
+        let balance = self.balance(&assign);
         // Defensive: HiGHS returned something that breaks a constraint (tolerances): keep the start.
         let feasible = (0..items).all(|i| assign[i].iter().sum::<usize>() == self.copies[i])
             && (0..bins).all(|b| (0..items).map(|i| assign[i][b]).sum::<usize>() == self.capacity[b]);
         if !feasible {
             return Err(PlacementError::Solver("HiGHS returned an infeasible assignment".into()));
         }
-        Ok(BinSolution { assign, value, gap, hit_time_limit })
+        Ok(BinSolution { assign, balance, gap, hit_time_limit })
     }
 }
 
@@ -267,8 +339,80 @@ struct Ctx<'a> {
     node_of_rank: Vec<usize>,
     /// `demand[l][node][e]` (home mode).
     demand: Vec<Vec<Vec<f64>>>,
-    /// Max rank load of each layer in the warm start: never exceeded.
-    load_cap: Vec<f64>,
+    /// E[max of `ranks` standard normals], the spread factor of the drift term.
+    max_normal: f64,
+    /// Balance of each layer in the warm start ([`Ctx::layer_balance`]): no subproblem exceeds it.
+    load_cap: Vec<Balance>,
+    /// `drift_factors[l][k][e]`: the k-th of [`DRIFT_DRAWS`] mean-one log-normal factors on expert
+    /// e's load of layer l (empty without drift), fixed for the whole solve.
+    drift_factors: Vec<Vec<Vec<f64>>>,
+    /// Balance of each layer in the warm start as a candidate layer is judged
+    /// ([`Ctx::judged_balance`]): no accepted layer exceeds it.
+    accept_cap: Vec<Balance>,
+}
+
+/// [`Ctx::drifted_weights`] for per-replica loads `per_replica` of experts with `copies` replicas
+/// on `ranks` ranks; `max_normal` is E[max of `ranks` standard normals].
+fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(Vec<f64>, f64)> {
+    if !(drift > 0.0) {
+        return None;
+    }
+    let s2 = (drift * drift).exp_m1();
+    let variance: f64 = per_replica.iter().zip(copies).map(|(&w, &c)| s2 * w * w * c as f64).sum();
+    let mean_variance = variance / ranks.max(1) as f64;
+    if mean_variance <= 0.0 {
+        return None;
+    }
+    let sd = mean_variance.sqrt();
+    let inflated = per_replica.iter().map(|&w| w + max_normal * s2 * w * w / (2.0 * sd)).collect();
+    Some((inflated, max_normal * sd / 2.0))
+}
+
+/// Drifts drawn per layer to judge candidate layers by ([`Ctx::judged_balance`]).
+const DRIFT_DRAWS: usize = 256;
+
+/// [`Ctx::drift_factors`]: seeded by the layer index, so a solve is deterministic.
+fn drift_factors(stats: &RoutingStats, drift: f64) -> Vec<Vec<Vec<f64>>> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    if !(drift > 0.0) {
+        return Vec::new();
+    }
+    (0..stats.num_layers)
+        .map(|l| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0xd81f7 ^ l as u64);
+            (0..DRIFT_DRAWS)
+                .map(|_| {
+                    (0..stats.num_experts)
+                        .map(|_| {
+                            let z: f64 = StandardNormal.sample(&mut rng);
+                            (drift * z - drift * drift / 2.0).exp()
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// E[max of n independent standard normals] (0 for n ≤ 1): `∫₀^∞ (1 − Φⁿ(x) − Φⁿ(−x)) dx`, by the
+/// trapezoid rule to x = 10.
+fn expected_max_normal(n: usize) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let phi = |x: f64| 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let (h, steps) = (0.01, 1000);
+    let f = |x: f64| 1.0 - phi(x).powi(n as i32) - phi(-x).powi(n as i32);
+    (0..steps).map(|i| 0.5 * h * (f(i as f64 * h) + f((i + 1) as f64 * h))).sum()
+}
+
+/// The error function (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7).
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-x * x).exp();
+    if x >= 0.0 { y } else { -y }
 }
 
 /// Per-replica load growth tried for locality-driven replica counts (home mode), in order.
@@ -303,6 +447,75 @@ impl LayerOutcome {
 impl Ctx<'_> {
     fn num_experts(&self) -> usize {
         self.stats.num_experts
+    }
+
+    /// Per-replica weights of layer `l`'s experts (`copies` replicas each) inflated for drift, and
+    /// the offset every rank adds; `None` when no drift is planned for.
+    ///
+    /// Under drift an expert's load is its sampled load times a mean-one factor of variance
+    /// `s² = e^{drift²} − 1`, so rank r's load has mean μ_r and variance `V_r = s² Σ w_i²` over its
+    /// replicas' loads w_i, and the heaviest rank expects about `max_r μ_r + c sqrt(V_r)`, with c
+    /// the expected max of as many standard normals as ranks. `sqrt(V_r)` linearised at the mean
+    /// rank variance V̄ is `sqrt(V̄)/2 + V_r / (2 sqrt(V̄))`: each replica weighs
+    /// `w_i + c s² w_i² / (2 sqrt(V̄))`, and every rank adds `c sqrt(V̄) / 2`. Heavy replicas
+    /// weigh more than their load, light ones about their load, so the balance that holds under
+    /// drift spreads the heavy ones, which is what an exact fit of the sample need not do.
+    fn drifted_weights(&self, l: usize, copies: &[usize]) -> Option<(Vec<f64>, f64)> {
+        let per_replica: Vec<f64> = self.stats.load[l].iter().zip(copies).map(|(&x, &c)| x / c.max(1) as f64).collect();
+        drift_inflation(&per_replica, copies, self.opts.topology.num_ranks(), self.opts.load_drift, self.max_normal)
+    }
+
+    /// Balance of layer `l` placed as `ranks` as a candidate is judged: under the sampled loads,
+    /// and the mean over the drawn drifts ([`Ctx::drift_factors`]) of the max rank load — the
+    /// exact expectation the linear drift term of the subproblems approximates, on draws common to
+    /// every candidate so that comparisons between them are not luck of the draws.
+    fn judged_balance(&self, l: usize, ranks: &[Vec<usize>]) -> Balance {
+        let mut copies = vec![0usize; self.num_experts()];
+        for &e in ranks.iter().flatten() {
+            copies[e] += 1;
+        }
+        let load = &self.stats.load[l];
+        let max = |factor: Option<&[f64]>| -> f64 {
+            ranks
+                .iter()
+                .map(|s| s.iter().map(|&e| load[e] * factor.map_or(1.0, |f| f[e]) / copies[e] as f64).sum::<f64>())
+                .fold(0.0, f64::max)
+        };
+        let nominal = max(None);
+        let robust = match self.drift_factors.get(l) {
+            Some(draws) if !draws.is_empty() => draws.iter().map(|f| max(Some(f))).sum::<f64>() / draws.len() as f64,
+            _ => nominal,
+        };
+        Balance { nominal, robust }
+    }
+
+    /// Balance of layer `l` placed as `ranks`, in loads of the layer (rank loads, or node loads
+    /// when `group_of_rank` maps ranks to nodes).
+    fn layer_balance(&self, l: usize, ranks: &[Vec<usize>], group_of_rank: Option<&[usize]>) -> Balance {
+        let mut copies = vec![0usize; self.num_experts()];
+        for &e in ranks.iter().flatten() {
+            copies[e] += 1;
+        }
+        let max = |per_replica: &[f64]| -> f64 {
+            let per_rank: Vec<f64> = ranks.iter().map(|s| s.iter().map(|&e| per_replica[e]).sum()).collect();
+            match group_of_rank {
+                None => per_rank.into_iter().fold(0.0, f64::max),
+                Some(g) => {
+                    let mut per_group = vec![0.0; g.iter().copied().max().map_or(0, |m| m + 1)];
+                    for (r, x) in per_rank.into_iter().enumerate() {
+                        per_group[g[r]] += x;
+                    }
+                    per_group.into_iter().fold(0.0, f64::max)
+                }
+            }
+        };
+        let nominal_weights: Vec<f64> = self.stats.load[l].iter().zip(&copies).map(|(&x, &c)| x / c.max(1) as f64).collect();
+        let nominal = max(&nominal_weights);
+        let robust = match self.drifted_weights(l, &copies) {
+            Some((w, offset)) => offset + max(&w),
+            None => nominal,
+        };
+        Balance { nominal, robust }
     }
 
     /// Traffic layer `l` keeps (same node in home mode, same rank in affinity mode), exactly.
@@ -389,14 +602,14 @@ impl Ctx<'_> {
             for stretch in LOCALITY_STRETCH {
                 let min = super::effective_min(self.opts.min_replicas, topo.num_ranks());
                 let copies = locality_counts(&self.stats.load[l], &current_copies, topo.num_nodes(), topo.num_ranks(), stretch, min);
-                let out = self.improve_layer_with(l, layers, &current_copies, copies, time_limit, deadline)?;
+                let out = self.improve_layer_with(l, layers, copies, time_limit, deadline)?;
                 total.absorb(out);
                 if total.candidate.is_some() || Instant::now() >= deadline {
                     return Ok(total);
                 }
             }
         }
-        let out = self.improve_layer_with(l, layers, &current_copies, current_copies.clone(), time_limit, deadline)?;
+        let out = self.improve_layer_with(l, layers, current_copies.clone(), time_limit, deadline)?;
         total.absorb(out);
         Ok(total)
     }
@@ -405,7 +618,6 @@ impl Ctx<'_> {
         &self,
         l: usize,
         layers: &[Vec<Vec<usize>>],
-        current_copies: &[usize],
         copies: Vec<usize>,
         time_limit: f64,
         deadline: Instant,
@@ -419,17 +631,10 @@ impl Ctx<'_> {
         let load = &self.stats.load[l];
         let mut out = LayerOutcome::default();
         let nodes = topo.num_nodes();
-        // Node loads of the layer as it is: the node level never exceeds the heaviest.
-        let current_node_cap = {
-            let mut node_load = vec![0.0; nodes];
-            for (r, s) in current.iter().enumerate() {
-                for &e in s {
-                    node_load[self.node_of_rank[r]] += load[e] / current_copies[e].max(1) as f64;
-                }
-            }
-            node_load.into_iter().fold(0.0, f64::max)
-        };
+        // Node loads of the layer as it is: the node level never exceeds them.
+        let current_node_cap = self.layer_balance(l, current, Some(&self.node_of_rank));
         let weights: Vec<f64> = (0..ne).map(|e| load[e] / copies[e].max(1) as f64).collect();
+        let (drifted, drift_offset) = self.drifted_weights(l, &copies).unwrap_or_default();
 
         // Level 1: replicas per node.
         let mut per_node = vec![vec![0usize; nodes]; ne];
@@ -451,6 +656,8 @@ impl Ctx<'_> {
             };
             let problem = BinProblem {
                 weights: weights.clone(),
+                drifted: drifted.clone(),
+                drift_offset,
                 copies: copies.clone(),
                 capacity: topo.nodes.iter().map(|n| n.len() * slots).collect(),
                 max_per_bin: topo.nodes.iter().map(Vec::len).collect(),
@@ -459,7 +666,7 @@ impl Ctx<'_> {
                 spread_cap: None,
             };
             if problem.has_gain() {
-                let cap = current_node_cap * (1.0 + 1e-9);
+                let cap = current_node_cap.scaled(1.0 + 1e-9);
                 let sol = problem.solve(&Goal::MaxGain { load_cap: cap }, budget())?;
                 out.subproblems += 1;
                 out.hit_time_limit += usize::from(sol.hit_time_limit);
@@ -493,6 +700,8 @@ impl Ctx<'_> {
             };
             let problem = BinProblem {
                 weights: items.iter().map(|&e| weights[e]).collect(),
+                drifted: if drifted.is_empty() { Vec::new() } else { items.iter().map(|&e| drifted[e]).collect() },
+                drift_offset,
                 copies: items.iter().map(|&e| per_node[e][n]).collect(),
                 capacity: vec![slots; ranks.len()],
                 max_per_bin: vec![1; ranks.len()],
@@ -507,13 +716,13 @@ impl Ctx<'_> {
             out.subproblems += 1;
             out.hit_time_limit += usize::from(balanced.hit_time_limit);
             out.balance_gap = out.balance_gap.max(balanced.gap);
-            if balanced.value > self.load_cap[l] * (1.0 + 1e-9) {
+            if !balanced.balance.within(&self.load_cap[l]) {
                 // This node split cannot be packed within the layer's cap: keep the layer as it is.
                 return Ok(out);
             }
             let mut assign = balanced.assign;
             if problem.has_gain() {
-                let cap = (balanced.value * (1.0 + self.opts.balance_slack)).min(self.load_cap[l]) * (1.0 + 1e-9);
+                let cap = balanced.balance.scaled(1.0 + self.opts.balance_slack).min(&self.load_cap[l]).scaled(1.0 + 1e-9);
                 // No more uneven than the balance optimum (which already prefers an even spread).
                 let spread_cap = Some(problem.spread(&assign));
                 let start = BinProblem { initial: assign.clone(), spread_cap, ..problem };
@@ -679,12 +888,15 @@ pub(crate) fn solve(
             Mode::Home => (0..nl).map(|l| stats.expected_node_demand(l, &topo.nodes)).collect(),
             Mode::Affinity => Vec::new(),
         },
-        load_cap: start
-            .layers
-            .iter()
-            .zip(&stats.load)
-            .map(|(layer, load)| rank_loads(&layer.ranks, load).into_iter().fold(0.0, f64::max))
-            .collect(),
+        max_normal: expected_max_normal(topo.num_ranks()),
+        load_cap: Vec::new(),
+        drift_factors: drift_factors(stats, opts.load_drift),
+        accept_cap: Vec::new(),
+    };
+    let ctx = Ctx {
+        load_cap: start.layers.iter().enumerate().map(|(l, layer)| ctx.layer_balance(l, &layer.ranks, None)).collect(),
+        accept_cap: start.layers.iter().enumerate().map(|(l, layer)| ctx.judged_balance(l, &layer.ranks)).collect(),
+        ..ctx
     };
     let mut layers: Vec<Vec<Vec<usize>>> = start.layers.into_iter().map(|l| l.ranks).collect();
     let mut run = IlpRun {
@@ -752,15 +964,15 @@ pub(crate) fn solve(
                     run.traffic_gap = Some(run.traffic_gap.unwrap_or(0.0).max(g));
                 }
                 let Some(cand) = o.candidate else { continue };
-                let z_new = rank_loads(&cand, &stats.load[l]).into_iter().fold(0.0, f64::max);
-                let z_old = rank_loads(&layers[l], &stats.load[l]).into_iter().fold(0.0, f64::max);
-                if z_new > ctx.load_cap[l] * (1.0 + 1e-9) {
+                let z_new = ctx.judged_balance(l, &cand);
+                let z_old = ctx.judged_balance(l, &layers[l]);
+                if !z_new.within(&ctx.accept_cap[l]) {
                     continue;
                 }
                 let k_new = ctx.kept(l, &cand, &layers);
                 let k_old = ctx.kept(l, &layers[l], &layers);
                 let eps = 1e-9 * k_old.abs().max(1.0);
-                let better = k_new > k_old + eps || (k_new >= k_old - eps && z_new < z_old * (1.0 - 1e-9));
+                let better = k_new > k_old + eps || (k_new >= k_old - eps && z_new.score() < z_old.score() * (1.0 - 1e-9));
                 if better {
                     gained += (k_new - k_old).max(0.0);
                     layers[l] = cand;
@@ -791,4 +1003,48 @@ pub(crate) fn solve(
         return Err(PlacementError::Solver(format!("the ILP left an expert with fewer than {floor} replicas")));
     }
     Ok((placement, run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_max_of_normals_matches_known_values() {
+        assert_eq!(expected_max_normal(1), 0.0);
+        assert!((expected_max_normal(2) - 1.0 / std::f64::consts::PI.sqrt()).abs() < 1e-4);
+        assert!((expected_max_normal(4) - 1.029_375).abs() < 1e-4);
+        assert!((expected_max_normal(32) - 2.069_668).abs() < 1e-3);
+    }
+
+    /// Loads 6 6 4 4 3 3 1 1 on 2 ranks x 4 slots: {6,6,1,1} | {4,4,3,3} and {6,4,3,1} | {6,4,3,1}
+    /// both balance the sample exactly, but only the second holds when loads drift.
+    #[test]
+    fn the_drift_term_spreads_heavy_replicas_that_an_exact_fit_may_pair() {
+        let weights = vec![6.0, 6.0, 4.0, 4.0, 3.0, 3.0, 1.0, 1.0];
+        let copies = vec![1; 8];
+        let fragile = vec![vec![1, 0], vec![1, 0], vec![0, 1], vec![0, 1], vec![0, 1], vec![0, 1], vec![1, 0], vec![1, 0]];
+        let problem = |drifted: Vec<f64>, drift_offset: f64| BinProblem {
+            weights: weights.clone(),
+            drifted,
+            drift_offset,
+            copies: copies.clone(),
+            capacity: vec![4, 4],
+            max_per_bin: vec![1, 1],
+            gain: vec![vec![0.0; 2]; 8],
+            initial: fragile.clone(),
+            spread_cap: None,
+        };
+        let (drifted, offset) = drift_inflation(&weights, &copies, 2, 1.0, expected_max_normal(2)).expect("drift planned");
+        assert!(drifted[0] / weights[0] > drifted[7] / weights[7], "heavy replicas weigh more than their load");
+        let robust = problem(drifted, offset).solve(&Goal::MinLoad, 5.0).expect("solves");
+        assert_eq!(robust.balance.nominal, 14.0, "still an exact fit of the sample");
+        for pair in robust.assign.chunks(2) {
+            assert_ne!(pair[0], pair[1], "each rank holds one of every pair of equal experts: {:?}", robust.assign);
+        }
+        // Without drift, the fragile start is already optimal and stays.
+        let fit = problem(Vec::new(), 0.0).solve(&Goal::MinLoad, 5.0).expect("solves");
+        assert_eq!(fit.balance.nominal, 14.0);
+        assert!(drift_inflation(&weights, &copies, 2, 0.0, 1.0).is_none());
+    }
 }

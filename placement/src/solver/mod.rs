@@ -58,6 +58,10 @@ impl FromStr for Mode {
     }
 }
 
+/// The ILP's default [`SolveOptions::balance_slack`]: 1 % of a layer's robust balance optimum may go
+/// to traffic (affinity mode), never beyond EPLB's balance.
+pub const DEFAULT_BALANCE_SLACK: f64 = 0.01;
+
 #[derive(Debug, Clone)]
 pub struct SolveOptions {
     pub topology: Topology,
@@ -78,6 +82,11 @@ pub struct SolveOptions {
     /// slots must allow it (`ranks × slots_per_rank ≥ experts × that`), else the solve fails with
     /// [`PlacementError::TooFewSlots`].
     pub min_replicas: usize,
+    /// Drift of expert loads the ILP plans for, as the spread of a log-normal factor on each
+    /// expert's load (0.5: tomorrow an expert may carry about 0.6–1.65× its sampled load; 0: fit
+    /// the sample). The ILP never does worse than its warm start on the sampled loads nor under
+    /// drift, and minimises the two alike in its balance phase (see `ilp.rs`).
+    pub load_drift: f64,
 }
 
 impl SolveOptions {
@@ -88,10 +97,11 @@ impl SolveOptions {
             groups: None,
             mode: Mode::Home,
             time_limit: Duration::from_secs(60),
-            balance_slack: 0.0,
+            balance_slack: DEFAULT_BALANCE_SLACK,
             traffic_weight: 1.0,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             min_replicas: 1,
+            load_drift: crate::robust::DEFAULT_DRIFT,
         }
     }
 }
@@ -176,6 +186,9 @@ pub fn solve(
     check_min_capacity(stats.num_experts, opts.topology.num_ranks(), opts.slots_per_rank, opts.min_replicas)?;
     if !(0.0..=1.0).contains(&opts.balance_slack) {
         return Err(PlacementError::Solver(format!("balance slack {} is not in 0..=1", opts.balance_slack)));
+    }
+    if !(opts.load_drift.is_finite() && opts.load_drift >= 0.0) {
+        return Err(PlacementError::Solver(format!("load drift {} must be finite and at least 0", opts.load_drift)));
     }
     let started = std::time::Instant::now();
     let report = |solver, placement: &Placement, warm_start| SolveReport {
