@@ -7,7 +7,9 @@
 //! - [`moe`]: router → (token, expert, weight) → per-expert FFN → combine; the
 //!   [`moe::ExpertExecutor`] seam for expert parallelism.
 //! - [`engine`]: continuous batching, KV caches, sampling, stop conditions.
-//! - [`kernels`]: the CPU tensor kernels (OpenBLAS + rayon); the only `unsafe` code.
+//! - [`kernels`]: the CPU tensor kernels (OpenBLAS + rayon); with [`affinity`]'s two libc calls,
+//!   the only `unsafe` code.
+pub mod affinity;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

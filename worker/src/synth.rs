@@ -60,6 +60,20 @@ pub struct RoutingSkew {
     /// Group `g`'s ranking is the layer's base ranking rotated by `g · experts / groups`, so the
     /// hot sets of different groups are disjoint.
     pub groups: usize,
+    /// Where a group's hot experts sit (see [`HotLayout`]).
+    pub layout: HotLayout,
+}
+
+/// Where the experts a token group favours sit among the expert ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotLayout {
+    /// Anywhere: each layer's ranking is a seeded permutation of all experts.
+    Scattered,
+    /// Together: group g's favourites are the ids of block g (`g·E/G .. (g+1)·E/G`) in a seeded
+    /// order per layer, then the other experts. A contiguous placement then puts a phase's hot
+    /// experts on few ranks — the straggler an unplanned placement of a real model meets when its
+    /// traffic turns to experts that happen to share ranks.
+    Clustered,
 }
 
 /// Magnitude of a token's group channel, relative to `sqrt(hidden)` (the embedding's norm).
@@ -93,7 +107,8 @@ impl SynthSpec {
 
     /// The scheduler-benchmark shape with skewed, prompt-dependent routing: mixtral, hidden 256,
     /// 4 layers, 16 experts top-2, expert FFN 512, vocab 4096, bf16, 2 token groups (draw phase
-    /// prompts with [`skewed_prompts`] for group 0 and 1). Small enough to run on a few CPU cores.
+    /// prompts with [`skewed_prompts`] for group 0 and 1), each group's hot experts in one block
+    /// of ids ([`HotLayout::Clustered`]). Small enough to run on a few CPU cores.
     pub fn skewed_bench() -> Self {
         SynthSpec {
             arch: "mixtral".into(),
@@ -110,7 +125,7 @@ impl SynthSpec {
             dtype: "BF16".into(),
             shards: 2,
             seed: 11,
-            skew: Some(RoutingSkew { zipf: 1.2, strength: 0.75, groups: 2 }),
+            skew: Some(RoutingSkew { zipf: 1.2, strength: 0.75, groups: 2, layout: HotLayout::Clustered }),
         }
     }
 
@@ -129,13 +144,29 @@ impl SynthSpec {
         let e = self.experts;
         // Base ranking of the layer: a seeded permutation.
         let mut rng = Fill::seeded(self.seed ^ 0x5EED_0F5C_E300_0000, layer as u64);
-        let mut base: Vec<usize> = (0..e).collect();
-        for i in (1..e).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            base.swap(i, j);
+        let mut shuffle = |v: &mut Vec<usize>| {
+            for i in (1..v.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                v.swap(i, j);
+            }
+        };
+        match sk.layout {
+            HotLayout::Scattered => {
+                let mut base: Vec<usize> = (0..e).collect();
+                shuffle(&mut base);
+                let off = group * e / sk.groups;
+                Some((0..e).map(|i| base[(i + off) % e]).collect())
+            }
+            HotLayout::Clustered => {
+                let block = (group * e / sk.groups)..((group + 1) * e / sk.groups);
+                let mut hot: Vec<usize> = block.clone().collect();
+                let mut rest: Vec<usize> = (0..e).filter(|x| !block.contains(x)).collect();
+                shuffle(&mut hot);
+                shuffle(&mut rest);
+                hot.extend(rest);
+                Some(hot)
+            }
         }
-        let off = group * e / sk.groups;
-        Some((0..e).map(|i| base[(i + off) % e]).collect())
     }
 
     fn check_skew(&self, sk: &RoutingSkew) -> std::io::Result<()> {

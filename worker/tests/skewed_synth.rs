@@ -3,7 +3,7 @@ use std::path::Path;
 use std::sync::Arc;
 use worker::engine::{Engine, EngineConfig, Request};
 use worker::model::{LoadOptions, Model};
-use worker::synth::{RoutingSkew, SynthSpec, skewed_prompts, write_checkpoint};
+use worker::synth::{HotLayout, RoutingSkew, SynthSpec, skewed_prompts, write_checkpoint};
 
 /// FNV-1a over the sorted file names and contents of `dir`.
 fn fnv(dir: &Path) -> u64 {
@@ -144,7 +144,7 @@ fn skew_none_writes_the_same_bytes_as_before() {
         assert_eq!(fnv(d.path()), want, "{name}");
     }
     // And skew does change the weights (of the same shape and seed).
-    let skewed = SynthSpec { skew: Some(RoutingSkew { zipf: 1.2, strength: 0.75, groups: 2 }), ..SynthSpec::tiny() };
+    let skewed = SynthSpec { skew: Some(RoutingSkew { zipf: 1.2, strength: 0.75, groups: 2, layout: HotLayout::Clustered }), ..SynthSpec::tiny() };
     let d = tempfile::tempdir().unwrap();
     write_checkpoint(d.path(), &skewed).unwrap();
     assert_ne!(fnv(d.path()), 0xa16c_e66e_4d2a_c665);
@@ -171,10 +171,10 @@ fn skewed_prompts_are_deterministic_and_in_group() {
 #[test]
 fn invalid_skew_is_rejected() {
     for groups in [0, 1, 17] {
-        let spec = SynthSpec { skew: Some(RoutingSkew { zipf: 1.2, strength: 1.0, groups }), ..SynthSpec::skewed_bench() };
+        let spec = SynthSpec { skew: Some(RoutingSkew { zipf: 1.2, strength: 1.0, groups, layout: HotLayout::Clustered }), ..SynthSpec::skewed_bench() };
         let d = tempfile::tempdir().unwrap();
         assert!(write_checkpoint(d.path(), &spec).is_err(), "groups {groups}");
     }
-    let spec = SynthSpec { skew: Some(RoutingSkew { zipf: f64::NAN, strength: 1.0, groups: 2 }), ..SynthSpec::skewed_bench() };
+    let spec = SynthSpec { skew: Some(RoutingSkew { zipf: f64::NAN, strength: 1.0, groups: 2, layout: HotLayout::Clustered }), ..SynthSpec::skewed_bench() };
     assert!(write_checkpoint(tempfile::tempdir().unwrap().path(), &spec).is_err());
 }

@@ -258,7 +258,7 @@ fn run_row(
         vec![format!("--max-slots-per-rank={slots}"), format!("--min-replicas={min_replicas}"), "--stats-half-life=5".into()];
     // Collectives with a dead peer fail within seconds rather than the default 300 s.
     let worker_args = vec![format!("--threads={}", threads_per_local_worker(a.workers)), "--transport-timeout=10".into()];
-    let mut cl = start_local_cluster(model, a.workers, None, "127.0.0.1:0", Some(&a.admin_token), &coord_args, &worker_args)?;
+    let mut cl = start_local_cluster(model, a.workers, None, "127.0.0.1:0", Some(&a.admin_token), &coord_args, &worker_args, None)?;
     let window = Duration::from_secs_f64(a.window_s);
     let mut row = Row { min_replicas, max_slots_per_rank: slots, ..Default::default() };
     // The uninterrupted run every completed request is compared with: each prompt once, alone,

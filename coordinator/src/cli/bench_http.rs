@@ -133,7 +133,7 @@ pub fn run(a: HttpBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let name = "bench";
     let args = ["--http-listen=127.0.0.1:0".to_string(), format!("--served-model-name={name}"), format!("--max-queued-requests={}", a.clients.max(1) * 2)];
-    let cl = start_local_cluster(&model, a.workers, None, "127.0.0.1:0", None, &args, &[])?;
+    let cl = start_local_cluster(&model, a.workers, None, "127.0.0.1:0", None, &args, &[], None)?;
     let http = cl.http_addr.clone().context("the coordinator reported no HTTP address")?;
     let rt = runtime()?;
     let (mut grpc, mut web) = (Samples::default(), Samples::default());

@@ -168,8 +168,8 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         args.push("--capacity-factor=1.25".into());
     }
     let placement = if policy == "static-eplb" { eplb.context("EPLB placement")? } else { contiguous };
-    let threads = a.threads_per_worker.unwrap_or_else(|| super::local_cluster::threads_per_local_worker(workers));
-    let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[format!("--threads={threads}")])?;
+    let cores = super::local_cluster::WorkerCores::for_cluster(workers, a.threads_per_worker);
+    let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[], Some(cores))?;
     let (pa, pb_) = phase_prompts(model, a)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let out = rt.block_on(async {
@@ -317,7 +317,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
-            let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-i{}", a.expert_inter)));
+            let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-clustered-i{}", a.expert_inter)));
             if !model.join("config.json").exists() {
                 write_checkpoint(&model, &spec)?;
             }
@@ -385,13 +385,12 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         _ => format!("skewed {} ({nl} MoE layers x {ne} experts top-{}, hidden {}, expert FFN {})", spec.arch, spec.top_k, spec.hidden, spec.expert_inter),
     };
     println!(
-        "{served}, {} clients, {:.0} s per phase, slots = experts/workers + {}, threads per worker {}, max batch tokens {}",
-        a.clients,
-        a.phase_seconds,
-        a.spare_slots,
-        a.threads_per_worker.map_or("cores/workers".into(), |t| t.to_string()),
-        a.max_batch_tokens
+        "{served}, {} clients, {:.0} s per phase, slots = experts/workers + {}, max batch tokens {}",
+        a.clients, a.phase_seconds, a.spare_slots, a.max_batch_tokens
     );
+    for &n in &a.workers {
+        println!("  {n} workers: {}", super::local_cluster::WorkerCores::for_cluster(n, a.threads_per_worker).describe());
+    }
     println!(
         "{:>7} {:<22} {:>8} {:>7} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>13}",
         "workers", "policy", "tok/s", "p50 ms", "p99 ms", "proj. p50", "proj. p99", "bal. after", "recovery s", "migrations", "experts", "max mig. step"

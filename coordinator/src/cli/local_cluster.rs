@@ -69,6 +69,8 @@ pub struct LocalCluster {
     pub worker_ids: Vec<String>,
     /// Arguments every worker gets (`start_local_cluster`'s `worker_args`).
     worker_args: Vec<String>,
+    /// Compute threads of every worker and whether each is pinned to cores of its own.
+    cores: Option<WorkerCores>,
     /// Holds the ready files; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -177,6 +179,9 @@ impl LocalCluster {
         let i = self.workers.len();
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(["worker", "--exit-on-stdin-eof", "--coordinator", &self.addr]).args(&self.worker_args).args(extra_args);
+        if let Some(c) = &self.cores {
+            cmd.args(c.args(i));
+        }
         let ready = self.dir.path().join(format!("worker-{i}.json"));
         let (child, r): (Child, WorkerReady) = spawn_ready(cmd, &ready, &format!("worker {i}"))?;
         self.worker_pids.push(if r.pid != 0 { r.pid } else { child.id() });
@@ -197,7 +202,47 @@ impl LocalCluster {
     }
 }
 
+/// Compute threads of local workers, and the cores each one owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCores {
+    pub threads: usize,
+    /// Whether worker i is pinned to cores `i·threads ..` (modulo the machine's cores, for workers
+    /// started later): only when every worker of the cluster fits on cores of its own.
+    pub pinned: bool,
+}
+
+impl WorkerCores {
+    /// `threads` per worker (default: the cores split evenly), pinned when `workers × threads`
+    /// cores exist.
+    pub fn for_cluster(workers: usize, threads: Option<usize>) -> Self {
+        let threads = threads.unwrap_or_else(|| threads_per_local_worker(workers)).max(1);
+        WorkerCores { threads, pinned: workers.max(1) * threads <= available_cores() }
+    }
+
+    /// The worker arguments of the i-th worker started.
+    fn args(&self, i: usize) -> Vec<String> {
+        let mut v = vec![format!("--threads={}", self.threads)];
+        if self.pinned {
+            let slots = (available_cores() / self.threads).max(1);
+            let cpus = worker::affinity::CpuList::range((i % slots) * self.threads, self.threads);
+            v.push(format!("--cpu-affinity={cpus}"));
+        }
+        v
+    }
+
+    /// How the benchmarks' headers say it.
+    pub fn describe(&self) -> String {
+        format!("{} threads per worker, {}", self.threads, if self.pinned { "each worker pinned to cores of its own" } else { "not pinned (too few cores)" })
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 /// Start a coordinator and `workers` worker processes of this binary; returns once serving.
+/// `cores`: the workers' compute threads and pinning (`None`: whatever `worker_args` say).
+#[allow(clippy::too_many_arguments)]
 pub fn start_local_cluster(
     model: &Path,
     workers: usize,
@@ -206,6 +251,7 @@ pub fn start_local_cluster(
     admin_token: Option<&str>,
     coordinator_args: &[String],
     worker_args: &[String],
+    cores: Option<WorkerCores>,
 ) -> anyhow::Result<LocalCluster> {
     let exe = std::env::current_exe()?;
     // Validate here first, for a clear error before any process starts.
@@ -233,6 +279,7 @@ pub fn start_local_cluster(
         worker_transport_addrs: vec![],
         worker_ids: vec![],
         worker_args: worker_args.to_vec(),
+        cores,
         dir,
     };
     for _ in 0..workers {
@@ -303,7 +350,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             HttpArgs { http_listen: Some(a.http_listen.clone()), served_model_name: a.served_model_name.clone(), max_queued_requests: a.max_queued_requests }.to_args(),
         ]
         .concat(),
-        &[format!("--threads={}", a.threads_per_worker.unwrap_or_else(|| threads_per_local_worker(a.workers)))],
+        &[],
+        Some(WorkerCores::for_cluster(a.workers, a.threads_per_worker)),
     )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);
     println!("  switchyard generate --endpoint http://{} --prompt \"hello\" --max-tokens 16", cl.addr);

@@ -56,6 +56,10 @@ pub struct WorkerArgs {
     /// a machine should split its cores between them instead of each taking all of them.
     #[arg(long, env = "SWITCHYARD_THREADS")]
     pub threads: Option<usize>,
+    /// Pin this worker to these CPU cores (`0-3,8`): every thread, before the compute pool starts.
+    /// Ranks sharing a machine then own their cores, as ranks on accelerators own theirs.
+    #[arg(long, env = "SWITCHYARD_CPU_AFFINITY", value_parser = parse_cpu_list)]
+    pub cpu_affinity: Option<worker::affinity::CpuList>,
     /// Seconds a rank whose group failed waits for the coordinator to regroup it before failing
     /// its requests (as retryable).
     #[arg(long, default_value_t = 30)]
@@ -69,9 +73,17 @@ pub struct WorkerArgs {
     pub exit_on_stdin_eof: bool,
 }
 
+fn parse_cpu_list(s: &str) -> Result<worker::affinity::CpuList, String> {
+    worker::affinity::CpuList::parse(s).map_err(|e| e.to_string())
+}
+
 pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if a.exit_on_stdin_eof {
         exit_on_stdin_eof();
+    }
+    if let Some(cpus) = &a.cpu_affinity {
+        let threads = worker::affinity::pin_process(cpus)?;
+        tracing::info!(%cpus, threads, "pinned to CPUs");
     }
     if let Some(n) = a.threads {
         anyhow::ensure!(n >= 1, "--threads must be at least 1");
