@@ -118,6 +118,23 @@ pub fn pin_process(_cpus: &CpuList) -> Result<usize, AffinityError> {
     Err(AffinityError::Unsupported)
 }
 
+/// Lowers the scheduling priority of the calling thread, and of the threads it starts later, to
+/// `niceness` (0–19): a process that shares the cores of pinned ranks (a local coordinator, a
+/// load generator) then yields them to the ranks, as it would run on cores of its own on a
+/// machine of one accelerator per rank. Threads started before keep their priority.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // one libc call on plain integers
+pub fn lower_priority(niceness: i32) -> Result<(), std::io::Error> {
+    // SAFETY: setpriority reads its three integer arguments only; `who` 0 is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, niceness.clamp(0, 19)) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn lower_priority(_niceness: i32) -> Result<(), std::io::Error> {
+    Ok(())
+}
+
 /// The CPUs this process may run on now (`/proc/self/status` `Cpus_allowed_list`); `None` where
 /// that is not readable.
 pub fn allowed_cpus() -> Option<CpuList> {

@@ -32,9 +32,10 @@ const POLICIES: [&str; 5] = ["static-contiguous", "static-eplb", "rebalance", "r
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StragglerArgs {
-    /// Cluster sizes to run.
-    #[arg(long, value_delimiter = ',', default_value = "2,4")]
-    pub workers: Vec<usize>,
+    /// Cluster sizes to run (default: those of 2 and 4 whose workers each get a core of their own
+    /// here, at least 2 — a straggler shows on a stopwatch only when ranks do not share cores).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Option<Vec<usize>>,
     /// Policies to compare (default: all).
     #[arg(long, value_delimiter = ',')]
     pub policies: Option<Vec<String>>,
@@ -171,7 +172,18 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
     let cores = super::local_cluster::WorkerCores::for_cluster(workers, a.threads_per_worker);
     let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[], Some(cores))?;
     let (pa, pb_) = phase_prompts(model, a)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The load generator stands for clients elsewhere: with pinned ranks its threads yield the
+    // cores to them (only its own threads: workers of later runs are started from this one).
+    let pinned = cores.pinned;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            if pinned {
+                let _ = worker::affinity::lower_priority(super::local_cluster::COORDINATOR_NICE);
+            }
+        })
+        .build()?;
     let out = rt.block_on(async {
         let shift = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -297,6 +309,14 @@ fn phase_prompts(model: &Path, a: &StragglerArgs) -> anyhow::Result<(Vec<Vec<u32
     Ok((phases.pop().unwrap_or_default(), b))
 }
 
+/// `--workers`, or the default sizes (see its help).
+fn cluster_sizes(a: &StragglerArgs) -> Vec<usize> {
+    a.workers.clone().unwrap_or_else(|| {
+        let fit: Vec<usize> = [2, 4].into_iter().filter(|&n| super::local_cluster::WorkerCores::for_cluster(n, a.threads_per_worker).pinned).collect();
+        if fit.is_empty() { vec![2] } else { fit }
+    })
+}
+
 fn bench_spec(a: &StragglerArgs) -> SynthSpec {
     SynthSpec { expert_inter: a.expert_inter, ..SynthSpec::skewed_bench() }
 }
@@ -339,7 +359,8 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     let first_phase = phase_routing(&model, &phase_a[..phase_a.len().min(64)], 8)?;
     let tmp = tempfile::tempdir()?;
     let mut outcomes = Vec::new();
-    for &n in &a.workers {
+    let sizes = cluster_sizes(&a);
+    for &n in &sizes {
         anyhow::ensure!(n >= 2, "straggler runs need at least 2 workers");
         let slots = ne.div_ceil(n) + a.spare_slots;
         let topo = placement::Topology::uniform(n, 1)?;
@@ -388,7 +409,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         "{served}, {} clients, {:.0} s per phase, slots = experts/workers + {}, max batch tokens {}",
         a.clients, a.phase_seconds, a.spare_slots, a.max_batch_tokens
     );
-    for &n in &a.workers {
+    for &n in &sizes {
         println!("  {n} workers: {}", super::local_cluster::WorkerCores::for_cluster(n, a.threads_per_worker).describe());
     }
     println!(

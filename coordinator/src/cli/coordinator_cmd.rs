@@ -18,6 +18,9 @@ pub struct CoordinatorArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// Run at this niceness (0–19) to yield the cores to workers pinned on the same machine.
+    #[arg(long, default_value_t = 0)]
+    pub nice: i32,
     /// Workers to wait for before the first generation; workers that register later join the
     /// group at a new generation (and replace lost ones).
     #[arg(long, default_value_t = 2)]
@@ -212,6 +215,9 @@ impl SchedulerArgs {
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if a.exit_on_stdin_eof {
         exit_on_stdin_eof();
+    }
+    if a.nice > 0 {
+        worker::affinity::lower_priority(a.nice).context("--nice")?;
     }
     let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("model {}", a.model.display()))?;
     if a.workers == 0 {

@@ -236,6 +236,9 @@ impl WorkerCores {
     }
 }
 
+/// Niceness of a local coordinator whose workers are pinned (and of a benchmark's load generator).
+pub const COORDINATOR_NICE: i32 = 10;
+
 fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -267,6 +270,10 @@ pub fn start_local_cluster(
         cmd.env("SWITCHYARD_ADMIN_TOKEN", t); // not on the command line, where `ps` shows it
     }
     cmd.args(coordinator_args);
+    if cores.is_some_and(|c| c.pinned) {
+        // The ranks own their cores; the coordinator takes what they leave.
+        cmd.arg(format!("--nice={COORDINATOR_NICE}"));
+    }
     let (coord, ready): (Child, CoordinatorReady) = spawn_ready(cmd, &dir.path().join("coordinator.json"), "coordinator")?;
     let addr = ready.grpc_address;
     let mut cl = LocalCluster {
