@@ -90,6 +90,18 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, index })
     }
 
+    /// Releases the pages of every shard this process has read (see
+    /// [`crate::kernels::release_mapped_pages`]): called once a model has copied out what it
+    /// holds, so its resident memory is about its weights once. Best effort: a failure only
+    /// leaves the pages resident.
+    pub fn release_pages(&self) {
+        for s in &self.shards {
+            if let Err(e) = crate::kernels::release_mapped_pages(&s.map) {
+                tracing::debug!(path = %s.path.display(), error = %e, "could not release mapped pages");
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -172,6 +184,9 @@ impl Checkpoint {
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
             _ => bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
         };
+        // The caller keeps its own copy (converted, packed): the mapped pages need not stay
+        // resident beside it. Without this the peak memory of a load was the checkpoint twice.
+        let _ = crate::kernels::release_mapped_range(&s.map, begin, end - begin);
         Ok(out)
     }
 }

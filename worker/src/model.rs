@@ -6,7 +6,7 @@ use crate::attention::{Attention, KvCache, MlaQuery, SeqSpan};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Arch, AttnConfig, FfnKind, ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
-use crate::kernels::{self, Linear, Rope};
+use crate::kernels::{self, DenseWeight, Linear, Rope};
 use crate::moe::{ExpertExecutor, ExpertFfn, LocalExperts, MoeLayer, Router, Routing, SharedExpert};
 use rayon::prelude::*;
 use std::path::Path;
@@ -38,11 +38,12 @@ pub struct Layer {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub config: ModelConfig,
-    pub embed: Vec<f32>,
+    /// `[vocab, hidden]`, bf16 when the checkpoint's values are.
+    pub embed: DenseWeight,
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
     /// `None` when tied to the embeddings.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<DenseWeight>,
     pub rope: Rope,
     pub attn_scale: f32,
 }
@@ -83,7 +84,7 @@ impl Loader<'_> {
     fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
         let weight = self.t(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias { Some(self.t(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias, in_dim, out_dim })
+        Ok(Linear::new(weight, bias, in_dim, out_dim))
     }
     /// A SwiGLU block from three separate projections.
     fn ffn(&self, gate: &str, up: &str, down: &str, hidden: usize, inter: usize) -> Result<ExpertFfn> {
@@ -125,11 +126,11 @@ impl Model {
                 }
             }
         }
-        let embed = ld.t("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = DenseWeight::new(ld.t("model.embed_tokens.weight", &[c.vocab_size, h])?, c.vocab_size, h);
         let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
             None
         } else {
-            Some(ld.t("lm_head.weight", &[c.vocab_size, h])?)
+            Some(DenseWeight::new(ld.t("lm_head.weight", &[c.vocab_size, h])?, c.vocab_size, h))
         };
         let norm = ld.t("model.norm.weight", &[h])?;
         // MoE layer index of every decoder layer.
@@ -164,6 +165,8 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<Layer>>>()?;
+        // Everything the model holds is copied out of the map: let its pages go.
+        ck.release_pages();
         Ok(Model {
             rope: c.rope_tables(),
             attn_scale: c.attention_scale(),
@@ -414,7 +417,7 @@ impl Model {
         let t = tokens.len();
         let mut x = Vec::with_capacity(t * h);
         for &tok in &tokens {
-            x.extend_from_slice(&self.embed[tok as usize * h..(tok as usize + 1) * h]);
+            self.embed.push_row(tok as usize, &mut x);
         }
         let mut cos_sin = Vec::with_capacity(t);
         for sp in &spans {
@@ -484,7 +487,7 @@ impl Model {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let v = c.vocab_size;
         let mut logits = vec![0.0; rows.len() * v];
-        kernels::matmul_bt(&sel, rows.len(), h, head, v, &mut logits);
+        head.matmul(&sel, rows.len(), &mut logits, true);
         let mut per_seq = Vec::with_capacity(spans.len());
         match mode {
             LogitsMode::Last => {
@@ -522,10 +525,10 @@ impl Model {
         Ok(out)
     }
 
-    /// Bytes of weights held (f32).
+    /// Bytes of weights held (as stored: bf16 panels count 2 bytes a value).
     pub fn weight_bytes(&self) -> usize {
-        let lin = |l: &Linear| (l.weight.len() + l.bias.as_ref().map_or(0, |b| b.len())) * 4;
-        let mut b = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |x| x.len())) * 4;
+        let lin = |l: &Linear| l.bytes();
+        let mut b = self.embed.bytes() + self.norm.len() * 4 + self.lm_head.as_ref().map_or(0, DenseWeight::bytes);
         for l in &self.layers {
             b += (l.input_norm.len() + l.post_norm.len()) * 4;
             b += match &l.attn {

@@ -264,7 +264,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     println!(
-        "model {} ({}): hidden {}, {} layers, {} experts top-{}, expert ffn {}, vocab {}; {:.2} GiB f32 weights, loaded in {:.1} s; {} threads",
+        "model {} ({}): hidden {}, {} layers, {} experts top-{}, expert ffn {}, vocab {}; {:.2} GiB of weights held, loaded in {:.1} s; {} threads",
         dir.display(),
         c.arch.name(),
         c.hidden_size,

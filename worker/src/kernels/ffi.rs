@@ -260,6 +260,24 @@ pub fn mmap_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(file) }
 }
 
+/// Drops the resident pages of a read-only file mapping from this process (`MADV_DONTNEED`): the
+/// memory a loaded checkpoint held twice — once converted or packed, once mapped — is held once.
+/// Later reads fault the pages back in from the file (or the page cache).
+pub fn release_mapped_pages(map: &memmap2::Mmap) -> std::io::Result<()> {
+    release_mapped_range(map, 0, map.len())
+}
+
+/// [`release_mapped_pages`] for bytes `[offset, offset + len)` of the map (widened to whole pages).
+pub fn release_mapped_range(map: &memmap2::Mmap, offset: usize, len: usize) -> std::io::Result<()> {
+    if len == 0 || offset >= map.len() {
+        return Ok(());
+    }
+    // SAFETY: the mapping is private and read-only; its pages are file-backed and never written,
+    // so dropping them loses nothing: a later (or concurrent) read faults the same bytes back in
+    // from the file. Rust slices of the map stay valid: the mapping itself is unchanged.
+    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len.min(map.len() - offset)) }
+}
+
 /// Whether the AVX2+FMA small-m kernel can run on this CPU.
 pub fn have_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -72,14 +72,44 @@ impl PackedWeight {
         matches!(self.data, Panels::Bf16(_))
     }
 
+    /// Output rows n of `W[n×k]`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inner dimension k of `W[n×k]`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The original row-major `W[n×k]` in f32.
+    pub fn to_rows(&self) -> Vec<f32> {
+        let mut w = Vec::with_capacity(self.n * self.k);
+        for i in 0..self.n {
+            self.push_row(i, &mut w);
+        }
+        w
+    }
+
     /// Row `i` of the original `W`.
     #[cfg(test)]
     fn row(&self, i: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.k);
+        self.push_row(i, &mut v);
+        v
+    }
+
+    /// Row `i` of the original `W`, appended to `out` (an embedding lookup: one strided read).
+    ///
+    /// # Panics
+    /// If `i >= n`.
+    pub fn push_row(&self, i: usize, out: &mut Vec<f32>) {
+        assert!(i < self.n, "PackedWeight::push_row: row {i} of {}", self.n);
         let (j, r) = (i / NR, i % NR);
         let at = |p: usize| j * self.k * NR + p * NR + r;
         match &self.data {
-            Panels::F32(d) => (0..self.k).map(|p| d[at(p)]).collect(),
-            Panels::Bf16(d) => (0..self.k).map(|p| f32::from_bits((d[at(p)] as u32) << 16)).collect(),
+            Panels::F32(d) => out.extend((0..self.k).map(|p| d[at(p)])),
+            Panels::Bf16(d) => out.extend((0..self.k).map(|p| f32::from_bits((d[at(p)] as u32) << 16))),
         }
     }
 
