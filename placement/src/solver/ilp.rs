@@ -354,7 +354,7 @@ struct Ctx<'a> {
 /// [`Ctx::drifted_weights`] for per-replica loads `per_replica` of experts with `copies` replicas
 /// on `ranks` ranks; `max_normal` is E[max of `ranks` standard normals].
 fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(Vec<f64>, f64)> {
-    if !(drift > 0.0) {
+    if drift.is_nan() || drift <= 0.0 {
         return None;
     }
     let s2 = (drift * drift).exp_m1();
@@ -375,7 +375,7 @@ const DRIFT_DRAWS: usize = 256;
 fn drift_factors(stats: &RoutingStats, drift: f64) -> Vec<Vec<Vec<f64>>> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
-    if !(drift > 0.0) {
+    if drift.is_nan() || drift <= 0.0 {
         return Vec::new();
     }
     (0..stats.num_layers)
