@@ -26,6 +26,30 @@ pub fn init() {
     });
 }
 
+/// While alive, large allocations (≥ 16 MiB) are mapped on their own and go back to the system when
+/// freed: a model load's transients (a tensor converted to f32 before it is packed; the lm head
+/// alone is 131 MB at vocabulary 32000) then do not stay in the heap's high-water mark, which
+/// serving keeps high on purpose ([`init`]). Restores the serving setting on drop.
+pub struct LoadAllocScope(());
+
+impl LoadAllocScope {
+    pub fn enter() -> Self {
+        init();
+        if std::env::var_os("SWITCHYARD_DEFAULT_MALLOC").is_none() {
+            ffi::set_mmap_threshold(16 << 20);
+        }
+        LoadAllocScope(())
+    }
+}
+
+impl Drop for LoadAllocScope {
+    fn drop(&mut self) {
+        if std::env::var_os("SWITCHYARD_DEFAULT_MALLOC").is_none() {
+            ffi::tune_allocator();
+        }
+    }
+}
+
 /// Work (m·n·k) under which a matmul is not worth splitting across threads.
 const PAR_MIN_WORK: usize = 1 << 18;
 

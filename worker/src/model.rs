@@ -104,7 +104,7 @@ impl Model {
     }
 
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint, opts: &LoadOptions) -> Result<Model> {
-        kernels::init();
+        let _transients_go_back = kernels::LoadAllocScope::enter();
         let c = &config;
         let ld = Loader { ck };
         let h = c.hidden_size;

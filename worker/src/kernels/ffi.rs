@@ -23,16 +23,24 @@ unsafe extern "C" {
 /// multi-megabyte activations every layer; by default each is a fresh mmap whose pages fault
 /// in zeroed (measured: a large share of step time as system time).
 pub fn tune_allocator() {
+    set_mmap_threshold(1 << 30);
+}
+
+/// glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` (bytes): blocks at least this large are
+/// mapped on their own and returned to the system when freed.
+pub fn set_mmap_threshold(bytes: c_int) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const M_TRIM_THRESHOLD: c_int = -1;
         const M_MMAP_THRESHOLD: c_int = -3;
         // SAFETY: glibc tunables; plain integers.
         unsafe {
-            mallopt(M_MMAP_THRESHOLD, 1 << 30);
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
+            mallopt(M_MMAP_THRESHOLD, bytes);
+            mallopt(M_TRIM_THRESHOLD, bytes);
         }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
 }
 
 #[cfg(target_os = "linux")]
