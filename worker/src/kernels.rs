@@ -50,6 +50,33 @@ impl Drop for LoadAllocScope {
     }
 }
 
+/// The machine's memory read bandwidth in GB/s as the compute pool sees it: the best of `rounds`
+/// parallel sums over `bytes` of f32 (written first, so every page is resident). What bounds
+/// batch-1 decode, which streams its weights once per token.
+pub fn read_bandwidth_gbs(bytes: usize, rounds: usize) -> f64 {
+    let data = vec![1.0f32; (bytes / 4).max(1 << 16)];
+    let chunk = data.len().div_ceil(rayon::current_num_threads() * 4).max(1 << 14);
+    let mut best = 0.0f64;
+    for _ in 0..rounds.max(1) {
+        let t0 = std::time::Instant::now();
+        // 32 independent lanes: a single running sum would be bound by the add latency, not memory.
+        let lanes = |c: &[f32]| -> f32 {
+            let mut acc = [0.0f32; 32];
+            for x in c.chunks_exact(32) {
+                for (a, v) in acc.iter_mut().zip(x) {
+                    *a += v;
+                }
+            }
+            acc.iter().sum()
+        };
+        let s: f32 = data.par_chunks(chunk).map(lanes).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((data.len() * 4) as f64 / secs.max(1e-9) / 1e9);
+    }
+    best
+}
+
 /// Work (m·n·k) under which a matmul is not worth splitting across threads.
 const PAR_MIN_WORK: usize = 1 << 18;
 

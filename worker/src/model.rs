@@ -525,6 +525,31 @@ impl Model {
         Ok(out)
     }
 
+    /// Bytes of weights one decode step of a single sequence reads: every weight it multiplies
+    /// (attention, router, shared experts, dense FFNs, the lm head) plus `top_k` routed experts of
+    /// every MoE layer (their mean size), and one embedding row. The floor of batch-1 decode time
+    /// is this over the machine's memory bandwidth.
+    pub fn decode_step_bytes(&self) -> usize {
+        // An untied embedding is read one row a token; a tied one is the lm head, read whole.
+        let embed_unread = match self.lm_head {
+            Some(_) => self.embed.bytes() - self.embed.bytes() / self.config.vocab_size.max(1),
+            None => 0,
+        };
+        let routed_unread: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe(m) => {
+                    let held: Vec<usize> = m.experts.iter().flatten().map(|e| e.bytes()).collect();
+                    let mean = held.iter().sum::<usize>() / held.len().max(1);
+                    held.iter().sum::<usize>() - mean * self.config.router.top_k.min(held.len())
+                }
+                Ffn::Dense(_) => 0,
+            })
+            .sum();
+        self.weight_bytes() - embed_unread - routed_unread
+    }
+
     /// Bytes of weights held (as stored: bf16 panels count 2 bytes a value).
     pub fn weight_bytes(&self) -> usize {
         let lin = |l: &Linear| l.bytes();

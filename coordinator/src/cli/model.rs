@@ -319,6 +319,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let load_after_ours = loadavg();
     let hwm = vm_hwm_kib().map(|k| format!("{:.2} GiB", k as f64 / (1 << 20) as f64)).unwrap_or_else(|| "n/a".into());
+    // After the peak was read: the probe's buffer would raise it.
+    let bandwidth = worker::kernels::read_bandwidth_gbs(1 << 30, 5);
+    let step_bytes = model.decode_step_bytes() as f64;
     let torch = if a.compare_torch { Some(run_torch(&a, &dir, plen)?) } else { None };
     println!();
     println!(
@@ -358,6 +361,15 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             println!("peak resident memory (VmHWM): ours {hwm}, torch {}", t.hwm);
             println!("torch: {}", t.version);
         }
+    }
+    let limit = bandwidth * 1e9 / step_bytes.max(1.0);
+    println!(
+        "memory read bandwidth {bandwidth:.1} GB/s ({} threads, best of 5 over 1 GiB); a batch-1 decode step reads {:.0} MB of weights: limit {limit:.1} tok/s",
+        rayon::current_num_threads(),
+        step_bytes / 1e6
+    );
+    if let Some(r) = rows.iter().find(|r| r.batch == 1) {
+        println!("batch-1 decode reaches {:.0} % of that limit", 100.0 * r.decode_tps / limit);
     }
     Ok(ExitCode::SUCCESS)
 }
