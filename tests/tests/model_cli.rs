@@ -101,6 +101,20 @@ fn model_bench_smoke() {
         .expect("run");
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{s}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(s.contains("decode tok/s") && s.contains("VmHWM"), "{s}");
+    assert!(s.contains("decode tok/s") && s.contains("VmHWM") && s.contains("read bandwidth"), "{s}");
     assert!(dir.path().join("ck/model.safetensors.index.json").exists());
+    // --json: one object on stdout, the checkpoint reused.
+    let out = Command::new(switchyard_bin())
+        .args(["model", "bench", "--tiny", "--batches", "1,4", "--prompt-len", "8", "--decode-steps", "2", "--json", "--out"])
+        .arg(dir.path().join("ck"))
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap_or(0)).collect::<Vec<_>>(), vec![1, 4]);
+    assert!(rows.iter().all(|r| r["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0)));
+    assert!(v["read_bandwidth_gb_s"].as_f64().is_some_and(|x| x > 0.0) && v["decode_step_bytes"].as_f64().is_some_and(|x| x > 0.0));
+    // A step reads less than everything held: top-2 of the tiny shape's 8 experts per layer.
+    assert!(v["decode_step_bytes"].as_f64().unwrap_or(0.0) < v["weight_bytes"].as_f64().unwrap_or(0.0));
 }

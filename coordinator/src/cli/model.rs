@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// Python interpreter for --compare-torch.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]
@@ -263,7 +266,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let model = Model::load(&dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
-    println!(
+    let header = format!(
         "model {} ({}): hidden {}, {} layers, {} experts top-{}, expert ffn {}, vocab {}; {:.2} GiB of weights held, loaded in {:.1} s; {} threads",
         dir.display(),
         c.arch.name(),
@@ -277,6 +280,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         load_s,
         rayon::current_num_threads(),
     );
+    // With --json, stdout holds the one JSON object only.
+    if a.json { eprintln!("{header}") } else { println!("{header}") }
     let load_before = loadavg();
     let plen = a.prompt_len.min(c.max_position_embeddings.saturating_sub(a.decode_steps + 1)).max(1);
     let mut rows = Vec::new();
@@ -318,11 +323,33 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         rows.push(row);
     }
     let load_after_ours = loadavg();
-    let hwm = vm_hwm_kib().map(|k| format!("{:.2} GiB", k as f64 / (1 << 20) as f64)).unwrap_or_else(|| "n/a".into());
+    let hwm_kib = vm_hwm_kib();
+    let hwm = hwm_kib.map(|k| format!("{:.2} GiB", k as f64 / (1 << 20) as f64)).unwrap_or_else(|| "n/a".into());
     // After the peak was read: the probe's buffer would raise it.
     let bandwidth = worker::kernels::read_bandwidth_gbs(1 << 30, 5);
     let step_bytes = model.decode_step_bytes() as f64;
     let torch = if a.compare_torch { Some(run_torch(&a, &dir, plen)?) } else { None };
+    let limit = bandwidth * 1e9 / step_bytes.max(1.0);
+    if a.json {
+        let torch_row = |b: usize| torch.as_ref().and_then(|t| t.rows.iter().find(|x| x.0 == b)).map(|x| (x.1, x.2));
+        let rows_json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "batch": r.batch, "prefill_tok_s": r.prefill_tps, "decode_tok_s": r.decode_tps,
+                    "torch_prefill_tok_s": torch_row(r.batch).map(|t| t.0), "torch_decode_tok_s": torch_row(r.batch).map(|t| t.1),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "model": dir.display().to_string(), "threads": rayon::current_num_threads(), "prompt_len": plen,
+            "decode_steps": a.decode_steps, "weight_bytes": model.weight_bytes(), "peak_rss_kib": hwm_kib,
+            "read_bandwidth_gb_s": bandwidth, "decode_step_bytes": step_bytes, "batch1_decode_limit_tok_s": limit,
+            "rows": rows_json, "torch": torch.as_ref().map(|t| serde_json::json!({"peak_rss": t.hwm, "version": t.version})),
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!();
     println!(
         "prompt length {plen}, {} decode steps per batch size; load average before/after our run: {} / {}{}",
@@ -362,7 +389,6 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             println!("torch: {}", t.version);
         }
     }
-    let limit = bandwidth * 1e9 / step_bytes.max(1.0);
     println!(
         "memory read bandwidth {bandwidth:.1} GB/s ({} threads, best of 5 over 1 GiB); a batch-1 decode step reads {:.0} MB of weights: limit {limit:.1} tok/s",
         rayon::current_num_threads(),
