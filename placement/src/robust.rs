@@ -132,25 +132,47 @@ pub fn shrink_loads(stats: &RoutingStats, trace: &RoutingTrace, resamples: usize
 /// domain 0.05–0.08.
 pub const DEFAULT_DRIFT: f64 = 1.0;
 
-/// `p`'s balancedness when every expert's load of `load` is multiplied by its own log-normal factor
-/// `exp(drift · z − drift² / 2)` (mean one), over `draws` draws: (5th, 50th, 95th percentile).
-/// Deterministic for a seed.
-pub fn drift_balancedness_interval(p: &Placement, load: &[Vec<f64>], drift: f64, draws: usize, seed: u64) -> (f64, f64, f64) {
+/// Mean-one log-normal drift factors `exp(drift · z − drift² / 2)`, z standard normal:
+/// `[layer][draw][expert]`, `draws` per layer. Layer l draws from its own generator seeded by
+/// `seed ^ l`, so a layer's factors do not depend on how many layers there are. Empty when
+/// `drift` is not positive.
+pub fn drift_factors(num_layers: usize, num_experts: usize, draws: usize, drift: f64, seed: u64) -> Vec<Vec<Vec<f64>>> {
     use rand_distr::{Distribution, StandardNormal};
-    let mut rng = StdRng::seed_from_u64(seed);
-    let drift = if drift.is_finite() { drift.max(0.0) } else { 0.0 };
-    let mut b: Vec<f64> = (0..draws.max(1))
-        .map(|_| {
-            let drifted: Vec<Vec<f64>> = load
-                .iter()
-                .map(|layer| {
-                    layer
-                        .iter()
-                        .map(|&x| {
+    if drift.is_nan() || drift <= 0.0 {
+        return Vec::new();
+    }
+    (0..num_layers)
+        .map(|l| {
+            let mut rng = StdRng::seed_from_u64(seed ^ l as u64);
+            (0..draws)
+                .map(|_| {
+                    (0..num_experts)
+                        .map(|_| {
                             let z: f64 = StandardNormal.sample(&mut rng);
-                            x * (drift * z - drift * drift / 2.0).exp()
+                            (drift * z - drift * drift / 2.0).exp()
                         })
                         .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `p`'s balancedness when every expert's load of `load` is multiplied by its own
+/// [`drift_factors`] factor, over `draws` draws: (5th, 50th, 95th percentile). Deterministic for a
+/// seed; without drift every draw is the sampled load.
+pub fn drift_balancedness_interval(p: &Placement, load: &[Vec<f64>], drift: f64, draws: usize, seed: u64) -> (f64, f64, f64) {
+    let draws = draws.max(1);
+    let experts = load.first().map_or(0, Vec::len);
+    let factors = drift_factors(load.len(), experts, draws, drift, seed);
+    let mut b: Vec<f64> = (0..draws)
+        .map(|k| {
+            let drifted: Vec<Vec<f64>> = load
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| match factors.get(l) {
+                    Some(f) => layer.iter().zip(&f[k]).map(|(x, g)| x * g).collect(),
+                    None => layer.clone(),
                 })
                 .collect();
             balancedness(p, &drifted)

@@ -266,6 +266,8 @@ fn progress_bar(kind: SolverKind) -> indicatif::ProgressBar {
 fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     let routing = super::routing::read_routing(&a.trace, a.num_experts)?;
     let mut stats = routing.stats(a.ranks)?;
+    // The loads as sampled, for the in-sample and drifted figures below (`stats` may be shrunk).
+    let sampled_load = stats.load.clone();
     // The ILP plans for the uncertainty of the sample (`placement::robust`), unless told not to.
     let shrinkage = match (&routing, a.solver, a.no_shrink) {
         (RoutingFile::Trace(t), SolverKind::Ilp, false) => {
@@ -296,7 +298,6 @@ fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     p.write(&a.out)?;
     // In-sample balancedness, on resamples of the trace (what the sample's luck is worth) and under
     // the planned drift (what a shift of the traffic may cost).
-    let sampled_load = routing.stats(a.ranks)?.load;
     let in_sample = placement::robust::balancedness(&p, &sampled_load);
     let resampled = match &routing {
         RoutingFile::Trace(t) => Some(placement::robust::balancedness_interval(&p, t, placement::robust::RESAMPLES, 1)),

@@ -77,23 +77,22 @@ impl EpochChange {
     /// Every rank's answer to `Prepare`.
     pub fn prepared(&mut self, replies: &[Result<(), String>]) -> Step {
         debug_assert_eq!(self.phase, Phase::Preparing);
-        match replies.iter().find_map(|r| r.as_ref().err()) {
-            Some(why) => self.fail(EpochFailure::Prepare(why.clone())),
-            None => {
-                self.phase = Phase::Committing;
-                Step::Commit
-            }
-        }
+        self.advance(replies, EpochFailure::Prepare, Phase::Committing, Step::Commit)
     }
 
     /// Every rank's answer to `Commit`.
     pub fn committed(&mut self, replies: &[Result<(), String>]) -> Step {
         debug_assert_eq!(self.phase, Phase::Committing);
+        self.advance(replies, EpochFailure::Commit, Phase::Switching, Step::Poll)
+    }
+
+    /// On to `next` (and `step`) when every rank answered yes; the first refusal fails the epoch.
+    fn advance(&mut self, replies: &[Result<(), String>], failure: fn(String) -> EpochFailure, next: Phase, step: Step) -> Step {
         match replies.iter().find_map(|r| r.as_ref().err()) {
-            Some(why) => self.fail(EpochFailure::Commit(why.clone())),
+            Some(why) => self.fail(failure(why.clone())),
             None => {
-                self.phase = Phase::Switching;
-                Step::Poll
+                self.phase = next;
+                step
             }
         }
     }

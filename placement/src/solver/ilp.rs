@@ -368,32 +368,10 @@ fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f
     Some((inflated, max_normal * sd / 2.0))
 }
 
-/// Drifts drawn per layer to judge candidate layers by ([`Ctx::judged_balance`]).
+/// Drifts drawn per layer to judge candidate layers by ([`Ctx::judged_balance`]), and their seed:
+/// fixed, so a solve is deterministic.
 const DRIFT_DRAWS: usize = 256;
-
-/// [`Ctx::drift_factors`]: seeded by the layer index, so a solve is deterministic.
-fn drift_factors(stats: &RoutingStats, drift: f64) -> Vec<Vec<Vec<f64>>> {
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, StandardNormal};
-    if drift.is_nan() || drift <= 0.0 {
-        return Vec::new();
-    }
-    (0..stats.num_layers)
-        .map(|l| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0xd81f7 ^ l as u64);
-            (0..DRIFT_DRAWS)
-                .map(|_| {
-                    (0..stats.num_experts)
-                        .map(|_| {
-                            let z: f64 = StandardNormal.sample(&mut rng);
-                            (drift * z - drift * drift / 2.0).exp()
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect()
-}
+const DRIFT_SEED: u64 = 0xd81f7;
 
 /// E[max of n independent standard normals] (0 for n ≤ 1): `∫₀^∞ (1 − Φⁿ(x) − Φⁿ(−x)) dx`, by the
 /// trapezoid rule to x = 10.
@@ -890,7 +868,7 @@ pub(crate) fn solve(
         },
         max_normal: expected_max_normal(topo.num_ranks()),
         load_cap: Vec::new(),
-        drift_factors: drift_factors(stats, opts.load_drift),
+        drift_factors: crate::robust::drift_factors(stats.num_layers, stats.num_experts, DRIFT_DRAWS, opts.load_drift, DRIFT_SEED),
         accept_cap: Vec::new(),
     };
     let ctx = Ctx {
