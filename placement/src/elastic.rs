@@ -153,7 +153,7 @@ pub fn regroup(current: &Placement, survivors: &[Option<usize>], opts: &RegroupO
 /// under `load` is back at the old placement's. No layer leaves with a higher max rank load.
 fn polish(placement: &mut Placement, old: &Placement, load: &[Vec<f64>], budget: usize, floor: usize) {
     let (_, before) = crate::live::balancedness(old, load);
-    let layers = crate::rebalance::plan(placement, load, budget, before, floor);
+    let layers = crate::rebalance::plan(placement, load, budget, before, floor, 0.0);
     for ((lp, ranks), w) in placement.layers.iter_mut().zip(layers).zip(load) {
         let max = |r: &[Vec<usize>]| crate::eval::rank_loads(r, w).into_iter().fold(0.0, f64::max);
         if max(&ranks) <= max(&lp.ranks) {

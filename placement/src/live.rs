@@ -168,6 +168,34 @@ impl LoadWindow {
             .unwrap_or(f64::INFINITY)
     }
 
+    /// The drift of expert loads the windows show: the log-normal spread (the sd of the log of
+    /// an expert's load factor) that takes the long window's expert shares to the recent
+    /// window's, net of sampling. Per layer `Σ_e p_e ln²(q_e / p_e) − E / (2S)`: p and q the long
+    /// and recent shares (half a token added to every expert so that one the recent window has
+    /// not seen yet stays finite), E the experts with load and S the recent total — an expert's
+    /// recent share alone has a relative variance of 1/(2 S q) (see
+    /// [`LoadWindow::shift_distance_noise`]), so sampling adds about E/(2S). Averaged over layers
+    /// with load, clipped at 0, square-rooted; 0 without load. Steady traffic gives about 0, a
+    /// shift what it moves.
+    pub fn observed_drift(&self) -> f64 {
+        self.mean_over_loaded_layers(|r, tr, l, tl| {
+            let experts = l.iter().filter(|&&y| y > 0.0).count() as f64;
+            let half = 0.5 * r.len() as f64;
+            let sq: f64 = r
+                .iter()
+                .zip(l)
+                .filter(|(_, y)| **y > 0.0)
+                .map(|(x, y)| {
+                    let (q, p) = ((x + 0.5) / (tr + half), (y + 0.5) / (tl + half));
+                    y / tl * (q / p).ln().powi(2)
+                })
+                .sum();
+            (sq - experts / (2.0 * tr)).max(0.0)
+        })
+        .unwrap_or(0.0)
+        .sqrt()
+    }
+
     /// Whether anything was observed yet.
     pub fn is_empty(&self) -> bool {
         self.total == 0.0
@@ -231,6 +259,41 @@ mod tests {
 
     fn two_rank(ranks: Vec<Vec<usize>>) -> Placement {
         Placement::new(4, Topology::uniform(2, 1).unwrap(), vec![LayerPlacement { ranks }])
+    }
+
+    /// Poisson traffic from one distribution shows about no drift; a shift to other experts a
+    /// large one, that fades as the long window catches up.
+    #[test]
+    fn observed_drift_is_near_zero_on_steady_traffic_and_large_at_a_shift() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Poisson};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let rates = [200.0, 120.0, 80.0, 60.0, 40.0, 30.0, 20.0, 10.0];
+        let mut w = LoadWindow::new(1, rates.len(), 2.0);
+        assert_eq!(w.observed_drift(), 0.0, "no load");
+        let mut draw = |rates: &[f64]| -> Vec<u64> {
+            rates.iter().map(|&r| Poisson::new(r).unwrap().sample(&mut rng) as u64).collect()
+        };
+        let mut steady = Vec::new();
+        for _ in 0..40 {
+            w.decay(0.25);
+            w.add(&draw(&rates));
+            steady.push(w.observed_drift());
+        }
+        let worst = steady[20..].iter().copied().fold(0.0, f64::max);
+        assert!(worst < 0.15, "steady traffic: drift up to {worst}");
+        let shifted: Vec<f64> = rates.iter().rev().copied().collect();
+        for _ in 0..4 {
+            w.decay(0.25);
+            w.add(&draw(&shifted));
+        }
+        let during = w.observed_drift();
+        assert!(during > 0.5, "one second into a shift: {during}");
+        for _ in 0..80 {
+            w.decay(0.25);
+            w.add(&draw(&shifted));
+        }
+        assert!(w.observed_drift() < 0.15, "after the shift: {}", w.observed_drift());
     }
 
     /// A workload that moves to other experts shows in the recent window first: the distance

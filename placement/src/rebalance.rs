@@ -110,6 +110,15 @@ pub struct RebalanceConfig {
     /// ([`crate::solver::ensure_min_replicas`], its moves counted and taken from the budget; the
     /// threshold and margin do not hold such a proposal back). Default 1 (no replicas required).
     pub min_replicas: usize,
+    /// Log-normal drift of expert loads the incremental solve plans for, as the ILP does
+    /// ([`crate::solver::SolveOptions::load_drift`]): a move is judged on replica weights inflated
+    /// for drift ([`crate::robust::drift_inflation`]), so heavy experts are split and spread rather
+    /// than paired to fit the window exactly; the gate, margin and target stay on the window's own
+    /// loads, and no layer leaves with a higher max under them. `None` (default): the drift the
+    /// live window shows ([`LoadWindow::observed_drift`], about 0 on steady traffic, what a shift
+    /// moves while it is under way) in [`Rebalancer::poll_window`], none in [`propose`]; 0: fit
+    /// the window.
+    pub load_drift: Option<f64>,
 }
 
 impl Default for RebalanceConfig {
@@ -125,6 +134,7 @@ impl Default for RebalanceConfig {
             period_s: None,
             shift_distance: 0.05,
             min_replicas: 1,
+            load_drift: None,
         }
     }
 }
@@ -171,6 +181,9 @@ impl RebalanceConfig {
         }
         if self.min_replicas == 0 {
             return bad("min_replicas must be at least 1".into());
+        }
+        if let Some(d) = self.load_drift.filter(|d| !(d.is_finite() && *d >= 0.0)) {
+            return bad(format!("load_drift {d} is not a finite non-negative number"));
         }
         if let Some(p) = self.period_s.filter(|p| !(p.is_finite() && *p > 0.0)) {
             return bad(format!("period_s {p} is not a positive number of seconds"));
@@ -272,12 +285,12 @@ pub fn moves(a: &Placement, b: &Placement) -> usize {
 /// count, or a negative / non-finite entry), or a `current` below [`RebalanceConfig::min_replicas`]
 /// whose slots cannot hold that many replicas ([`PlacementError::TooFewSlots`]).
 pub fn propose(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
-    decide(cfg, current, load, true, cfg.move_budget())
+    decide(cfg, current, load, true, cfg.move_budget(), cfg.load_drift.unwrap_or(0.0))
 }
 
 /// [`propose`] without the threshold gate (the margin still applies): the periodic re-check.
 pub fn propose_ungated(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
-    decide(cfg, current, load, false, cfg.move_budget())
+    decide(cfg, current, load, false, cfg.move_budget(), cfg.load_drift.unwrap_or(0.0))
 }
 
 fn check_load(current: &Placement, load: &[Vec<f64>]) -> Result<(), PlacementError> {
@@ -296,7 +309,14 @@ fn check_load(current: &Placement, load: &[Vec<f64>]) -> Result<(), PlacementErr
     Ok(())
 }
 
-fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: bool, budget: usize) -> Result<Option<Proposal>, PlacementError> {
+fn decide(
+    cfg: &RebalanceConfig,
+    current: &Placement,
+    load: &[Vec<f64>],
+    gated: bool,
+    budget: usize,
+    drift: f64,
+) -> Result<Option<Proposal>, PlacementError> {
     cfg.validate()?;
     current.validate()?;
     check_load(current, load)?;
@@ -315,7 +335,7 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
     if repair == 0 && gated && before >= cfg.threshold {
         return Ok(None);
     }
-    let layers = plan(&base, load, budget.saturating_sub(repair), cfg.target, floor);
+    let layers = plan(&base, load, budget.saturating_sub(repair), cfg.target, floor, drift);
     let mut next = base.clone();
     for (l, ranks) in layers.into_iter().enumerate() {
         // Safety net: a layer never leaves worse than it came (the greedy guarantees it; floating
@@ -333,7 +353,8 @@ fn decide(cfg: &RebalanceConfig, current: &Placement, load: &[Vec<f64>], gated: 
     let per_layer_moves: Vec<usize> =
         diff(current, &next).iter().map(|layer| layer.iter().map(Vec::len).sum()).collect();
     let moves: usize = per_layer_moves.iter().sum();
-    if moves == 0 || (repair == 0 && after - before < cfg.margin) {
+    // A migration must pay in the window's own balance (drift planning alone moves nothing).
+    if moves == 0 || (repair == 0 && (after <= before || after - before < cfg.margin)) {
         return Ok(None);
     }
     Ok(Some(Proposal {
@@ -381,11 +402,18 @@ impl Rebalancer {
 
     /// The decision at time `now_s` for `current` under the windowed `load`.
     pub fn poll(&mut self, now_s: f64, current: &Placement, load: &[Vec<f64>]) -> Result<Option<Proposal>, PlacementError> {
-        self.poll_spaced(now_s, current, load, self.cfg.min_interval_s)
+        self.poll_spaced(now_s, current, load, self.cfg.min_interval_s, self.cfg.load_drift.unwrap_or(0.0))
     }
 
     /// [`Rebalancer::poll`] with epochs at least `min_interval_s` apart.
-    fn poll_spaced(&mut self, now_s: f64, current: &Placement, load: &[Vec<f64>], min_interval_s: f64) -> Result<Option<Proposal>, PlacementError> {
+    fn poll_spaced(
+        &mut self,
+        now_s: f64,
+        current: &Placement,
+        load: &[Vec<f64>],
+        min_interval_s: f64,
+        drift: f64,
+    ) -> Result<Option<Proposal>, PlacementError> {
         if !now_s.is_finite() {
             return Err(PlacementError::Invalid(format!("rebalance poll at time {now_s}")));
         }
@@ -393,7 +421,7 @@ impl Rebalancer {
             return Ok(None);
         }
         let periodic = self.cfg.period_s.is_some_and(|p| self.last_check_s.is_none_or(|t| now_s - t >= p));
-        let proposal = decide(&self.cfg, current, load, !periodic, self.cfg.move_budget_over(min_interval_s))?;
+        let proposal = decide(&self.cfg, current, load, !periodic, self.cfg.move_budget_over(min_interval_s), drift)?;
         if periodic || proposal.is_some() {
             self.last_check_s = Some(now_s);
         }
@@ -411,12 +439,13 @@ impl Rebalancer {
     /// its start, and the load goes on moving. The proposal says which.
     pub fn poll_window(&mut self, now_s: f64, current: &Placement, window: &LoadWindow) -> Result<Option<Proposal>, PlacementError> {
         // Below three times what sampling alone gives, a distance tells nothing (little traffic).
+        let drift = self.cfg.load_drift.unwrap_or_else(|| window.observed_drift());
         if window.shift_distance() < self.cfg.shift_distance.max(3.0 * window.shift_distance_noise()) {
-            return self.poll(now_s, current, window.load());
+            return self.poll_spaced(now_s, current, window.load(), self.cfg.min_interval_s, drift);
         }
         let spacing = self.cfg.min_interval_s * RECENT_HALF_LIFE_FRACTION;
         let ahead = window.trend_load(spacing);
-        Ok(self.poll_spaced(now_s, current, &ahead, spacing)?.map(|p| Proposal { during_shift: true, ..p }))
+        Ok(self.poll_spaced(now_s, current, &ahead, spacing, drift)?.map(|p| Proposal { during_shift: true, ..p }))
     }
 }
 
@@ -453,6 +482,9 @@ struct LayerState<'a> {
     order: Vec<usize>,
     /// Fewest replicas an expert may be left with (`min_replicas`, at least 1).
     floor: usize,
+    /// `k` of the drift-inflated replica weight `w + k w²` ([`crate::robust::drift_curvature`]),
+    /// fixed for the layer's whole plan; 0 without drift.
+    curvature: f64,
 }
 
 /// Per-rank load changes of one candidate change.
@@ -498,7 +530,7 @@ struct Best {
 }
 
 impl<'a> LayerState<'a> {
-    fn new(ranks: Vec<Vec<usize>>, load: &'a [f64], floor: usize) -> Self {
+    fn new(ranks: Vec<Vec<usize>>, load: &'a [f64], floor: usize, drift: f64) -> Self {
         let mut s = Self {
             load,
             ranks,
@@ -507,9 +539,28 @@ impl<'a> LayerState<'a> {
             rank_load: Vec::new(),
             order: Vec::new(),
             floor: floor.max(1),
+            curvature: 0.0,
         };
         s.refresh();
+        let per_replica: Vec<f64> = (0..load.len()).map(|e| load[e] / s.count[e].max(1) as f64).collect();
+        let max_normal = crate::robust::expected_max_normal(s.ranks.len());
+        if let Some((k, _)) = crate::robust::drift_curvature(&per_replica, &s.count, s.ranks.len(), drift, max_normal) {
+            s.curvature = k;
+            s.refresh();
+        }
         s
+    }
+
+    /// What one of `copies` replicas of expert `e` weighs: its share of the load, inflated for
+    /// drift.
+    fn weigh(&self, e: usize, copies: f64) -> f64 {
+        let w = self.load[e] / copies.max(1.0);
+        w + self.curvature * w * w
+    }
+
+    /// The layer's max rank load under the sampled loads (no drift).
+    fn nominal_max(&self) -> f64 {
+        max_of(&rank_loads(&self.ranks, self.load))
     }
 
     fn refresh(&mut self) {
@@ -528,7 +579,7 @@ impl<'a> LayerState<'a> {
                 }
             }
         }
-        self.rank_load = rank_loads(&self.ranks, self.load);
+        self.rank_load = self.ranks.iter().map(|slots| slots.iter().map(|&e| self.weigh(e, self.count[e] as f64)).sum()).collect();
         self.order = (0..self.ranks.len()).collect();
         let rl = &self.rank_load;
         self.order.sort_by(|&a, &b| rl[b].total_cmp(&rl[a]).then(a.cmp(&b)));
@@ -539,7 +590,7 @@ impl<'a> LayerState<'a> {
     }
 
     fn share(&self, e: usize) -> f64 {
-        self.load[e] / self.count[e].max(1) as f64
+        self.weigh(e, self.count[e] as f64)
     }
 
     fn apply(&mut self, mv: Move) {
@@ -562,18 +613,18 @@ impl<'a> LayerState<'a> {
     /// New max rank load and change of Σ load² when `rank`'s slot `slot` takes expert `y`.
     fn eval_replace(&self, rank: usize, slot: usize, y: usize, sc: &mut Scratch) -> (f64, f64) {
         let z = self.ranks[rank][slot];
-        let (n, cz, cy) = (self.load, self.count[z] as f64, self.count[y] as f64);
+        let (cz, cy) = (self.count[z] as f64, self.count[y] as f64);
         sc.reset(self.ranks.len());
-        sc.add(rank, n[y] / (cy + 1.0) - n[z] / cz);
+        sc.add(rank, self.weigh(y, cy + 1.0) - self.weigh(z, cz));
         if cz > 1.0 {
-            let dz = n[z] / (cz - 1.0) - n[z] / cz;
+            let dz = self.weigh(z, cz - 1.0) - self.weigh(z, cz);
             for &h in &self.hosts[z] {
                 if h != rank {
                     sc.add(h, dz);
                 }
             }
         }
-        let dy = n[y] / (cy + 1.0) - n[y] / cy.max(1.0);
+        let dy = self.weigh(y, cy + 1.0) - self.weigh(y, cy);
         for &h in &self.hosts[y] {
             sc.add(h, dy);
         }
@@ -642,7 +693,7 @@ impl<'a> LayerState<'a> {
         // [`HEAVY`] most loaded other ranks (whose load its new replica relieves).
         let mut ys: Vec<usize> = Vec::new();
         if on_m.iter().any(|&x| self.count[x] > self.floor) {
-            let grown = |e: usize| self.load[e] / (self.count[e] + 1) as f64;
+            let grown = |e: usize| self.weigh(e, (self.count[e] + 1) as f64);
             let mut by_share: Vec<usize> = (0..self.load.len()).collect();
             by_share.sort_by(|&a, &b| grown(a).total_cmp(&grown(b)).then(a.cmp(&b)));
             ys.extend(by_share.into_iter().take(DESTINATIONS));
@@ -658,7 +709,7 @@ impl<'a> LayerState<'a> {
             }
             let sx = self.share(x);
             for &y in &ys {
-                if on_m.contains(&y) || self.load[y] / (self.count[y] + 1) as f64 > sx {
+                if on_m.contains(&y) || self.weigh(y, (self.count[y] + 1) as f64) > sx {
                     continue;
                 }
                 let (nm, dsq) = self.eval_replace(m, slot, y, sc);
@@ -723,13 +774,15 @@ fn next_bundle<'a>(layer: &LayerState<'a>, budget: usize, sc: &mut Scratch) -> O
 
 /// The improved slots of every layer of `current` under `load`, spending at most `budget` moves.
 /// No replace leaves an expert with fewer than `floor` replicas.
-pub(crate) fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64, floor: usize) -> Vec<Vec<Vec<usize>>> {
+/// Moves are chosen on replica weights inflated for `drift` (see [`RebalanceConfig::load_drift`]);
+/// `target` is checked on the sampled loads.
+pub(crate) fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target: f64, floor: usize, drift: f64) -> Vec<Vec<Vec<usize>>> {
     let nr = current.num_ranks().max(1) as f64;
     let mut states: Vec<LayerState> =
-        current.layers.iter().zip(load).map(|(l, row)| LayerState::new(l.ranks.clone(), row, floor)).collect();
+        current.layers.iter().zip(load).map(|(l, row)| LayerState::new(l.ranks.clone(), row, floor, drift)).collect();
     let means: Vec<f64> = load.iter().map(|row| row.iter().sum::<f64>() / nr).collect();
     let sum_mean: f64 = means.iter().sum();
-    let mut maxes: Vec<f64> = states.iter().map(LayerState::max).collect();
+    let mut maxes: Vec<f64> = states.iter().map(LayerState::nominal_max).collect();
     let mut sc = Scratch::default();
     let mut remaining = budget;
     let mut bundles: Vec<Option<Bundle>> = states.iter().map(|s| next_bundle(s, remaining, &mut sc)).collect();
@@ -763,7 +816,7 @@ pub(crate) fn plan(current: &Placement, load: &[Vec<f64>], budget: usize, target
         let Some(b) = bundles[l].take() else { break };
         remaining -= b.cost;
         states[l] = b.state;
-        maxes[l] = states[l].max();
+        maxes[l] = states[l].nominal_max();
         bundles[l] = next_bundle(&states[l], remaining, &mut sc);
     }
     states.into_iter().map(|s| s.ranks).collect()

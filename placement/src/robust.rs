@@ -132,6 +132,55 @@ pub fn shrink_loads(stats: &RoutingStats, trace: &RoutingTrace, resamples: usize
 /// domain 0.05–0.08.
 pub const DEFAULT_DRIFT: f64 = 1.0;
 
+/// Per-replica loads inflated for drift, and the offset every rank adds: the linear form of
+/// "mean + c · sd" of a rank's load when every expert's load `w` drifts by a mean-one factor of
+/// variance `s² = e^{drift²} − 1` (so a rank's variance is `V_r = s² Σ w_i²` over its replicas).
+/// `sqrt(V_r)` linearised at the mean rank variance V̄ is `sqrt(V̄)/2 + V_r / (2 sqrt(V̄))`: each
+/// replica of load `w` weighs `w + c s² w² / (2 sqrt(V̄))` and every rank adds `c sqrt(V̄) / 2`,
+/// with `c = max_normal`, E[max of as many standard normals as ranks]
+/// ([`expected_max_normal`]). Heavy replicas weigh more than their load, light ones about their
+/// load. `per_replica[e]` is expert e's load per replica, `copies[e]` its replica count; `None`
+/// when no drift is planned for (`drift` not positive, or no load).
+pub fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(Vec<f64>, f64)> {
+    let (curvature, offset) = drift_curvature(per_replica, copies, ranks, drift, max_normal)?;
+    Some((per_replica.iter().map(|&w| w + curvature * w * w).collect(), offset))
+}
+
+/// The coefficient `k` of [`drift_inflation`]'s `w + k w²` and its per-rank offset.
+pub fn drift_curvature(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(f64, f64)> {
+    if drift.is_nan() || drift <= 0.0 {
+        return None;
+    }
+    let s2 = (drift * drift).exp_m1();
+    let variance: f64 = per_replica.iter().zip(copies).map(|(&w, &c)| s2 * w * w * c as f64).sum();
+    let mean_variance = variance / ranks.max(1) as f64;
+    if !(mean_variance > 0.0 && mean_variance.is_finite()) {
+        return None;
+    }
+    let sd = mean_variance.sqrt();
+    Some((max_normal * s2 / (2.0 * sd), max_normal * sd / 2.0))
+}
+
+/// E[max of n independent standard normals] (0 for n ≤ 1): `∫₀^∞ (1 − Φⁿ(x) − Φⁿ(−x)) dx`, by the
+/// trapezoid rule to x = 10.
+pub fn expected_max_normal(n: usize) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let phi = |x: f64| 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let (h, steps) = (0.01, 1000);
+    let f = |x: f64| 1.0 - phi(x).powi(n as i32) - phi(-x).powi(n as i32);
+    (0..steps).map(|i| 0.5 * h * (f(i as f64 * h) + f((i + 1) as f64 * h))).sum()
+}
+
+/// The error function (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7).
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-x * x).exp();
+    if x >= 0.0 { y } else { -y }
+}
+
 /// Mean-one log-normal drift factors `exp(drift · z − drift² / 2)`, z standard normal:
 /// `[layer][draw][expert]`, `draws` per layer. Layer l draws from its own generator seeded by
 /// `seed ^ l`, so a layer's factors do not depend on how many layers there are. Empty when
@@ -251,5 +300,13 @@ mod tests {
         let (lo, mid, hi) = balancedness_interval(&p, &t, 64, 3);
         assert!(lo <= mid && mid <= hi && lo > 0.0 && hi <= 1.0, "{lo} {mid} {hi}");
         assert!(hi - lo > 0.0, "resamples differ");
+    }
+
+    #[test]
+    fn expected_max_of_normals_matches_known_values() {
+        assert_eq!(expected_max_normal(1), 0.0);
+        assert!((expected_max_normal(2) - 1.0 / std::f64::consts::PI.sqrt()).abs() < 1e-4);
+        assert!((expected_max_normal(4) - 1.029_375).abs() < 1e-4);
+        assert!((expected_max_normal(32) - 2.069_668).abs() < 1e-3);
     }
 }

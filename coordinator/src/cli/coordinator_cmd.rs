@@ -132,6 +132,11 @@ pub struct SchedulerArgs {
     /// two windows show, with epochs at a quarter of the minimum interval.
     #[arg(long, default_value_t = placement::rebalance::RebalanceConfig::default().shift_distance)]
     pub rebalance_shift_distance: f64,
+    /// Log-normal drift of expert loads the rebalancer's moves plan for (as `place solve
+    /// --load-drift`): heavy experts are split and spread, not paired to fit the window. Default:
+    /// the drift the live window shows (about 0 on steady traffic); 0 fits the window.
+    #[arg(long)]
+    pub rebalance_load_drift: Option<f64>,
     /// Most expert slots moved per epoch (default 16 per MoE layer).
     #[arg(long)]
     pub rebalance_max_moves: Option<usize>,
@@ -167,6 +172,7 @@ impl SchedulerArgs {
         cfg.min_interval_s = self.rebalance_min_interval;
         cfg.period_s = self.rebalance_period;
         cfg.shift_distance = self.rebalance_shift_distance;
+        cfg.load_drift = self.rebalance_load_drift;
         if let Some(m) = self.rebalance_max_moves {
             cfg.max_moves = m;
         }
@@ -201,6 +207,9 @@ impl SchedulerArgs {
         ]);
         if let Some(p) = self.rebalance_period {
             a.push(format!("--rebalance-period={p}"));
+        }
+        if let Some(d) = self.rebalance_load_drift {
+            a.push(format!("--rebalance-load-drift={d}"));
         }
         if let Some(m) = self.rebalance_max_moves {
             a.push(format!("--rebalance-max-moves={m}"));

@@ -604,6 +604,10 @@ struct ReplayArgs {
     /// window's, a shift is under way: decide on the trend the two windows show.
     #[arg(long, default_value_t = placement::rebalance::RebalanceConfig::default().shift_distance)]
     shift_distance: f64,
+    /// Log-normal drift of expert loads the rebalancer's moves plan for (default: what the live
+    /// window shows; 0: fit the window).
+    #[arg(long)]
+    rebalance_drift: Option<f64>,
     /// Migration bandwidth budget (GB/s): an epoch loads at most this x --min-interval.
     #[arg(long, requires = "rebalance")]
     max_migration_gbps: Option<f64>,
@@ -701,6 +705,7 @@ fn replay_cmd(a: SimulateArgs) -> anyhow::Result<ExitCode> {
         period_s: r.period,
         shift_distance: r.shift_distance,
         min_replicas: 1,
+        load_drift: r.rebalance_drift,
     };
     let cfg = SimConfig {
         tokens_per_step: r.tokens_per_step,

@@ -182,6 +182,26 @@ fn hand_worked_replica_move() {
     assert_eq!(propose(&cfg, &current, &load).unwrap(), Some(p), "deterministic");
 }
 
+/// Loads 6 6 4 4 3 3 1 1 on 2 ranks x 4 slots from {4,6,6,1} | {4,3,3,1} (17 | 11): swapping a 4
+/// for a 1 ({6,6,1,1} | {4,4,3,3}, found first) and a 6 for a 3 ({6,4,3,1} twice) both balance the
+/// window exactly; planning for drift takes the second, which still holds when the loads move.
+#[test]
+fn drift_planning_spreads_the_heavy_experts() {
+    let load = vec![vec![6.0, 6.0, 4.0, 4.0, 3.0, 3.0, 1.0, 1.0]];
+    let current = Placement::new(8, Topology::uniform(2, 1).unwrap(), vec![LayerPlacement { ranks: vec![vec![2, 0, 1, 6], vec![3, 4, 5, 7]] }]);
+    let heavy_apart = |ranks: &[Vec<usize>]| ranks.iter().all(|r| r.contains(&0) != r.contains(&1));
+    for drift in [0.0, 1.0] {
+        let planned = plan(&current, &load, 2, 1.0, 1, drift);
+        eprintln!("drift {drift}: {planned:?}");
+        assert_eq!(layer_max(&planned[0], &load[0]), 14.0, "drift {drift}: balanced");
+        assert_eq!(heavy_apart(&planned[0]), drift > 0.0, "drift {drift}: the two 6s apart only with drift: {planned:?}");
+    }
+    // The default (no drift outside a live window) and a drift asked for explicitly.
+    let cfg = RebalanceConfig { max_moves: 2, margin: 0.0, ..RebalanceConfig::default() };
+    let p = propose(&RebalanceConfig { load_drift: Some(1.0), ..cfg }, &current, &load).unwrap().expect("17 | 11 is unbalanced");
+    assert!(heavy_apart(&p.placement.layers[0].ranks), "{:?}", p.placement.layers[0].ranks);
+}
+
 #[test]
 fn only_swaps_when_nothing_is_redundant() {
     // 2 ranks x 2 slots, 4 experts, no spare slot: only swaps (2 moves) can help.

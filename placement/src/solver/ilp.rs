@@ -351,47 +351,10 @@ struct Ctx<'a> {
     accept_cap: Vec<Balance>,
 }
 
-/// [`Ctx::drifted_weights`] for per-replica loads `per_replica` of experts with `copies` replicas
-/// on `ranks` ranks; `max_normal` is E[max of `ranks` standard normals].
-fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(Vec<f64>, f64)> {
-    if drift.is_nan() || drift <= 0.0 {
-        return None;
-    }
-    let s2 = (drift * drift).exp_m1();
-    let variance: f64 = per_replica.iter().zip(copies).map(|(&w, &c)| s2 * w * w * c as f64).sum();
-    let mean_variance = variance / ranks.max(1) as f64;
-    if mean_variance <= 0.0 {
-        return None;
-    }
-    let sd = mean_variance.sqrt();
-    let inflated = per_replica.iter().map(|&w| w + max_normal * s2 * w * w / (2.0 * sd)).collect();
-    Some((inflated, max_normal * sd / 2.0))
-}
-
 /// Drifts drawn per layer to judge candidate layers by ([`Ctx::judged_balance`]), and their seed:
 /// fixed, so a solve is deterministic.
 const DRIFT_DRAWS: usize = 256;
 const DRIFT_SEED: u64 = 0xd81f7;
-
-/// E[max of n independent standard normals] (0 for n ≤ 1): `∫₀^∞ (1 − Φⁿ(x) − Φⁿ(−x)) dx`, by the
-/// trapezoid rule to x = 10.
-fn expected_max_normal(n: usize) -> f64 {
-    if n <= 1 {
-        return 0.0;
-    }
-    let phi = |x: f64| 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
-    let (h, steps) = (0.01, 1000);
-    let f = |x: f64| 1.0 - phi(x).powi(n as i32) - phi(-x).powi(n as i32);
-    (0..steps).map(|i| 0.5 * h * (f(i as f64 * h) + f((i + 1) as f64 * h))).sum()
-}
-
-/// The error function (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7).
-fn erf(x: f64) -> f64 {
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let y = 1.0 - poly * (-x * x).exp();
-    if x >= 0.0 { y } else { -y }
-}
 
 /// Per-replica load growth tried for locality-driven replica counts (home mode), in order.
 const LOCALITY_STRETCH: [f64; 2] = [1.5, 1.0];
@@ -440,7 +403,7 @@ impl Ctx<'_> {
     /// drift spreads the heavy ones, which is what an exact fit of the sample need not do.
     fn drifted_weights(&self, l: usize, copies: &[usize]) -> Option<(Vec<f64>, f64)> {
         let per_replica: Vec<f64> = self.stats.load[l].iter().zip(copies).map(|(&x, &c)| x / c.max(1) as f64).collect();
-        drift_inflation(&per_replica, copies, self.opts.topology.num_ranks(), self.opts.load_drift, self.max_normal)
+        crate::robust::drift_inflation(&per_replica, copies, self.opts.topology.num_ranks(), self.opts.load_drift, self.max_normal)
     }
 
     /// Balance of layer `l` placed as `ranks` as a candidate is judged: under the sampled loads,
@@ -866,7 +829,7 @@ pub(crate) fn solve(
             Mode::Home => (0..nl).map(|l| stats.expected_node_demand(l, &topo.nodes)).collect(),
             Mode::Affinity => Vec::new(),
         },
-        max_normal: expected_max_normal(topo.num_ranks()),
+        max_normal: crate::robust::expected_max_normal(topo.num_ranks()),
         load_cap: Vec::new(),
         drift_factors: crate::robust::drift_factors(stats.num_layers, stats.num_experts, DRIFT_DRAWS, opts.load_drift, DRIFT_SEED),
         accept_cap: Vec::new(),
@@ -987,14 +950,6 @@ pub(crate) fn solve(
 mod tests {
     use super::*;
 
-    #[test]
-    fn expected_max_of_normals_matches_known_values() {
-        assert_eq!(expected_max_normal(1), 0.0);
-        assert!((expected_max_normal(2) - 1.0 / std::f64::consts::PI.sqrt()).abs() < 1e-4);
-        assert!((expected_max_normal(4) - 1.029_375).abs() < 1e-4);
-        assert!((expected_max_normal(32) - 2.069_668).abs() < 1e-3);
-    }
-
     /// Loads 6 6 4 4 3 3 1 1 on 2 ranks x 4 slots: {6,6,1,1} | {4,4,3,3} and {6,4,3,1} | {6,4,3,1}
     /// both balance the sample exactly, but only the second holds when loads drift.
     #[test]
@@ -1013,7 +968,7 @@ mod tests {
             initial: fragile.clone(),
             spread_cap: None,
         };
-        let (drifted, offset) = drift_inflation(&weights, &copies, 2, 1.0, expected_max_normal(2)).expect("drift planned");
+        let (drifted, offset) = crate::robust::drift_inflation(&weights, &copies, 2, 1.0, crate::robust::expected_max_normal(2)).expect("drift planned");
         assert!(drifted[0] / weights[0] > drifted[7] / weights[7], "heavy replicas weigh more than their load");
         let robust = problem(drifted, offset).solve(&Goal::MinLoad, 5.0).expect("solves");
         assert_eq!(robust.balance.nominal, 14.0, "still an exact fit of the sample");
@@ -1023,6 +978,6 @@ mod tests {
         // Without drift, the fragile start is already optimal and stays.
         let fit = problem(Vec::new(), 0.0).solve(&Goal::MinLoad, 5.0).expect("solves");
         assert_eq!(fit.balance.nominal, 14.0);
-        assert!(drift_inflation(&weights, &copies, 2, 0.0, 1.0).is_none());
+        assert!(crate::robust::drift_inflation(&weights, &copies, 2, 0.0, 1.0).is_none());
     }
 }
