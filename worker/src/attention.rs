@@ -17,6 +17,9 @@ pub struct LayerKv {
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     len: usize,
+    /// Unique in this process (a clone keeps it): names the sequence to the ranks that hold
+    /// copies of its keys and values (the affinity data path).
+    id: u64,
     /// per token: kv heads × key dim, kv heads × value dim
     k_row: usize,
     v_row: usize,
@@ -24,7 +27,23 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize, kv_heads: usize, k_dim: usize, v_dim: usize) -> Self {
-        KvCache { layers: vec![LayerKv::default(); n_layers], len: 0, k_row: kv_heads * k_dim, v_row: kv_heads * v_dim }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        KvCache { layers: vec![LayerKv::default(); n_layers], len: 0, id, k_row: kv_heads * k_dim, v_row: kv_heads * v_dim }
+    }
+
+    /// A cache with the given id (this rank's copy of another rank's sequence).
+    pub(crate) fn with_id(id: u64, n_layers: usize, kv_heads: usize, k_dim: usize, v_dim: usize) -> Self {
+        KvCache { id, ..KvCache::new(n_layers, kv_heads, k_dim, v_dim) }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Floats of one token's keys and values in one layer.
+    pub fn row_sizes(&self) -> (usize, usize) {
+        (self.k_row, self.v_row)
     }
 
     /// Tokens held.

@@ -195,7 +195,8 @@ impl Engine {
 
     /// Remove a request; `Ok(true)` if it existed.
     pub fn abort(&mut self, id: RequestId) -> bool {
-        if self.running.remove(&id).is_some() {
+        if let Some(s) = self.running.remove(&id) {
+            self.executor.release_sequence(s.cache.id());
             return true;
         }
         let before = self.waiting.len();
@@ -279,7 +280,10 @@ impl Engine {
                 .zip(&inputs)
                 .map(|((_, s), toks)| SeqInput { tokens: toks, cache: &mut s.cache })
                 .collect();
-            self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref())
+            match self.executor.forward_step(&self.model, &mut seqs, LogitsMode::Last) {
+                Some(out) => out,
+                None => self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref()),
+            }
         };
         let out = match out {
             Ok(out) => out,
@@ -326,7 +330,9 @@ impl Engine {
             }
         }
         for id in done {
-            self.running.remove(&id);
+            if let Some(s) = self.running.remove(&id) {
+                self.executor.release_sequence(s.cache.id());
+            }
         }
         Ok(events)
     }

@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "datapath.rs"]
+mod datapath;
+pub use datapath::DataPath;
+
 /// `placement[moe_layer][rank]` → the experts of `rank` in that layer, as loader input.
 pub fn experts_of_rank(placement: &[Vec<Vec<usize>>], rank: usize) -> Vec<Vec<usize>> {
     placement.iter().map(|l| l.get(rank).cloned().unwrap_or_default()).collect()
@@ -114,6 +118,14 @@ pub struct EpTimers {
     pub dropped_rows: AtomicU64,
     /// (token, expert) assignments the capacity option sent to the token's next-best expert.
     pub rerouted_rows: AtomicU64,
+    /// Bytes of keys and values sent to the coherence group (affinity data path; also counted in
+    /// `alltoall_bytes`).
+    pub kv_gather_bytes: AtomicU64,
+    /// Bytes of the copies of group peers' KV caches held now (affinity data path).
+    pub kv_mirror_bytes: AtomicU64,
+    /// Tokens whose MoE combine landed on another rank than the one that held them (affinity
+    /// data path).
+    pub tokens_moved: AtomicU64,
 }
 
 /// Hears the duration and bytes sent of every dispatch/combine all-to-all (metrics).
@@ -228,6 +240,10 @@ pub struct EpExecutor {
     projected_observer: Mutex<Option<Arc<dyn Fn(Duration) + Send + Sync>>>,
     /// Projected step times (µs) not yet taken ([`EpExecutor::take_projected_steps`]).
     projected_steps: RecentSteps<4096>,
+    /// Where MoE outputs are combined; every rank of a group must set the same.
+    data_path: Mutex<DataPath>,
+    /// The affinity path's KV copies of group peers' sequences.
+    follow: Mutex<datapath::FollowState>,
 }
 
 /// This rank's CPU time per compute segment of the current step: the work between consecutive
@@ -315,6 +331,8 @@ impl EpExecutor {
             background_cpu_us: AtomicU64::new(0),
             projected_observer: Mutex::new(None),
             projected_steps: RecentSteps::default(),
+            data_path: Mutex::new(DataPath::Home),
+            follow: Mutex::new(datapath::FollowState::default()),
         })
     }
 
@@ -540,8 +558,25 @@ impl EpExecutor {
         self.projected_steps.take()
     }
 
-    /// Join every MoE layer's collectives with zero tokens (a rank without work in a busy step).
+    /// The data path every forward takes from the next step on (see [`DataPath`]); every rank of
+    /// a group must set the same, between steps. Load-aware replica choice and the capacity
+    /// option apply to the home path only.
+    pub fn set_data_path(&self, path: DataPath) {
+        if let Ok(mut p) = self.data_path.lock() {
+            *p = path;
+        }
+    }
+
+    pub fn data_path(&self) -> DataPath {
+        *self.data_path.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Join a busy step without sequences of this rank: every MoE layer's collectives with zero
+    /// tokens (home path), or a whole forward that may hold peers' tokens (affinity path).
     pub fn idle_forward(&self, model: &Model) -> Result<()> {
+        if self.affinity_applies(model) {
+            return self.forward_affinity(model, &mut [], crate::model::LogitsMode::Last).map(|_| ());
+        }
         let empty = Routing::empty(model.config.router.top_k);
         for layer in model.moe_layers() {
             self.run(layer, &[], 0, &empty)?;
@@ -742,6 +777,12 @@ impl EpExecutor {
         self.load_aware.store(on, Ordering::Relaxed);
     }
 
+    /// Whether forwards take the affinity path: it is set, and tokens have somewhere to go (a
+    /// group of several ranks, a model with MoE layers).
+    fn affinity_applies(&self, model: &Model) -> bool {
+        matches!(self.data_path(), DataPath::Affinity { .. }) && self.world > 1 && model.moe_layers().next().is_some()
+    }
+
     fn a2a(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, b)| b.len() as u64).sum();
         let t0 = Instant::now();
@@ -770,6 +811,21 @@ impl ExpertExecutor for EpExecutor {
     /// Under the capacity option, as many next-best experts as the router chooses (top-k).
     fn routing_alternates(&self, layer: &MoeLayer) -> usize {
         if self.capacity().is_some() { layer.router.cfg.top_k } else { 0 }
+    }
+
+    fn forward_step(
+        &self,
+        model: &Model,
+        seqs: &mut [crate::model::SeqInput],
+        mode: crate::model::LogitsMode,
+    ) -> Option<Result<crate::model::ForwardOutput>> {
+        self.affinity_applies(model).then(|| self.forward_affinity(model, seqs, mode))
+    }
+
+    fn release_sequence(&self, cache: u64) {
+        if let Ok(mut f) = self.follow.lock() {
+            f.release(cache);
+        }
     }
 
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {

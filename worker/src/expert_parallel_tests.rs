@@ -280,3 +280,101 @@ fn projected_steps_agree_across_ranks_and_count_only_busy_steps() {
     assert_eq!(got[0], got[1], "ranks disagree on the projection");
     assert!(got[0][0] > 0, "a 64-token forward projected at 0 µs");
 }
+
+/// `world` ranks in this process, each with an engine serving `prompts[r]` (several streams per
+/// rank, prompts of different lengths, chunked prefill) stepped together as the rank loop does,
+/// on `path`: the greedy tokens of every request, and every rank's timers.
+fn serve_group(
+    dir: &Path,
+    placement: &[Vec<Vec<usize>>],
+    prompts: Vec<Vec<Vec<u32>>>,
+    max_tokens: usize,
+    path: DataPath,
+) -> Vec<(Vec<Vec<u32>>, u64, u64, u64, u64, u64)> {
+    let world = placement[0].len();
+    let n_e = crate::ModelConfig::from_dir(dir).expect("config").router.n_experts;
+    let mesh = TcpTransport::local_mesh(world, Duration::from_secs(30)).expect("mesh");
+    let handles: Vec<_> = mesh
+        .into_iter()
+        .zip(prompts)
+        .map(|(t, prompts)| {
+            let (placement, dir) = (placement.to_vec(), dir.to_path_buf());
+            std::thread::spawn(move || {
+                let r = t.rank();
+                let mut m = Model::load(&dir, &LoadOptions { experts: Some(experts_of_rank(&placement, r)) }).expect("load slots");
+                let experts = m.take_routed_experts();
+                let m = Arc::new(m);
+                let ex = Arc::new(EpExecutor::new(Box::new(t), &placement, n_e, vec![0; world], experts).expect("ep"));
+                ex.set_data_path(path);
+                let mut engine = crate::engine::Engine::new(m.clone(), crate::engine::EngineConfig { max_seqs: 8, max_batch_tokens: 5 });
+                engine.set_executor(ex.clone());
+                let ids: Vec<_> = prompts.iter().map(|p| engine.add_request(crate::engine::Request::new(p.clone(), max_tokens)).expect("add")).collect();
+                let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+                while ex.exchange_step(engine.has_work()).expect("header") {
+                    if engine.has_work() {
+                        for ev in engine.step().expect("step") {
+                            out.entry(ev.id).or_default().extend(ev.token);
+                        }
+                    } else {
+                        ex.idle_forward(&m).expect("idle");
+                    }
+                }
+                let t = &ex.timers;
+                let tokens = ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect();
+                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                (tokens, ld(&t.local_rows), ld(&t.remote_rows), ld(&t.alltoall_bytes), ld(&t.kv_gather_bytes), ld(&t.tokens_moved))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank")).collect()
+}
+
+/// The affinity data path gives the single-process greedy tokens with concurrent streams on
+/// every rank (prefill chunks stay home, decodes move), with contiguous and replicated
+/// placements and coherence groups smaller than the world; the home path alike. With a
+/// placement whose consecutive experts share ranks, rows stay local.
+#[test]
+fn affinity_data_path_serves_the_single_process_tokens() {
+    for fixture_name in ["mixtral", "qwen3_moe", "deepseek_v3"] {
+        let dir = fixture(fixture_name);
+        let full = Model::load(&dir, &LoadOptions::default()).expect("load");
+        let c = &full.config;
+        let (layers, n_e, vocab) = (full.moe_layers().count(), c.router.n_experts, c.vocab_size as u32);
+        let max_tokens = 6;
+        let prompt = |r: usize, i: usize| -> Vec<u32> { (0..(3 + 2 * i + r)).map(|j| ((7 * j + 11 * i + 5 * r + 1) as u32) % vocab).collect() };
+        let want = |p: &[u32]| full.generate_greedy(p, max_tokens).expect("greedy");
+        for world in [2usize, 4] {
+            let prompts: Vec<Vec<Vec<u32>>> = (0..world).map(|r| (0..3).map(|i| prompt(r, i)).collect()).collect();
+            let contiguous = contiguous(layers, n_e, world);
+            // Every expert on two ranks: replica choice applies.
+            let replicated: Vec<Vec<Vec<usize>>> = contiguous
+                .iter()
+                .map(|l| (0..world).map(|r| l[r].iter().chain(&l[(r + 1) % world]).copied().collect()).collect())
+                .collect();
+            let cases = [
+                ("home / contiguous", DataPath::Home, &contiguous),
+                ("affinity / contiguous", DataPath::Affinity { group: 0 }, &contiguous),
+                ("affinity / replicated", DataPath::Affinity { group: 0 }, &replicated),
+                ("affinity:2 / replicated", DataPath::Affinity { group: 2 }, &replicated),
+            ];
+            for (name, path, placement) in cases {
+                let runs = serve_group(&dir, placement, prompts.clone(), max_tokens, path);
+                for (r, (tokens, ..)) in runs.iter().enumerate() {
+                    for (i, got) in tokens.iter().enumerate() {
+                        assert_eq!(got, &want(&prompts[r][i]), "{fixture_name} x{world} {name}: rank {r} request {i}");
+                    }
+                }
+                let kv: u64 = runs.iter().map(|r| r.4).sum();
+                let moved: u64 = runs.iter().map(|r| r.5).sum();
+                let (local, remote): (u64, u64) = (runs.iter().map(|r| r.1).sum(), runs.iter().map(|r| r.2).sum());
+                eprintln!("{fixture_name} x{world} {name}: {moved} tokens moved, {local} rows local, {remote} remote, {kv} KV bytes");
+                assert_eq!(kv > 0, path != DataPath::Home, "{fixture_name} x{world} {name}: KV exchanged only on the affinity path");
+                if path == DataPath::Home {
+                    assert_eq!(moved, 0, "{fixture_name} x{world} {name}: tokens stay home");
+                } else if std::ptr::eq(placement, &contiguous) {
+                    assert!(moved > 0, "{fixture_name} x{world} {name}: tokens follow their primary experts");
+                }
+            }
+        }
+    }
+}

@@ -474,7 +474,16 @@ impl Model {
         for (sp, cache) in spans.iter().zip(caches.iter_mut()) {
             cache.set_len(sp.start + sp.n);
         }
-        // Final norm + lm head on the rows we need.
+        Ok(ForwardOutput { logits: self.head(&x, &spans, mode), routing })
+    }
+
+    /// Final norm and lm head over the last hidden states `x` of a batch made of `spans`: per
+    /// sequence `[rows × vocab]` (the last token, or every token).
+    pub(crate) fn head(&self, x: &[f32], spans: &[SeqSpan], mode: LogitsMode) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let t = x.len() / h.max(1);
+        // Only the rows asked for.
         let rows: Vec<usize> = match mode {
             LogitsMode::Last => spans.iter().map(|s| s.offset + s.n - 1).collect(),
             LogitsMode::All => (0..t).collect(),
@@ -496,12 +505,12 @@ impl Model {
                 }
             }
             LogitsMode::All => {
-                for sp in &spans {
+                for sp in spans {
                     per_seq.push(logits[sp.offset * v..(sp.offset + sp.n) * v].to_vec());
                 }
             }
         }
-        Ok(ForwardOutput { logits: per_seq, routing })
+        per_seq
     }
 
     /// Logits of every position of `tokens`, no cache kept (a reference forward).

@@ -376,6 +376,22 @@ pub trait ExpertExecutor: Sync {
     fn routing_alternates(&self, _layer: &MoeLayer) -> usize {
         0
     }
+
+    /// A whole forward of `seqs` when this executor runs it itself (tokens that leave their rank
+    /// between layers, see [`crate::expert_parallel::DataPath::Affinity`]); `None` (default): the
+    /// caller runs [`crate::model::Model::forward_with`] with this executor for the routed experts.
+    fn forward_step(
+        &self,
+        _model: &crate::model::Model,
+        _seqs: &mut [crate::model::SeqInput],
+        _mode: crate::model::LogitsMode,
+    ) -> Option<Result<crate::model::ForwardOutput>> {
+        None
+    }
+
+    /// The sequence whose KV cache has id `cache` ended (finished or aborted): copies of it
+    /// elsewhere can go. Default: nothing to do.
+    fn release_sequence(&self, _cache: u64) {}
 }
 
 /// Runs every routed expert in this process (all needed experts must be loaded).
