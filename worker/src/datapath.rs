@@ -429,6 +429,7 @@ impl EpExecutor {
             return Err(proto_err(format!("MoE layer {li} is not in the placement")));
         }
         let started = std::time::Instant::now();
+        self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         let t = held.len();
         let routing = m.router.route(&xn, t);
         let k = routing.top_k;

@@ -280,10 +280,7 @@ impl Engine {
                 .zip(&inputs)
                 .map(|((_, s), toks)| SeqInput { tokens: toks, cache: &mut s.cache })
                 .collect();
-            match self.executor.forward_step(&self.model, &mut seqs, LogitsMode::Last) {
-                Some(out) => out,
-                None => self.model.forward_with(&mut seqs, LogitsMode::Last, self.executor.as_ref()),
-            }
+            self.model.forward_step(&mut seqs, LogitsMode::Last, self.executor.as_ref())
         };
         let out = match out {
             Ok(out) => out,

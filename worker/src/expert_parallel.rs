@@ -126,6 +126,8 @@ pub struct EpTimers {
     /// Tokens whose MoE combine landed on another rank than the one that held them (affinity
     /// data path).
     pub tokens_moved: AtomicU64,
+    /// MoE layers run (both paths): per layer and step counters are the totals over this.
+    pub moe_layer_calls: AtomicU64,
 }
 
 /// Hears the duration and bytes sent of every dispatch/combine all-to-all (metrics).
@@ -836,6 +838,7 @@ impl ExpertExecutor for EpExecutor {
             return Err(proto_err(format!("MoE layer {li} is not in the placement")));
         }
         let started = Instant::now();
+        self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         // 1. Replica choice; per destination the (token, expert, weight) items in send order.
         let mut items: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); self.world];
         if self.load_aware.load(Ordering::Relaxed) && slots.replicated[li] {

@@ -402,6 +402,15 @@ impl Model {
         self.forward_with(seqs, mode, &LocalExperts)
     }
 
+    /// One forward step through `exec`: the executor's own forward where it runs one (tokens that
+    /// leave their rank between layers), else [`Model::forward_with`].
+    pub fn forward_step(&self, seqs: &mut [SeqInput], mode: LogitsMode, exec: &dyn ExpertExecutor) -> Result<ForwardOutput> {
+        match exec.forward_step(self, seqs, mode) {
+            Some(out) => out,
+            None => self.forward_with(seqs, mode, exec),
+        }
+    }
+
     /// One forward over the concatenation of every sequence's new tokens; attention is per
     /// sequence (against its own cache), the rest runs on the whole batch. Appends to the caches.
     pub fn forward_with(&self, seqs: &mut [SeqInput], mode: LogitsMode, exec: &dyn ExpertExecutor) -> Result<ForwardOutput> {

@@ -442,11 +442,13 @@ impl LoopState {
     fn score_one(&mut self) -> Result<()> {
         let Some(mut job) = self.scoring.pop() else { return Ok(()) };
         let mut cache = self.model.new_cache();
-        let r = self.model.forward_with(
+        let r = self.model.forward_step(
             &mut [SeqInput { tokens: &job.request.prompt, cache: &mut cache }],
             LogitsMode::All,
             self.executor.as_ref(),
         );
+        // The throw-away cache's copies on other ranks (affinity data path) can go.
+        crate::moe::ExpertExecutor::release_sequence(self.executor.as_ref(), cache.id());
         match r {
             Ok(mut out) => {
                 let logits = out.logits.remove(0);

@@ -8,7 +8,7 @@
 //! generation is a `Regroup` on a worker without a rank loop: it loads the model.
 
 use crate::engine::FinishReason;
-use crate::expert_parallel::{EpExecutor, assemble_experts, experts_of_rank};
+use crate::expert_parallel::{DataPath, EpExecutor, assemble_experts, experts_of_rank};
 use crate::model::{LoadOptions, Model};
 use crate::moe::ExpertFfn;
 use crate::rank_loop::{Job, RankEvent, RankLoop, RankLoopConfig, RequestError};
@@ -28,12 +28,16 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 const STEP_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const ROWS_HELP: &str = "(token, expert) rows of this group generation whose dispatch and combine stayed on this rank (local) or crossed to another (remote)";
 const A2A_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
 
 /// A worker's metrics (all prefixed `switchyard_`): `step_seconds` (histogram of busy engine
 /// steps), `projected_step_seconds`, `alltoall_seconds` (histogram of dispatch/combine
 /// collectives), `alltoall_bytes_total`, `placement_epoch`, `group_generation`,
-/// `active_requests`, `engine_steps`, `tokens_total`.
+/// `active_requests`, `engine_steps`, `tokens_total`; the data path's counters of the current
+/// group generation: `moe_rows{where="local"|"remote"}` ((token, expert) rows whose dispatch and
+/// combine stayed on the rank / crossed), `moe_layer_calls`, `tokens_moved`, `kv_exchange_bytes`,
+/// `kv_copy_bytes` (copies of coherence group peers' KV caches held).
 pub struct WorkerMetrics {
     pub registry: Registry,
     pub step_seconds: Histogram,
@@ -45,6 +49,12 @@ pub struct WorkerMetrics {
     pub active: Gauge,
     pub steps: Gauge,
     pub tokens: Counter,
+    pub rows_local: Gauge,
+    pub rows_remote: Gauge,
+    pub moe_layer_calls: Gauge,
+    pub tokens_moved: Gauge,
+    pub kv_exchange_bytes: Gauge,
+    pub kv_copy_bytes: Gauge,
 }
 
 impl WorkerMetrics {
@@ -65,6 +75,16 @@ impl WorkerMetrics {
             active: r.gauge("switchyard_active_requests", "Running and waiting sequences on this rank", &[])?,
             steps: r.gauge("switchyard_engine_steps", "Engine steps since start (busy and idle)", &[])?,
             tokens: r.counter("switchyard_tokens_total", "Tokens generated on this rank", &[])?,
+            rows_local: r.gauge("switchyard_moe_rows", ROWS_HELP, &[("where", "local")])?,
+            rows_remote: r.gauge("switchyard_moe_rows", ROWS_HELP, &[("where", "remote")])?,
+            moe_layer_calls: r.gauge("switchyard_moe_layer_calls", "MoE layers run in this group generation", &[])?,
+            tokens_moved: r.gauge(
+                "switchyard_tokens_moved",
+                "Tokens whose MoE combine landed on another rank, this generation (affinity data path)",
+                &[],
+            )?,
+            kv_exchange_bytes: r.gauge("switchyard_kv_exchange_bytes", "Bytes of keys and values sent to the coherence group, this generation", &[])?,
+            kv_copy_bytes: r.gauge("switchyard_kv_copy_bytes", "Bytes of copies of coherence group peers' KV caches held", &[])?,
             registry: r,
         })
     }
@@ -213,7 +233,16 @@ impl WorkerService {
         m.active.set(rl.stats.active.load(Ordering::Relaxed) as f64);
         m.steps.set(rl.stats.steps.load(Ordering::Relaxed) as f64);
         m.generation.set(rl.stats.generation.load(Ordering::SeqCst) as f64);
-        m.epoch.set(rl.executor().epoch() as f64);
+        let ex = rl.executor();
+        m.epoch.set(ex.epoch() as f64);
+        let t = &ex.timers;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        m.rows_local.set(g(&t.local_rows));
+        m.rows_remote.set(g(&t.remote_rows));
+        m.moe_layer_calls.set(g(&t.moe_layer_calls));
+        m.tokens_moved.set(g(&t.tokens_moved));
+        m.kv_exchange_bytes.set(g(&t.kv_gather_bytes));
+        m.kv_copy_bytes.set(g(&t.kv_mirror_bytes));
     }
 
     fn executor(&self) -> Result<Arc<EpExecutor>, Status> {
@@ -277,6 +306,8 @@ impl WorkerService {
             .map_err(|e| RegroupError::Invalid(e.to_string()))?;
         ex.set_load_aware(a.load_aware_replicas);
         ex.set_capacity_factor((a.capacity_factor > 0.0).then_some(a.capacity_factor));
+        let path = if a.data_path.is_empty() { Ok(DataPath::Home) } else { DataPath::parse(&a.data_path) };
+        ex.set_data_path(path.map_err(RegroupError::Invalid)?);
         self.observe(&ex);
         let ex = Arc::new(ex);
         if cancelled() {
@@ -514,6 +545,15 @@ impl Worker for WorkerService {
         h.combine_us = ex.timers.combine_us.load(Ordering::Relaxed);
         h.capacity_rerouted = ex.timers.rerouted_rows.load(Ordering::Relaxed);
         h.capacity_dropped = ex.timers.dropped_rows.load(Ordering::Relaxed);
+        let t = &ex.timers;
+        h.alltoall_bytes = t.alltoall_bytes.load(Ordering::Relaxed);
+        h.kv_exchange_bytes = t.kv_gather_bytes.load(Ordering::Relaxed);
+        h.local_rows = t.local_rows.load(Ordering::Relaxed);
+        h.remote_rows = t.remote_rows.load(Ordering::Relaxed);
+        h.moe_layer_calls = t.moe_layer_calls.load(Ordering::Relaxed);
+        h.tokens_moved = t.tokens_moved.load(Ordering::Relaxed);
+        h.kv_copy_bytes = t.kv_mirror_bytes.load(Ordering::Relaxed);
+        h.data_path = ex.data_path().name();
         if take_steps {
             h.recent_projected_step_us = ex.take_projected_steps();
         }

@@ -157,6 +157,11 @@ pub struct SchedulerArgs {
     /// the rest in chunks (chunked prefill), which bounds how long one step can take.
     #[arg(long)]
     pub max_batch_tokens: Option<u32>,
+    /// Where a token's MoE outputs are combined: `home` (its own rank, every layer) or
+    /// `affinity` (the rank of its primary expert, which runs its next attention; KV copied
+    /// within coherence groups, `affinity:N` for groups of N consecutive ranks). See the README.
+    #[arg(long, default_value = "home", value_parser = worker::expert_parallel::DataPath::parse)]
+    pub data_path: worker::expert_parallel::DataPath,
 }
 
 impl SchedulerArgs {
@@ -193,6 +198,9 @@ impl SchedulerArgs {
         }
         if let Some(t) = self.max_batch_tokens {
             a.push(format!("--max-batch-tokens={t}"));
+        }
+        if self.data_path != worker::expert_parallel::DataPath::Home {
+            a.push(format!("--data-path={}", self.data_path.name()));
         }
         if !self.rebalance {
             return a;
@@ -245,6 +253,11 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(c.is_finite() && c > 0.0, "--capacity-factor must be positive");
     }
     anyhow::ensure!(a.scheduler.max_batch_tokens != Some(0), "--max-batch-tokens must be at least 1");
+    anyhow::ensure!(
+        a.scheduler.data_path == worker::expert_parallel::DataPath::Home
+            || (!a.scheduler.load_aware_replicas && a.scheduler.capacity_factor.is_none()),
+        "--load-aware-replicas and --capacity-factor apply to --data-path home only"
+    );
     anyhow::ensure!(a.stats_half_life > 0.0 && a.stats_half_life.is_finite(), "--stats-half-life must be positive");
     anyhow::ensure!(a.max_slots_per_rank != Some(0), "--max-slots-per-rank must be at least 1");
     anyhow::ensure!(a.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
@@ -278,6 +291,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             load_aware_replicas: a.scheduler.load_aware_replicas,
             capacity_factor: a.scheduler.capacity_factor,
             max_batch_tokens: a.scheduler.max_batch_tokens,
+            data_path: a.scheduler.data_path,
             transport,
             admin_token: a.admin_token.clone(),
             store: a.store.clone(),

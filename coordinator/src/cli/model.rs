@@ -33,6 +33,9 @@ pub enum ModelCommand {
         /// outputs; the check then reports the changes).
         #[arg(long, requires = "workers")]
         capacity_factor: Option<f64>,
+        /// With --workers: where MoE outputs are combined (`home`, `affinity`, `affinity:N`).
+        #[arg(long, requires = "workers", default_value = "home", value_parser = worker::expert_parallel::DataPath::parse)]
+        data_path: worker::expert_parallel::DataPath,
     },
     /// Print what a checkpoint holds.
     Info {
@@ -121,8 +124,9 @@ pub struct GenerateArgs {
 pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
     match c {
         ModelCommand::Check { model, expected, tolerance, workers: None, .. } => check(&model, &expected, tolerance),
-        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor } => {
-            let args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
+        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path } => {
+            let mut args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
+            args.push(format!("--data-path={}", data_path.name()));
             super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args)
         }
         ModelCommand::Info { model } => info(&model),

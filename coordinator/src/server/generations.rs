@@ -230,6 +230,7 @@ impl CoordSvc {
                     load_aware_replicas: self.0.load_aware_replicas,
                     capacity_factor: self.0.capacity_factor.unwrap_or(0.0),
                     max_batch_tokens: self.0.max_batch_tokens.unwrap_or(0),
+                    data_path: self.0.data_path.name(),
                 }),
             };
             let mut c = link.client;

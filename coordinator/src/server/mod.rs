@@ -196,6 +196,7 @@ struct CoordState {
     load_aware_replicas: bool,
     capacity_factor: Option<f64>,
     max_batch_tokens: Option<u32>,
+    data_path: worker::expert_parallel::DataPath,
     /// The rebalance policy, taken by the scheduler task when this coordinator starts leading.
     policy: Mutex<Option<placement::rebalance::Rebalancer>>,
     /// The longest step (µs) seen during the running or last placement change.

@@ -33,6 +33,8 @@ pub struct CoordinatorConfig {
     pub load_aware_replicas: bool,
     pub capacity_factor: Option<f64>,
     pub max_batch_tokens: Option<u32>,
+    /// Handed to every worker ([`worker::expert_parallel::DataPath`]).
+    pub data_path: worker::expert_parallel::DataPath,
     /// All-to-all kind handed to workers ("tcp" or "nccl").
     pub transport: String,
     /// Bearer token of the admin API (`None`: the admin API refuses every call).
@@ -82,6 +84,7 @@ pub async fn serve(
         load_aware_replicas: cfg.load_aware_replicas,
         capacity_factor: cfg.capacity_factor,
         max_batch_tokens: cfg.max_batch_tokens,
+        data_path: cfg.data_path,
         migration_steps: Mutex::new((MigrationWatch::Idle, 0)),
         recent_steps: RecentSteps::default(),
         recent_projected_steps: RecentSteps::default(),
