@@ -17,6 +17,7 @@ pub mod plot;
 pub mod solver;
 pub mod live;
 pub mod rebalance;
+pub mod datapath;
 pub mod elastic;
 
 pub use elastic::{RegroupOptions, Regrouped, regroup};

@@ -31,7 +31,8 @@
 //! positions of every layer in that step's exchange. Prompt chunks (several tokens of one
 //! sequence in a step) always stay home: their tokens attend to each other within the step.
 //! Sequences stay owned by their home rank for scheduling, sampling, streaming and failure
-//! handling: the last MoE layer's combine always lands home, and the logits are computed there.
+//! handling: after the last layer, a token away from home sends its final hidden state home with
+//! the step's KV exchange (one row), and the logits are computed there.
 //! A failed collective leaves the copies as the last completed step left them (the home's engine
 //! rolls its own caches back; this module truncates its copies), and a new group generation
 //! starts without copies and rebuilds them from the homes' caches.
@@ -215,11 +216,10 @@ impl EpExecutor {
     /// Ranks of this rank's coherence group.
     fn coherence_group(&self) -> std::ops::Range<usize> {
         let g = match *self.data_path.lock().unwrap_or_else(|p| p.into_inner()) {
-            DataPath::Affinity { group } if group > 0 => group.min(self.world),
-            _ => self.world,
+            DataPath::Affinity { group } => group,
+            DataPath::Home => 0,
         };
-        let start = self.rank / g * g;
-        start..(start + g).min(self.world)
+        placement::datapath::coherence_group(self.rank, self.world, g)
     }
 
     /// One forward of this rank's `seqs` on the affinity path (see the module documentation);
@@ -308,23 +308,50 @@ impl EpExecutor {
                     }
                 }
                 Ffn::Moe(m) => {
-                    let last = moe_layers.last() == Some(&li);
-                    let (next_held, next_x, r) = self.moe_affinity(m, &layer.post_norm, c.rms_norm_eps, &slots, held, x, xn, last)?;
+                    let (next_held, next_x, r) = self.moe_affinity(m, &layer.post_norm, c.rms_norm_eps, &slots, held, x, xn)?;
                     held = next_held;
                     x = next_x;
                     routing.push(r);
                 }
             }
         }
-        // Every token is home again (the last MoE layer combines there): back in batch order.
-        if held.len() != n_own || held.iter().any(|t| t.home != me) {
-            return Err(proto_err(format!("rank {me}: {} tokens held after the last layer, {n_own} own", held.len())));
-        }
+        // Final hidden states: own tokens held here in place, the others' go home with the KV
+        // exchange, this rank's come back with it; then in batch order.
         let mut final_x = vec![0.0f32; n_own * h];
+        let mut placed = vec![false; n_own];
+        let mut finals: Vec<Wire> = (0..self.world).map(|_| Wire::default()).collect();
+        let mut finals_n = vec![0u32; self.world];
         for (t, row) in held.iter().zip(x.chunks_exact(h)) {
-            final_x[t.slot as usize * h..(t.slot as usize + 1) * h].copy_from_slice(row);
+            if t.home == me {
+                final_x[t.slot as usize * h..(t.slot as usize + 1) * h].copy_from_slice(row);
+                placed[t.slot as usize] = true;
+            } else {
+                finals[t.home as usize].u32(t.slot);
+                finals[t.home as usize].f32s(row);
+                finals_n[t.home as usize] += 1;
+            }
         }
-        self.exchange_kv(&spans, &mut own, &own_index, &ran_here, state, shape)?;
+        let finals: Vec<Vec<u8>> = finals
+            .into_iter()
+            .zip(finals_n)
+            .map(|(w, n)| {
+                let mut b = n.to_le_bytes().to_vec();
+                b.extend_from_slice(&w.0);
+                b
+            })
+            .collect();
+        for (slot, row) in self.exchange_kv(&spans, &mut own, &own_index, &ran_here, state, shape, finals)? {
+            match placed.get_mut(slot) {
+                Some(p) if !*p => {
+                    *p = true;
+                    final_x[slot * h..(slot + 1) * h].copy_from_slice(&row);
+                }
+                _ => return Err(proto_err(format!("rank {me}: final hidden state for token {slot} twice or out of range"))),
+            }
+        }
+        if let Some(slot) = placed.iter().position(|p| !p) {
+            return Err(proto_err(format!("rank {me}: token {slot} of the batch did not come home")));
+        }
         for (sp, cache) in spans.iter().zip(own.iter_mut()) {
             cache.set_len(sp.start + sp.n);
             state.published.insert(cache.id(), sp.start + sp.n);
@@ -422,7 +449,6 @@ impl EpExecutor {
         held: Vec<Held>,
         x: Vec<f32>,
         xn: Vec<f32>,
-        last: bool,
     ) -> Result<(Vec<Held>, Vec<f32>, Routing)> {
         let (h, li, world, me) = (m.hidden, m.moe_index, self.world, self.rank);
         if li >= slots.replicas.len() {
@@ -447,15 +473,10 @@ impl EpExecutor {
         let (mut local_rows, mut remote_rows) = (0u64, 0u64);
         for tok in 0..t {
             let home = held[tok].home as usize;
-            let primary = &reps[routing.ids[tok * k] as usize];
-            let d = if held[tok].pinned || last {
-                home
-            } else if primary.contains(&me) {
-                me
-            } else {
-                let inside: Vec<usize> = primary.iter().copied().filter(|r| group.contains(r)).collect();
-                if inside.is_empty() { home } else { inside[self.pick_replica(&inside, &load, me, slack)] }
-            };
+            let ids = &routing.ids[tok * k..(tok + 1) * k];
+            let d = placement::datapath::destination(reps, ids, me, home, group.clone(), held[tok].pinned, |inside| {
+                self.pick_replica(inside, &load, me, slack)
+            });
             dest.push(d);
             for j in 0..k {
                 let e = routing.ids[tok * k + j] as usize;
@@ -681,7 +702,8 @@ impl EpExecutor {
         ran_here: &[Vec<Held>],
         state: &mut FollowState,
         shape: &Shape,
-    ) -> Result<()> {
+        finals: Vec<Vec<u8>>,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
         let me = self.rank as u32;
         let (kr, vr) = (shape.k_row, shape.v_row);
         let movable = shape.first_movable..shape.n_layers;
@@ -733,10 +755,23 @@ impl EpExecutor {
         }
         let group = self.coherence_group();
         let msg = w.0;
-        let send: Vec<Vec<u8>> = (0..self.world).map(|r| if group.contains(&r) && r != self.rank { msg.clone() } else { Vec::new() }).collect();
-        let bytes: u64 = send.iter().map(|b| b.len() as u64).sum();
+        // To every peer of the group: its tokens' final hidden states, then the common part.
+        let peers = group.clone().filter(|&r| r != self.rank).count() as u64;
+        let send: Vec<Vec<u8>> = finals
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut b)| {
+                if group.contains(&r) && r != self.rank {
+                    b.extend_from_slice(&msg);
+                    b
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         let recv = self.a2a(send)?;
-        self.timers.kv_gather_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.timers.kv_gather_bytes.fetch_add(msg.len() as u64 * peers, Ordering::Relaxed);
+        let mut came_home = Vec::new();
         state.ended.clear();
         let n_layers = shape.n_layers;
         for (src, b) in recv.iter().enumerate() {
@@ -744,6 +779,10 @@ impl EpExecutor {
                 continue;
             }
             let mut r = Reader::new(b, src, "KV exchange");
+            for _ in 0..r.count()? {
+                let slot = r.u32()? as usize;
+                came_home.push((slot, r.f32s(shape.hidden)?));
+            }
             for _ in 0..r.count()? {
                 let id = r.u64()?;
                 state.mirrors.remove(&(src as u32, id));
@@ -785,7 +824,7 @@ impl EpExecutor {
             }
             m.set_len(n);
         }
-        Ok(())
+        Ok(came_home)
     }
 }
 

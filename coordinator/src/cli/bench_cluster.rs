@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// Straggler benchmark: skewed routing with a mid-run shift; static contiguous, static EPLB,
     /// the online rebalancer, and the rebalancer with load-aware replicas side by side.
     Straggler(super::bench_straggler::StragglerArgs),
+    /// The home and the affinity data path side by side: bytes per token and layer, rows kept
+    /// local, step times and tokens/s on 2 and 4 workers, contiguous and ILP-affinity placements.
+    Datapath(super::bench_datapath::DatapathArgs),
     /// Elastic expert parallelism: a worker killed and one joining under load, without and with --min-replicas 2.
     Elastic(super::bench_elastic::ElasticArgs),
     /// The OpenAI-compatible HTTP layer's cost: TTFT and inter-token latency p50/p99 of N
@@ -302,6 +305,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
         }
         BenchCommand::Straggler(a) => super::bench_straggler::run(a),
         BenchCommand::Elastic(a) => super::bench_elastic::run(a),
+        BenchCommand::Datapath(a) => super::bench_datapath::run(a),
         BenchCommand::Http(a) => super::bench_http::run(a),
         BenchCommand::Kernels { rows, shapes } => kernels(&rows, &shapes),
         BenchCommand::Decode { model, workers, requests, max_tokens } => {

@@ -3,6 +3,7 @@ pub mod bench_cluster;
 pub mod bench_elastic;
 pub mod bench_http;
 pub mod bench_straggler;
+pub mod bench_datapath;
 pub mod coordinator_cmd;
 pub mod cluster;
 pub mod model;
