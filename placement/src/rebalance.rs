@@ -544,7 +544,7 @@ impl<'a> LayerState<'a> {
         s.refresh();
         let per_replica: Vec<f64> = (0..load.len()).map(|e| load[e] / s.count[e].max(1) as f64).collect();
         let max_normal = crate::robust::expected_max_normal(s.ranks.len());
-        if let Some((k, _)) = crate::robust::drift_curvature(&per_replica, &s.count, s.ranks.len(), drift, max_normal) {
+        if let Some(k) = crate::robust::drift_curvature(&per_replica, &s.count, s.ranks.len(), drift, max_normal) {
             s.curvature = k;
             s.refresh();
         }

@@ -142,12 +142,20 @@ pub const DEFAULT_DRIFT: f64 = 1.0;
 /// load. `per_replica[e]` is expert e's load per replica, `copies[e]` its replica count; `None`
 /// when no drift is planned for (`drift` not positive, or no load).
 pub fn drift_inflation(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(Vec<f64>, f64)> {
-    let (curvature, offset) = drift_curvature(per_replica, copies, ranks, drift, max_normal)?;
-    Some((per_replica.iter().map(|&w| w + curvature * w * w).collect(), offset))
+    let (s2, sd) = drift_moments(per_replica, copies, ranks, drift)?;
+    Some((per_replica.iter().map(|&w| w + max_normal * s2 * w * w / (2.0 * sd)).collect(), max_normal * sd / 2.0))
 }
 
-/// The coefficient `k` of [`drift_inflation`]'s `w + k w²` and its per-rank offset.
-pub fn drift_curvature(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<(f64, f64)> {
+/// The coefficient `k` of [`drift_inflation`]'s `w + k w²` (the incremental rebalancer weighs
+/// replicas with it).
+pub fn drift_curvature(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64, max_normal: f64) -> Option<f64> {
+    let (s2, sd) = drift_moments(per_replica, copies, ranks, drift)?;
+    Some(max_normal * s2 / (2.0 * sd))
+}
+
+/// `s²` of the drift factor and `sqrt(V̄)`, the root of the mean rank variance; `None` without
+/// drift or load.
+fn drift_moments(per_replica: &[f64], copies: &[usize], ranks: usize, drift: f64) -> Option<(f64, f64)> {
     if drift.is_nan() || drift <= 0.0 {
         return None;
     }
@@ -157,8 +165,7 @@ pub fn drift_curvature(per_replica: &[f64], copies: &[usize], ranks: usize, drif
     if !(mean_variance > 0.0 && mean_variance.is_finite()) {
         return None;
     }
-    let sd = mean_variance.sqrt();
-    Some((max_normal * s2 / (2.0 * sd), max_normal * sd / 2.0))
+    Some((s2, mean_variance.sqrt()))
 }
 
 /// E[max of n independent standard normals] (0 for n ≤ 1): `∫₀^∞ (1 − Φⁿ(x) − Φⁿ(−x)) dx`, by the

@@ -55,3 +55,28 @@ fn a_routing_trace_that_disagrees_with_the_model_is_refused_before_anything_star
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("3 MoE layers x 16 experts") && e.contains("the model has 3 x 8"), "{e}");
 }
+
+/// `switchyard bench datapath --json` on the trained model, 2 workers, both data paths and both
+/// placements: the evaluator's prediction (`placement::datapath::score` on the model's prose
+/// trace) within 10% of the bytes the workers counted on other prose; home exchanges no KV and
+/// moves no token, affinity does both.
+#[test]
+fn bench_datapath_measures_both_paths_and_matches_the_prediction() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-moe");
+    let o = switchyard(&[
+        "bench", "datapath", "--workers", "2", "--seconds", "2", "--clients", "4", "--time-limit", "5", "--json", "--model",
+        model.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "{v}");
+    for r in rows {
+        let (measured, predicted) = (r["bytes_per_token_layer"].as_f64().unwrap_or(0.0), r["predicted_bytes_per_token_layer"].as_f64().unwrap_or(0.0));
+        assert!(measured > 0.0 && r["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        assert!((predicted - measured).abs() <= 0.1 * measured, "prediction {predicted} vs measured {measured}: {r}");
+        let affinity = r["data_path"] == "affinity";
+        assert_eq!(r["kv_bytes_per_token_layer"].as_f64().unwrap_or(0.0) > 0.0, affinity, "{r}");
+        assert_eq!(r["moved_per_token_layer"].as_f64().unwrap_or(0.0) > 0.0, affinity, "{r}");
+    }
+}

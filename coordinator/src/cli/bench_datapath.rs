@@ -6,6 +6,11 @@
 //! whose dispatch and combine stayed on their rank, tokens that moved, p50/p99 busy step time
 //! (wall clock, workers pinned to cores of their own where the machine has them) and tokens/s,
 //! and the KV copies each rank holds.
+//!
+//! `--synthetic` serves a generated checkpoint with cross-layer affinity instead (four token
+//! groups, each routed mostly to its own experts in every layer, scattered over the expert ids so
+//! that only a placement solved on its routing co-locates a group's consecutive experts), its
+//! trace recorded in this process: what the affinity path does where the affinity is strong.
 
 use anyhow::Context;
 use serde::Serialize;
@@ -53,8 +58,46 @@ pub struct DatapathArgs {
     /// Data paths to compare (`affinity:N` for coherence groups of N ranks).
     #[arg(long, value_delimiter = ',', default_value = "home,affinity")]
     pub paths: Vec<String>,
+    /// Serve a generated checkpoint with strong cross-layer affinity (see the module docs)
+    /// instead of --model.
+    #[arg(long, conflicts_with_all = ["trace", "prompts"])]
+    pub synthetic: bool,
+    /// Keep the placements solved (and the --synthetic checkpoint and trace) here instead of in a
+    /// temporary directory.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The `--synthetic` checkpoint: the scheduler benchmark's shape (mixtral, hidden 256, 4 layers,
+/// 16 experts top-2) with 2 KV heads (keys and values half a hidden row per token and layer, as
+/// Mixtral's and Qwen3-30B's), four token groups with their hot experts scattered.
+fn synthetic_spec() -> worker::synth::SynthSpec {
+    use worker::synth::{HotLayout, RoutingSkew, SynthSpec};
+    SynthSpec {
+        kv_heads: 2,
+        skew: Some(RoutingSkew { zipf: 1.2, strength: 1.5, groups: 4, layout: HotLayout::Scattered }),
+        ..SynthSpec::skewed_bench()
+    }
+}
+
+/// Writes the synthetic checkpoint and its routing trace into `dir`; returns the prompts to
+/// serve (every group in turn).
+fn synthetic_model(dir: &Path, prompt_tokens: usize) -> anyhow::Result<(PathBuf, PathBuf, Vec<Vec<u32>>)> {
+    let spec = synthetic_spec();
+    let model = dir.join("synthetic-affinity");
+    worker::synth::write_checkpoint(&model, &spec)?;
+    let groups = spec.skew.as_ref().map_or(1, |s| s.groups);
+    let per_group: Vec<Vec<Vec<u32>>> = (0..groups).map(|g| worker::synth::skewed_prompts(&spec, g, 64, prompt_tokens, 100 + g as u64)).collect();
+    let prompts: Vec<Vec<u32>> = (0..64).flat_map(|i| per_group.iter().map(move |p| p[i].clone())).collect();
+    // The trace: other prompts of the same groups, longer (prefill routing of whole sequences).
+    let recorded: Vec<Vec<u32>> = (0..groups).flat_map(|g| worker::synth::skewed_prompts(&spec, g, 32, 64, 200 + g as u64)).collect();
+    let m = worker::Model::load(&model, &worker::LoadOptions::default())?;
+    let trace = worker::routing_capture::capture(&m, &recorded)?;
+    let trace_path = dir.join("synthetic-affinity.safetensors");
+    trace.write(&trace_path)?;
+    Ok((model, trace_path, prompts))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,21 +278,35 @@ fn solve_affinity(a: &DatapathArgs, trace: &Path, workers: usize, experts: usize
     Ok(out)
 }
 
-pub fn run(a: DatapathArgs) -> anyhow::Result<ExitCode> {
+pub fn run(mut a: DatapathArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.seconds > 0.0 && a.seconds.is_finite(), "--seconds must be positive");
     anyhow::ensure!(a.clients >= 1 && a.prompt_tokens >= 1 && a.max_tokens >= 1, "--clients, --prompt-tokens and --max-tokens must be at least 1");
     for p in &a.paths {
         worker::expert_parallel::DataPath::parse(p).map_err(anyhow::Error::msg)?;
     }
+    let tmp = tempfile::tempdir()?;
+    let dir = match &a.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let (trace, text_file, prompts) = if a.synthetic {
+        let (model, trace, prompts) = synthetic_model(&dir, a.prompt_tokens)?;
+        a.model = model;
+        (trace, PathBuf::from("(generated, every token group in turn)"), prompts)
+    } else {
+        let trace = a.trace.clone().unwrap_or_else(|| a.model.join("routing/prose.safetensors"));
+        let text_file = a.prompts.clone().unwrap_or_else(|| a.model.join("README.md"));
+        let tok = worker::tokenizer::Tokenizer::from_dir(&a.model)?.with_context(|| format!("{} has no tokenizer.json", a.model.display()))?;
+        let text = std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
+        let prompts: Vec<Vec<u32>> = tok.encode(&text)?.chunks_exact(a.prompt_tokens).take(256).map(<[u32]>::to_vec).collect();
+        anyhow::ensure!(prompts.len() >= 4, "{}: too little text for {}-token prompts", text_file.display(), a.prompt_tokens);
+        (trace, text_file, prompts)
+    };
     let cfg = worker::ModelConfig::from_dir(&a.model).with_context(|| format!("model {}", a.model.display()))?;
     let (experts, top_k) = (cfg.router.n_experts, cfg.router.top_k);
-    let trace = a.trace.clone().unwrap_or_else(|| a.model.join("routing/prose.safetensors"));
-    let text_file = a.prompts.clone().unwrap_or_else(|| a.model.join("README.md"));
-    let tok = worker::tokenizer::Tokenizer::from_dir(&a.model)?.with_context(|| format!("{} has no tokenizer.json", a.model.display()))?;
-    let text = std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
-    let prompts: Vec<Vec<u32>> = tok.encode(&text)?.chunks_exact(a.prompt_tokens).take(256).map(<[u32]>::to_vec).collect();
-    anyhow::ensure!(prompts.len() >= 4, "{}: too little text for {}-token prompts", text_file.display(), a.prompt_tokens);
-    let dir = tempfile::tempdir()?;
     let routing = placement::RoutingTrace::read(&trace).with_context(|| format!("trace {}", trace.display()))?;
     let (kvh, kd, vd) = cfg.attn.kv_layout();
     let shape = placement::datapath::PathShape {
@@ -262,7 +319,7 @@ pub fn run(a: DatapathArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for &n in &a.workers {
         anyhow::ensure!(n >= 2, "--workers: a data path needs at least 2 workers, not {n}");
-        let ilp = solve_affinity(&a, &trace, n, experts, dir.path())?;
+        let ilp = solve_affinity(&a, &trace, n, experts, &dir)?;
         let contiguous = placement::solver::contiguous::solve(routing.num_layers, experts, &placement::Topology::uniform(n, 1)?, experts / n)?;
         let ilp_placement = placement::Placement::read(&ilp)?;
         for (placement, p) in [(("contiguous", None), &contiguous), (("ilp-affinity", Some(ilp.as_path())), &ilp_placement)] {

@@ -689,6 +689,47 @@ impl Ctx<'_> {
     }
 }
 
+/// Takes the candidate of layer `l` when it is within the layer's balance cap and keeps more
+/// traffic, or as much with better balance; returns the traffic gained. Adds the attempt's work to `run`.
+fn accept_layer(
+    ctx: &Ctx,
+    l: usize,
+    r: Result<LayerOutcome, PlacementError>,
+    layers: &mut [Vec<Vec<usize>>],
+    run: &mut IlpRun,
+) -> f64 {
+    let o = match r {
+        Ok(o) => o,
+        Err(e) => {
+            // The layer keeps its current (valid) placement; say why in the report.
+            run.layer_errors.get_or_insert_with(|| format!("layer {l}: {e}"));
+            return 0.0;
+        }
+    };
+    run.subproblems += o.subproblems;
+    run.hit_time_limit += o.hit_time_limit;
+    run.balance_gap = Some(run.balance_gap.unwrap_or(0.0).max(o.balance_gap));
+    if let Some(g) = o.traffic_gap {
+        run.traffic_gap = Some(run.traffic_gap.unwrap_or(0.0).max(g));
+    }
+    let Some(cand) = o.candidate else { return 0.0 };
+    let z_new = ctx.judged_balance(l, &cand);
+    let z_old = ctx.judged_balance(l, &layers[l]);
+    if !z_new.within(&ctx.accept_cap[l]) {
+        return 0.0;
+    }
+    let k_new = ctx.kept(l, &cand, layers);
+    let k_old = ctx.kept(l, &layers[l], layers);
+    let eps = 1e-9 * k_old.abs().max(1.0);
+    let better = k_new > k_old + eps || (k_new >= k_old - eps && z_new.score() < z_old.score() * (1.0 - 1e-9));
+    if !better {
+        return 0.0;
+    }
+    layers[l] = cand;
+    run.layers_improved += 1;
+    (k_new - k_old).max(0.0)
+}
+
 /// Rank order of every layer, exactly, for small clusters: the layer-by-layer sweep can stall in a
 /// local optimum of which rank gets which expert set, although balance does not depend on it. With
 /// one node of at most `MAX_RELABEL_RANKS` ranks, a Viterbi pass over all rank permutations of
@@ -890,35 +931,7 @@ pub(crate) fn solve(
                 }
             });
             for (l, r) in results.into_inner().expect("threads joined") {
-                let o = match r {
-                    Ok(o) => o,
-                    Err(e) => {
-                        // The layer keeps its current (valid) placement; say why in the report.
-                        run.layer_errors.get_or_insert_with(|| format!("layer {l}: {e}"));
-                        continue;
-                    }
-                };
-                run.subproblems += o.subproblems;
-                run.hit_time_limit += o.hit_time_limit;
-                run.balance_gap = Some(run.balance_gap.unwrap_or(0.0).max(o.balance_gap));
-                if let Some(g) = o.traffic_gap {
-                    run.traffic_gap = Some(run.traffic_gap.unwrap_or(0.0).max(g));
-                }
-                let Some(cand) = o.candidate else { continue };
-                let z_new = ctx.judged_balance(l, &cand);
-                let z_old = ctx.judged_balance(l, &layers[l]);
-                if !z_new.within(&ctx.accept_cap[l]) {
-                    continue;
-                }
-                let k_new = ctx.kept(l, &cand, &layers);
-                let k_old = ctx.kept(l, &layers[l], &layers);
-                let eps = 1e-9 * k_old.abs().max(1.0);
-                let better = k_new > k_old + eps || (k_new >= k_old - eps && z_new.score() < z_old.score() * (1.0 - 1e-9));
-                if better {
-                    gained += (k_new - k_old).max(0.0);
-                    layers[l] = cand;
-                    run.layers_improved += 1;
-                }
+                gained += accept_layer(&ctx, l, r, &mut layers, &mut run);
             }
         }
         let total: f64 = match opts.mode {
