@@ -531,6 +531,22 @@ impl ModelConfig {
         self.layer_kinds.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i).collect()
     }
 
+    /// What the data path evaluator (`placement::datapath`) needs of this model, for requests of
+    /// `prompt_tokens` prompt and `new_tokens` generated tokens: the hidden size, a token's keys
+    /// and values per layer as this runtime keeps them, and the layers whose KV the affinity
+    /// path exchanges (those after the first MoE layer).
+    pub fn data_path_shape(&self, prompt_tokens: usize, new_tokens: usize) -> placement::datapath::PathShape {
+        let (kvh, kd, vd) = self.attn.kv_layout();
+        let first_movable = self.moe_layers().first().map_or(self.n_layers, |&l| l + 1);
+        placement::datapath::PathShape {
+            hidden: self.hidden_size,
+            kv_floats: kvh * (kd + vd),
+            kv_layers: self.n_layers.saturating_sub(first_movable),
+            prompt_tokens,
+            new_tokens,
+        }
+    }
+
     /// The softmax scale of attention: `head_dim^-0.5`, times DeepSeek's yarn `mscale²`.
     pub fn attention_scale(&self) -> f32 {
         match &self.attn {

@@ -74,6 +74,14 @@ impl DataPath {
         }
     }
 
+    /// The same path for the evaluator (`placement::datapath`).
+    pub fn kind(&self) -> placement::datapath::PathKind {
+        match *self {
+            DataPath::Home => placement::datapath::PathKind::Home,
+            DataPath::Affinity { group } => placement::datapath::PathKind::Affinity { group },
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             DataPath::Home => "home".into(),

@@ -185,10 +185,7 @@ async fn client(addr: String, prompts: Vec<Vec<u32>>, stop: Arc<AtomicBool>, max
 
 /// The prediction for one run: `placement::datapath::score` on the trace.
 fn predict(trace: &placement::RoutingTrace, p: &placement::Placement, path: &str, shape: &placement::datapath::PathShape) -> anyhow::Result<f64> {
-    let kind = match worker::expert_parallel::DataPath::parse(path).map_err(anyhow::Error::msg)? {
-        worker::expert_parallel::DataPath::Home => placement::datapath::PathKind::Home,
-        worker::expert_parallel::DataPath::Affinity { group } => placement::datapath::PathKind::Affinity { group },
-    };
+    let kind = worker::expert_parallel::DataPath::parse(path).map_err(anyhow::Error::msg)?.kind();
     Ok(placement::datapath::score(trace, p, kind, shape)?.bytes_per_token_layer())
 }
 
@@ -279,6 +276,8 @@ fn solve_affinity(a: &DatapathArgs, trace: &Path, workers: usize, experts: usize
 }
 
 pub fn run(mut a: DatapathArgs) -> anyhow::Result<ExitCode> {
+    // The table (or JSON) is this command's stdout; the clusters' lines go to stderr.
+    super::local_cluster::relay_child_output_to_stderr();
     anyhow::ensure!(a.seconds > 0.0 && a.seconds.is_finite(), "--seconds must be positive");
     anyhow::ensure!(a.clients >= 1 && a.prompt_tokens >= 1 && a.max_tokens >= 1, "--clients, --prompt-tokens and --max-tokens must be at least 1");
     for p in &a.paths {
@@ -308,14 +307,7 @@ pub fn run(mut a: DatapathArgs) -> anyhow::Result<ExitCode> {
     let cfg = worker::ModelConfig::from_dir(&a.model).with_context(|| format!("model {}", a.model.display()))?;
     let (experts, top_k) = (cfg.router.n_experts, cfg.router.top_k);
     let routing = placement::RoutingTrace::read(&trace).with_context(|| format!("trace {}", trace.display()))?;
-    let (kvh, kd, vd) = cfg.attn.kv_layout();
-    let shape = placement::datapath::PathShape {
-        hidden: cfg.hidden_size,
-        kv_floats: kvh * (kd + vd),
-        kv_layers: cfg.n_layers.saturating_sub(cfg.moe_layers().first().map_or(cfg.n_layers, |&l| l + 1)),
-        prompt_tokens: a.prompt_tokens,
-        new_tokens: a.max_tokens as usize,
-    };
+    let shape = cfg.data_path_shape(a.prompt_tokens, a.max_tokens as usize);
     let mut rows = Vec::new();
     for &n in &a.workers {
         anyhow::ensure!(n >= 2, "--workers: a data path needs at least 2 workers, not {n}");

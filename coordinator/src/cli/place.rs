@@ -23,6 +23,8 @@ pub enum PlaceCommand {
         /// Write an SVG heat map of rank load per layer here.
         #[arg(long)]
         plot: Option<PathBuf>,
+        #[command(flatten)]
+        data_paths: DataPathArgs,
     },
     /// Score several placements on one trace, one table.
     Compare {
@@ -113,6 +115,40 @@ pub struct SolveArgs {
     load_drift: f64,
 }
 
+/// `place eval --data-path-model`: the trace served by that model as requests on both data paths.
+#[derive(clap::Args)]
+pub struct DataPathArgs {
+    /// Also score the runtime's data paths (`placement::datapath`: bytes per token and layer,
+    /// rows kept local, tokens moved, KV exchanged) for this model's sizes.
+    #[arg(long)]
+    data_path_model: Option<PathBuf>,
+    /// Data paths scored (`home`, `affinity`, `affinity:N`).
+    #[arg(long, value_delimiter = ',', default_value = "home,affinity", requires = "data_path_model")]
+    data_paths: Vec<String>,
+    /// Every trace sequence served as requests of this many prompt tokens ...
+    #[arg(long, default_value_t = 16, requires = "data_path_model")]
+    prompt_tokens: usize,
+    /// ... and this many generated ones.
+    #[arg(long, default_value_t = 48, requires = "data_path_model")]
+    new_tokens: usize,
+}
+
+impl DataPathArgs {
+    /// `(path, score)` per data path asked for, or nothing without a model.
+    fn score(&self, p: &Placement, t: &RoutingTrace) -> anyhow::Result<Vec<(String, placement::datapath::PathScore)>> {
+        let Some(dir) = &self.data_path_model else { return Ok(Vec::new()) };
+        let cfg = worker::ModelConfig::from_dir(dir).with_context(|| format!("model {}", dir.display()))?;
+        let shape = cfg.data_path_shape(self.prompt_tokens, self.new_tokens);
+        self.data_paths
+            .iter()
+            .map(|name| {
+                let kind = worker::expert_parallel::DataPath::parse(name).map_err(anyhow::Error::msg)?.kind();
+                Ok((name.clone(), placement::datapath::score(t, p, kind, &shape)?))
+            })
+            .collect()
+    }
+}
+
 /// One placement scored on one trace.
 #[derive(clap::Args)]
 pub struct ScoreArgs {
@@ -193,17 +229,47 @@ pub struct BenchArgs {
 pub fn run(cmd: PlaceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PlaceCommand::Solve(a) => solve_cmd(a),
-        PlaceCommand::Eval { score, plot } => {
+        PlaceCommand::Eval { score, plot, data_paths } => {
             let (p, t, ev) = score.evaluate()?;
+            let paths = data_paths.score(&p, &t)?;
             if let Some(path) = plot {
                 let stats = placement::RoutingStats::from_trace(&t, None);
                 write_plot(&path, &p, &stats.load, &format!("rank load / layer mean: {}", score.placement.display()))?;
             }
             if score.json {
-                println!("{}", serde_json::to_string_pretty(&ev)?);
+                let mut v = serde_json::to_value(&ev)?;
+                if !paths.is_empty() {
+                    let scored: serde_json::Map<String, serde_json::Value> = paths
+                        .iter()
+                        .map(|(n, s)| {
+                            let row = serde_json::json!({
+                                "bytes_per_token_layer": s.bytes_per_token_layer(),
+                                "kv_bytes_per_token_layer": s.kv_bytes_per_token_layer(),
+                                "local_row_share": s.local_share(),
+                                "moved_per_token_layer": s.moved_per_token_layer(),
+                            });
+                            (n.clone(), row)
+                        })
+                        .collect();
+                    v["data_paths"] = serde_json::Value::Object(scored);
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", placement::eval::format_layers(&ev));
                 print!("{}", placement::eval::format_table(&[(score.placement.display().to_string(), ev)]));
+                if !paths.is_empty() {
+                    println!("\n{:>12} {:>12} {:>10} {:>8} {:>9}", "data path", "B/tok/layer", "KV B", "local %", "moved");
+                    for (n, s) in &paths {
+                        println!(
+                            "{:>12} {:>12.0} {:>10.0} {:>7.1}% {:>9.3}",
+                            n,
+                            s.bytes_per_token_layer(),
+                            s.kv_bytes_per_token_layer(),
+                            100.0 * s.local_share(),
+                            s.moved_per_token_layer()
+                        );
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
