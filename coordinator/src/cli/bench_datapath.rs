@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use super::bench_common::percentile;
 use std::time::{Duration, Instant};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::admin_client::AdminClient;
 use switchyard_proto::v1::inference_client::InferenceClient;
-use switchyard_proto::v1::worker_client::WorkerClient;
 
 const TOKEN: &str = "bench-datapath";
 
@@ -124,41 +124,6 @@ struct Outcome {
     predicted_bytes_per_token_layer: f64,
 }
 
-/// Per-worker data path counters (Health), summed over workers.
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    bytes: u64,
-    kv_bytes: u64,
-    local: u64,
-    remote: u64,
-    moved: u64,
-    kv_copy_max: u64,
-}
-
-async fn counters(worker_addrs: &[String]) -> Counters {
-    let mut c = Counters::default();
-    for a in worker_addrs {
-        let Ok(ch) = super::cluster::connect_channel(a).await else { continue };
-        let Ok(h) = WorkerClient::new(ch).health(pb::WorkerHealthRequest::default()).await else { continue };
-        let h = h.into_inner();
-        c.bytes += h.alltoall_bytes;
-        c.kv_bytes += h.kv_exchange_bytes;
-        c.local += h.local_rows;
-        c.remote += h.remote_rows;
-        c.moved += h.tokens_moved;
-        c.kv_copy_max = c.kv_copy_max.max(h.kv_copy_bytes);
-    }
-    c
-}
-
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
 /// One client: requests back to back until `stop`, counting tokens received.
 async fn client(addr: String, prompts: Vec<Vec<u32>>, stop: Arc<AtomicBool>, max_tokens: u32, tokens: Arc<AtomicU64>) {
     let mut i = 0usize;
@@ -194,15 +159,7 @@ fn run_one(a: &DatapathArgs, workers: usize, placement: (&str, Option<&Path>), p
     let args = vec![format!("--data-path={path}")];
     let cl = super::local_cluster::start_local_cluster(&a.model, workers, placement.1, "127.0.0.1:0", Some(TOKEN), &args, &[], Some(cores))?;
     let pinned = cores.pinned;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(move || {
-            if pinned {
-                let _ = worker::affinity::lower_priority(super::local_cluster::COORDINATOR_NICE);
-            }
-        })
-        .build()?;
+    let rt = super::bench_common::load_generator_runtime(pinned)?;
     let out = rt.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let tokens = Arc::new(AtomicU64::new(0));
@@ -216,26 +173,26 @@ fn run_one(a: &DatapathArgs, workers: usize, placement: (&str, Option<&Path>), p
         let mut admin = AdminClient::with_interceptor(ep, super::admin::BearerToken(header));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = admin.get_stats(pb::GetStatsRequest {}).await; // drops the warm-up's steps
-        let before = counters(&cl.worker_addrs).await;
+        let before = super::cluster::worker_totals(&cl.worker_addrs).await;
         let tokens_before = tokens.load(Ordering::Relaxed);
         let t0 = Instant::now();
         let mut steps = Vec::new();
-        let mut kv_peak = before.kv_copy_max;
+        let mut kv_peak = before.kv_copy_bytes_max;
         while t0.elapsed().as_secs_f64() < a.seconds {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if let Ok(s) = admin.get_stats(pb::GetStatsRequest {}).await {
                 steps.extend(s.into_inner().step_us.iter().map(|&us| us as f64 / 1e3));
             }
-            kv_peak = kv_peak.max(counters(&cl.worker_addrs).await.kv_copy_max);
+            kv_peak = kv_peak.max(super::cluster::worker_totals(&cl.worker_addrs).await.kv_copy_bytes_max);
         }
         let wall = t0.elapsed().as_secs_f64();
-        let after = counters(&cl.worker_addrs).await;
+        let after = super::cluster::worker_totals(&cl.worker_addrs).await;
         let generated = tokens.load(Ordering::Relaxed) - tokens_before;
         stop.store(true, Ordering::SeqCst);
         for h in hs {
             h.abort();
         }
-        let rows = (after.local + after.remote).saturating_sub(before.local + before.remote) as f64;
+        let rows = (after.local_rows + after.remote_rows).saturating_sub(before.local_rows + before.remote_rows) as f64;
         // (token, layer) pairs: every token through every MoE layer has top-k rows.
         let token_layers = rows / top_k.max(1) as f64;
         let per = |x: u64, y: u64| if token_layers > 0.0 { x.saturating_sub(y) as f64 / token_layers } else { 0.0 };
@@ -247,10 +204,10 @@ fn run_one(a: &DatapathArgs, workers: usize, placement: (&str, Option<&Path>), p
             tokens_per_s: generated as f64 / wall,
             p50_ms: percentile(&mut steps.clone(), 0.5),
             p99_ms: percentile(&mut steps, 0.99),
-            bytes_per_token_layer: per(after.bytes, before.bytes),
-            kv_bytes_per_token_layer: per(after.kv_bytes, before.kv_bytes),
-            local_row_share: if rows > 0.0 { after.local.saturating_sub(before.local) as f64 / rows } else { 0.0 },
-            moved_per_token_layer: per(after.moved, before.moved),
+            bytes_per_token_layer: per(after.alltoall_bytes, before.alltoall_bytes),
+            kv_bytes_per_token_layer: per(after.kv_exchange_bytes, before.kv_exchange_bytes),
+            local_row_share: if rows > 0.0 { after.local_rows.saturating_sub(before.local_rows) as f64 / rows } else { 0.0 },
+            moved_per_token_layer: per(after.tokens_moved, before.tokens_moved),
             kv_copy_mib_peak: kv_peak as f64 / (1 << 20) as f64,
             predicted_bytes_per_token_layer: 0.0,
         })

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use super::bench_common::percentile;
 use std::time::{Duration, Instant};
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::admin_client::AdminClient;
@@ -106,14 +107,6 @@ struct Outcome {
     shift_s: f64,
 }
 
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
 /// The routing of `prompts` through `model`, measured in this process: `[layer][expert]` counts.
 fn phase_routing(model: &Path, prompts: &[Vec<u32>], max_tokens: usize) -> anyhow::Result<Vec<Vec<f64>>> {
     let m = worker::Model::load(model, &worker::LoadOptions::default())?;
@@ -172,18 +165,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
     let cores = super::local_cluster::WorkerCores::for_cluster(workers, a.threads_per_worker);
     let cl = super::local_cluster::start_local_cluster(model, workers, Some(placement), "127.0.0.1:0", Some(TOKEN), &args, &[], Some(cores))?;
     let (pa, pb_) = phase_prompts(model, a)?;
-    // The load generator stands for clients elsewhere: with pinned ranks its threads yield the
-    // cores to them (only its own threads: workers of later runs are started from this one).
-    let pinned = cores.pinned;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(move || {
-            if pinned {
-                let _ = worker::affinity::lower_priority(super::local_cluster::COORDINATOR_NICE);
-            }
-        })
-        .build()?;
+    let rt = super::bench_common::load_generator_runtime(cores.pinned)?;
     let out = rt.block_on(async {
         let shift = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));

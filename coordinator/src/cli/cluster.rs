@@ -399,6 +399,14 @@ pub struct WorkerTotals {
     /// Summed over the workers: the capacity option's rerouted and dropped assignments.
     pub capacity_rerouted: u64,
     pub capacity_dropped: u64,
+    /// Summed over the workers: the data path counters (see `WorkerHealthResponse`).
+    pub alltoall_bytes: u64,
+    pub kv_exchange_bytes: u64,
+    pub local_rows: u64,
+    pub remote_rows: u64,
+    pub tokens_moved: u64,
+    /// The most bytes of KV copies one worker holds.
+    pub kv_copy_bytes_max: u64,
 }
 
 /// Ask every worker of `worker_addrs` for its health and total what they report.
@@ -416,6 +424,12 @@ pub async fn worker_totals(worker_addrs: &[String]) -> WorkerTotals {
             t.combine_us += h.combine_us;
             t.capacity_rerouted += h.capacity_rerouted;
             t.capacity_dropped += h.capacity_dropped;
+            t.alltoall_bytes += h.alltoall_bytes;
+            t.kv_exchange_bytes += h.kv_exchange_bytes;
+            t.local_rows += h.local_rows;
+            t.remote_rows += h.remote_rows;
+            t.tokens_moved += h.tokens_moved;
+            t.kv_copy_bytes_max = t.kv_copy_bytes_max.max(h.kv_copy_bytes);
             n += 1;
         }
     }

@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod bench_cluster;
+pub mod bench_common;
 pub mod bench_elastic;
 pub mod bench_http;
 pub mod bench_straggler;
