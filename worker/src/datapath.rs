@@ -470,82 +470,9 @@ impl EpExecutor {
         if k > 64 {
             return Err(proto_err(format!("the affinity path takes at most 64 experts per token, not {k}")));
         }
-        let reps = &slots.replicas[li];
-        let group = self.coherence_group();
-        let slack = self.replica_slack((t * k) as u64);
-        let mut load = vec![0u64; world];
-        // Destination of every token, and per expert rank the (token, k) rows it runs.
-        let mut dest = Vec::with_capacity(t);
-        let mut rows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); world];
-        let mut at_dest_mask = vec![0u64; t];
-        let (mut local_rows, mut remote_rows) = (0u64, 0u64);
-        for tok in 0..t {
-            let home = held[tok].home as usize;
-            let ids = &routing.ids[tok * k..(tok + 1) * k];
-            let d = placement::datapath::destination(reps, ids, me, home, group.clone(), held[tok].pinned, |inside| {
-                self.pick_replica(inside, &load, me, slack)
-            });
-            dest.push(d);
-            for j in 0..k {
-                let e = routing.ids[tok * k + j] as usize;
-                let rs = &reps[e];
-                let q = if rs.contains(&d) {
-                    d
-                } else if rs.contains(&me) {
-                    me
-                } else {
-                    rs[self.pick_replica(rs, &load, me, slack)]
-                };
-                load[q] += 1;
-                if q == d && q == me {
-                    local_rows += 1;
-                } else {
-                    remote_rows += 1;
-                }
-                if q == d && d != me {
-                    at_dest_mask[tok] |= 1 << j; // run at the destination on the residual it gets
-                } else {
-                    rows[q].push((tok, j));
-                }
-            }
-        }
-        self.timers.tokens_moved.fetch_add(dest.iter().filter(|&&d| d != me).count() as u64, Ordering::Relaxed);
-        self.timers.local_rows.fetch_add(local_rows, Ordering::Relaxed);
-        self.timers.remote_rows.fetch_add(remote_rows, Ordering::Relaxed);
-        // Dispatch: [moves][rows]. A move: home, cache, pos, slot, key, mask, k ids, k weights,
-        // residual. A row: expert, destination, key, k index; then the rows' inputs.
-        let send: Vec<Vec<u8>> = (0..world)
-            .map(|q| {
-                let mut w = Wire::default();
-                let moves: Vec<usize> = (0..t).filter(|&tok| dest[tok] == q && q != me).collect();
-                w.u32(moves.len() as u32);
-                for &tok in &moves {
-                    let hd = held[tok];
-                    w.u32(hd.home);
-                    w.u64(hd.cache);
-                    w.u32(hd.pos);
-                    w.u32(hd.slot);
-                    w.u32(tok as u32);
-                    w.u64(at_dest_mask[tok]);
-                    for j in 0..k {
-                        w.u32(routing.ids[tok * k + j]);
-                    }
-                    w.f32s(&routing.weights[tok * k..(tok + 1) * k]);
-                    w.f32s(&x[tok * h..(tok + 1) * h]);
-                }
-                w.u32(rows[q].len() as u32);
-                for &(tok, j) in &rows[q] {
-                    w.u32(routing.ids[tok * k + j]);
-                    w.u32(dest[tok] as u32);
-                    w.u32(tok as u32);
-                    w.u32(j as u32);
-                }
-                for &(tok, _) in &rows[q] {
-                    w.f32s(&xn[tok * h..(tok + 1) * h]);
-                }
-                w.0
-            })
-            .collect();
+        let plan = self.plan_destinations(&slots.replicas[li], &routing, &held);
+        let dest = &plan.dest;
+        let send = encode_dispatch(&plan, &held, &routing, &x, &xn, h, me, world);
         let recv = self.a2a(send)?;
         let t_dispatch = std::time::Instant::now();
         // Tokens held here after the layer: those that stay, then those that arrive.
@@ -562,7 +489,7 @@ impl EpExecutor {
             });
         }
         // Expert work: (expert, input row, where the output goes: destination, source, key, k).
-        let mut work: Vec<(u32, Vec<f32>, (usize, u32, u32, u32))> = Vec::new();
+        let mut work: Vec<ExpertRow> = Vec::new();
         for (src, b) in recv.iter().enumerate() {
             let mut r = Reader::new(b, src, "affinity dispatch");
             for _ in 0..r.count()? {
@@ -598,54 +525,8 @@ impl EpExecutor {
             }
             r.done()?;
         }
-        // Experts, grouped per expert.
-        let mut by_expert: HashMap<u32, Vec<usize>> = HashMap::new();
-        for (i, (e, _, _)) in work.iter().enumerate() {
-            by_expert.entry(*e).or_default().push(i);
-        }
-        let mut groups: Vec<(u32, Vec<usize>)> = by_expert.into_iter().collect();
-        groups.sort_by_key(|g| g.0);
-        let outs: Vec<Result<Vec<f32>>> = groups
-            .par_iter()
-            .map(|(e, items)| {
-                let mut xin = Vec::with_capacity(items.len() * h);
-                for &i in items {
-                    xin.extend_from_slice(&work[i].1);
-                }
-                match slots.experts[li].get(*e as usize) {
-                    Some(Some(w)) => Ok(w.forward(&xin, items.len())),
-                    _ => Err(ModelError::ExpertNotLoaded { layer: li, expert: *e as usize }),
-                }
-            })
-            .collect();
+        let send = self.run_rows(slots, li, &work, h)?;
         let t_expert = std::time::Instant::now();
-        // Combine: every output to its token's destination, named by (source, key, k).
-        let mut back: Vec<Wire> = (0..world).map(|_| Wire::default()).collect();
-        let mut back_rows: Vec<Vec<f32>> = vec![Vec::new(); world];
-        let mut back_n = vec![0u32; world];
-        for ((_, items), y) in groups.iter().zip(outs) {
-            let y = y?;
-            for (row, &i) in items.iter().enumerate() {
-                let (d, src, key, j) = work[i].2;
-                back[d].u32(src);
-                back[d].u32(key);
-                back[d].u32(j);
-                back_rows[d].extend_from_slice(&y[row * h..(row + 1) * h]);
-                back_n[d] += 1;
-            }
-        }
-        let send: Vec<Vec<u8>> = back
-            .into_iter()
-            .zip(back_rows)
-            .zip(&back_n)
-            .map(|((meta, ys), &n)| {
-                let mut w = Wire::default();
-                w.u32(n);
-                w.0.extend_from_slice(&meta.0);
-                w.f32s(&ys);
-                w.0
-            })
-            .collect();
         let recv = self.a2a(send)?;
         let index: HashMap<(u32, u32), usize> = arrivals.iter().enumerate().map(|(i, a)| ((a.src, a.key), i)).collect();
         let mut ys: Vec<Vec<Option<Vec<f32>>>> = arrivals.iter().map(|_| vec![None; k]).collect();
@@ -698,10 +579,114 @@ impl EpExecutor {
         Ok((next_held, next_x, routing))
     }
 
+    /// Every held token's destination ([`placement::datapath::destination`]), and per expert
+    /// rank the (token, k) rows it runs (replica: on the destination, else here, else the least
+    /// loaded); rows whose expert runs on a remote destination are marked in the token's mask
+    /// instead (run there on the residual it gets). Counts rows kept local and tokens moved.
+    fn plan_destinations(&self, reps: &[Vec<usize>], routing: &Routing, held: &[Held]) -> LayerPlan {
+        let (world, me, k, t) = (self.world, self.rank, routing.top_k, held.len());
+        let group = self.coherence_group();
+        let slack = self.replica_slack((t * k) as u64);
+        let mut load = vec![0u64; world];
+        let mut dest = Vec::with_capacity(t);
+        let mut rows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); world];
+        let mut at_dest_mask = vec![0u64; t];
+        let (mut local_rows, mut remote_rows) = (0u64, 0u64);
+        for tok in 0..t {
+            let home = held[tok].home as usize;
+            let ids = &routing.ids[tok * k..(tok + 1) * k];
+            let d = placement::datapath::destination(reps, ids, me, home, group.clone(), held[tok].pinned, |inside| {
+                self.pick_replica(inside, &load, me, slack)
+            });
+            dest.push(d);
+            for j in 0..k {
+                let e = routing.ids[tok * k + j] as usize;
+                let rs = &reps[e];
+                let q = if rs.contains(&d) {
+                    d
+                } else if rs.contains(&me) {
+                    me
+                } else {
+                    rs[self.pick_replica(rs, &load, me, slack)]
+                };
+                load[q] += 1;
+                if q == d && q == me {
+                    local_rows += 1;
+                } else {
+                    remote_rows += 1;
+                }
+                if q == d && d != me {
+                    at_dest_mask[tok] |= 1 << j; // run at the destination on the residual it gets
+                } else {
+                    rows[q].push((tok, j));
+                }
+            }
+        }
+        self.timers.tokens_moved.fetch_add(dest.iter().filter(|&&d| d != me).count() as u64, Ordering::Relaxed);
+        self.timers.local_rows.fetch_add(local_rows, Ordering::Relaxed);
+        self.timers.remote_rows.fetch_add(remote_rows, Ordering::Relaxed);
+        LayerPlan { dest, rows, at_dest_mask }
+    }
+
+    /// Runs the expert rows received (grouped per expert, in parallel) and encodes the combine:
+    /// every output to its token's destination, named by (source, key, k).
+    fn run_rows(&self, slots: &EpSlots, li: usize, work: &[ExpertRow], h: usize) -> Result<Vec<Vec<u8>>> {
+        let world = self.world;
+        // Experts, grouped per expert.
+        let mut by_expert: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, (e, _, _)) in work.iter().enumerate() {
+            by_expert.entry(*e).or_default().push(i);
+        }
+        let mut groups: Vec<(u32, Vec<usize>)> = by_expert.into_iter().collect();
+        groups.sort_by_key(|g| g.0);
+        let outs: Vec<Result<Vec<f32>>> = groups
+            .par_iter()
+            .map(|(e, items)| {
+                let mut xin = Vec::with_capacity(items.len() * h);
+                for &i in items {
+                    xin.extend_from_slice(&work[i].1);
+                }
+                match slots.experts[li].get(*e as usize) {
+                    Some(Some(w)) => Ok(w.forward(&xin, items.len())),
+                    _ => Err(ModelError::ExpertNotLoaded { layer: li, expert: *e as usize }),
+                }
+            })
+            .collect();
+        // Combine: every output to its token's destination, named by (source, key, k).
+        let mut back: Vec<Wire> = (0..world).map(|_| Wire::default()).collect();
+        let mut back_rows: Vec<Vec<f32>> = vec![Vec::new(); world];
+        let mut back_n = vec![0u32; world];
+        for ((_, items), y) in groups.iter().zip(outs) {
+            let y = y?;
+            for (row, &i) in items.iter().enumerate() {
+                let (d, src, key, j) = work[i].2;
+                back[d].u32(src);
+                back[d].u32(key);
+                back[d].u32(j);
+                back_rows[d].extend_from_slice(&y[row * h..(row + 1) * h]);
+                back_n[d] += 1;
+            }
+        }
+        let send: Vec<Vec<u8>> = back
+            .into_iter()
+            .zip(back_rows)
+            .zip(&back_n)
+            .map(|((meta, ys), &n)| {
+                let mut w = Wire::default();
+                w.u32(n);
+                w.0.extend_from_slice(&meta.0);
+                w.f32s(&ys);
+                w.0
+            })
+            .collect();
+        Ok(send)
+    }
+
     /// The step's KV exchange within the coherence group: the entries this rank computed for
     /// tokens that may move (`ran_here`), every movable layer of the positions of its own
     /// sequences that its peers lack (pinned ones), and the sequences that ended. Applies what
     /// the peers send.
+    #[allow(clippy::too_many_arguments)]
     fn exchange_kv(
         &self,
         spans: &[SeqSpan],
@@ -835,6 +820,59 @@ impl EpExecutor {
         Ok(came_home)
     }
 }
+
+/// A MoE layer's dispatch, per rank: `[moves][rows]`. A move: home, cache, pos, slot, key, mask,
+/// k ids, k weights, residual. A row: expert, destination, key, k index; then the rows' inputs.
+#[allow(clippy::too_many_arguments)]
+fn encode_dispatch(plan: &LayerPlan, held: &[Held], routing: &Routing, x: &[f32], xn: &[f32], h: usize, me: usize, world: usize) -> Vec<Vec<u8>> {
+    let (dest, rows, at_dest_mask) = (&plan.dest, &plan.rows, &plan.at_dest_mask);
+    let (k, t) = (routing.top_k, held.len());
+    (0..world)
+        .map(|q| {
+            let mut w = Wire::default();
+            let moves: Vec<usize> = (0..t).filter(|&tok| dest[tok] == q && q != me).collect();
+            w.u32(moves.len() as u32);
+            for &tok in &moves {
+                let hd = held[tok];
+                w.u32(hd.home);
+                w.u64(hd.cache);
+                w.u32(hd.pos);
+                w.u32(hd.slot);
+                w.u32(tok as u32);
+                w.u64(at_dest_mask[tok]);
+                for j in 0..k {
+                    w.u32(routing.ids[tok * k + j]);
+                }
+                w.f32s(&routing.weights[tok * k..(tok + 1) * k]);
+                w.f32s(&x[tok * h..(tok + 1) * h]);
+            }
+            w.u32(rows[q].len() as u32);
+            for &(tok, j) in &rows[q] {
+                w.u32(routing.ids[tok * k + j]);
+                w.u32(dest[tok] as u32);
+                w.u32(tok as u32);
+                w.u32(j as u32);
+            }
+            for &(tok, _) in &rows[q] {
+                w.f32s(&xn[tok * h..(tok + 1) * h]);
+            }
+            w.0
+        })
+        .collect()
+}
+
+/// Where one MoE layer's tokens go (see [`EpExecutor::plan_destinations`]).
+struct LayerPlan {
+    dest: Vec<usize>,
+    /// Per expert rank, the (token, k) rows it runs.
+    rows: Vec<Vec<(usize, usize)>>,
+    /// Per token, the k indices whose expert runs on its (remote) destination.
+    at_dest_mask: Vec<u64>,
+}
+
+/// An expert row to run here: expert, input, and where the output goes (destination, source,
+/// key, k).
+type ExpertRow = (u32, Vec<f32>, (usize, u32, u32, u32));
 
 /// Append keys/values of positions from `pos` on to layer `l` of `cache`, which must hold exactly
 /// `pos` positions there.

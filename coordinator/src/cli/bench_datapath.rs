@@ -218,7 +218,7 @@ fn run_one(a: &DatapathArgs, workers: usize, placement: (&str, Option<&Path>), p
 
 /// The ILP-affinity placement for `workers` ranks, solved by `place solve` on `trace`.
 fn solve_affinity(a: &DatapathArgs, trace: &Path, workers: usize, experts: usize, dir: &Path) -> anyhow::Result<PathBuf> {
-    anyhow::ensure!(experts % workers == 0, "{experts} experts do not split evenly over {workers} workers");
+    anyhow::ensure!(experts.is_multiple_of(workers), "{experts} experts do not split evenly over {workers} workers");
     let out = dir.join(format!("ilp-affinity-{workers}.json"));
     let status = std::process::Command::new(std::env::current_exe()?)
         .args(["place", "solve", "--mode", "affinity", "--solver", "ilp", "--trace"])
