@@ -89,6 +89,19 @@ pub fn rows_sent(replicas: &[Vec<usize>], ids: &[u32], me: usize, d: usize) -> u
     n
 }
 
+/// The rank that runs one of a token's experts (`replicas`: its ranks) on the affinity path
+/// when the token is held on `me` and combines on `d`: the replica on `d`, else the one here, else
+/// the one `pick` chooses (an index into `replicas`).
+pub fn expert_rank(replicas: &[usize], me: usize, d: usize, pick: impl FnOnce(&[usize]) -> usize) -> usize {
+    if replicas.contains(&d) {
+        d
+    } else if replicas.contains(&me) {
+        me
+    } else {
+        replicas[pick(replicas)]
+    }
+}
+
 /// Where the combine of a token held on `me` lands on the affinity path: home for a pinned token
 /// (a prompt chunk, or a sequence whose KV copies are not complete); here when its primary expert
 /// (`ids[0]`) has a replica here; else the replica `pick` chooses among those in `group` (home
@@ -212,7 +225,7 @@ pub fn score(trace: &RoutingTrace, placement: &Placement, path: PathKind, shape:
                         }
                         for &e in ids {
                             let rs = &reps[e as usize];
-                            let q = if rs.contains(&d) { d } else if rs.contains(&me) { me } else { rs[0] };
+                            let q = expert_rank(rs, me, d, |_| 0);
                             if q == d && d == me {
                                 s.local_rows += 1;
                             }

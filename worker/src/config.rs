@@ -531,17 +531,22 @@ impl ModelConfig {
         self.layer_kinds.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i).collect()
     }
 
+    /// The first layer a token can run away from home on the affinity data path: the one after
+    /// the first MoE layer (the number of layers without one).
+    pub fn first_movable_layer(&self) -> usize {
+        self.moe_layers().first().map_or(self.n_layers, |&l| l + 1)
+    }
+
     /// What the data path evaluator (`placement::datapath`) needs of this model, for requests of
     /// `prompt_tokens` prompt and `new_tokens` generated tokens: the hidden size, a token's keys
     /// and values per layer as this runtime keeps them, and the layers whose KV the affinity
     /// path exchanges (those after the first MoE layer).
     pub fn data_path_shape(&self, prompt_tokens: usize, new_tokens: usize) -> placement::datapath::PathShape {
         let (kvh, kd, vd) = self.attn.kv_layout();
-        let first_movable = self.moe_layers().first().map_or(self.n_layers, |&l| l + 1);
         placement::datapath::PathShape {
             hidden: self.hidden_size,
             kv_floats: kvh * (kd + vd),
-            kv_layers: self.n_layers.saturating_sub(first_movable),
+            kv_layers: self.n_layers.saturating_sub(self.first_movable_layer()),
             prompt_tokens,
             new_tokens,
         }

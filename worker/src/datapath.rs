@@ -238,17 +238,15 @@ impl EpExecutor {
     pub(super) fn forward_affinity(&self, model: &Model, seqs: &mut [SeqInput], mode: LogitsMode) -> Result<ForwardOutput> {
         let c = &model.config;
         let (kvh, kd, vd) = c.attn.kv_layout();
-        let moe_layers: Vec<usize> =
-            model.layers.iter().enumerate().filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_))).map(|(i, _)| i).collect();
         let shape = Shape {
             hidden: c.hidden_size,
             k_row: kvh * kd,
             v_row: kvh * vd,
-            first_movable: moe_layers.first().map_or(model.layers.len(), |&i| i + 1),
+            first_movable: c.first_movable_layer(),
             n_layers: model.layers.len(),
         };
         let mut state = self.follow.lock().map_err(|_| proto_err("affinity state lock poisoned".into()))?;
-        let out = self.forward_affinity_inner(model, seqs, mode, &shape, &moe_layers, &mut state);
+        let out = self.forward_affinity_inner(model, seqs, mode, &shape, &mut state);
         if out.is_err() {
             // The copies go back to the last completed step (the engine does the same for the
             // home caches).
@@ -266,7 +264,6 @@ impl EpExecutor {
         seqs: &mut [SeqInput],
         mode: LogitsMode,
         shape: &Shape,
-        moe_layers: &[usize],
         state: &mut FollowState,
     ) -> Result<ForwardOutput> {
         let c = &model.config;
@@ -299,7 +296,7 @@ impl EpExecutor {
         // Per layer, the tokens that may move whose attention ran here: their KV entries are
         // this rank's to send.
         let mut ran_here: Vec<Vec<Held>> = vec![Vec::new(); shape.n_layers];
-        let mut routing = Vec::with_capacity(moe_layers.len());
+        let mut routing = Vec::new();
         for (li, layer) in model.layers.iter().enumerate() {
             sort_held(&mut held, &mut x, h, me, &own_index);
             let xn = kernels::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps);
@@ -605,13 +602,7 @@ impl EpExecutor {
             for j in 0..k {
                 let e = routing.ids[tok * k + j] as usize;
                 let rs = &reps[e];
-                let q = if rs.contains(&d) {
-                    d
-                } else if rs.contains(&me) {
-                    me
-                } else {
-                    rs[self.pick_replica(rs, &load, me, slack)]
-                };
+                let q = placement::datapath::expert_rank(rs, me, d, |rs| self.pick_replica(rs, &load, me, slack));
                 load[q] += 1;
                 if q == d && q == me {
                     local_rows += 1;
