@@ -23,6 +23,7 @@ pub mod reference;
 pub mod routing_capture;
 pub mod sampling;
 pub mod synth;
+pub mod synth_tokenizer;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};

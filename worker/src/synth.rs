@@ -381,13 +381,24 @@ pub fn skewed_prompts(spec: &SynthSpec, group: usize, n: usize, len: usize, seed
         .collect()
 }
 
-/// Write the checkpoint into `dir` (created if needed).
+/// A generated tokenizer ([`crate::synth_tokenizer`]) for `spec`'s vocabulary, unless it is too
+/// small for byte-level BPE (the tiny smoke-test shapes) or `dir` already has one.
+pub fn write_tokenizer_if_room(dir: &Path, spec: &SynthSpec) -> std::io::Result<()> {
+    if spec.vocab < crate::synth_tokenizer::MIN_VOCAB || dir.join("tokenizer.json").exists() {
+        return Ok(());
+    }
+    crate::synth_tokenizer::write_tokenizer(dir, spec.vocab, spec.max_pos)
+}
+
+/// Write the checkpoint into `dir` (created if needed), with a tokenizer where the vocabulary
+/// has room for one.
 pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> std::io::Result<()> {
     if let Some(sk) = &spec.skew {
         spec.check_skew(sk)?;
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&spec.config())?)?;
+    write_tokenizer_if_room(dir, spec)?;
     let tensors = spec.tensors();
     let esize = if spec.dtype == "BF16" { 2 } else { 4 };
     let total: usize = tensors.iter().map(|(_, s, _)| s.iter().product::<usize>() * esize).sum();

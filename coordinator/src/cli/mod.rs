@@ -3,6 +3,8 @@ pub mod bench_cluster;
 pub mod bench_common;
 pub mod bench_elastic;
 pub mod bench_http;
+pub mod bench_llamacpp;
+pub mod bench_model;
 pub mod bench_straggler;
 pub mod bench_datapath;
 pub mod coordinator_cmd;

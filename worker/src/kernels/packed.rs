@@ -161,6 +161,10 @@ impl PackedWeight {
     /// the columns of these panels meanwhile.
     unsafe fn panels_into(&self, x: &[f32], m: usize, p0: usize, p1: usize, c: *mut f32) {
         let (n, k) = (self.n, self.k);
+        if m <= MR {
+            // SAFETY: as the caller's contract.
+            return unsafe { self.stream_panels_into(x, m, p0, p1, c) };
+        }
         // The f32 view of a bf16 panel block: 16 KiB, stays in L1 while the row tiles reuse it.
         let mut widened = [0.0f32; KC * NR];
         let mut pc = 0;
@@ -186,6 +190,157 @@ impl PackedWeight {
                 }
             }
             pc += kc;
+        }
+    }
+}
+
+impl PackedWeight {
+    /// Panels `[p0, p1)` for at most [`MR`] rows of `x` (decode): one row tile, so a panel block
+    /// is never reused and widening it into a buffer first would only add a pass over L1. Each
+    /// panel is streamed whole (its bytes lie contiguous, and so do consecutive panels: one
+    /// sequential read per thread, what the hardware prefetcher follows best), bf16 values are
+    /// widened in registers, and the sums stay in registers over the whole inner dimension.
+    ///
+    /// # Safety
+    /// As [`PackedWeight::panels_into`], with `m <= MR`.
+    unsafe fn stream_panels_into(&self, x: &[f32], m: usize, p0: usize, p1: usize, c: *mut f32) {
+        let (n, k) = (self.n, self.k);
+        debug_assert!(m <= MR);
+        for j in p0..p1 {
+            let whole = j * k * NR..(j + 1) * k * NR;
+            let panel = match &self.data {
+                Panels::F32(d) => PanelRef::F32(&d[whole]),
+                Panels::Bf16(d) => PanelRef::Bf16(&d[whole]),
+            };
+            let mut acc = [[0.0f32; NR]; MR];
+            stream_tile(&panel, x, k, m, &mut acc);
+            let cols = NR.min(n - j * NR);
+            for (r, a) in acc.iter().enumerate().take(m) {
+                // SAFETY (caller): row r < m, columns j·NR..j·NR+cols ≤ n.
+                let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * n + j * NR), cols) };
+                row.copy_from_slice(&a[..cols]);
+            }
+        }
+    }
+}
+
+/// One panel's values as stored.
+enum PanelRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl PanelRef<'_> {
+    #[inline]
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            PanelRef::F32(d) => d[i],
+            PanelRef::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
+        }
+    }
+}
+
+/// `acc[r][c] = Σ_p x[r·ldx + p] · panel[p·NR + c]` for `rows ≤ MR` rows over the whole panel.
+fn stream_tile(panel: &PanelRef, x: &[f32], ldx: usize, rows: usize, acc: &mut [[f32; NR]; MR]) {
+    let k = match panel {
+        PanelRef::F32(d) => d.len() / NR,
+        PanelRef::Bf16(d) => d.len() / NR,
+    };
+    assert!(rows <= MR && (rows == 0 || x.len() >= (rows - 1) * ldx + k), "stream_tile: short x");
+    #[cfg(target_arch = "x86_64")]
+    if super::ffi::have_avx2_fma() {
+        // SAFETY: AVX2+FMA present; the lengths were checked above.
+        return unsafe {
+            match panel {
+                PanelRef::F32(d) => stream_rows_dispatch::<false>(d.as_ptr() as *const u8, x, ldx, k, rows, acc),
+                PanelRef::Bf16(d) => stream_rows_dispatch::<true>(d.as_ptr() as *const u8, x, ldx, k, rows, acc),
+            }
+        };
+    }
+    for p in 0..k {
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            let xv = x[r * ldx + p];
+            for (col, o) in a.iter_mut().enumerate() {
+                *o += xv * panel.value(p * NR + col);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As [`stream_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stream_rows_dispatch<const BF16: bool>(panel: *const u8, x: &[f32], ldx: usize, k: usize, rows: usize, acc: &mut [[f32; NR]; MR]) {
+    unsafe {
+        match rows {
+            6 => stream_rows::<6, 1, BF16>(panel, x, ldx, k, acc),
+            5 => stream_rows::<5, 1, BF16>(panel, x, ldx, k, acc),
+            4 => stream_rows::<4, 1, BF16>(panel, x, ldx, k, acc),
+            3 => stream_rows::<3, 2, BF16>(panel, x, ldx, k, acc),
+            2 => stream_rows::<2, 2, BF16>(panel, x, ldx, k, acc),
+            _ => stream_rows::<1, 4, BF16>(panel, x, ldx, k, acc),
+        }
+    }
+}
+
+/// [`stream_tile`] for `R` rows with `U` accumulator sets over alternating `p` (few rows: one set
+/// would make every FMA wait on the previous one); `BF16`: the panel holds bf16 bits (else f32).
+///
+/// # Safety
+/// AVX2+FMA present; `x` holds `(R-1)·ldx + k` values; the panel `k·NR` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stream_rows<const R: usize, const U: usize, const BF16: bool>(panel: *const u8, x: &[f32], ldx: usize, k: usize, out: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let mut lo = [[_mm256_setzero_ps(); R]; U];
+    let mut hi = [[_mm256_setzero_ps(); R]; U];
+    let xp = x.as_ptr();
+    // SAFETY (all loads): p < k; the panel holds k·NR values, x rows r < R hold k values.
+    let load = |p: usize| -> (__m256, __m256) {
+        if BF16 {
+            unsafe {
+                let bits = (panel as *const u16).add(p * NR) as *const __m128i;
+                let w0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(bits)), 16);
+                let w1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(bits.add(1))), 16);
+                (_mm256_castsi256_ps(w0), _mm256_castsi256_ps(w1))
+            }
+        } else {
+            let f = panel as *const f32;
+            unsafe { (_mm256_loadu_ps(f.add(p * NR)), _mm256_loadu_ps(f.add(p * NR + 8))) }
+        }
+    };
+    let step = |p: usize, lo: &mut [__m256; R], hi: &mut [__m256; R]| {
+        let (b0, b1) = load(p);
+        for r in 0..R {
+            let a = unsafe { _mm256_broadcast_ss(&*xp.add(r * ldx + p)) };
+            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
+        }
+    };
+    let main = k / U * U;
+    let mut p = 0;
+    while p < main {
+        for u in 0..U {
+            step(p + u, &mut lo[u], &mut hi[u]);
+        }
+        p += U;
+    }
+    while p < k {
+        step(p, &mut lo[0], &mut hi[0]);
+        p += 1;
+    }
+    for u in 1..U {
+        for r in 0..R {
+            lo[0][r] = _mm256_add_ps(lo[0][r], lo[u][r]);
+            hi[0][r] = _mm256_add_ps(hi[0][r], hi[u][r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: out rows hold NR = 16 values.
+        unsafe {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), lo[0][r]);
+            _mm256_storeu_ps(out[r].as_mut_ptr().add(8), hi[0][r]);
         }
     }
 }
