@@ -267,6 +267,10 @@ fn stream_tile(panel: &PanelRef, x: &[f32], ldx: usize, rows: usize, acc: &mut [
     }
 }
 
+/// One body per row count, so the accumulators stay in registers; few rows get several
+/// accumulator sets over alternating `p` (with one set every FMA would wait on the previous one:
+/// latency-bound at 1–2 rows, i.e. decode).
+///
 /// # Safety
 /// As [`stream_rows`].
 #[cfg(target_arch = "x86_64")]
@@ -423,65 +427,10 @@ impl Tile<'_> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2(t: &Tile, out: &mut [[f32; NR]; MR]) {
-    // One body per row count, so the accumulators stay in registers. Few rows get several
-    // accumulator sets over alternating `p` (summed at the end): with one set, every FMA would
-    // wait for the previous one on the same register (latency-bound at 1–2 rows, i.e. decode).
-    match t.rows {
-        6 => unsafe { tile_rows::<6, 1>(t, out) },
-        5 => unsafe { tile_rows::<5, 1>(t, out) },
-        4 => unsafe { tile_rows::<4, 1>(t, out) },
-        3 => unsafe { tile_rows::<3, 2>(t, out) },
-        2 => unsafe { tile_rows::<2, 2>(t, out) },
-        _ => unsafe { tile_rows::<1, 4>(t, out) },
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile_rows<const R: usize, const U: usize>(t: &Tile, out: &mut [[f32; NR]; MR]) {
-    use std::arch::x86_64::*;
-    debug_assert!(t.x.len() > (R - 1) * t.ldx + t.kc - 1 && t.panel.len() >= t.kc * NR);
-    let mut lo = [[_mm256_setzero_ps(); R]; U];
-    let mut hi = [[_mm256_setzero_ps(); R]; U];
-    let xp = t.x.as_ptr();
-    let bp = t.panel.as_ptr();
-    // SAFETY (all loads): p < kc; the panel block holds kc × NR values, and x rows r < R ≤ rows
-    // hold kc values from the tile's start.
-    let step = |p: usize, lo: &mut [__m256; R], hi: &mut [__m256; R]| {
-        let b0 = unsafe { _mm256_loadu_ps(bp.add(p * NR)) };
-        let b1 = unsafe { _mm256_loadu_ps(bp.add(p * NR + 8)) };
-        for r in 0..R {
-            let a = unsafe { _mm256_broadcast_ss(&*xp.add(r * t.ldx + p)) };
-            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
-        }
-    };
-    let main = t.kc / U * U;
-    let mut p = 0;
-    while p < main {
-        for u in 0..U {
-            step(p + u, &mut lo[u], &mut hi[u]);
-        }
-        p += U;
-    }
-    while p < t.kc {
-        step(p, &mut lo[0], &mut hi[0]);
-        p += 1;
-    }
-    for u in 1..U {
-        for r in 0..R {
-            lo[0][r] = _mm256_add_ps(lo[0][r], lo[u][r]);
-            hi[0][r] = _mm256_add_ps(hi[0][r], hi[u][r]);
-        }
-    }
-    for r in 0..R {
-        // SAFETY: out rows hold NR = 16 values.
-        unsafe {
-            _mm256_storeu_ps(out[r].as_mut_ptr(), lo[0][r]);
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(8), hi[0][r]);
-        }
-    }
+    // An f32 panel block is a panel of `kc` values as the streaming kernel reads it.
+    debug_assert!(t.x.len() > (t.rows - 1) * t.ldx + t.kc - 1 && t.panel.len() >= t.kc * NR);
+    // SAFETY: AVX2+FMA present (caller); the tile's slices cover rows × kc and kc × NR.
+    unsafe { stream_rows_dispatch::<false>(t.panel.as_ptr() as *const u8, t.x, t.ldx, t.kc, t.rows, out) }
 }
 
 #[cfg(test)]
