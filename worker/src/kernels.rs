@@ -5,9 +5,12 @@
 //! as in PyTorch, so `y = x · Wᵀ`.
 
 mod ffi;
+mod huge_pages;
 mod packed;
+mod panel_simd;
 
 pub use ffi::{mmap_file, process_cpu_time_us, release_mapped_pages, release_mapped_range, set_current_thread_idle_priority, thread_cpu_time_us};
+pub use huge_pages::{collapse_resident_memory, HugePageReport};
 pub use packed::PackedWeight;
 use rayon::prelude::*;
 use std::sync::Once;
@@ -55,6 +58,8 @@ impl Drop for LoadAllocScope {
 /// batch-1 decode, which streams its weights once per token.
 pub fn read_bandwidth_gbs(bytes: usize, rounds: usize) -> f64 {
     let data = vec![1.0f32; (bytes / 4).max(1 << 16)];
+    // On huge pages, as the model's weights are after a load: the limit is then the same reads'.
+    huge_pages::collapse_resident_memory();
     let chunk = data.len().div_ceil(rayon::current_num_threads() * 4).max(1 << 14);
     let mut best = 0.0f64;
     for _ in 0..rounds.max(1) {
