@@ -239,8 +239,9 @@ mod x86 {
     /// Bytes ahead of the panel row being read that are prefetched: the panel streams are
     /// short (a thread's share of one expert's weight, ≈ 0.5 MiB), so the hardware prefetcher
     /// is still ramping up over much of each. Measured (bench checkpoint, 2 threads, huge pages
-    /// on): decode batch 16 107 → 115–122 tok/s, batch 64 194–203 → 231, batch 1 unchanged.
-    const PREFETCH_AHEAD: usize = 1024;
+    /// on): 1 KiB ahead against none, decode batch 16 107 → 115–122 tok/s, batch 64 194–203 → 231;
+    /// 2 KiB against 1 KiB, batch 1 and 16 another 3–6 %, 4 KiB no better.
+    const PREFETCH_AHEAD: usize = 2048;
 
     /// `R` rows with `U` accumulator sets of one 16-lane register per row.
     ///
