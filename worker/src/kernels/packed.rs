@@ -298,10 +298,11 @@ impl Tile<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn fill(n: usize, seed: u32) -> Vec<f32> {
+    /// `n` pseudo-random values in [-1, 1] (xorshift).
+    pub(in crate::kernels) fn fill(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).max(1);
         (0..n)
             .map(|_| {

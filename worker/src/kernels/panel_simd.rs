@@ -305,16 +305,9 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// Values on the bf16 grid, so that a panel has an exact bf16 twin.
     fn fill(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                f32::from_bits(((s % 2001) as f32 / 1000.0 - 1.0).to_bits() & 0xffff_0000)
-            })
-            .collect()
+        super::super::packed::tests::fill(n, seed).into_iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect()
     }
 
     /// Every instruction set this CPU has gives the f64 reference's sums (within f32 rounding),
