@@ -228,6 +228,17 @@ fn checkpoint_dir(a: &BenchArgs) -> anyhow::Result<PathBuf> {
 /// decode steps.
 fn measure(model: &Model, batches: &[usize], plen: usize, steps: usize) -> anyhow::Result<Vec<BenchRow>> {
     let vocab = model.config.vocab_size as u64;
+    // One untimed prefill and decode step first, as llama-bench warms up: the first forward after
+    // a load pays one-time costs (first touch of activation and KV buffers, the compute pool's
+    // threads starting), which otherwise land on whichever batch size is measured first
+    // (batch-1 prefill measured 182-277 tok/s across rounds without it).
+    {
+        let warm: Vec<u32> = (0..plen.max(1) as u64).map(|i| (i * 7919 % vocab) as u32).collect();
+        let mut cache = model.new_cache();
+        let out = model.forward(&mut [SeqInput { tokens: &warm, cache: &mut cache }], LogitsMode::Last)?;
+        let next = [worker::sampling::argmax(&out.logits[0]) as u32];
+        model.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], LogitsMode::Last)?;
+    }
     let mut seed = 12345u64;
     let mut rows = Vec::new();
     for &b in batches {
