@@ -86,6 +86,8 @@ pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
                 worker::kernels::PackedWeight::from_rows(&r, n, k)
             })
             .collect();
+        // On huge pages, as a loaded model's weights are (worker::kernels::collapse_resident_memory).
+        worker::kernels::collapse_resident_memory();
         for &m in rows {
             anyhow::ensure!(m > 0, "--rows must be positive");
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 1999) as f32 / 999.0 - 1.0).collect();
@@ -123,7 +125,7 @@ pub fn kernels(rows: &[usize], shapes: &[String]) -> anyhow::Result<ExitCode> {
         "{} threads, calls in parallel as the experts of a layer; best of {REPEATS} interleaved rounds; m = tokens routed to one expert;",
         rayon::current_num_threads()
     );
-    println!("row-major = kernels::matmul_bt; every call takes the next of 256 MiB of distinct weights (from memory, as in a MoE layer)");
+    println!("row-major = kernels::matmul_bt; every call takes the next of 256 MiB of distinct weights (from memory, as in a MoE layer), on huge pages as a loaded model's are");
     println!("packed bf16 = the same weights rounded to bf16, stored as bf16 (half the bytes streamed)");
     Ok(ExitCode::SUCCESS)
 }
