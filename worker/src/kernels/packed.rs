@@ -15,8 +15,10 @@
 //!
 //! Panels are kept as bf16 when every weight is exactly a bf16 value (a bf16 checkpoint, as most
 //! MoE checkpoints are): half the bytes to stream per step, the bottleneck of an expert with a few
-//! tokens, and half the memory. Each panel block is widened to f32 in an L1 buffer before its row
-//! tiles run, so the products are bit-for-bit those of f32 panels (bf16 → f32 is exact).
+//! tokens, and half the memory. Products of few rows (up to [`STREAM_ROWS_MAX`]: decode) widen
+//! bf16 in registers as they stream a panel; more rows widen each panel block once into an L1
+//! buffer that all their row tiles read. Either way the products are bit-for-bit those of f32
+//! panels (bf16 → f32 is exact).
 
 use super::panel_simd::{stream_tile, Isa, PanelRef};
 use rayon::prelude::*;
