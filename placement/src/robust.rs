@@ -73,6 +73,95 @@ fn resample(per_seq: &[Vec<Vec<f64>>], resamples: usize, seed: u64) -> Vec<Vec<V
         .collect()
 }
 
+/// Loads of `draws` plausible shifts of the traffic mix: every sequence of `trace` weighted by
+/// its own Gamma(α) draw (a Dirichlet reweighting of the sequence population), `[draw][layer][expert]`.
+/// Unlike independent per-expert drift ([`drift_factors`]) this keeps what the trace says about
+/// which experts rise and fall together: experts that the same kind of prompt uses move together
+/// when tomorrow brings more of that kind. α is set so that the shift is as large as `drift` says
+/// (the root-mean-square log-ratio of an expert's share to its sampled share, over draws, layers
+/// and experts, is `drift`), or as large as the sequences allow (α at its floor) when they are too
+/// alike. Empty with fewer than two sequences or no drift. Deterministic for a seed.
+pub fn shifted_loads(trace: &RoutingTrace, draws: usize, drift: f64, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    let per_seq = sequence_loads(trace);
+    if per_seq.len() < 2 || drift.is_nan() || drift <= 0.0 || draws == 0 {
+        return Vec::new();
+    }
+    let total: Vec<Vec<f64>> = (0..trace.num_layers)
+        .map(|l| (0..trace.num_experts).map(|e| per_seq.iter().map(|s| s[l][e]).sum()).collect())
+        .collect();
+    // Gamma(α) = Gamma(α + 1) · U^(1/α) (exact), with Gamma(α + 1) by the Wilson–Hilferty cube of a
+    // normal (within a few per cent for shapes ≥ 1). The uniforms and normals are drawn once and
+    // reused for every α, so the spread moves smoothly with α and the bisection below converges.
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = per_seq.len();
+    let noise: Vec<Vec<(f64, f64)>> = (0..draws)
+        .map(|_| (0..n).map(|_| (rng.random::<f64>().max(1e-300), StandardNormal.sample(&mut rng))).collect())
+        .collect();
+    let weights = |alpha: f64| -> Vec<Vec<f64>> {
+        let k = alpha + 1.0;
+        noise
+            .iter()
+            .map(|d| {
+                d.iter()
+                    .map(|&(u, z): &(f64, f64)| {
+                        let c = 1.0 - 1.0 / (9.0 * k) + z / (3.0 * k.sqrt());
+                        let gamma_k = k * c.max(0.0).powi(3);
+                        gamma_k * u.powf(1.0 / alpha)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let loads_for = |w: &Vec<Vec<f64>>| -> Vec<Vec<Vec<f64>>> {
+        w.iter()
+            .map(|ws| {
+                let sum: f64 = ws.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+                let scale = n as f64 / sum;
+                (0..trace.num_layers)
+                    .map(|l| (0..trace.num_experts).map(|e| per_seq.iter().zip(ws).map(|(s, w)| s[l][e] * w).sum::<f64>() * scale).collect())
+                    .collect()
+            })
+            .collect()
+    };
+    let spread = |loads: &Vec<Vec<Vec<f64>>>| -> f64 {
+        let (mut sq, mut count) = (0.0, 0usize);
+        for d in loads {
+            for (l, layer) in d.iter().enumerate() {
+                let (sum_d, sum_t) = (layer.iter().sum::<f64>(), total[l].iter().sum::<f64>());
+                if sum_d <= 0.0 || sum_t <= 0.0 {
+                    continue;
+                }
+                // Shares floored at 1 % of the mean share, so an expert a draw leaves idle counts as
+                // a large shift, not an infinite one.
+                let floor = 0.01 / layer.len() as f64;
+                for (x, t) in layer.iter().zip(&total[l]) {
+                    if *t > 0.0 {
+                        let r = ((x / sum_d).max(floor) / (t / sum_t).max(floor)).ln();
+                        sq += r * r;
+                        count += 1;
+                    }
+                }
+            }
+        }
+        if count == 0 { 0.0 } else { (sq / count as f64).sqrt() }
+    };
+    // The spread falls as α grows; bisect log α in [1e-3, 1e3].
+    let (mut lo, mut hi) = ((1e-3f64).ln(), (1e3f64).ln());
+    if spread(&loads_for(&weights(lo.exp()))) <= drift {
+        return loads_for(&weights(lo.exp()));
+    }
+    for _ in 0..24 {
+        let mid = 0.5 * (lo + hi);
+        if spread(&loads_for(&weights(mid.exp()))) > drift {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    loads_for(&weights(hi.exp()))
+}
+
 /// How far each layer's loads were shrunk (0: not at all, 1: to the mean).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shrinkage {
@@ -315,5 +404,41 @@ mod tests {
         assert!((expected_max_normal(2) - 1.0 / std::f64::consts::PI.sqrt()).abs() < 1e-4);
         assert!((expected_max_normal(4) - 1.029_375).abs() < 1e-4);
         assert!((expected_max_normal(32) - 2.069_668).abs() < 1e-3);
+    }
+
+    /// Sequences of two kinds: kind A routes layer 0 to experts 0 and 1, kind B to 2 and 3.
+    fn two_kinds() -> RoutingTrace {
+        let (mut ids, mut seqs) = (Vec::new(), Vec::new());
+        for s in 0..30i64 {
+            for _ in 0..10 {
+                ids.extend_from_slice(if s % 3 == 0 { &[2, 3] } else { &[0, 1] });
+                seqs.push(s);
+            }
+        }
+        RoutingTrace { num_experts: 4, num_layers: 1, top_k: 2, topk_ids: ids, topk_weights: None, seq_ids: Some(seqs) }
+    }
+
+    #[test]
+    fn shifts_move_experts_of_one_kind_together_and_as_far_as_the_drift() {
+        let t = two_kinds();
+        let shifts = shifted_loads(&t, 64, 0.5, 9);
+        assert_eq!(shifts.len(), 64);
+        assert_eq!(shifts, shifted_loads(&t, 64, 0.5, 9), "deterministic for a seed");
+        // Experts 0 and 1 are used by the same sequences: every draw moves them alike.
+        for d in &shifts {
+            assert!((d[0][0] - d[0][1]).abs() < 1e-9 && (d[0][2] - d[0][3]).abs() < 1e-9, "{:?}", d[0]);
+        }
+        // The calibrated size: RMS log-ratio of shares to the sampled shares (2/3, 1/3 of a pair).
+        let sampled = [1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0, 1.0 / 6.0];
+        let sq: f64 = shifts
+            .iter()
+            .flat_map(|d| {
+                let sum: f64 = d[0].iter().sum();
+                d[0].iter().zip(sampled).map(move |(x, s)| ((x / sum).max(0.0025) / s).ln().powi(2)).collect::<Vec<_>>()
+            })
+            .sum();
+        let rms = (sq / (64.0 * 4.0)).sqrt();
+        assert!((rms - 0.5).abs() < 0.05, "spread {rms} for drift 0.5");
+        assert!(shifted_loads(&t, 8, 0.0, 9).is_empty(), "no drift, no shift");
     }
 }

@@ -12,6 +12,7 @@ pub mod contiguous;
 pub mod eplb;
 pub mod ilp;
 pub mod replicas;
+mod scenario_search;
 
 pub use replicas::{check_min_capacity, effective_min, ensure_min_replicas, min_replica_count};
 
@@ -87,6 +88,14 @@ pub struct SolveOptions {
     /// the sample). The ILP never does worse than its warm start on the sampled loads nor under
     /// drift, and minimises the two alike in its balance phase (see `ilp.rs`).
     pub load_drift: f64,
+    /// Per-layer expert loads of bootstrap resamples of the solved trace, `[resample][layer][expert]`
+    /// ([`crate::robust::bootstrap_loads`]); empty when the statistics came without a trace. The
+    /// affinity-mode swap search (`scenario_search.rs`) measures balance on them.
+    pub load_resamples: Vec<Vec<Vec<f64>>>,
+    /// Per-layer expert loads of plausible shifts of the traffic mix, `[draw][layer][expert]`
+    /// ([`crate::robust::shifted_loads`]); empty: the swap search draws independent per-expert
+    /// drift instead.
+    pub load_shifts: Vec<Vec<Vec<f64>>>,
 }
 
 impl SolveOptions {
@@ -102,6 +111,8 @@ impl SolveOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             min_replicas: 1,
             load_drift: crate::robust::DEFAULT_DRIFT,
+            load_resamples: Vec::new(),
+            load_shifts: Vec::new(),
         }
     }
 }
@@ -159,6 +170,10 @@ pub struct SolveReport {
     pub subproblems: usize,
     pub subproblems_hit_time_limit: usize,
     pub layers_improved: usize,
+    /// Affinity mode: expert swaps the scenario search applied after the ILP, and the layers they
+    /// changed (see `scenario_search.rs`).
+    pub search_swaps: usize,
+    pub search_layers_changed: usize,
     /// The first subproblem failure, if any (that layer kept its warm-start placement).
     pub layer_error: Option<String>,
     pub solve_seconds: f64,
@@ -202,6 +217,8 @@ pub fn solve(
         subproblems: 0,
         subproblems_hit_time_limit: 0,
         layers_improved: 0,
+        search_swaps: 0,
+        search_layers_changed: 0,
         layer_error: None,
         solve_seconds: started.elapsed().as_secs_f64(),
     };
@@ -222,8 +239,18 @@ pub fn solve(
         SolverKind::Ilp => {
             let start = eplb::solve_with(stats, &opts.topology, opts.slots_per_rank, opts.groups, opts.min_replicas)?;
             let warm = objective(&start, stats, opts.mode, opts.traffic_weight);
-            let (p, run) = ilp::solve(stats, opts, start, progress)?;
+            let (p, run) = ilp::solve(stats, opts, start.clone(), progress)?;
+            let (p, search) = match opts.mode {
+                Mode::Affinity => {
+                    // The search gets what is left of the budget, and at least a quarter of it.
+                    let deadline = (started + opts.time_limit).max(std::time::Instant::now() + opts.time_limit / 4);
+                    scenario_search::improve(stats, opts, &start, p, deadline)
+                }
+                Mode::Home => (p, scenario_search::SearchRun::default()),
+            };
             let mut r = report(kind, &p, Some(warm));
+            r.search_swaps = search.swaps;
+            r.search_layers_changed = search.layers_changed;
             r.balance_gap = run.balance_gap;
             r.traffic_gap = run.traffic_gap;
             r.sweeps = run.sweeps;
