@@ -182,31 +182,26 @@ impl HopTable<'_> {
     /// as [`crate::eval::same_rank_hops`] counts them).
     fn kept(&self, e: usize, hosts: &[usize], stamp: &mut [u32], tick: &mut u32) -> f64 {
         let ne = self.ne;
-        let mut sum = 0.0;
-        if let Some((ranks, t)) = self.next {
-            *tick += 1;
-            for &r in hosts {
-                for &g in &ranks[r] {
-                    if stamp[g] != *tick {
-                        stamp[g] = *tick;
-                        sum += t[e * ne + g];
-                    }
-                }
-            }
-        }
-        if let Some((ranks, t)) = self.prev {
-            *tick += 1;
-            for &r in hosts {
-                for &g in &ranks[r] {
-                    if stamp[g] != *tick {
-                        stamp[g] = *tick;
-                        sum += t[g * ne + e];
-                    }
-                }
-            }
-        }
-        sum
+        let next = self.next.map_or(0.0, |(ranks, t)| partners(ranks, hosts, stamp, tick, |g| t[e * ne + g]));
+        let prev = self.prev.map_or(0.0, |(ranks, t)| partners(ranks, hosts, stamp, tick, |g| t[g * ne + e]));
+        next + prev
     }
+}
+
+/// Σ `weight(g)` over the distinct experts `g` that `ranks` places on any of `hosts` (`stamp`
+/// marks the ones counted with a fresh `tick`).
+fn partners(ranks: &[Vec<usize>], hosts: &[usize], stamp: &mut [u32], tick: &mut u32, weight: impl Fn(usize) -> f64) -> f64 {
+    *tick += 1;
+    let mut sum = 0.0;
+    for &r in hosts {
+        for &g in &ranks[r] {
+            if stamp[g] != *tick {
+                stamp[g] = *tick;
+                sum += weight(g);
+            }
+        }
+    }
+    sum
 }
 
 /// `gain[e][i][b]`: hops expert `e` gains when its `i`-th host rank is replaced by rank `b`
