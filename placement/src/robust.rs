@@ -32,17 +32,84 @@ pub fn bootstrap_loads(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec
     resample(&sequence_loads(trace), resamples, seed)
 }
 
+/// Largest total size of [`bootstrap_transitions`]' tables (bytes): a layer pair's transition
+/// table has experts² entries, so DeepSeek-V3's 58 × 256 experts take 30 MB per resample.
+pub const MAX_TRANSITION_RESAMPLE_BYTES: usize = 256 << 20;
+
+/// Primary-expert transitions (as [`RoutingStats::transitions`]) of `resamples` bootstrap
+/// resamples of `trace`, whole sequences drawn with replacement: `[resample][layer][e · E + e2]`.
+/// How much of a placement's same-rank hops rests on a few sequences shows in how its hop gains
+/// vary across them. Empty when the trace has fewer than two sequences, fewer than two layers, or
+/// the tables would pass [`MAX_TRANSITION_RESAMPLE_BYTES`]. Deterministic for a seed.
+pub fn bootstrap_transitions(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    let n = token_sequences(trace).1;
+    if trace.num_layers < 2 || n < 2 || transition_bytes(trace, resamples) > MAX_TRANSITION_RESAMPLE_BYTES {
+        return Vec::new();
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Per resample, how often each sequence is drawn.
+    let times: Vec<Vec<f64>> = (0..resamples)
+        .map(|_| {
+            let mut t = vec![0.0f64; n];
+            for _ in 0..n {
+                t[rng.random_range(0..n)] += 1.0;
+            }
+            t
+        })
+        .collect();
+    weighted_transitions(trace, &times)
+}
+
+fn transition_bytes(trace: &RoutingTrace, tables: usize) -> usize {
+    let ne = trace.num_experts;
+    tables.saturating_mul(trace.num_layers.saturating_sub(1)).saturating_mul(ne.saturating_mul(ne)).saturating_mul(8)
+}
+
+/// Every token's sequence index (in order of first appearance) and the number of sequences.
+fn token_sequences(trace: &RoutingTrace) -> (Vec<usize>, usize) {
+    let mut seq_index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    let token_seq: Vec<usize> = (0..trace.num_tokens())
+        .map(|t| {
+            let next = seq_index.len();
+            *seq_index.entry(trace.seq_id(t)).or_insert(next)
+        })
+        .collect();
+    (token_seq, seq_index.len())
+}
+
+/// Per row of `weights` (one weight per sequence, in order of first appearance), the trace's
+/// primary-expert transitions with every token weighted by its sequence's weight.
+fn weighted_transitions(trace: &RoutingTrace, weights: &[Vec<f64>]) -> Vec<Vec<Vec<f64>>> {
+    let (nl, ne) = (trace.num_layers, trace.num_experts);
+    if nl < 2 {
+        return Vec::new();
+    }
+    let token_seq = token_sequences(trace).0;
+    weights
+        .iter()
+        .map(|w| {
+            let mut tr = vec![vec![0.0; ne * ne]; nl - 1];
+            for (t, &s) in token_seq.iter().enumerate() {
+                let x = w.get(s).copied().unwrap_or(0.0);
+                if x == 0.0 {
+                    continue;
+                }
+                for (l, table) in tr.iter_mut().enumerate() {
+                    let (a, b) = (trace.experts(t, l)[0] as usize, trace.experts(t, l + 1)[0] as usize);
+                    table[a * ne + b] += x;
+                }
+            }
+            tr
+        })
+        .collect()
+}
+
 /// Per sequence of `trace` (in order of first appearance), its per-layer expert counts.
 fn sequence_loads(trace: &RoutingTrace) -> Vec<Vec<Vec<f64>>> {
     let (nl, ne) = (trace.num_layers, trace.num_experts);
-    let mut seq_index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
-    let mut per_seq: Vec<Vec<Vec<f64>>> = Vec::new();
-    for t in 0..trace.num_tokens() {
-        let next = per_seq.len();
-        let s = *seq_index.entry(trace.seq_id(t)).or_insert(next);
-        if s == per_seq.len() {
-            per_seq.push(vec![vec![0.0; ne]; nl]);
-        }
+    let (token_seq, n) = token_sequences(trace);
+    let mut per_seq: Vec<Vec<Vec<f64>>> = vec![vec![vec![0.0; ne]; nl]; n];
+    for (t, &s) in token_seq.iter().enumerate() {
         for (l, counts) in per_seq[s].iter_mut().enumerate() {
             for &e in trace.experts(t, l) {
                 counts[e as usize] += 1.0;
@@ -83,12 +150,31 @@ fn resample(per_seq: &[Vec<Vec<f64>>], resamples: usize, seed: u64) -> Vec<Vec<V
 /// alike. Empty with fewer than two sequences or no drift. Deterministic for a seed.
 pub fn shifted_loads(trace: &RoutingTrace, draws: usize, drift: f64, seed: u64) -> Vec<Vec<Vec<f64>>> {
     let per_seq = sequence_loads(trace);
+    shift_weights(&per_seq, draws, drift, seed).iter().map(|w| weighted_loads(&per_seq, w)).collect()
+}
+
+/// `per_seq` summed with one weight per sequence, `[layer][expert]`.
+fn weighted_loads(per_seq: &[Vec<Vec<f64>>], w: &[f64]) -> Vec<Vec<f64>> {
+    let Some(shape) = per_seq.first() else { return Vec::new() };
+    let mut load: Vec<Vec<f64>> = shape.iter().map(|l| vec![0.0; l.len()]).collect();
+    for (s, &x) in per_seq.iter().zip(w) {
+        for (acc, counts) in load.iter_mut().zip(s) {
+            for (a, c) in acc.iter_mut().zip(counts) {
+                *a += c * x;
+            }
+        }
+    }
+    load
+}
+
+/// Per draw, the weight of every sequence of `per_seq` in a shift of the traffic mix (mean one),
+/// sized as [`shifted_loads`] says.
+fn shift_weights(per_seq: &[Vec<Vec<f64>>], draws: usize, drift: f64, seed: u64) -> Vec<Vec<f64>> {
     if per_seq.len() < 2 || drift.is_nan() || drift <= 0.0 || draws == 0 {
         return Vec::new();
     }
-    let total: Vec<Vec<f64>> = (0..trace.num_layers)
-        .map(|l| (0..trace.num_experts).map(|e| per_seq.iter().map(|s| s[l][e]).sum()).collect())
-        .collect();
+    let (nl, ne) = (per_seq[0].len(), per_seq[0].first().map_or(0, Vec::len));
+    let total: Vec<Vec<f64>> = (0..nl).map(|l| (0..ne).map(|e| per_seq.iter().map(|s| s[l][e]).sum()).collect()).collect();
     // Gamma(α) = Gamma(α + 1) · U^(1/α) (exact), with Gamma(α + 1) by the Wilson–Hilferty cube of a
     // normal (within a few per cent for shapes ≥ 1). The uniforms and normals are drawn once and
     // reused for every α, so the spread moves smoothly with α and the bisection below converges.
@@ -103,27 +189,21 @@ pub fn shifted_loads(trace: &RoutingTrace, draws: usize, drift: f64, seed: u64) 
         noise
             .iter()
             .map(|d| {
-                d.iter()
+                let w: Vec<f64> = d
+                    .iter()
                     .map(|&(u, z): &(f64, f64)| {
                         let c = 1.0 - 1.0 / (9.0 * k) + z / (3.0 * k.sqrt());
                         let gamma_k = k * c.max(0.0).powi(3);
                         gamma_k * u.powf(1.0 / alpha)
                     })
-                    .collect()
+                    .collect();
+                // Mean one: a shift changes the mix, not the volume.
+                let scale = n as f64 / w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+                w.into_iter().map(|x| x * scale).collect()
             })
             .collect()
     };
-    let loads_for = |w: &Vec<Vec<f64>>| -> Vec<Vec<Vec<f64>>> {
-        w.iter()
-            .map(|ws| {
-                let sum: f64 = ws.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-                let scale = n as f64 / sum;
-                (0..trace.num_layers)
-                    .map(|l| (0..trace.num_experts).map(|e| per_seq.iter().zip(ws).map(|(s, w)| s[l][e] * w).sum::<f64>() * scale).collect())
-                    .collect()
-            })
-            .collect()
-    };
+    let loads_for = |w: &Vec<Vec<f64>>| -> Vec<Vec<Vec<f64>>> { w.iter().map(|ws| weighted_loads(per_seq, ws)).collect() };
     let spread = |loads: &Vec<Vec<Vec<f64>>>| -> f64 {
         let (mut sq, mut count) = (0.0, 0usize);
         for d in loads {
@@ -149,7 +229,7 @@ pub fn shifted_loads(trace: &RoutingTrace, draws: usize, drift: f64, seed: u64) 
     // The spread falls as α grows; bisect log α in [1e-3, 1e3].
     let (mut lo, mut hi) = ((1e-3f64).ln(), (1e3f64).ln());
     if spread(&loads_for(&weights(lo.exp()))) <= drift {
-        return loads_for(&weights(lo.exp()));
+        return weights(lo.exp());
     }
     for _ in 0..24 {
         let mid = 0.5 * (lo + hi);
@@ -159,7 +239,7 @@ pub fn shifted_loads(trace: &RoutingTrace, draws: usize, drift: f64, seed: u64) 
             hi = mid;
         }
     }
-    loads_for(&weights(hi.exp()))
+    weights(hi.exp())
 }
 
 /// How far each layer's loads were shrunk (0: not at all, 1: to the mean).
@@ -387,6 +467,33 @@ mod tests {
         assert!(hot(&shrunk) < hot(&stats), "the hottest expert of layer 1 is planned for as less hot");
         let home: f64 = shrunk.home_load.as_ref().expect("home split")[1].iter().map(|r| r[0]).sum();
         assert!((home - shrunk.load[1][0]).abs() < 1e-6, "the home split follows the shrunk load");
+    }
+
+    #[test]
+    fn resampled_transitions_average_to_the_trace_and_vary_where_sequences_do() {
+        let t = trace();
+        let stats = RoutingStats::from_trace(&t, None);
+        let rs = bootstrap_transitions(&t, 64, 1);
+        assert_eq!(rs.len(), 64);
+        assert_eq!(rs[0].len(), 1);
+        assert_eq!(rs[0][0].len(), 16);
+        for e in 0..4 {
+            for g in 0..4 {
+                let mean = rs.iter().map(|r| r[0][e * 4 + g]).sum::<f64>() / 64.0;
+                let want = stats.transitions[0][e * 4 + g];
+                assert!((mean - want).abs() <= 0.15 * want.max(20.0), "{e}->{g}: {mean} vs {want}");
+            }
+        }
+        // 0 -> 0 follows every sequence whose own expert is 0 (half of them): it varies by resample;
+        // 0 -> 3 is a single sequence's in six.
+        let spread = |i: usize| {
+            let v: Vec<f64> = rs.iter().map(|r| r[0][i]).collect();
+            v.iter().copied().fold(0.0, f64::max) - v.iter().copied().fold(f64::INFINITY, f64::min)
+        };
+        assert!(spread(0) > 0.0 && spread(3) > 0.0);
+        assert_eq!(bootstrap_transitions(&t, 8, 1), bootstrap_transitions(&t, 8, 1), "deterministic");
+        let one = RoutingTrace { seq_ids: Some(vec![0; t.num_tokens()]), ..t.clone() };
+        assert!(bootstrap_transitions(&one, 8, 1).is_empty(), "one sequence: nothing to resample");
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
     let plot = tmp.path().join("b.svg");
     let model = tmp.path().join("model");
     let o = switchyard(&[
-        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--clients", "2", "--max-tokens", "8", "--json", "--expert-inter", "512",
+        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--settle-seconds", "1", "--clients", "2", "--max-tokens", "8", "--json", "--expert-inter", "512",
         "--policies", "static-contiguous,rebalance", "--model-dir", model.to_str().expect("path"), "--plot", plot.to_str().expect("path"),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -153,6 +153,8 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
             "p99_step_ms",
             "projected_p50_step_ms",
             "projected_p99_step_ms",
+            "settled_p50_step_ms",
+            "settled_p99_step_ms",
             "balancedness_after_shift",
             "recovery_s",
             "migrations",
@@ -162,7 +164,11 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
         assert!(r["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
         // Two ranks step together, so every busy step has a projection on dedicated cores.
         assert!(r["projected_p50_step_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        // The settled window is the tail of the second phase: its steps are a subset.
+        assert!(r["settled_p50_step_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
     }
+    let o = switchyard(&["bench", "straggler", "--phase-seconds", "2", "--settle-seconds", "2"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--settle-seconds"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(rows[0]["migrations"], 0, "the static policy never migrates");
     assert!(std::fs::read_to_string(&plot).expect("plot").contains("<polyline"));
 }
@@ -177,7 +183,7 @@ fn bench_straggler_runs_the_trained_model_on_a_prose_then_code_workload() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-moe");
     let texts = format!("{},{}", prose.display(), code.display());
     let o = switchyard(&[
-        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--clients", "2", "--max-tokens", "8", "--json",
+        "bench", "straggler", "--workers", "2", "--phase-seconds", "2", "--settle-seconds", "1", "--clients", "2", "--max-tokens", "8", "--json",
         "--policies", "static-contiguous", "--model", model.to_str().expect("path"), "--phase-texts", &texts,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

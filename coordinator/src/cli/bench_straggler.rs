@@ -9,8 +9,9 @@
 //! - `rebalance+load-aware`: the same, with load-aware replica choice in every step;
 //! - `rebalance+capacity`: the rebalancer with the capacity option at 1.25 × mean (changes outputs).
 //!
-//! Per policy: tokens/s, p50/p99 step latency after the shift (the group's busy engine steps, as
-//! rank 0 reports them: the ranks step together, so the straggler sets every step's length), the
+//! Per policy, after the shift: tokens/s, p50/p99 step latency (the group's busy engine steps, as
+//! rank 0 reports them: the ranks step together, so the straggler sets every step's length) — once
+//! settled (from `--settle-seconds` after the shift on) and over the whole second phase — the
 //! same steps projected onto ranks with cores of their own (on a machine with fewer cores than
 //! ranks, a straggler borrows the waiting ranks' cores and wall-clock steps hide it), windowed
 //! balancedness over time (admin `GetStats`), migrations and experts moved, and the time from the
@@ -44,6 +45,11 @@ pub struct StragglerArgs {
     /// steps after the shift: a p99 of fewer is one or two steps.
     #[arg(long, default_value_t = 30.0)]
     pub phase_seconds: f64,
+    /// The settled columns count the steps from this many seconds after the shift on, the same
+    /// window for every policy: the steady state once a rebalancer has acted (the bar is
+    /// balance back within 30 s; ours lands in ~3 s), without the transient before it does.
+    #[arg(long, default_value_t = 5.0)]
+    pub settle_seconds: f64,
     /// Concurrent client streams. Enough that a step routes hundreds of tokens per rank and layer:
     /// with fewer, per-step sampling noise (which no placement removes: a perfectly balanced
     /// placement still sees max/mean rank load ≈ 1 + 1/√(tokens per rank)) swamps the imbalance.
@@ -60,6 +66,12 @@ pub struct StragglerArgs {
     /// ones attention and the all-to-alls dominate and balance barely shows in step time.
     #[arg(long, default_value_t = 2048)]
     pub expert_inter: usize,
+    /// Routing skew of the generated checkpoint (`RoutingSkew::strength`: how strongly a token's
+    /// router follows its group's hot experts; 0.75 puts ~70 % of a layer's assignments on its
+    /// top-4 of 16 experts, 1.5 ~93 %). At 1.0 the hot rank's expert work is what a step waits
+    /// for under a placement that ignores the load, as on a real skewed MoE layer.
+    #[arg(long, default_value_t = 1.0)]
+    pub skew_strength: f64,
     /// New tokens per engine step and worker (chunked prefill; the same for every policy), so
     /// that arriving prompts do not make some steps several times the others.
     #[arg(long, default_value_t = 128)]
@@ -91,12 +103,16 @@ pub struct StragglerArgs {
 struct Outcome {
     workers: usize,
     policy: String,
+    /// Tokens streamed to the clients after the shift, per second.
     tokens_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
     /// The same steps projected onto ranks with cores of their own (see `projected_step_us`).
     projected_p50_ms: f64,
     projected_p99_ms: f64,
+    /// Wall-clock steps from `--settle-seconds` after the shift on.
+    settled_p50_ms: f64,
+    settled_p99_ms: f64,
     balancedness_after_shift: f64,
     recovery_s: Option<f64>,
     migrations: u64,
@@ -119,16 +135,24 @@ fn phase_routing(model: &Path, prompts: &[Vec<u32>], max_tokens: usize) -> anyho
 }
 
 /// One client: requests back to back from `prompts` (phase A until `shift`, then phase B) until
-/// `stop`; returns the tokens received.
+/// `stop`; returns the tokens received after the shift.
 async fn client(addr: String, a: Vec<Vec<u32>>, b: Vec<Vec<u32>>, shift: Arc<AtomicBool>, stop: Arc<AtomicBool>, max_tokens: u32) -> u64 {
     let (mut tokens, mut i) = (0u64, 0usize);
+    // One connection per client, kept across its requests (a new one per request spent the
+    // shared cores on handshakes); made again after a failed request.
+    let mut conn: Option<InferenceClient<tonic::transport::Channel>> = None;
     while !stop.load(Ordering::SeqCst) {
         let after = shift.load(Ordering::SeqCst);
         let set = if after { &b } else { &a };
         let prompt = set[i % set.len()].clone();
         i += 1;
-        let Ok(ch) = super::cluster::connect_channel(&addr).await else { break };
-        let mut c = InferenceClient::new(ch);
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match super::cluster::connect_channel(&addr).await {
+                Ok(ch) => InferenceClient::new(ch),
+                Err(_) => break,
+            },
+        };
         let req = pb::GenerateRequest {
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
             max_tokens,
@@ -137,11 +161,16 @@ async fn client(addr: String, a: Vec<Vec<u32>>, b: Vec<Vec<u32>>, shift: Arc<Ato
         };
         let Ok(s) = c.generate(req).await else { continue };
         let mut s = s.into_inner();
+        let mut finished = false;
         while let Ok(Some(m)) = s.message().await {
-            tokens += 1;
+            tokens += u64::from(shift.load(Ordering::Relaxed));
             if m.finish_reason != 0 {
+                finished = true;
                 break;
             }
+        }
+        if finished {
+            conn = Some(c);
         }
     }
     tokens
@@ -184,6 +213,7 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         let mut shift_s = a.phase_seconds;
         let mut last_stats = None;
         let mut steps_after: Vec<f64> = Vec::new();
+        let mut steps_settled: Vec<f64> = Vec::new();
         let mut projected_after: Vec<f64> = Vec::new();
         while t0.elapsed().as_secs_f64() < total {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -196,6 +226,9 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
                 let s = s.into_inner();
                 if shift.load(Ordering::SeqCst) {
                     steps_after.extend(s.step_us.iter().map(|&us| us as f64 / 1e3));
+                    if now >= shift_s + a.settle_seconds {
+                        steps_settled.extend(s.step_us.iter().map(|&us| us as f64 / 1e3));
+                    }
                     projected_after.extend(s.projected_step_us.iter().map(|&us| us as f64 / 1e3));
                 }
                 timeline.push((now, s.balancedness));
@@ -228,11 +261,13 @@ fn run_policy(model: &Path, workers: usize, policy: &str, eplb: Option<&Path>, c
         anyhow::Ok(Outcome {
             workers,
             policy: policy.to_string(),
-            tokens_per_s: tokens as f64 / wall,
+            tokens_per_s: tokens as f64 / (wall - shift_s).max(1e-9),
             p50_ms: percentile(&mut steps_after.clone(), 0.5),
             p99_ms: percentile(&mut steps_after, 0.99),
             projected_p50_ms: percentile(&mut projected_after.clone(), 0.5),
             projected_p99_ms: percentile(&mut projected_after, 0.99),
+            settled_p50_ms: percentile(&mut steps_settled.clone(), 0.5),
+            settled_p99_ms: percentile(&mut steps_settled, 0.99),
             balancedness_after_shift: if tail.is_empty() { s.balancedness } else { tail.iter().sum::<f64>() / tail.len() as f64 },
             recovery_s,
             migrations: s.migrations,
@@ -300,11 +335,18 @@ fn cluster_sizes(a: &StragglerArgs) -> Vec<usize> {
 }
 
 fn bench_spec(a: &StragglerArgs) -> SynthSpec {
-    SynthSpec { expert_inter: a.expert_inter, ..SynthSpec::skewed_bench() }
+    let base = SynthSpec::skewed_bench();
+    let skew = base.skew.clone().map(|sk| worker::synth::RoutingSkew { strength: a.skew_strength, ..sk });
+    SynthSpec { expert_inter: a.expert_inter, skew, ..base }
 }
 
 pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.phase_seconds > 0.0 && a.phase_seconds.is_finite(), "--phase-seconds must be positive");
+    anyhow::ensure!(
+        a.settle_seconds >= 0.0 && a.settle_seconds < a.phase_seconds,
+        "--settle-seconds must be at least 0 and below --phase-seconds ({})",
+        a.phase_seconds
+    );
     anyhow::ensure!(a.clients > 0 && a.max_tokens > 1, "--clients ≥ 1 and --max-tokens ≥ 2");
     let policies: Vec<String> = a.policies.clone().unwrap_or_else(|| POLICIES.iter().map(|p| p.to_string()).collect());
     if let Some(p) = policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
@@ -319,7 +361,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
-            let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-clustered-i{}", a.expert_inter)));
+            let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-clustered-i{}-s{}", a.expert_inter, a.skew_strength)));
             if !model.join("config.json").exists() {
                 write_checkpoint(&model, &spec)?;
             }
@@ -367,6 +409,7 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
             let v = serde_json::json!({
                 "workers": o.workers, "policy": o.policy, "tokens_per_s": o.tokens_per_s, "p50_step_ms": o.p50_ms,
                 "p99_step_ms": o.p99_ms, "projected_p50_step_ms": o.projected_p50_ms, "projected_p99_step_ms": o.projected_p99_ms,
+                "settled_p50_step_ms": o.settled_p50_ms, "settled_p99_step_ms": o.settled_p99_ms, "settle_s": a.settle_seconds,
                 "balancedness_after_shift": o.balancedness_after_shift, "recovery_s": o.recovery_s,
                 "migrations": o.migrations, "experts_moved": o.experts_moved, "longest_migration_step_ms": o.longest_migration_step_ms,
             });
@@ -395,15 +438,17 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         println!("  {n} workers: {}", super::local_cluster::WorkerCores::for_cluster(n, a.threads_per_worker).describe());
     }
     println!(
-        "{:>7} {:<22} {:>8} {:>7} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>13}",
-        "workers", "policy", "tok/s", "p50 ms", "p99 ms", "proj. p50", "proj. p99", "bal. after", "recovery s", "migrations", "experts", "max mig. step"
+        "{:>7} {:<22} {:>8} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>13}",
+        "workers", "policy", "tok/s", "settl.p50", "settl.p99", "p50 ms", "p99 ms", "proj. p50", "proj. p99", "bal. after", "recovery s", "migrations", "experts", "max mig. step"
     );
     for o in &outcomes {
         println!(
-            "{:>7} {:<22} {:>8.1} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {:>10.3} {:>10} {:>10} {:>7} {:>10.1} ms",
+            "{:>7} {:<22} {:>8.1} {:>9.2} {:>9.2} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {:>10.3} {:>10} {:>10} {:>7} {:>10.1} ms",
             o.workers,
             o.policy,
             o.tokens_per_s,
+            o.settled_p50_ms,
+            o.settled_p99_ms,
             o.p50_ms,
             o.p99_ms,
             o.projected_p50_ms,
@@ -415,7 +460,12 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
             o.longest_migration_step_ms
         );
     }
-    println!("step latency = the group's busy engine steps after the shift (wall clock); proj. = the same steps had every rank cores of its own");
+    println!(
+        "settl. = wall-clock busy engine steps from {:.0} s after the shift on (the same window for every policy: after a rebalancer has acted)",
+        a.settle_seconds
+    );
+    println!("tok/s = tokens streamed to the clients after the shift, per second");
+    println!("p50/p99 = all busy steps after the shift, transient included (wall clock); proj. = the same steps had every rank cores of its own");
     println!("  (per compute segment between collectives the slowest rank's CPU time, summed; transfers left out)");
     println!("balancedness = windowed Σmean/Σmax rank load (half-life 2 s); max mig. step = longest step while a migration ran");
     Ok(ExitCode::SUCCESS)

@@ -237,7 +237,7 @@ impl WorkerCores {
 }
 
 /// Niceness of a local coordinator whose workers are pinned (and of a benchmark's load generator).
-pub const COORDINATOR_NICE: i32 = 10;
+pub const COORDINATOR_NICE: i32 = 19;
 
 fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

@@ -354,6 +354,7 @@ fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     if let (RoutingFile::Trace(t), SolverKind::Ilp) = (&routing, a.solver) {
         opts.load_resamples = placement::robust::bootstrap_loads(t, placement::robust::RESAMPLES, 0);
         opts.load_shifts = placement::robust::shifted_loads(t, placement::robust::RESAMPLES, a.load_drift, 3);
+        opts.transition_resamples = placement::robust::bootstrap_transitions(t, placement::robust::RESAMPLES, 5);
     }
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
@@ -517,6 +518,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let shrunk = placement::robust::shrink_loads(&stats, &solve_trace, placement::robust::RESAMPLES, 0).0;
         let resamples = placement::robust::bootstrap_loads(&solve_trace, placement::robust::RESAMPLES, 0);
         let shifts = placement::robust::shifted_loads(&solve_trace, placement::robust::RESAMPLES, a.load_drift, 3);
+        let transition_resamples = placement::robust::bootstrap_transitions(&solve_trace, placement::robust::RESAMPLES, 5);
         let topology = Topology::uniform(sc.ranks, sc.nodes)?;
         let runs: [(&str, SolverKind, Mode); 4] = [
             ("contiguous", SolverKind::Contiguous, Mode::Home),
@@ -536,6 +538,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             if kind == SolverKind::Ilp {
                 opts.load_resamples = resamples.clone();
                 opts.load_shifts = shifts.clone();
+                opts.transition_resamples = transition_resamples.clone();
             }
             let (p, _) = solver::solve(kind, planned, &opts, &|_| {})?;
             let secs = started.elapsed().as_secs_f64();

@@ -96,6 +96,10 @@ pub struct SolveOptions {
     /// ([`crate::robust::shifted_loads`]); empty: the swap search draws independent per-expert
     /// drift instead.
     pub load_shifts: Vec<Vec<Vec<f64>>>,
+    /// Primary-expert transitions of bootstrap resamples of the solved trace,
+    /// `[resample][layer][e · E + e2]` ([`crate::robust::bootstrap_transitions`]); empty: the swap
+    /// search takes a swap on its in-sample hop gain alone.
+    pub transition_resamples: Vec<Vec<Vec<f64>>>,
 }
 
 impl SolveOptions {
@@ -113,6 +117,7 @@ impl SolveOptions {
             load_drift: crate::robust::DEFAULT_DRIFT,
             load_resamples: Vec::new(),
             load_shifts: Vec::new(),
+            transition_resamples: Vec::new(),
         }
     }
 }

@@ -47,6 +47,11 @@ pub const DRIFT_DRAWS: usize = 32;
 /// Seed of the drift scenarios (fixed: the same statistics give the same placement).
 const DRIFT_SEED: u64 = 0x5eed_d71f;
 
+/// Share of the trace's bootstrap resamples in which a swap must keep more hops to be taken (where
+/// [`SolveOptions::transition_resamples`] are given): a one-sided 90 % bootstrap test that the
+/// gain is not the work of a few sequences.
+pub const HOP_GAIN_CONFIDENCE: f64 = 0.9;
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SearchRun {
     pub sweeps: usize,
@@ -177,7 +182,16 @@ struct HopTable<'a> {
     next: Option<(&'a [Vec<usize>], &'a [f64])>,
 }
 
-impl HopTable<'_> {
+impl<'a> HopTable<'a> {
+    /// Layer `l`'s table in `p`, with the transitions `tr` (`[layer][e · E + e2]`).
+    fn of(p: &'a Placement, l: usize, tr: &'a [Vec<f64>]) -> Self {
+        HopTable {
+            ne: p.num_experts,
+            prev: (l > 0).then(|| (p.layers[l - 1].ranks.as_slice(), tr[l - 1].as_slice())),
+            next: (l + 1 < p.num_layers).then(|| (p.layers[l + 1].ranks.as_slice(), tr[l].as_slice())),
+        }
+    }
+
     /// Hops of expert `e` kept on one rank when it sits on `hosts` (each partner counted once,
     /// as [`crate::eval::same_rank_hops`] counts them).
     fn kept(&self, e: usize, hosts: &[usize], stamp: &mut [u32], tick: &mut u32) -> f64 {
@@ -228,8 +242,27 @@ fn expert_gains(table: &HopTable, hosts: &[usize], ranks: usize, e: usize, stamp
         .collect()
 }
 
+/// Whether the swap of `e` (on rank `a`) with `f` (on rank `b`) keeps more hops in at least
+/// [`HOP_GAIN_CONFIDENCE`] of the scenario `tables` (always, without any).
+fn gain_holds(tables: &[HopTable], hosts: &[Vec<usize>], e: usize, a: usize, f: usize, b: usize, stamp: &mut [u32], tick: &mut u32) -> bool {
+    if tables.is_empty() {
+        return true;
+    }
+    let moved = |h: &[usize], from: usize, to: usize| h.iter().map(|&r| if r == from { to } else { r }).collect::<Vec<usize>>();
+    let (he, hf) = (moved(&hosts[e], a, b), moved(&hosts[f], b, a));
+    let held = tables
+        .iter()
+        .filter(|t| {
+            let gain = t.kept(e, &he, stamp, tick) - t.kept(e, &hosts[e], stamp, tick) + t.kept(f, &hf, stamp, tick) - t.kept(f, &hosts[f], stamp, tick);
+            gain > 1e-9
+        })
+        .count();
+    held as f64 >= HOP_GAIN_CONFIDENCE * tables.len() as f64
+}
+
 /// One layer's swap search with its neighbours fixed; returns the swaps applied.
-fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, sc: &LayerScenarios, cap: &[f64], deadline: Instant) -> usize {
+#[allow(clippy::too_many_arguments)]
+fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &[Vec<Vec<f64>>], sc: &LayerScenarios, cap: &[f64], deadline: Instant) -> usize {
     let (ne, ranks) = (stats.num_experts, p.num_ranks());
     let mut layer = p.layers[l].clone();
     let mut hosts = vec![Vec::new(); ne];
@@ -243,11 +276,9 @@ fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, sc: &LayerSc
     let (mut stamp, mut tick) = (vec![0u32; ne], 0u32);
     let mut swaps = 0;
     {
-        let table = HopTable {
-            ne,
-            prev: (l > 0).then(|| (p.layers[l - 1].ranks.as_slice(), stats.transitions[l - 1].as_slice())),
-            next: (l + 1 < p.num_layers).then(|| (p.layers[l + 1].ranks.as_slice(), stats.transitions[l].as_slice())),
-        };
+        let table = HopTable::of(p, l, &stats.transitions);
+        let tables: Vec<HopTable> =
+            resampled.iter().filter(|t| t.len() + 1 == p.num_layers && t.iter().all(|x| x.len() == ne * ne)).map(|t| HopTable::of(p, l, t)).collect();
         let mut gains: Vec<Vec<Vec<f64>>> = (0..ne).map(|e| expert_gains(&table, &hosts[e], ranks, e, &mut stamp, &mut tick)).collect();
         loop {
             if Instant::now() >= deadline {
@@ -278,7 +309,7 @@ fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, sc: &LayerSc
                 if touched[e] || touched[f] || hosts[e].contains(&b) || hosts[f].contains(&a) || !hosts[e].contains(&a) || !hosts[f].contains(&b) {
                     continue;
                 }
-                if !within(&state.cost_after_swap(e, a, f, b), cap) {
+                if !within(&state.cost_after_swap(e, a, f, b), cap) || !gain_holds(&tables, &hosts, e, a, f, b, &mut stamp, &mut tick) {
                     continue;
                 }
                 state.apply_swap(e, a, f, b);
@@ -333,9 +364,10 @@ pub(crate) fn improve(stats: &RoutingStats, opts: &SolveOptions, reference: &Pla
     // Each start gets half of what is left of the time.
     let now = Instant::now();
     let halfway = now + deadline.saturating_duration_since(now) / 2;
-    let (a, mut run_a) = sweep(stats, &scen, &caps, from_start, reference, halfway);
+    let resampled = &opts.transition_resamples;
+    let (a, mut run_a) = sweep(stats, resampled, &scen, &caps, from_start, reference, halfway);
     run_a.layers_reverted = reverted;
-    let (b, run_b) = sweep(stats, &scen, &caps, reference.clone(), reference, deadline);
+    let (b, run_b) = sweep(stats, resampled, &scen, &caps, reference.clone(), reference, deadline);
     let hops = |p: &Placement| super::objective(p, stats, super::Mode::Affinity, 1.0).traffic;
     if hops(&b) < hops(&a) - 1e-12 {
         return (b, run_b);
@@ -351,13 +383,21 @@ fn layer_cost(sc: &LayerScenarios, layer: &LayerPlacement, ne: usize) -> Vec<f64
 }
 
 /// Swap sweeps over every layer from `p` until one changes nothing or the deadline passes.
-fn sweep(stats: &RoutingStats, scen: &[LayerScenarios], caps: &[Vec<f64>], mut p: Placement, reference: &Placement, deadline: Instant) -> (Placement, SearchRun) {
+fn sweep(
+    stats: &RoutingStats,
+    resampled: &[Vec<Vec<f64>>],
+    scen: &[LayerScenarios],
+    caps: &[Vec<f64>],
+    mut p: Placement,
+    reference: &Placement,
+    deadline: Instant,
+) -> (Placement, SearchRun) {
     let mut run = SearchRun::default();
     loop {
         run.sweeps += 1;
         let mut any = false;
         for l in 0..stats.num_layers {
-            let n = improve_layer(&mut p, l, stats, &scen[l], &caps[l], deadline);
+            let n = improve_layer(&mut p, l, stats, resampled, &scen[l], &caps[l], deadline);
             run.swaps += n;
             any |= n > 0;
         }
@@ -385,6 +425,7 @@ mod tests {
         o.mode = Mode::Affinity;
         o.load_resamples = crate::robust::bootstrap_loads(trace, 16, 0);
         o.load_shifts = crate::robust::shifted_loads(trace, 16, 1.0, 3);
+        o.transition_resamples = crate::robust::bootstrap_transitions(trace, 16, 5);
         o
     }
 
@@ -415,6 +456,32 @@ mod tests {
         let (ours, theirs) = (kept_hops(&p, &stats), kept_hops(&reference, &stats));
         assert!(ours > 1.1 * theirs, "hops kept {ours} vs the warm start's {theirs}");
         assert!(run.swaps > 0 && run.layers_changed > 0);
+    }
+
+    /// Two layers of four experts on two ranks (layer 1: experts 0 and 2 on rank 0, 1 and 3 on
+    /// rank 1). Swapping layer-0 experts 1 (rank 0) and 2 (rank 1) puts 2 beside its partner 0.
+    #[test]
+    fn a_gain_that_few_resamples_show_is_not_taken() {
+        let next = vec![vec![0usize, 2], vec![1, 3]];
+        let hosts = vec![vec![0], vec![0], vec![1], vec![1]];
+        // transitions[e * 4 + g] from layer 0 to layer 1: 2 -> 0 worth 5, 3 -> 1 worth 1.
+        let mut gainful = vec![0.0; 16];
+        gainful[2 * 4] = 5.0;
+        gainful[3 * 4 + 1] = 1.0;
+        // A resample without the sequences behind 2 -> 0: the swap gains nothing.
+        let mut lossy = vec![0.0; 16];
+        lossy[3 * 4 + 1] = 1.0;
+        let (mut stamp, mut tick) = (vec![0u32; 4], 0u32);
+        fn mk<'a>(next: &'a [Vec<usize>], tr: &'a [f64]) -> HopTable<'a> {
+            HopTable { ne: 4, prev: None, next: Some((next, tr)) }
+        }
+        let (g, lo) = (gainful, lossy);
+        // Swap 2 (rank 1 -> 0) with 1 (rank 0 -> 1).
+        let mostly: Vec<HopTable> = (0..10).map(|i| mk(&next, if i < 9 { &g } else { &lo })).collect();
+        assert!(gain_holds(&mostly, &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "nine in ten resamples gain");
+        let seldom: Vec<HopTable> = (0..10).map(|i| mk(&next, if i < 3 { &g } else { &lo })).collect();
+        assert!(!gain_holds(&seldom, &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "three in ten is luck of the sample");
+        assert!(gain_holds(&[], &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "without resamples the in-sample gain decides");
     }
 
     #[test]
