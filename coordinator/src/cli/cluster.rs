@@ -87,7 +87,7 @@ impl PlacementArgs {
             (placement::Placement::read(f)?, format!("placement {}", f.display()))
         } else if let Some(trace) = &self.routing_trace {
             let routing = super::routing::read_routing(trace, Some(n_e))?;
-            let stats = routing.stats(workers)?;
+            let mut stats = routing.stats(workers)?;
             if stats.num_layers != n_l || stats.num_experts != n_e {
                 bail!(
                     "routing trace {} has {} MoE layers x {} experts, the model has {n_l} x {n_e}",
@@ -101,6 +101,11 @@ impl PlacementArgs {
             opts.min_replicas = min_replicas;
             anyhow::ensure!(self.solve_time_limit > 0.0 && self.solve_time_limit.is_finite(), "--solve-time-limit must be positive");
             opts.time_limit = std::time::Duration::from_secs_f64(self.solve_time_limit);
+            // As `place solve` does: the ILP plans for a sample's luck and for shifts of the traffic.
+            if let (placement::RoutingFile::Trace(t), placement::solver::SolverKind::Ilp) = (&routing, self.solver) {
+                stats = placement::robust::shrink_loads(&stats, t, placement::robust::RESAMPLES, 0).0;
+                opts.plan_for_trace(t);
+            }
             let (p, report) = placement::solver::solve(self.solver, &stats, &opts, &|_| {})
                 .with_context(|| format!("solving a placement from {}", trace.display()))?;
             tracing::info!(objective = ?report.objective, "placement solved from {}", trace.display());

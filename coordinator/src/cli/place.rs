@@ -352,9 +352,7 @@ fn solve_cmd(a: SolveArgs) -> anyhow::Result<ExitCode> {
     opts.balance_slack = a.balance_slack;
     opts.load_drift = a.load_drift;
     if let (RoutingFile::Trace(t), SolverKind::Ilp) = (&routing, a.solver) {
-        opts.load_resamples = placement::robust::bootstrap_loads(t, placement::robust::RESAMPLES, 0);
-        opts.load_shifts = placement::robust::shifted_loads(t, placement::robust::RESAMPLES, a.load_drift, 3);
-        opts.transition_resamples = placement::robust::bootstrap_transitions(t, placement::robust::RESAMPLES, 5);
+        opts.plan_for_trace(t);
     }
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
@@ -516,10 +514,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         };
         let stats = placement::RoutingStats::from_trace(&solve_trace, Some(sc.ranks));
         let shrunk = placement::robust::shrink_loads(&stats, &solve_trace, placement::robust::RESAMPLES, 0).0;
-        let resamples = placement::robust::bootstrap_loads(&solve_trace, placement::robust::RESAMPLES, 0);
-        let shifts = placement::robust::shifted_loads(&solve_trace, placement::robust::RESAMPLES, a.load_drift, 3);
-        let transition_resamples = placement::robust::bootstrap_transitions(&solve_trace, placement::robust::RESAMPLES, 5);
         let topology = Topology::uniform(sc.ranks, sc.nodes)?;
+        // The ILP's scenarios, drawn once per trace for both of its modes.
+        let mut ilp_opts = SolveOptions::new(topology.clone(), sc.slots);
+        ilp_opts.load_drift = a.load_drift;
+        ilp_opts.plan_for_trace(&solve_trace);
         let runs: [(&str, SolverKind, Mode); 4] = [
             ("contiguous", SolverKind::Contiguous, Mode::Home),
             ("eplb", SolverKind::Eplb, Mode::Home),
@@ -527,7 +526,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             ("ilp affinity", SolverKind::Ilp, Mode::Affinity),
         ];
         for (label, kind, mode) in runs {
-            let mut opts = SolveOptions::new(topology.clone(), sc.slots);
+            let mut opts = if kind == SolverKind::Ilp { ilp_opts.clone() } else { SolveOptions::new(topology.clone(), sc.slots) };
             opts.mode = mode;
             opts.groups = sc.groups;
             opts.time_limit = Duration::from_secs_f64(a.time_limit);
@@ -535,11 +534,6 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             let started = Instant::now();
             let planned = if kind == SolverKind::Ilp && !a.no_shrink { &shrunk } else { &stats };
             opts.load_drift = a.load_drift;
-            if kind == SolverKind::Ilp {
-                opts.load_resamples = resamples.clone();
-                opts.load_shifts = shifts.clone();
-                opts.transition_resamples = transition_resamples.clone();
-            }
             let (p, _) = solver::solve(kind, planned, &opts, &|_| {})?;
             let secs = started.elapsed().as_secs_f64();
             let ev: Evaluation = placement::eval::evaluate(&p, &held_out, &hw)?;

@@ -120,6 +120,16 @@ impl SolveOptions {
             transition_resamples: Vec::new(),
         }
     }
+
+    /// The scenarios the swap search judges on, from the trace the statistics come from: bootstrap
+    /// resamples of its loads and transitions, and shifts of its traffic mix sized by
+    /// [`Self::load_drift`] (set that first). Without them the search trusts the sample.
+    pub fn plan_for_trace(&mut self, trace: &crate::RoutingTrace) {
+        use crate::robust::{RESAMPLES, bootstrap_loads, bootstrap_transitions, shifted_loads};
+        self.load_resamples = bootstrap_loads(trace, RESAMPLES, 0);
+        self.load_shifts = shifted_loads(trace, RESAMPLES, self.load_drift, 3);
+        self.transition_resamples = bootstrap_transitions(trace, RESAMPLES, 5);
+    }
 }
 
 /// The objective every solver is scored on: `imbalance + traffic_weight * traffic`, where imbalance is

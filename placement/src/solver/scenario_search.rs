@@ -22,6 +22,12 @@
 //! kept it on reweighted sequences 0.99–1.15× (none more than 0.004 below) — measured with
 //! `switchyard place bench`, solved on one domain and scored on the other.
 //!
+//! Hops get the same distrust: a swap's hop gain must hold in [`HOP_GAIN_CONFIDENCE`] of the
+//! trace's bootstrap resamples ([`SolveOptions::transition_resamples`]), so a gain that a few
+//! sequences make is not taken (on the six real cases: hops 0.94–1.79× EPLB's instead of
+//! 0.92–1.66×, and no case below EPLB's balance instead of one at 0.993×). The same test on
+//! reweighted sequences was tried and dropped: two cases fell to 0.97× EPLB's balance.
+//!
 //! A layer's cost in a view is the mean over its scenarios of the max rank load. A swap of two
 //! experts between two ranks is taken only when it keeps more hops to and from the fixed
 //! neighbour layers and leaves the layer's cost in **every** view at or below the warm start's
