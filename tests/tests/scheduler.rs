@@ -167,6 +167,9 @@ fn bench_straggler_smoke_prints_one_json_object_per_policy() {
         // The settled window is the tail of the second phase: its steps are a subset.
         assert!(r["settled_p50_step_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
     }
+    // The checkpoint written for one skew is not served as another's.
+    let o = switchyard(&["bench", "straggler", "--workers", "2", "--expert-inter", "512", "--skew-strength", "0.5", "--model-dir", model.to_str().expect("path")]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("skew strength 1"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = switchyard(&["bench", "straggler", "--phase-seconds", "2", "--settle-seconds", "2"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--settle-seconds"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(rows[0]["migrations"], 0, "the static policy never migrates");

@@ -365,9 +365,20 @@ pub fn run(a: StragglerArgs) -> anyhow::Result<ExitCode> {
         Some(m) => m.clone(),
         None => {
             let model = a.model_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("switchyard-straggler-model-clustered-i{}-s{}", a.expert_inter, a.skew_strength)));
+            // The routing skew is in the weights, not in config.json: a file beside them says which.
+            let skew_file = model.join("switchyard-skew-strength");
             if !model.join("config.json").exists() {
                 write_checkpoint(&model, &spec)?;
+                std::fs::write(&skew_file, a.skew_strength.to_string()).with_context(|| format!("writing {}", skew_file.display()))?;
             }
+            let written = std::fs::read_to_string(&skew_file).ok().and_then(|t| t.trim().parse::<f64>().ok());
+            anyhow::ensure!(
+                written == Some(a.skew_strength),
+                "{} holds a checkpoint of skew strength {} (--skew-strength {}); remove it or pass another --model-dir",
+                model.display(),
+                written.map_or("unknown".to_string(), |w| w.to_string()),
+                a.skew_strength
+            );
             let cfg = worker::ModelConfig::from_dir(&model)?;
             anyhow::ensure!(
                 cfg.moe_intermediate_size == spec.expert_inter && cfg.hidden_size == spec.hidden,
