@@ -42,22 +42,25 @@ pub const MAX_TRANSITION_RESAMPLE_BYTES: usize = 256 << 20;
 /// vary across them. Empty when the trace has fewer than two sequences, fewer than two layers, or
 /// the tables would pass [`MAX_TRANSITION_RESAMPLE_BYTES`]. Deterministic for a seed.
 pub fn bootstrap_transitions(trace: &RoutingTrace, resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
-    let n = token_sequences(trace).1;
+    let (token_seq, n) = token_sequences(trace);
     if trace.num_layers < 2 || n < 2 || transition_bytes(trace, resamples) > MAX_TRANSITION_RESAMPLE_BYTES {
         return Vec::new();
     }
+    weighted_transitions(trace, &token_seq, &draw_counts(n, resamples, seed))
+}
+
+/// Per resample, how often each of `n` sequences is drawn when `n` are drawn with replacement.
+fn draw_counts(n: usize, resamples: usize, seed: u64) -> Vec<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    // Per resample, how often each sequence is drawn.
-    let times: Vec<Vec<f64>> = (0..resamples)
+    (0..resamples)
         .map(|_| {
-            let mut t = vec![0.0f64; n];
+            let mut times = vec![0.0f64; n];
             for _ in 0..n {
-                t[rng.random_range(0..n)] += 1.0;
+                times[rng.random_range(0..n)] += 1.0;
             }
-            t
+            times
         })
-        .collect();
-    weighted_transitions(trace, &times)
+        .collect()
 }
 
 fn transition_bytes(trace: &RoutingTrace, tables: usize) -> usize {
@@ -78,13 +81,10 @@ fn token_sequences(trace: &RoutingTrace) -> (Vec<usize>, usize) {
 }
 
 /// Per row of `weights` (one weight per sequence, in order of first appearance), the trace's
-/// primary-expert transitions with every token weighted by its sequence's weight.
-fn weighted_transitions(trace: &RoutingTrace, weights: &[Vec<f64>]) -> Vec<Vec<Vec<f64>>> {
+/// primary-expert transitions with every token weighted by its sequence's weight (`token_seq`:
+/// [`token_sequences`]; the trace has at least two layers).
+fn weighted_transitions(trace: &RoutingTrace, token_seq: &[usize], weights: &[Vec<f64>]) -> Vec<Vec<Vec<f64>>> {
     let (nl, ne) = (trace.num_layers, trace.num_experts);
-    if nl < 2 {
-        return Vec::new();
-    }
-    let token_seq = token_sequences(trace).0;
     weights
         .iter()
         .map(|w| {
@@ -121,23 +121,10 @@ fn sequence_loads(trace: &RoutingTrace) -> Vec<Vec<Vec<f64>>> {
 
 /// `resamples` sums of `per_seq.len()` sequences drawn with replacement.
 fn resample(per_seq: &[Vec<Vec<f64>>], resamples: usize, seed: u64) -> Vec<Vec<Vec<f64>>> {
-    let Some(shape) = per_seq.first() else { return Vec::new() };
-    let mut rng = StdRng::seed_from_u64(seed);
-    let n = per_seq.len();
-    (0..resamples)
-        .map(|_| {
-            let mut load: Vec<Vec<f64>> = shape.iter().map(|l| vec![0.0; l.len()]).collect();
-            for _ in 0..n {
-                let s = &per_seq[rng.random_range(0..n)];
-                for (acc, counts) in load.iter_mut().zip(s) {
-                    for (a, c) in acc.iter_mut().zip(counts) {
-                        *a += c;
-                    }
-                }
-            }
-            load
-        })
-        .collect()
+    if per_seq.is_empty() {
+        return Vec::new();
+    }
+    draw_counts(per_seq.len(), resamples, seed).iter().map(|times| weighted_loads(per_seq, times)).collect()
 }
 
 /// Loads of `draws` plausible shifts of the traffic mix: every sequence of `trace` weighted by
@@ -484,8 +471,8 @@ mod tests {
                 assert!((mean - want).abs() <= 0.15 * want.max(20.0), "{e}->{g}: {mean} vs {want}");
             }
         }
-        // 0 -> 0 follows every sequence whose own expert is 0 (half of them): it varies by resample;
-        // 0 -> 3 is a single sequence's in six.
+        // 0 -> 0 follows the sequences whose own expert is 0 (half of them), 0 -> 3 one sequence in
+        // six: both vary with the sequences drawn.
         let spread = |i: usize| {
             let v: Vec<f64> = rs.iter().map(|r| r[0][i]).collect();
             v.iter().copied().fold(0.0, f64::max) - v.iter().copied().fold(f64::INFINITY, f64::min)

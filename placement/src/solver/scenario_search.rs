@@ -250,7 +250,7 @@ fn expert_gains(table: &HopTable, hosts: &[usize], ranks: usize, e: usize, stamp
 
 /// Whether the swap of `e` (on rank `a`) with `f` (on rank `b`) keeps more hops in at least
 /// [`HOP_GAIN_CONFIDENCE`] of the scenario `tables` (always, without any).
-fn gain_holds(tables: &[HopTable], hosts: &[Vec<usize>], e: usize, a: usize, f: usize, b: usize, stamp: &mut [u32], tick: &mut u32) -> bool {
+fn gain_holds(tables: &[HopTable], hosts: &[Vec<usize>], (e, a, f, b): (usize, usize, usize, usize), stamp: &mut [u32], tick: &mut u32) -> bool {
     if tables.is_empty() {
         return true;
     }
@@ -267,7 +267,6 @@ fn gain_holds(tables: &[HopTable], hosts: &[Vec<usize>], e: usize, a: usize, f: 
 }
 
 /// One layer's swap search with its neighbours fixed; returns the swaps applied.
-#[allow(clippy::too_many_arguments)]
 fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &[Vec<Vec<f64>>], sc: &LayerScenarios, cap: &[f64], deadline: Instant) -> usize {
     let (ne, ranks) = (stats.num_experts, p.num_ranks());
     let mut layer = p.layers[l].clone();
@@ -315,7 +314,7 @@ fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &
                 if touched[e] || touched[f] || hosts[e].contains(&b) || hosts[f].contains(&a) || !hosts[e].contains(&a) || !hosts[f].contains(&b) {
                     continue;
                 }
-                if !within(&state.cost_after_swap(e, a, f, b), cap) || !gain_holds(&tables, &hosts, e, a, f, b, &mut stamp, &mut tick) {
+                if !within(&state.cost_after_swap(e, a, f, b), cap) || !gain_holds(&tables, &hosts, (e, a, f, b), &mut stamp, &mut tick) {
                     continue;
                 }
                 state.apply_swap(e, a, f, b);
@@ -484,10 +483,10 @@ mod tests {
         let (g, lo) = (gainful, lossy);
         // Swap 2 (rank 1 -> 0) with 1 (rank 0 -> 1).
         let mostly: Vec<HopTable> = (0..10).map(|i| mk(&next, if i < 9 { &g } else { &lo })).collect();
-        assert!(gain_holds(&mostly, &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "nine in ten resamples gain");
+        assert!(gain_holds(&mostly, &hosts, (1, 0, 2, 1), &mut stamp, &mut tick), "nine in ten resamples gain");
         let seldom: Vec<HopTable> = (0..10).map(|i| mk(&next, if i < 3 { &g } else { &lo })).collect();
-        assert!(!gain_holds(&seldom, &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "three in ten is luck of the sample");
-        assert!(gain_holds(&[], &hosts, 1, 0, 2, 1, &mut stamp, &mut tick), "without resamples the in-sample gain decides");
+        assert!(!gain_holds(&seldom, &hosts, (1, 0, 2, 1), &mut stamp, &mut tick), "three in ten is luck of the sample");
+        assert!(gain_holds(&[], &hosts, (1, 0, 2, 1), &mut stamp, &mut tick), "without resamples the in-sample gain decides");
     }
 
     #[test]
