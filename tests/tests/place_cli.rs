@@ -176,3 +176,21 @@ fn traces_are_read_by_content_whatever_they_are_called() {
     std::fs::write(&junk, "not routing at all").unwrap();
     fails(&["place", "solve", "--trace", &junk, "--ranks", "2", "--slots-per-rank", "2", "--out", &p(dir.path(), "d.json")], "not a routing file");
 }
+
+/// `place bench` on a committed real routing folder: solved on one domain, scored on the other, the
+/// four solvers side by side; `--only` that matches nothing is a clear error.
+#[test]
+fn place_bench_scores_real_routing_across_domains() {
+    let routing = switchyard_tests::repo_root().join("models/routing/tiny-moe-e8");
+    let routing = routing.to_str().expect("path");
+    let out = ok(&["place", "bench", "--real-routing", routing, "--only", "prose->code (6x8 top-2, 4 ranks, 2 slots)", "--time-limit", "5", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let solvers: Vec<&str> = rows.iter().map(|r| r["solver"].as_str().unwrap()).collect();
+    assert_eq!(solvers, ["contiguous", "eplb", "ilp home", "ilp affinity"]);
+    for r in &rows {
+        assert!(r["scenario"].as_str().unwrap().starts_with("real: tiny-moe-e8 prose->code"), "{r}");
+        let b = r["balancedness"].as_f64().unwrap();
+        assert!(b > 0.0 && b <= 1.0, "{r}");
+    }
+    fails(&["place", "bench", "--real-routing", routing, "--only", "no such scenario"], "no such scenario");
+}

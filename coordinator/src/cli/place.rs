@@ -211,11 +211,14 @@ pub struct BenchArgs {
     /// The ILP's balance slack (see `place solve --balance-slack`).
     #[arg(long, default_value_t = placement::solver::DEFAULT_BALANCE_SLACK)]
     balance_slack: f64,
-    /// Real routing traces (`prose.safetensors`, `code.safetensors`, captured from the trained
-    /// model with `trace capture`): cross-domain scenarios, solved on one domain and scored on the
-    /// other. Skipped when absent.
-    #[arg(long, default_value = "models/tiny-moe/routing")]
-    real_routing: PathBuf,
+    /// Folders of real routing traces (`prose.safetensors`, `code.safetensors`, captured from a
+    /// trained model with `trace capture`; repeat the flag for several models): cross-domain
+    /// scenarios, solved on one domain and scored on the other. A folder without them is skipped.
+    #[arg(long, default_values = ["models/tiny-moe/routing", "models/routing/tiny-moe-e8"])]
+    real_routing: Vec<PathBuf>,
+    /// Only the scenarios whose name contains this text.
+    #[arg(long)]
+    only: Option<String>,
     /// Drift of expert loads the ILP plans for (see `place solve --load-drift`).
     #[arg(long, default_value_t = placement::robust::DEFAULT_DRIFT)]
     load_drift: f64,
@@ -462,19 +465,25 @@ struct Scenario {
 }
 
 /// The real cross-domain scenarios, when the traces are there: both directions, 4 ranks with one
-/// spare slot each, 4 ranks with a quarter of the experts each and 8 ranks with two experts each
-/// (no replica: Mixtral's 8 experts on 4 ranks × 2 slots is that shape).
+/// spare slot each, 4 ranks with a quarter of the experts each and half as many ranks as experts
+/// with two experts each (no replica: Mixtral's 8 experts on 4 ranks × 2 slots is that shape; for
+/// an 8-expert model the last two are the same and it runs once).
 fn real_scenarios(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
     let (prose, code) = (dir.join("prose.safetensors"), dir.join("code.safetensors"));
     if !prose.exists() || !code.exists() {
         return Ok(Vec::new());
     }
     let (p, c) = (read_trace(&prose)?, read_trace(&code)?);
+    // `models/tiny-moe/routing` is named by its model, `models/routing/tiny-moe-e8` by itself.
+    let named = if dir.file_name().is_some_and(|n| n == "routing") { dir.parent().unwrap_or(dir) } else { dir };
+    let model = named.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
     let shape = format!("{}x{} top-{}", p.num_layers, p.num_experts, p.top_k);
     let mut out = Vec::new();
-    for (ranks, slots) in [(4, p.num_experts / 4 + 1), (4, p.num_experts / 4), (8, p.num_experts / 8)] {
+    let mut shapes = vec![(4, p.num_experts / 4 + 1), (4, p.num_experts / 4), (p.num_experts / 2, 2)];
+    shapes.dedup();
+    for (ranks, slots) in shapes {
         for (from, to, solve, score) in [("prose", "code", &p, &c), ("code", "prose", &c, &p)] {
-            let name = format!("real: tiny-moe {from}->{to} ({shape}, {ranks} ranks, {slots} slots)");
+            let name = format!("real: {model} {from}->{to} ({shape}, {ranks} ranks, {slots} slots)");
             out.push(Scenario { name, source: Source::Real(solve.clone(), score.clone()), ranks, nodes: 1, slots, groups: None });
         }
     }
@@ -482,7 +491,10 @@ fn real_scenarios(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
-    let mut scenarios = real_scenarios(&a.real_routing)?;
+    let mut scenarios = Vec::new();
+    for dir in &a.real_routing {
+        scenarios.extend(real_scenarios(dir)?);
+    }
     let per_seq = 64;
     let seqs = a.tokens.div_ceil(per_seq).max(1);
     let tuned = |mut s: SynthConfig| {
@@ -503,6 +515,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     for slots in [2, 3] {
         let name = format!("mixtral (32x8 top-2, 4 ranks, {slots} slots)");
         scenarios.push(Scenario { name, source: tuned(SynthConfig::mixtral()), ranks: 4, nodes: 1, slots, groups: None });
+    }
+    if let Some(only) = &a.only {
+        scenarios.retain(|s| s.name.contains(only.as_str()));
+        anyhow::ensure!(!scenarios.is_empty(), "no place bench scenario's name contains {only:?}");
     }
     let hw = HardwareProfile::h100();
     let mut rows = Vec::new();
@@ -553,7 +569,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("real: solved on the trained model's routing of one domain, scored on the other's ({})", a.real_routing.display());
+    let dirs: Vec<String> = a.real_routing.iter().map(|d| d.display().to_string()).collect();
+    println!("real: solved on a trained model's routing of one domain, scored on the other's ({})", dirs.join(", "));
     println!("synthetic: solved on one sample, scored on a held-out sample of the same routing model ({} tokens each)", seqs * per_seq);
     for sc in &scenarios {
         if let Source::Synth(s) = &sc.source {
