@@ -8,6 +8,7 @@
 
 use crate::attention::KvCache;
 use crate::error::Result;
+use crate::backend::Backend;
 use crate::model::{LogitsMode, Model, SeqInput};
 use crate::moe::{ExpertExecutor, LocalExperts, Routing};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
@@ -139,7 +140,7 @@ impl RoutingStats {
 }
 
 pub struct Engine {
-    model: Arc<Model>,
+    backend: Arc<dyn Backend>,
     cfg: EngineConfig,
     next_id: RequestId,
     waiting: VecDeque<(RequestId, Seq)>,
@@ -151,11 +152,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Self {
-        let n_moe = model.moe_layers().count();
-        let e = model.config.router.n_experts;
+    /// An engine over `backend` (an `Arc<Model>` is the CPU backend).
+    pub fn new(backend: Arc<dyn Backend>, cfg: EngineConfig) -> Self {
+        let n_moe = backend.host_model().moe_layers().count();
+        let e = backend.host_model().config.router.n_experts;
         Engine {
-            model,
+            backend,
             cfg,
             next_id: 0,
             waiting: VecDeque::new(),
@@ -177,18 +179,23 @@ impl Engine {
         self.record_routing = on;
     }
 
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
+    /// The host model (configuration; the weights where the backend is the CPU).
+    pub fn model(&self) -> &Model {
+        self.backend.host_model()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     /// Validate and queue a request.
     pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
-        self.model.validate(&req.prompt, 0)?;
+        self.model().validate(&req.prompt, 0)?;
         req.sampling.validate()?;
         let id = self.next_id;
         self.next_id += 1;
         let sampler = Sampler::new(req.sampling.clone(), id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
-        let seq = Seq { cache: self.model.new_cache(), generated: vec![], sampler, prompt_done: 0, req };
+        let seq = Seq { cache: self.backend.new_cache(), generated: vec![], sampler, prompt_done: 0, req };
         self.waiting.push_back((id, seq));
         Ok(id)
     }
@@ -196,12 +203,18 @@ impl Engine {
     /// Remove a request; `Ok(true)` if it existed.
     pub fn abort(&mut self, id: RequestId) -> bool {
         if let Some(s) = self.running.remove(&id) {
-            self.executor.release_sequence(s.cache.id());
+            self.release(&s);
             return true;
         }
         let before = self.waiting.len();
         self.waiting.retain(|(i, _)| *i != id);
         before != self.waiting.len()
+    }
+
+    /// A sequence ended: its KV memory on the device and its copies on other ranks can go.
+    fn release(&self, s: &Seq) {
+        self.executor.release_sequence(s.cache.id());
+        self.backend.release_sequence(s.cache.id());
     }
 
     pub fn has_work(&self) -> bool {
@@ -280,7 +293,7 @@ impl Engine {
                 .zip(&inputs)
                 .map(|((_, s), toks)| SeqInput { tokens: toks, cache: &mut s.cache })
                 .collect();
-            self.model.forward_step(&mut seqs, LogitsMode::Last, self.executor.as_ref())
+            self.backend.forward_step(&mut seqs, LogitsMode::Last, self.executor.as_ref())
         };
         let out = match out {
             Ok(out) => out,
@@ -294,12 +307,12 @@ impl Engine {
                 return Err(e);
             }
         };
-        self.stats.record(&out.routing, self.model.config.router.n_experts);
+        self.stats.record(&out.routing, self.model().config.router.n_experts);
         self.stats.tokens += inputs.iter().map(|t| t.len() as u64).sum::<u64>();
         if self.record_routing {
             self.last_routing = out.routing;
         }
-        let max_pos = self.model.config.max_position_embeddings;
+        let max_pos = self.model().config.max_position_embeddings;
         let mut done = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let Some(s) = self.running.get_mut(id) else { continue };
@@ -328,7 +341,7 @@ impl Engine {
         }
         for id in done {
             if let Some(s) = self.running.remove(&id) {
-                self.executor.release_sequence(s.cache.id());
+                self.release(&s);
             }
         }
         Ok(events)

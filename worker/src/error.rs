@@ -52,6 +52,8 @@ pub enum ModelError {
     Failpoint(String),
     #[error("routing capture: {0}")]
     RoutingCapture(String),
+    #[error(transparent)]
+    Device(#[from] crate::backend::DeviceError),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -824,6 +824,10 @@ impl ExpertExecutor for EpExecutor {
         self.affinity_applies(model).then(|| self.forward_affinity(model, seqs, mode))
     }
 
+    fn runs_whole_forward(&self, model: &Model) -> bool {
+        self.affinity_applies(model)
+    }
+
     fn release_sequence(&self, cache: u64) {
         if let Ok(mut f) = self.follow.lock() {
             f.release(cache);

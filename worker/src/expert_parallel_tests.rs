@@ -1,6 +1,7 @@
 //! Tests of the expert-parallel executor: logits across ranks, epoch switches, replicas,
 //! capacity, projected steps.
 use super::*;
+use crate::backend::Backend;
 use crate::model::{LoadOptions, LogitsMode, SeqInput};
 use std::path::PathBuf;
 use crate::transport::tcp::TcpTransport;

@@ -194,6 +194,14 @@ impl DenseWeight {
         }
     }
 
+    /// The whole matrix as row-major f32 `[n×k]` (to upload it elsewhere).
+    pub fn to_rows(&self) -> Vec<f32> {
+        match self {
+            DenseWeight::Rows { w, .. } => w.clone(),
+            DenseWeight::Packed(p) => p.to_rows(),
+        }
+    }
+
     /// Row `i` of `W` appended to `out` (an embedding lookup).
     pub fn push_row(&self, i: usize, out: &mut Vec<f32>) {
         match self {

@@ -7,10 +7,13 @@
 //! - [`moe`]: router → (token, expert, weight) → per-expert FFN → combine; the
 //!   [`moe::ExpertExecutor`] seam for expert parallelism.
 //! - [`engine`]: continuous batching, KV caches, sampling, stop conditions.
+//! - [`backend`]: where the model computes (`--device cpu|cuda:N`): the host model is the CPU
+//!   backend, [`backend::cuda`] the GPU one.
 //! - [`kernels`]: the CPU tensor kernels (OpenBLAS + rayon); with [`affinity`]'s two libc calls,
 //!   the only `unsafe` code.
 pub mod affinity;
 pub mod attention;
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -26,6 +29,7 @@ pub mod synth;
 pub mod synth_tokenizer;
 pub mod tokenizer;
 
+pub use backend::{Backend, Device};
 pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineConfig, FinishReason, Request, RequestId, TokenEvent};
 pub use error::ModelError;

@@ -525,27 +525,6 @@ impl Model {
         per_seq
     }
 
-    /// Logits of every position of `tokens`, no cache kept (a reference forward).
-    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
-        let mut out = self.forward(&mut [SeqInput { tokens, cache: &mut cache }], LogitsMode::All)?;
-        Ok(out.logits.remove(0))
-    }
-
-    /// Greedy generation of `n` tokens with the KV cache (prefill, then one token per step).
-    pub fn generate_greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
-        let mut cache = self.new_cache();
-        let mut out = Vec::with_capacity(n);
-        let mut next: Vec<u32> = prompt.to_vec();
-        for _ in 0..n {
-            let f = self.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], LogitsMode::Last)?;
-            let tok = crate::sampling::argmax(&f.logits[0]) as u32;
-            out.push(tok);
-            next = vec![tok];
-        }
-        Ok(out)
-    }
-
     /// Bytes of weights one decode step of a single sequence reads: every weight it multiplies
     /// (attention, router, shared experts, dense FFNs, the lm head) plus `top_k` routed experts of
     /// every MoE layer (their mean size), and one embedding row. The floor of batch-1 decode time

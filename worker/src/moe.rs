@@ -392,6 +392,18 @@ pub trait ExpertExecutor: Sync {
     /// The sequence whose KV cache has id `cache` ended (finished or aborted): copies of it
     /// elsewhere can go. Default: nothing to do.
     fn release_sequence(&self, _cache: u64) {}
+
+    /// Whether every routed expert runs in this process with no collective to join, so a device
+    /// backend may run the layer's experts itself instead of calling [`ExpertExecutor::run`].
+    fn is_local(&self) -> bool {
+        false
+    }
+
+    /// Whether [`ExpertExecutor::forward_step`] runs whole forwards of `model` (a backend that
+    /// cannot hand its forward over refuses such an executor).
+    fn runs_whole_forward(&self, _model: &crate::model::Model) -> bool {
+        false
+    }
 }
 
 /// Runs every routed expert in this process (all needed experts must be loaded).
@@ -399,6 +411,10 @@ pub trait ExpertExecutor: Sync {
 pub struct LocalExperts;
 
 impl ExpertExecutor for LocalExperts {
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {
         let h = layer.hidden;
         let batches = routing.group_by_expert(layer.n_experts());

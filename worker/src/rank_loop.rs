@@ -16,7 +16,8 @@
 use crate::engine::{Engine, EngineConfig, FinishReason, Request, RequestId};
 use crate::error::{ModelError, Result};
 use crate::expert_parallel::{EpExecutor, RecentSteps};
-use crate::model::{LogitsMode, Model, SeqInput};
+use crate::backend::Backend;
+use crate::model::{LogitsMode, SeqInput};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -144,9 +145,9 @@ pub struct RankLoop {
 }
 
 impl RankLoop {
-    /// Start stepping `model` with `executor` (a world of 1 too: an executor over
+    /// Start stepping `model` (any backend) with `executor` (a world of 1 too: an executor over
     /// `LocalTransport` whose one rank holds every expert).
-    pub fn spawn(model: Arc<Model>, executor: Arc<EpExecutor>, cfg: RankLoopConfig) -> RankLoop {
+    pub fn spawn(model: Arc<dyn Backend>, executor: Arc<EpExecutor>, cfg: RankLoopConfig) -> RankLoop {
         let (tx, rx) = mpsc::channel();
         let (htx, hrx) = mpsc::channel();
         let stats = Arc::new(RankStats::default());
@@ -237,7 +238,7 @@ struct Live {
 
 /// What the loop thread owns.
 struct LoopState {
-    model: Arc<Model>,
+    model: Arc<dyn Backend>,
     executor: Arc<EpExecutor>,
     cfg: RankLoopConfig,
     stats: Arc<RankStats>,
@@ -253,7 +254,7 @@ struct LoopState {
 }
 
 impl LoopState {
-    fn new(model: Arc<Model>, executor: Arc<EpExecutor>, cfg: RankLoopConfig, stats: Arc<RankStats>) -> Self {
+    fn new(model: Arc<dyn Backend>, executor: Arc<EpExecutor>, cfg: RankLoopConfig, stats: Arc<RankStats>) -> Self {
         let mut engine = Engine::new(model.clone(), cfg.engine.clone());
         engine.set_executor(executor.clone());
         LoopState {
@@ -417,7 +418,7 @@ impl LoopState {
         } else if self.engine.has_work() {
             self.decode()
         } else {
-            self.executor.idle_forward(&self.model)
+            self.executor.idle_forward(self.model.host_model())
         };
         let took = t0.elapsed();
         self.stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
@@ -449,6 +450,7 @@ impl LoopState {
         );
         // The throw-away cache's copies on other ranks (affinity data path) can go.
         crate::moe::ExpertExecutor::release_sequence(self.executor.as_ref(), cache.id());
+        self.model.release_sequence(cache.id());
         match r {
             Ok(mut out) => {
                 let logits = out.logits.remove(0);

@@ -3,7 +3,7 @@
 //! `switchyard model check` and the tests.
 
 use crate::error::{ModelError, Result};
-use crate::model::Model;
+use crate::backend::Backend;
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 
@@ -75,8 +75,9 @@ pub struct CaseResult {
     pub greedy_ok: bool,
 }
 
-/// Run one case: full-sequence logits and greedy generation with the KV cache.
-pub fn check_case(model: &Model, case: &RefCase) -> Result<CaseResult> {
+/// Run one case on `model` (any backend): full-sequence logits and greedy generation with the
+/// KV cache.
+pub fn check_case(model: &dyn Backend, case: &RefCase) -> Result<CaseResult> {
     let logits = model.logits(&case.prompt)?;
     let d = rel_max_diff(&logits, &case.logits);
     let greedy = model.generate_greedy(&case.prompt, case.greedy.len())?;

@@ -105,6 +105,8 @@ pub struct WorkerConfig {
     pub regroup_timeout: Duration,
     /// GPU of the NCCL communicator (when the coordinator picks the NCCL transport).
     pub gpu: usize,
+    /// Where the model computes.
+    pub device: crate::backend::Device,
 }
 
 impl WorkerConfig {
@@ -116,6 +118,7 @@ impl WorkerConfig {
             connect_timeout: Duration::from_secs(60),
             regroup_timeout: Duration::from_secs(30),
             gpu: 0,
+            device: crate::backend::Device::Cpu,
         }
     }
 }
@@ -319,7 +322,8 @@ impl WorkerService {
                 kept.unwrap_or_else(|| rl.stats.active.load(Ordering::Relaxed) as u32)
             }
             None => {
-                let rl = RankLoop::spawn(model.clone(), ex, self.loop_config(&a));
+                let backend = crate::backend::open(self.0.cfg.device, model.clone()).map_err(|e| RegroupError::Failed(e.to_string()))?;
+                let rl = RankLoop::spawn(backend, ex, self.loop_config(&a));
                 *st.model.lock().map_err(|_| RegroupError::Failed("model lock poisoned".into()))? = Some((dir, model));
                 *st.rank_loop.lock().map_err(|_| RegroupError::Failed("rank loop lock poisoned".into()))? = Some(Arc::new(rl));
                 0

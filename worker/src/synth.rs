@@ -105,6 +105,12 @@ impl SynthSpec {
         }
     }
 
+    /// The larger benchmark shape (GPU runs): hidden 2048, 24 layers, 128 experts top-8, expert
+    /// FFN 768, vocab 32000, bf16 — Qwen3-30B-A3B's proportions at about half its depth.
+    pub fn bench_large() -> Self {
+        SynthSpec { hidden: 2048, layers: 24, heads: 32, kv_heads: 4, head_dim: 64, experts: 128, expert_inter: 768, shards: 8, ..Self::bench() }
+    }
+
     /// The scheduler-benchmark shape with skewed, prompt-dependent routing: mixtral, hidden 256,
     /// 4 layers, 16 experts top-2, expert FFN 512, vocab 4096, bf16, 2 token groups (draw phase
     /// prompts with [`skewed_prompts`] for group 0 and 1), each group's hot experts in one block

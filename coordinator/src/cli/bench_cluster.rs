@@ -33,6 +33,9 @@ pub enum BenchCommand {
         requests: usize,
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
+        /// Every worker's device (`cpu`, `cuda:N`).
+        #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
+        device: worker::Device,
     },
     /// Straggler benchmark: skewed routing with a mid-run shift; static contiguous, static EPLB,
     /// the online rebalancer, and the rebalancer with load-aware replicas side by side.
@@ -310,11 +313,11 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Datapath(a) => super::bench_datapath::run(a),
         BenchCommand::Http(a) => super::bench_http::run(a),
         BenchCommand::Kernels { rows, shapes } => kernels(&rows, &shapes),
-        BenchCommand::Decode { model, workers, requests, max_tokens } => {
+        BenchCommand::Decode { model, workers, requests, max_tokens, device } => {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));
             println!("{:>7} {:>10} {:>12} {:>14} {:>12} {:>12} {:>12}", "workers", "tokens", "tokens/s", "busy steps", "dispatch µs", "expert µs", "combine µs");
             for &n in &workers {
-                let cl = super::local_cluster::start_local_cluster(&model, n, None, "127.0.0.1:0", None, &[], &[], None)?;
+                let cl = super::local_cluster::start_local_cluster(&model, n, None, "127.0.0.1:0", None, &[], &[format!("--device={device}")], None)?;
                 let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
                 let (tokens, dt) = rt.block_on(async {
                     let t0 = Instant::now();

@@ -6,6 +6,7 @@ use super::bench_llamacpp::{LlamaCpp, LlamaCppRun};
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 use worker::model::{LoadOptions, LogitsMode, Model, SeqInput};
 use worker::synth::{SynthSpec, write_checkpoint, write_tokenizer_if_room};
@@ -19,8 +20,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Use a tiny generated shape (smoke test).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "large")]
     pub tiny: bool,
+    /// Use the larger generated shape (hidden 2048, 128 experts; for GPUs).
+    #[arg(long)]
+    pub large: bool,
+    /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`); with
+    /// --compare-torch, PyTorch runs on the same device.
+    #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
+    pub device: worker::Device,
     /// Architecture of the generated checkpoint: qwen3_moe or mixtral.
     #[arg(long, default_value = "qwen3_moe")]
     pub arch: String,
@@ -75,12 +83,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let dir = checkpoint_dir(&a)?;
     let t0 = Instant::now();
-    let model = Model::load(&dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
+    let model = Arc::new(Model::load(&dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?);
+    let backend = worker::backend::open(a.device, model.clone()).with_context(|| format!("opening {}", a.device))?;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let threads = rayon::current_num_threads();
     let header = format!(
-        "model {} ({}): hidden {}, {} layers, {} experts top-{}, expert ffn {}, vocab {}; {:.2} GiB of weights held, loaded in {:.1} s; {threads} threads",
+        "model {} ({}): hidden {}, {} layers, {} experts top-{}, expert ffn {}, vocab {}; {:.2} GiB of weights held, loaded in {:.1} s; {}",
         dir.display(),
         c.arch.name(),
         c.hidden_size,
@@ -91,6 +100,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         c.vocab_size,
         model.weight_bytes() as f64 / (1u64 << 30) as f64,
         load_s,
+        match a.device {
+            worker::Device::Cpu => format!("{threads} threads"),
+            d => format!("on {d}"),
+        },
     );
     // With --json, stdout holds the one JSON object only.
     if a.json { eprintln!("{header}") } else { println!("{header}") }
@@ -106,7 +119,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 0..a.rounds {
-        ours.push(measure(&model, &a.batches, plen, a.decode_steps)?);
+        ours.push(measure(backend.as_ref(), &a.batches, plen, a.decode_steps)?);
         if let (Some(l), Some(g)) = (&llama, &gguf) {
             eprintln!("round {}: llama.cpp ...", round + 1);
             let r = l.run(g, &a.batches, plen, a.decode_steps, threads)?;
@@ -122,7 +135,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let load_after_ours = loadavg();
     let hwm_kib = vm_hwm_kib();
     // After the peak was read: the probe's buffer would raise it.
-    let bandwidth = worker::kernels::read_bandwidth_gbs(1 << 30, 5);
+    // A GPU's peak from its memory clock and bus width; the host's measured read bandwidth.
+    let (bandwidth, bandwidth_source) = match backend.peak_memory_bandwidth_gbs() {
+        Some(b) => (b, format!("{} peak (memory clock x bus width)", a.device)),
+        None => (worker::kernels::read_bandwidth_gbs(1 << 30, 5), format!("measured, {threads} threads, best of 5 over 1 GiB")),
+    };
     let step_bytes = model.decode_step_bytes() as f64;
     let checkpoint_bytes = checkpoint_bytes(&dir);
     let torch = if a.compare_torch { Some(run_torch(&a, &dir, plen)?) } else { None };
@@ -147,7 +164,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let v = serde_json::json!({
             "model": dir.display().to_string(), "threads": threads, "prompt_len": plen, "rounds": a.rounds,
             "decode_steps": a.decode_steps, "weight_bytes": model.weight_bytes(), "checkpoint_bytes": checkpoint_bytes,
-            "peak_rss_kib": hwm_kib, "read_bandwidth_gb_s": bandwidth, "decode_step_bytes": step_bytes,
+            "device": a.device.name(), "peak_rss_kib": hwm_kib, "read_bandwidth_gb_s": bandwidth, "bandwidth_source": bandwidth_source, "decode_step_bytes": step_bytes,
             "batch1_decode_limit_tok_s": limit, "rows": rows_json,
             "torch": torch.as_ref().map(|t| serde_json::json!({"peak_rss": t.hwm, "version": t.version})),
             "llamacpp": theirs.first().map(|t: &LlamaCppRun| serde_json::json!({"peak_rss_kib": llama_rss, "version": t.version, "gguf": gguf.as_ref().map(|g| g.display().to_string())})),
@@ -191,7 +208,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!(
-        "memory read bandwidth {bandwidth:.1} GB/s ({threads} threads, best of 5 over 1 GiB); a batch-1 decode step reads {:.0} MB of weights: limit {limit:.1} tok/s",
+        "memory read bandwidth {bandwidth:.1} GB/s ({bandwidth_source}); a batch-1 decode step reads {:.0} MB of weights: limit {limit:.1} tok/s",
         step_bytes / 1e6
     );
     if let Some(r) = rows.iter().find(|r| r.batch == 1) {
@@ -206,13 +223,19 @@ fn checkpoint_dir(a: &BenchArgs) -> anyhow::Result<PathBuf> {
     if let Some(d) = &a.model {
         return Ok(d.clone());
     }
-    let mut spec = if a.tiny { SynthSpec::tiny() } else { SynthSpec::bench() };
+    let mut spec = if a.tiny {
+        SynthSpec::tiny()
+    } else if a.large {
+        SynthSpec::bench_large()
+    } else {
+        SynthSpec::bench()
+    };
     spec.arch = a.arch.clone();
     if spec.arch != "qwen3_moe" && spec.arch != "mixtral" {
         bail!("--arch must be qwen3_moe or mixtral");
     }
     let dir = a.out.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("switchyard-bench-{}-{}", spec.arch, if a.tiny { "tiny" } else { "h1024" }))
+        std::env::temp_dir().join(format!("switchyard-bench-{}-{}", spec.arch, if a.tiny { "tiny" } else if a.large { "h2048" } else { "h1024" }))
     });
     if !dir.join("config.json").exists() {
         eprintln!("writing checkpoint to {} ...", dir.display());
@@ -226,7 +249,10 @@ fn checkpoint_dir(a: &BenchArgs) -> anyhow::Result<PathBuf> {
 
 /// One pass over `batches`: a prefill of `plen` random tokens per sequence, then `steps` greedy
 /// decode steps.
-fn measure(model: &Model, batches: &[usize], plen: usize, steps: usize) -> anyhow::Result<Vec<BenchRow>> {
+fn measure(backend: &dyn worker::Backend, batches: &[usize], plen: usize, steps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let model = backend.host_model();
+    let local = worker::moe::LocalExperts;
+    let forward = |seqs: &mut [SeqInput]| backend.forward_step(seqs, LogitsMode::Last, &local);
     let vocab = model.config.vocab_size as u64;
     // One untimed prefill and decode step first, as llama-bench warms up: the first forward after
     // a load pays one-time costs (first touch of activation and KV buffers, the compute pool's
@@ -234,10 +260,11 @@ fn measure(model: &Model, batches: &[usize], plen: usize, steps: usize) -> anyho
     // (batch-1 prefill measured 182-277 tok/s across rounds without it).
     {
         let warm: Vec<u32> = (0..plen.max(1) as u64).map(|i| (i * 7919 % vocab) as u32).collect();
-        let mut cache = model.new_cache();
-        let out = model.forward(&mut [SeqInput { tokens: &warm, cache: &mut cache }], LogitsMode::Last)?;
+        let mut cache = backend.new_cache();
+        let out = forward(&mut [SeqInput { tokens: &warm, cache: &mut cache }])?;
         let next = [worker::sampling::argmax(&out.logits[0]) as u32];
-        model.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], LogitsMode::Last)?;
+        forward(&mut [SeqInput { tokens: &next, cache: &mut cache }])?;
+        backend.release_sequence(cache.id());
     }
     let mut seed = 12345u64;
     let mut rows = Vec::new();
@@ -252,11 +279,11 @@ fn measure(model: &Model, batches: &[usize], plen: usize, steps: usize) -> anyho
                     .collect()
             })
             .collect();
-        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+        let mut caches: Vec<_> = (0..b).map(|_| backend.new_cache()).collect();
         let t0 = Instant::now();
         let out = {
             let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SeqInput { tokens: p, cache }).collect();
-            model.forward(&mut seqs, LogitsMode::Last)?
+            forward(&mut seqs)?
         };
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut next: Vec<Vec<u32>> = out.logits.iter().map(|l| vec![worker::sampling::argmax(l) as u32]).collect();
@@ -264,11 +291,14 @@ fn measure(model: &Model, batches: &[usize], plen: usize, steps: usize) -> anyho
         for _ in 0..steps {
             let out = {
                 let mut seqs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(p, cache)| SeqInput { tokens: p, cache }).collect();
-                model.forward(&mut seqs, LogitsMode::Last)?
+                forward(&mut seqs)?
             };
             next = out.logits.iter().map(|l| vec![worker::sampling::argmax(l) as u32]).collect();
         }
         let decode_s = t0.elapsed().as_secs_f64();
+        for c in &caches {
+            backend.release_sequence(c.id());
+        }
         let row = BenchRow { batch: b, prefill_tps: (b * plen) as f64 / prefill_s, decode_tps: (b * steps) as f64 / decode_s.max(1e-9) };
         eprintln!("batch {b}: prefill {:.1} tok/s, decode {:.1} tok/s", row.prefill_tps, row.decode_tps);
         rows.push(row);
@@ -354,11 +384,17 @@ fn run_torch(a: &BenchArgs, dir: &Path, plen: usize) -> anyhow::Result<TorchResu
     });
     let batches = a.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     eprintln!("running {} {} ...", a.python, script.display());
+    // On a GPU PyTorch runs in bf16 (the bench checkpoints' dtype; f32 accumulation in both).
+    let device_args: Vec<String> = match a.device {
+        worker::Device::Cpu => vec![],
+        d => vec!["--device".into(), d.name(), "--dtype".into(), "bfloat16".into()],
+    };
     let out = std::process::Command::new(&a.python)
         .arg(&script)
         .arg("--model")
         .arg(dir)
         .args(["--batches", &batches, "--prompt-len", &plen.to_string(), "--decode-steps", &a.decode_steps.to_string(), "--json"])
+        .args(&device_args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {} {}", a.python, script.display()))?;

@@ -327,12 +327,13 @@ pub fn check_cluster(
     workers: usize,
     placement: Option<&Path>,
     coordinator_args: &[String],
+    worker_args: &[String],
 ) -> anyhow::Result<ExitCode> {
     let cases = worker::reference::read_expected(expected)?;
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
-    let cl = super::local_cluster::start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, coordinator_args, &[], None)?;
+    let cl = super::local_cluster::start_local_cluster(dir, workers, placement, "127.0.0.1:0", None, coordinator_args, worker_args, None)?;
     let rt = runtime()?;
     let mut ok_all = true;
     // All cases at once: concurrent requests exercise the least-outstanding routing too.

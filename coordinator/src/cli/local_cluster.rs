@@ -33,6 +33,9 @@ pub struct UpArgs {
     /// workers, at least one each).
     #[arg(long)]
     pub threads_per_worker: Option<usize>,
+    /// Where every worker computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
+    pub device: worker::Device,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
     /// The OpenAI-compatible HTTP API's address (port 0: any free port).
@@ -360,7 +363,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             HttpArgs { http_listen: Some(a.http_listen.clone()), served_model_name: a.served_model_name.clone(), max_queued_requests: a.max_queued_requests }.to_args(),
         ]
         .concat(),
-        &[],
+        &[format!("--device={}", a.device)],
         Some(WorkerCores::for_cluster(a.workers, a.threads_per_worker)),
     )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);

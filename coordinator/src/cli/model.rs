@@ -35,6 +35,9 @@ pub enum ModelCommand {
         /// With --workers: where MoE outputs are combined (`home`, `affinity`, `affinity:N`).
         #[arg(long, requires = "workers", default_value = "home", value_parser = worker::expert_parallel::DataPath::parse)]
         data_path: worker::expert_parallel::DataPath,
+        /// Where the model computes (with --workers: every worker's device).
+        #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
+        device: worker::Device,
     },
     /// Print what a checkpoint holds.
     Info {
@@ -68,6 +71,9 @@ pub struct GenerateArgs {
     pub prompt_ids: Option<Vec<u32>>,
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
+    /// With --model: where the model computes (`cpu`, `cuda:N`).
+    #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
+    pub device: worker::Device,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -85,26 +91,28 @@ pub struct GenerateArgs {
 
 pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
     match c {
-        ModelCommand::Check { model, expected, tolerance, workers: None, .. } => check(&model, &expected, tolerance),
-        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path } => {
+        ModelCommand::Check { model, expected, tolerance, workers: None, device, .. } => check(&model, &expected, tolerance, device),
+        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path, device } => {
             let mut args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
             args.push(format!("--data-path={}", data_path.name()));
-            super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args)
+            let worker_args = [format!("--device={device}")];
+            super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args, &worker_args)
         }
         ModelCommand::Info { model } => info(&model),
         ModelCommand::Bench(a) => super::bench_model::run(a),
     }
 }
 
-fn check(dir: &Path, expected: &Path, tol: f32) -> anyhow::Result<ExitCode> {
+fn check(dir: &Path, expected: &Path, tol: f32, device: worker::Device) -> anyhow::Result<ExitCode> {
     let model = Model::load(dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
+    let model = worker::backend::open(device, Arc::new(model)).with_context(|| format!("opening {device}"))?;
     let cases = read_expected(expected)?;
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
     }
     let mut ok_all = true;
     for c in &cases {
-        let r = check_case(&model, c)?;
+        let r = check_case(model.as_ref(), c)?;
         let ok = r.logits_rel_diff < tol && r.greedy_ok;
         ok_all &= ok;
         println!(
@@ -118,7 +126,7 @@ fn check(dir: &Path, expected: &Path, tol: f32) -> anyhow::Result<ExitCode> {
             if r.greedy_ok { String::new() } else { format!(" expected {:?}", c.greedy) },
         );
     }
-    println!("{}: {} prompts, {}", dir.display(), cases.len(), if ok_all { "all match" } else { "MISMATCH" });
+    println!("{} on {device}: {} prompts, {}", dir.display(), cases.len(), if ok_all { "all match" } else { "MISMATCH" });
     Ok(if ok_all { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -168,7 +176,8 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         _ => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
     let stop = a.stop_ids.clone().unwrap_or_else(|| model.config.eos_token_ids.clone());
-    let mut engine = Engine::new(model, EngineConfig::default());
+    let backend = worker::backend::open(a.device, model).with_context(|| format!("opening {}", a.device))?;
+    let mut engine = Engine::new(backend, EngineConfig::default());
     let req = Request {
         prompt: prompt.clone(),
         max_tokens: a.max_tokens,

@@ -52,6 +52,10 @@ pub struct WorkerArgs {
     /// GPU this worker's NCCL communicator uses (when the coordinator picks the NCCL transport).
     #[arg(long, env = "SWITCHYARD_GPU", default_value_t = 0)]
     pub gpu: usize,
+    /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`; the NCCL
+    /// communicator then uses GPU N too).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu", value_parser = worker::Device::parse)]
+    pub device: worker::Device,
     /// Compute threads of this worker (its rayon pool; default: one per core). Ranks that share
     /// a machine should split its cores between them instead of each taking all of them.
     #[arg(long, env = "SWITCHYARD_THREADS")]
@@ -97,7 +101,11 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         let cfg = WorkerConfig {
             transport_timeout: Duration::from_secs(a.transport_timeout),
             regroup_timeout: Duration::from_secs(a.regroup_timeout),
-            gpu: a.gpu,
+            gpu: match a.device {
+                worker::Device::Cuda(n) => n,
+                worker::Device::Cpu => a.gpu,
+            },
+            device: a.device,
             ..WorkerConfig::new(tl)
         };
         let svc = WorkerService::new(cfg, Arc::new(WorkerMetrics::new()?));

@@ -1,9 +1,9 @@
 //! NCCL all-to-all-v through `cudarc` (feature `cuda`).
 //!
 //! NCCL has no all-to-all-v: one group of per-peer `send`/`recv` moves the sizes (u64 per peer),
-//! a second group moves the payloads, with one receive buffer per peer. Buffers are staged through
-//! device memory because the model runs on the host today; device-resident activations would skip
-//! the copies. Rank 0 makes the unique id ([`new_unique_id`]); the coordinator hands it out.
+//! a second group moves the payloads, with one receive buffer per peer.
+//! [`NcclTransport::all_to_all_v_device`] takes device buffers (a CUDA backend's rows);
+//! [`Transport::all_to_all_v`] stages host buffers (CPU workers) through it. Rank 0 makes the unique id ([`new_unique_id`]); the coordinator hands it out.
 use super::{Transport, TransportError};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id};
@@ -110,39 +110,51 @@ impl Transport for NcclTransport {
                 msg: format!("{} buffers for a world of {}", send.len(), self.world),
             });
         }
-        let s = &self.stream;
-        // Phase 1: sizes.
-        let mut size_send = Vec::with_capacity(self.world);
-        let mut size_recv = Vec::with_capacity(self.world);
-        for b in &send {
-            size_send.push(s.clone_htod(&[b.len() as u64]).map_err(|e| self.err("htod", e))?);
-            size_recv.push(s.alloc_zeros::<u64>(1).map_err(|e| self.err("alloc", e))?);
-        }
-        self.exchange(&size_send, &mut size_recv)?;
-        let mut sizes = vec![0usize; self.world];
-        for (j, d) in size_recv.iter().enumerate() {
-            sizes[j] = if j == self.rank { send[j].len() } else { s.clone_dtoh(d).map_err(|e| self.err("dtoh", e))?[0] as usize };
-        }
-        // Phase 2: payloads, one receive buffer per peer.
-        let mut pay_send = Vec::with_capacity(self.world);
-        let mut pay_recv = Vec::with_capacity(self.world);
+        // Host buffers (CPU workers on GPU nodes): staged through the device path.
+        let s = self.stream.clone();
+        let mut dev = Vec::with_capacity(self.world);
         for (j, b) in send.iter().enumerate() {
-            let n = if j == self.rank { 0 } else { b.len() };
-            pay_send.push(if n == 0 { s.alloc_zeros::<u8>(0) } else { s.clone_htod(b.as_slice()) }.map_err(|e| self.err("htod", e))?);
-            let m = if j == self.rank { 0 } else { sizes[j] };
-            pay_recv.push(s.alloc_zeros::<u8>(m).map_err(|e| self.err("alloc", e))?);
+            let keep_on_host = j == self.rank || b.is_empty();
+            dev.push(if keep_on_host { s.alloc_zeros::<u8>(0) } else { s.clone_htod(b.as_slice()) }.map_err(|e| self.err("htod", e))?);
         }
-        self.exchange(&pay_send, &mut pay_recv)?;
+        let recv = self.all_to_all_v_device(dev)?;
         let mut out = Vec::with_capacity(self.world);
-        for (j, d) in pay_recv.iter().enumerate() {
+        for (j, d) in recv.iter().enumerate() {
             if j == self.rank {
                 out.push(std::mem::take(&mut send[j]));
-            } else if sizes[j] == 0 {
+            } else if d.is_empty() {
                 out.push(Vec::new());
             } else {
                 out.push(s.clone_dtoh(d).map_err(|e| self.err("dtoh", e))?);
             }
         }
         Ok(out)
+    }
+}
+
+impl NcclTransport {
+    /// All-to-all-v of device buffers (device-resident activations): `send[r]` goes to rank `r`;
+    /// returns what each rank sent here, in fresh device buffers (the own slot is moved through).
+    /// The counts travel on the device too (one u64 per peer); only they are read back, to size
+    /// the receive buffers.
+    pub fn all_to_all_v_device(&mut self, mut send: Vec<CudaSlice<u8>>) -> Result<Vec<CudaSlice<u8>>, TransportError> {
+        if send.len() != self.world {
+            return Err(TransportError::Usage { rank: self.rank, msg: format!("{} buffers for a world of {}", send.len(), self.world) });
+        }
+        let s = self.stream.clone();
+        let counts: Vec<u64> = send.iter().map(|b| b.len() as u64).collect();
+        let count_send: Vec<CudaSlice<u64>> = counts.iter().map(|c| s.clone_htod(&[*c])).collect::<Result<_, _>>().map_err(|e| self.err("htod", e))?;
+        let mut count_recv: Vec<CudaSlice<u64>> = (0..self.world).map(|_| s.alloc_zeros::<u64>(1)).collect::<Result<_, _>>().map_err(|e| self.err("alloc", e))?;
+        self.exchange(&count_send, &mut count_recv)?;
+        let mut sizes = vec![0usize; self.world];
+        for (j, d) in count_recv.iter().enumerate() {
+            sizes[j] = if j == self.rank { 0 } else { s.clone_dtoh(d).map_err(|e| self.err("dtoh", e))?[0] as usize };
+        }
+        let mut recv: Vec<CudaSlice<u8>> = sizes.iter().map(|&n| s.alloc_zeros::<u8>(n)).collect::<Result<_, _>>().map_err(|e| self.err("alloc", e))?;
+        // The own slot is not sent: an empty stand-in goes through the exchange.
+        let own = std::mem::replace(&mut send[self.rank], s.alloc_zeros::<u8>(0).map_err(|e| self.err("alloc", e))?);
+        self.exchange(&send, &mut recv)?;
+        recv[self.rank] = own;
+        Ok(recv)
     }
 }

@@ -1,0 +1,76 @@
+//! The CUDA backend: weights, activations, KV cache and routing on one GPU.
+//!
+//! Everything that decides *what* to launch is plain Rust that compiles and is unit-tested
+//! without a GPU (and without the `cuda` feature): [`kernel_src`] generates the CUDA C that NVRTC
+//! compiles at start-up, [`geometry`] the launch shapes, [`paged_kv`] the KV page tables,
+//! [`moe_plan`] the per-expert row grouping of a MoE layer, [`dtype`] the upload dtype of each
+//! weight. Only `runtime` (feature `cuda`) touches the driver, cuBLAS and NVRTC through `cudarc`.
+pub mod dtype;
+pub mod geometry;
+pub mod kernel_src;
+pub mod moe_plan;
+pub mod paged_kv;
+#[cfg(feature = "cuda")]
+mod runtime;
+
+use super::Backend;
+use crate::model::Model;
+use std::sync::Arc;
+
+/// Capacity of a grow-only buffer that holds `current` values and must hold `needed`: at least
+/// 1.5× the old one and rounded up to 256 values, so a batch that grows a little at a time
+/// reallocates O(log n) times, not every step.
+pub fn grown_capacity(current: usize, needed: usize) -> usize {
+    if needed <= current {
+        return current;
+    }
+    let target = needed.max(current + current / 2);
+    target.div_ceil(256) * 256
+}
+
+/// Open `model` on GPU `ordinal`: weights uploaded once, kernels compiled by NVRTC.
+pub fn open(ordinal: usize, model: Arc<Model>) -> crate::error::Result<Arc<dyn Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Arc::new(runtime::CudaBackend::open(ordinal, model)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        drop(model);
+        Err(super::DeviceError::NotBuilt { device: super::Device::Cuda(ordinal) }.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_grow_geometrically_and_never_shrink() {
+        assert_eq!(grown_capacity(0, 1), 256);
+        assert_eq!(grown_capacity(1024, 100), 1024);
+        assert_eq!(grown_capacity(1024, 1025), 1536);
+        assert_eq!(grown_capacity(1024, 4000), 4096);
+        let (mut cap, mut reallocs) = (0, 0);
+        for n in 1..100_000 {
+            let c = grown_capacity(cap, n);
+            assert!(c >= n && c % 256 == 0);
+            if c != cap {
+                reallocs += 1;
+                cap = c;
+            }
+        }
+        assert!(reallocs < 30, "{reallocs} reallocations for a batch growing one value at a time");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_build_without_cuda_says_so() {
+        let dir = std::env::temp_dir().join(format!("sy-cuda-notbuilt-{}", std::process::id()));
+        crate::synth::write_checkpoint(&dir, &crate::synth::SynthSpec::tiny()).expect("checkpoint");
+        let m = std::sync::Arc::new(Model::load(&dir, &Default::default()).expect("load"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = open(0, m).expect_err("no cuda feature");
+        assert!(matches!(e, crate::error::ModelError::Device(crate::backend::DeviceError::NotBuilt { device: crate::backend::Device::Cuda(0) })), "{e}");
+    }
+}
