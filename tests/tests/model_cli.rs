@@ -118,3 +118,32 @@ fn model_bench_smoke() {
     // A step reads less than everything held: top-2 of the tiny shape's 8 experts per layer.
     assert!(v["decode_step_bytes"].as_f64().unwrap_or(0.0) < v["weight_bytes"].as_f64().unwrap_or(0.0));
 }
+
+#[test]
+fn model_check_on_a_device_it_cannot_use_says_why() {
+    let f = fixtures_dir();
+    let check = |device: &str| {
+        Command::new(switchyard_bin())
+            .args(["model", "check", "--device", device, "--model"])
+            .arg(f.join("mixtral"))
+            .arg("--expected")
+            .arg(f.join("mixtral/expected.safetensors"))
+            .output()
+            .expect("run")
+    };
+    let out = check("cuda:0");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        // A cuda build on a machine with a GPU: the check ran there.
+        assert!(stdout.contains("on cuda:0") && stdout.contains("all match"), "{stdout}");
+    } else {
+        assert!(
+            stderr.contains("built without the `cuda` feature") || stderr.contains("no CUDA driver found") || stderr.contains("CUDA device(s) visible"),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("prompt 0"), "nothing runs on a device that is not there: {stdout}");
+    }
+    let out = check("tpu:0");
+    assert_eq!(out.status.code(), Some(2), "a bad --device is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"tpu:0\""), "{}", String::from_utf8_lossy(&out.stderr));
+}

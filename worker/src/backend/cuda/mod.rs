@@ -54,7 +54,7 @@ mod tests {
         let (mut cap, mut reallocs) = (0, 0);
         for n in 1..100_000 {
             let c = grown_capacity(cap, n);
-            assert!(c >= n && c % 256 == 0);
+            assert!(c >= n && c.is_multiple_of(256));
             if c != cap {
                 reallocs += 1;
                 cap = c;

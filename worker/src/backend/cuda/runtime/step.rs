@@ -46,6 +46,8 @@ pub(super) fn forward(model: &Model, st: &mut State, seqs: &mut [SeqInput], mode
     }
     let ids: Vec<u64> = seqs.iter().map(|s| s.cache.id()).collect();
     let State { weights, run } = st;
+    // cuBLAS calls need the context current on this thread (the rank loop's, not the opener's).
+    run.gpu.ctx.bind_to_thread().map_err(|e| run.gpu.err("cuCtxSetCurrent", e))?;
     let lay = layout(run, &ids, &spans)?;
     let t = lay.t;
     let x = run.buf("x", t * h)?;
