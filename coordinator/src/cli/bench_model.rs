@@ -84,7 +84,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = checkpoint_dir(&a)?;
     let t0 = Instant::now();
     let model = Arc::new(Model::load(&dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?);
-    let backend = worker::backend::open(a.device, model.clone()).with_context(|| format!("opening {}", a.device))?;
+    let backend = worker::backend::open(a.device, model.clone())?;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let threads = rayon::current_num_threads();

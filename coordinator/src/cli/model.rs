@@ -105,7 +105,7 @@ pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
 
 fn check(dir: &Path, expected: &Path, tol: f32, device: worker::Device) -> anyhow::Result<ExitCode> {
     let model = Model::load(dir, &LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
-    let model = worker::backend::open(device, Arc::new(model)).with_context(|| format!("opening {device}"))?;
+    let model = worker::backend::open(device, Arc::new(model))?;
     let cases = read_expected(expected)?;
     if cases.is_empty() {
         bail!("{} holds no prompt_0", expected.display());
@@ -176,7 +176,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         _ => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
     let stop = a.stop_ids.clone().unwrap_or_else(|| model.config.eos_token_ids.clone());
-    let backend = worker::backend::open(a.device, model).with_context(|| format!("opening {}", a.device))?;
+    let backend = worker::backend::open(a.device, model)?;
     let mut engine = Engine::new(backend, EngineConfig::default());
     let req = Request {
         prompt: prompt.clone(),
