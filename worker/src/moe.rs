@@ -190,65 +190,71 @@ impl Router {
 
     /// One token: `ids`/`ws` hold `top_k` choices followed by any alternates.
     fn route_one(&self, scores: &mut [f32], ids: &mut [u32], ws: &mut [f32]) {
-        let cfg = &self.cfg;
-        let e = cfg.n_experts;
-        match cfg.scoring {
-            Scoring::Softmax => kernels::softmax_inplace(scores),
-            Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = kernels::sigmoid(*s)),
-        }
-        // Scores used for choosing (biased), scores used for weighting.
-        let mut choice: Vec<f32> = match &self.correction_bias {
-            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
-            None => scores.to_vec(),
-        };
-        let mut weight_src: &[f32] = scores;
-        let masked_scores;
-        if let Some(g) = &cfg.group_limit {
-            let per = e / g.n_group;
-            let group_scores: Vec<f32> = choice
-                .chunks(per)
-                .map(|grp| match g.score {
-                    GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                    GroupScore::SumTop2 => {
-                        let top = top_k_indices(grp, 2);
-                        top.iter().map(|&i| grp[i]).sum()
-                    }
-                })
-                .collect();
-            let keep = top_k_indices(&group_scores, g.topk_group);
-            let mut mask = vec![false; g.n_group];
-            for i in keep {
-                mask[i] = true;
-            }
-            for (gi, grp) in choice.chunks_mut(per).enumerate() {
-                if !mask[gi] {
-                    grp.iter_mut().for_each(|v| *v = g.masked_value);
-                }
-            }
-            if self.correction_bias.is_none() {
-                // V2: the weights are gathered from the masked scores.
-                masked_scores = choice.clone();
-                weight_src = &masked_scores;
-            }
-        }
-        let top = top_k_indices(&choice, ids.len());
-        let mut sum = 0.0f32;
-        for (j, &i) in top.iter().enumerate() {
-            ids[j] = i as u32;
-            ws[j] = weight_src[i];
-            if j < cfg.top_k {
-                sum += ws[j];
-            }
-        }
-        if cfg.norm_topk_prob {
-            let d = sum + cfg.norm_eps;
-            ws.iter_mut().for_each(|w| *w /= d);
-        }
-        if cfg.routed_scaling_factor != 1.0 {
-            ws.iter_mut().for_each(|w| *w *= cfg.routed_scaling_factor);
-        }
-        choice.clear();
+        route_scores(&self.cfg, self.correction_bias.as_deref(), scores, ids, ws);
     }
+}
+
+/// The router's rule on one token's logits `scores` (overwritten with its scores): `ids`/`ws`
+/// receive the top-k choices followed by any alternates. The device backends' `route_topk` kernel
+/// implements this same rule.
+pub fn route_scores(cfg: &RouterConfig, correction_bias: Option<&[f32]>, scores: &mut [f32], ids: &mut [u32], ws: &mut [f32]) {
+    let e = cfg.n_experts;
+    match cfg.scoring {
+        Scoring::Softmax => kernels::softmax_inplace(scores),
+        Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = kernels::sigmoid(*s)),
+    }
+    // Scores used for choosing (biased), scores used for weighting.
+    let mut choice: Vec<f32> = match correction_bias {
+        Some(b) => scores.iter().zip(b.iter()).map(|(s, b)| s + b).collect(),
+        None => scores.to_vec(),
+    };
+    let mut weight_src: &[f32] = scores;
+    let masked_scores;
+    if let Some(g) = &cfg.group_limit {
+        let per = e / g.n_group;
+        let group_scores: Vec<f32> = choice
+            .chunks(per)
+            .map(|grp| match g.score {
+                GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                GroupScore::SumTop2 => {
+                    let top = top_k_indices(grp, 2);
+                    top.iter().map(|&i| grp[i]).sum()
+                }
+            })
+            .collect();
+        let keep = top_k_indices(&group_scores, g.topk_group);
+        let mut mask = vec![false; g.n_group];
+        for i in keep {
+            mask[i] = true;
+        }
+        for (gi, grp) in choice.chunks_mut(per).enumerate() {
+            if !mask[gi] {
+                grp.iter_mut().for_each(|v| *v = g.masked_value);
+            }
+        }
+        if correction_bias.is_none() {
+            // V2: the weights are gathered from the masked scores.
+            masked_scores = choice.clone();
+            weight_src = &masked_scores;
+        }
+    }
+    let top = top_k_indices(&choice, ids.len());
+    let mut sum = 0.0f32;
+    for (j, &i) in top.iter().enumerate() {
+        ids[j] = i as u32;
+        ws[j] = weight_src[i];
+        if j < cfg.top_k {
+            sum += ws[j];
+        }
+    }
+    if cfg.norm_topk_prob {
+        let d = sum + cfg.norm_eps;
+        ws.iter_mut().for_each(|w| *w /= d);
+    }
+    if cfg.routed_scaling_factor != 1.0 {
+        ws.iter_mut().for_each(|w| *w *= cfg.routed_scaling_factor);
+    }
+    choice.clear();
 }
 
 /// Rows of `k + m` values split into their first `k` and last `m` columns.

@@ -504,6 +504,7 @@ static void check_elementwise() {
 }
 
 int main() {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // a hung run still shows how far it got
   check_conversions();
   check_elementwise();
   check_rows();

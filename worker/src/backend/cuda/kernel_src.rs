@@ -229,7 +229,7 @@ extern "C" __global__ void rmsnorm(const float* x, const float* w, float* y, int
         float ss = 0.0f;
         for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
         ss = block_sum(ss, red) / (float)n;
-        const float inv = 1.0f / (sqrtf(ss) + eps);
+        const float inv = 1.0f / sqrtf(ss + eps);
         for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
     }}
 }}
@@ -372,7 +372,7 @@ extern "C" __global__ void attention(const float* q, const float* k_pool, const 
             const float* kr = k_head + kv_slot(table, base + tid, page_size) * k_stride;
             float s = 0.0f;
             for (int d = 0; d < qd; ++d) s += qs[d] * kr[d];
-            ps[tid] = s;
+            ps[tid] = s * scale;
         }}
         __syncthreads();
         float m_new = m;
@@ -766,7 +766,7 @@ mod tests {
         for banned in ["__expf", "__sinf", "__cosf", "rsqrtf", "__fdividef", "__logf", "__powf", "__fsqrt"] {
             assert!(!src.contains(banned), "source uses {banned}; the CPU reference uses IEEE functions");
         }
-        assert!(src.contains("1.0f / (sqrtf(ss) + eps)"));
+        assert!(src.contains("1.0f / sqrtf(ss + eps)"));
     }
 
     /// `src` without `//` comments and string-literal contents: what the compiler parses.

@@ -4,12 +4,18 @@
 //! without a GPU (and without the `cuda` feature): [`kernel_src`] generates the CUDA C that NVRTC
 //! compiles at start-up, [`geometry`] the launch shapes, [`paged_kv`] the KV page tables,
 //! [`moe_plan`] the per-expert row grouping of a MoE layer, [`dtype`] the upload dtype of each
-//! weight. Only `runtime` (feature `cuda`) touches the driver, cuBLAS and NVRTC through `cudarc`.
+//! weight. The forward step ([`step`]) is written once against [`ops::Ops`]: `runtime` (feature
+//! `cuda`, the only code that touches the driver, cuBLAS and NVRTC through `cudarc`) implements it
+//! on a GPU, [`reference`] on the host with the CPU backend's numerics, so the step is tested
+//! against the CPU backend on every machine.
 pub mod dtype;
 pub mod geometry;
 pub mod kernel_src;
 pub mod moe_plan;
+pub mod ops;
 pub mod paged_kv;
+pub mod reference;
+pub mod step;
 #[cfg(feature = "cuda")]
 mod runtime;
 
@@ -32,7 +38,7 @@ pub fn grown_capacity(current: usize, needed: usize) -> usize {
 pub fn open(ordinal: usize, model: Arc<Model>) -> crate::error::Result<Arc<dyn Backend>> {
     #[cfg(feature = "cuda")]
     {
-        Ok(Arc::new(runtime::CudaBackend::open(ordinal, model)?))
+        Ok(Arc::new(runtime::open(ordinal, model)?))
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -1,0 +1,193 @@
+#![forbid(unsafe_code)]
+//! What a forward step asks of a device: memory, the kernels of [`super::kernel_src`] and GEMMs.
+//!
+//! The step itself ([`super::step`]) is written once against [`Ops`]. The GPU implements it with
+//! the driver, NVRTC and cuBLAS (`runtime`, feature `cuda`); [`super::reference`] implements it
+//! on the host in plain Rust with the CPU backend's numerics, so the step's orchestration —
+//! buffer sizes, batch layout, page tables, MLA assembly, expert row grouping, the combine — is
+//! tested on every machine against the CPU backend, and only the kernels themselves need a GPU
+//! (they have their own CPU check: the emulator test of the generated source).
+//!
+//! Addresses are byte addresses in the device's memory ([`Addr`]); offsets into a buffer are
+//! address arithmetic, as on the GPU.
+
+use super::dtype::WeightDtype;
+use super::geometry::{self, GeometryError, LaunchDims};
+use crate::backend::{Device, DeviceError};
+
+/// A byte address in a device's memory.
+pub type Addr = u64;
+
+pub type R<T> = std::result::Result<T, DeviceError>;
+
+/// A weight matrix `[n × k]`, row-major, in `dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mat {
+    pub addr: Addr,
+    pub dtype: WeightDtype,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Address of the `i`-th f32 after `a`.
+pub fn f32_at(a: Addr, i: usize) -> Addr {
+    a + 4 * i as u64
+}
+
+/// The router's rule, as `route_topk` takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteRule {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub sigmoid: bool,
+    /// `(n_group, topk_group, sum_top2, masked_value)`.
+    pub group_limit: Option<(usize, usize, bool, f32)>,
+    pub norm_topk: bool,
+    pub norm_eps: f32,
+    pub scaling: f32,
+}
+
+/// One launch of a kernel of [`super::kernel_src`] (same names, parameters in the same order).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kernel {
+    EmbedRows { table: Mat, ids: Addr, out: Addr, rows: usize },
+    Cast { x: Addr, y: Addr, n: usize, dtype: WeightDtype },
+    Rmsnorm { x: Addr, w: Addr, y: Addr, rows: usize, n: usize, eps: f32 },
+    AddInplace { x: Addr, y: Addr, n: usize },
+    AddBias { x: Addr, b: Addr, rows: usize, n: usize },
+    Clamp { x: Addr, n: usize, c: f32 },
+    Rope { x: Addr, pos: Addr, inv_freq: Addr, rows: usize, n_heads: usize, head_stride: usize, offset: usize, half: usize, factor: f32, interleaved: bool },
+    SiluMul { gate_up: Addr, out: Addr, rows: usize, inter: usize },
+    KvWrite { src: Addr, pool: Addr, slots: Addr, rows: usize, row_len: usize },
+    Attention(AttentionArgs),
+    RouteTopk { logits: Addr, bias: Option<Addr>, scratch: Addr, ids: Addr, weights: Addr, rows: usize, rule: RouteRule },
+    GatherRows { x: Addr, idx: Addr, out: Addr, rows: usize, hidden: usize },
+    CombineRows { y: Addr, src_row: Addr, w: Addr, out: Addr, tokens: usize, k: usize, hidden: usize },
+    SharedGate { x: Addr, g: Addr, y: Addr, rows: usize, hidden: usize },
+    SplitCols { src: Addr, a: Addr, b: Addr, rows: usize, a_cols: usize, b_cols: usize },
+    MlaAssemble { kv: Addr, k_pe: Addr, k: Addr, v: Addr, rows: usize, n_heads: usize, nope: usize, rope_dim: usize, vd: usize },
+}
+
+/// `attention`'s arguments (see the kernel table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionArgs {
+    pub q: Addr,
+    pub k_pool: Addr,
+    pub v_pool: Addr,
+    pub table: Addr,
+    pub table_start: Addr,
+    pub seq_of_row: Addr,
+    pub pos: Addr,
+    pub out: Addr,
+    pub rows: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub qd: usize,
+    pub vd: usize,
+    pub page_size: usize,
+    pub scale: f32,
+    /// 0: no sliding window.
+    pub window: usize,
+}
+
+impl Kernel {
+    /// The entry point's name in the generated source.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kernel::EmbedRows { table, .. } => match table.dtype {
+                WeightDtype::F32 => "embed_rows_f32",
+                WeightDtype::Bf16 => "embed_rows_bf16",
+                WeightDtype::F16 => "embed_rows_f16",
+            },
+            Kernel::Cast { dtype: WeightDtype::F16, .. } => "cast_f32_f16",
+            Kernel::Cast { .. } => "cast_f32_bf16",
+            Kernel::Rmsnorm { .. } => "rmsnorm",
+            Kernel::AddInplace { .. } => "add_inplace",
+            Kernel::AddBias { .. } => "add_bias",
+            Kernel::Clamp { .. } => "clamp_inplace",
+            Kernel::Rope { .. } => "rope",
+            Kernel::SiluMul { .. } => "silu_mul",
+            Kernel::KvWrite { .. } => "kv_write",
+            Kernel::Attention(_) => "attention",
+            Kernel::RouteTopk { .. } => "route_topk",
+            Kernel::GatherRows { .. } => "gather_rows",
+            Kernel::CombineRows { .. } => "combine_rows",
+            Kernel::SharedGate { .. } => "shared_gate",
+            Kernel::SplitCols { .. } => "split_cols",
+            Kernel::MlaAssemble { .. } => "mla_assemble",
+        }
+    }
+
+    /// The launch shape (every implementation checks it, so shape limits fail alike everywhere).
+    pub fn geometry(&self) -> Result<LaunchDims, GeometryError> {
+        match self {
+            Kernel::EmbedRows { rows, .. }
+            | Kernel::Rmsnorm { rows, .. }
+            | Kernel::KvWrite { rows, .. }
+            | Kernel::GatherRows { rows, .. }
+            | Kernel::SharedGate { rows, .. } => geometry::per_row(*rows),
+            Kernel::CombineRows { tokens, .. } => geometry::per_row(*tokens),
+            Kernel::Cast { n, .. } | Kernel::AddInplace { n, .. } | Kernel::Clamp { n, .. } => geometry::grid_stride(*n),
+            Kernel::AddBias { rows, n, .. } => geometry::grid_stride(rows * n),
+            Kernel::SiluMul { rows, inter, .. } => geometry::grid_stride(rows * inter),
+            Kernel::SplitCols { rows, a_cols, b_cols, .. } => geometry::grid_stride(rows * (a_cols + b_cols)),
+            Kernel::MlaAssemble { rows, n_heads, nope, rope_dim, vd, .. } => geometry::grid_stride(rows * n_heads * (nope + rope_dim).max(*vd)),
+            Kernel::Rope { rows, n_heads, half, .. } => geometry::rope(*rows, *n_heads, *half),
+            Kernel::Attention(a) => geometry::attention(a.rows, a.n_heads, a.n_kv, a.qd, a.vd),
+            Kernel::RouteTopk { rows, .. } => geometry::route(*rows),
+        }
+    }
+}
+
+/// A device as the forward step uses it. Buffers come in three lifetimes: kept (weights, the KV
+/// pools), scratch (grow-only, reused across steps by name) and step (freed by
+/// [`Ops::end_step`], after the step's last download).
+pub trait Ops: Send {
+    fn device(&self) -> Device;
+
+    /// Upload a row-major `[n × k]` weight in the narrowest dtype that holds it exactly.
+    fn upload_matrix(&mut self, rows: &[f32], n: usize, k: usize) -> R<Mat>;
+    /// A kept f32 buffer (norm weights, biases).
+    fn upload_f32(&mut self, v: &[f32]) -> R<Addr>;
+    /// A kept, zeroed f32 buffer of `n` values (the KV pools).
+    fn alloc_kept(&mut self, n: usize) -> R<Addr>;
+    /// Device memory free for the KV cache after the weights, in bytes.
+    fn free_bytes(&self) -> R<u64>;
+
+    /// A grow-only f32 scratch buffer of at least `n` values, by use.
+    fn scratch(&mut self, name: &'static str, n: usize) -> R<Addr>;
+    /// Step buffers.
+    fn step_i32(&mut self, v: &[i32]) -> R<Addr>;
+    fn step_u32(&mut self, v: &[u32]) -> R<Addr>;
+    fn step_f32(&mut self, v: &[f32]) -> R<Addr>;
+    fn step_zeros(&mut self, n: usize) -> R<Addr>;
+    /// Copy `v` to `a` (f32 values).
+    fn write_f32(&mut self, a: Addr, v: &[f32]) -> R<()>;
+    /// Read `n` values at `a` (waits for the work queued before).
+    fn read_f32(&mut self, a: Addr, n: usize) -> R<Vec<f32>>;
+    fn read_u32(&mut self, a: Addr, n: usize) -> R<Vec<u32>>;
+
+    /// Before a step's first call (the thread that steps may change between steps).
+    fn begin_step(&mut self) -> R<()> {
+        Ok(())
+    }
+    /// After a step (its last read has waited for its work): frees the step buffers.
+    fn end_step(&mut self);
+
+    fn launch(&mut self, k: &Kernel) -> R<()>;
+    /// `out[m×n] = x[m×k]·Wᵀ`: x and out f32, W in its dtype (x rounded to it first).
+    fn gemm(&mut self, x: Addr, w: &Mat, out: Addr, m: usize) -> R<()>;
+    /// For each `(W, start, rows)`: rows `start..start+rows` of `out` (`n` wide) from those of `x`
+    /// (`k` wide). Default: one GEMM each.
+    fn grouped_gemm(&mut self, groups: &[(Mat, usize, usize)], x: Addr, k: usize, out: Addr, n: usize) -> R<()> {
+        for &(w, start, rows) in groups {
+            self.gemm(f32_at(x, start * k), &w, f32_at(out, start * n), rows)?;
+        }
+        Ok(())
+    }
+
+    /// Peak memory bandwidth where the device reports it.
+    fn peak_bandwidth_gbs(&self) -> Option<f64> {
+        None
+    }
+}
