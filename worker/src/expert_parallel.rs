@@ -828,6 +828,17 @@ impl ExpertExecutor for EpExecutor {
         self.affinity_applies(model)
     }
 
+    /// A one-rank group without the capacity option runs every expert here, with no collective
+    /// per layer: a device backend may run its layers itself, with this epoch's weights.
+    fn local_experts(&self, layer: &MoeLayer) -> Option<crate::moe::LocalExpertSet> {
+        if self.world != 1 || self.capacity().is_some() {
+            return None;
+        }
+        let slots = self.slots();
+        let ws: Option<Vec<Arc<ExpertFfn>>> = slots.experts.get(layer.moe_index)?.iter().cloned().collect();
+        ws.map(crate::moe::LocalExpertSet::Slots)
+    }
+
     fn release_sequence(&self, cache: u64) {
         if let Ok(mut f) = self.follow.lock() {
             f.release(cache);

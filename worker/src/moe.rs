@@ -15,6 +15,7 @@ use crate::config::{GroupScore, RouterConfig, Scoring};
 use crate::error::{ModelError, Result};
 use crate::kernels;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))` (a routed expert, a shared expert,
 /// or a dense MLP). `gate_up` stacks the gate rows on top of the up rows: `[2·inter, hidden]`.
@@ -399,10 +400,11 @@ pub trait ExpertExecutor: Sync {
     /// elsewhere can go. Default: nothing to do.
     fn release_sequence(&self, _cache: u64) {}
 
-    /// Whether every routed expert runs in this process with no collective to join, so a device
-    /// backend may run the layer's experts itself instead of calling [`ExpertExecutor::run`].
-    fn is_local(&self) -> bool {
-        false
+    /// Where every routed expert of `layer` runs in this process with no collective to join, the
+    /// weights a device backend may run the layer with itself instead of calling
+    /// [`ExpertExecutor::run`]; `None` (default): the layer must go through `run`.
+    fn local_experts(&self, _layer: &MoeLayer) -> Option<LocalExpertSet> {
+        None
     }
 
     /// Whether [`ExpertExecutor::forward_step`] runs whole forwards of `model` (a backend that
@@ -412,13 +414,22 @@ pub trait ExpertExecutor: Sync {
     }
 }
 
+/// The routed experts an executor runs in-process (see [`ExpertExecutor::local_experts`]).
+#[derive(Debug, Clone)]
+pub enum LocalExpertSet {
+    /// The layer's own weights ([`MoeLayer::experts`]).
+    InLayer,
+    /// Weights held outside the layer (a one-rank group's placement slots), every expert.
+    Slots(Vec<Arc<ExpertFfn>>),
+}
+
 /// Runs every routed expert in this process (all needed experts must be loaded).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalExperts;
 
 impl ExpertExecutor for LocalExperts {
-    fn is_local(&self) -> bool {
-        true
+    fn local_experts(&self, _layer: &MoeLayer) -> Option<LocalExpertSet> {
+        Some(LocalExpertSet::InLayer)
     }
 
     fn run(&self, layer: &MoeLayer, x: &[f32], t: usize, routing: &Routing) -> Result<Vec<f32>> {

@@ -322,7 +322,9 @@ impl WorkerService {
                 kept.unwrap_or_else(|| rl.stats.active.load(Ordering::Relaxed) as u32)
             }
             None => {
-                let backend = crate::backend::open(self.0.cfg.device, model.clone()).map_err(|e| RegroupError::Failed(e.to_string()))?;
+                // A one-rank group's slots go to the device at its first step: room for them.
+                let opts = crate::backend::OpenOptions { reserve_bytes: loaded_bytes, max_kv_tokens: None };
+                let backend = crate::backend::open_with(self.0.cfg.device, model.clone(), &opts).map_err(|e| RegroupError::Failed(e.to_string()))?;
                 let rl = RankLoop::spawn(backend, ex, self.loop_config(&a));
                 *st.model.lock().map_err(|_| RegroupError::Failed("model lock poisoned".into()))? = Some((dir, model));
                 *st.rank_loop.lock().map_err(|_| RegroupError::Failed("rank loop lock poisoned".into()))? = Some(Arc::new(rl));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use worker::backend::cuda::reference::HostOps;
 use worker::backend::cuda::step::DeviceBackend;
-use worker::backend::{Backend, DeviceError};
+use worker::backend::{Backend, DeviceError, OpenOptions};
 use worker::engine::{Engine, EngineConfig, Request};
 use worker::error::ModelError;
 use worker::model::{LoadOptions, LogitsMode, Model, SeqInput};
@@ -43,7 +43,7 @@ fn fixture_dirs() -> Vec<PathBuf> {
 }
 
 fn device(model: Arc<Model>, kv_tokens: usize) -> DeviceBackend<HostOps> {
-    DeviceBackend::new(HostOps::new(1 << 30), model, Some(kv_tokens)).expect("device backend")
+    DeviceBackend::new(HostOps::new(1 << 30), model, &OpenOptions { max_kv_tokens: Some(kv_tokens), reserve_bytes: 0 }).expect("device backend")
 }
 
 fn load(name: &str) -> Arc<Model> {
@@ -128,5 +128,28 @@ fn an_executor_that_is_not_local_gets_the_moe_input_on_the_host() {
         };
         let d = rel_max_diff(&staged, &cpu.logits(&p).expect("cpu"));
         assert!(d < TOL_F32, "{name}: staged MoE {d:.3e}");
+    }
+}
+
+#[test]
+fn a_one_rank_group_runs_its_slots_experts_on_the_device() {
+    use worker::expert_parallel::EpExecutor;
+    use worker::transport::LocalTransport;
+    for name in ["mixtral", "deepseek_v3"] {
+        let cpu = load(name);
+        // The rank's model without its routed experts: they live in the executor's slots.
+        let mut rank_model = (*cpu).clone();
+        let experts = rank_model.take_routed_experts();
+        let n_e = cpu.config.router.n_experts;
+        let placement: Vec<Vec<Vec<usize>>> = experts.iter().map(|_| vec![(0..n_e).collect()]).collect();
+        let ex = Arc::new(EpExecutor::new(Box::new(LocalTransport), &placement, n_e, vec![0], experts).expect("executor"));
+        let dev = Arc::new(device(Arc::new(rank_model), 1024));
+        let mut e = Engine::new(dev.clone(), EngineConfig { max_seqs: 4, max_batch_tokens: 9 });
+        e.set_executor(ex.clone());
+        let ids: Vec<u64> = prompts().iter().map(|p| e.add_request(Request::new(p.clone(), 12)).expect("add")).collect();
+        let out = e.run_to_completion().expect("run");
+        let got: Vec<Vec<u32>> = ids.iter().map(|id| out[id].0.clone()).collect();
+        assert_eq!(got, run(cpu), "{name}");
+        assert_eq!(ex.timers.moe_layer_calls.load(std::sync::atomic::Ordering::Relaxed), 0, "{name}: the device ran the layers, not the executor");
     }
 }

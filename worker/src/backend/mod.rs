@@ -155,11 +155,26 @@ impl Backend for Model {
     }
 }
 
+/// How a device backend sizes its memory.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Bytes of weights that come later (a rank's placement slots, uploaded at their first
+    /// step): kept free of the KV cache.
+    pub reserve_bytes: u64,
+    /// Most tokens the KV cache holds (default: what the memory allows).
+    pub max_kv_tokens: Option<usize>,
+}
+
 /// Open `model` on `device`: the CPU (the model itself) or a GPU (its weights uploaded once).
 pub fn open(device: Device, model: Arc<Model>) -> Result<Arc<dyn Backend>> {
+    open_with(device, model, &OpenOptions::default())
+}
+
+/// [`open`] with memory options (ignored by the CPU backend).
+pub fn open_with(device: Device, model: Arc<Model>, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(model),
-        Device::Cuda(ordinal) => cuda::open(ordinal, model),
+        Device::Cuda(ordinal) => cuda::open(ordinal, model, opts),
     }
 }
 

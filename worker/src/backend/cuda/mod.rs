@@ -35,14 +35,14 @@ pub fn grown_capacity(current: usize, needed: usize) -> usize {
 }
 
 /// Open `model` on GPU `ordinal`: weights uploaded once, kernels compiled by NVRTC.
-pub fn open(ordinal: usize, model: Arc<Model>) -> crate::error::Result<Arc<dyn Backend>> {
+pub fn open(ordinal: usize, model: Arc<Model>, opts: &super::OpenOptions) -> crate::error::Result<Arc<dyn Backend>> {
     #[cfg(feature = "cuda")]
     {
-        Ok(Arc::new(runtime::open(ordinal, model)?))
+        Ok(Arc::new(runtime::open(ordinal, model, opts)?))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        drop(model);
+        drop((model, opts));
         Err(super::DeviceError::NotBuilt { device: super::Device::Cuda(ordinal) }.into())
     }
 }
@@ -76,7 +76,7 @@ mod tests {
         crate::synth::write_checkpoint(&dir, &crate::synth::SynthSpec::tiny()).expect("checkpoint");
         let m = std::sync::Arc::new(Model::load(&dir, &Default::default()).expect("load"));
         let _ = std::fs::remove_dir_all(&dir);
-        let e = open(0, m).expect_err("no cuda feature");
+        let e = open(0, m, &Default::default()).expect_err("no cuda feature");
         assert!(matches!(e, crate::error::ModelError::Device(crate::backend::DeviceError::NotBuilt { device: crate::backend::Device::Cuda(0) })), "{e}");
     }
 }

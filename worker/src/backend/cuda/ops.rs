@@ -151,6 +151,8 @@ pub trait Ops: Send {
     fn upload_f32(&mut self, v: &[f32]) -> R<Addr>;
     /// A kept, zeroed f32 buffer of `n` values (the KV pools).
     fn alloc_kept(&mut self, n: usize) -> R<Addr>;
+    /// Free the kept buffer at `a` (expert weights of an epoch that ended).
+    fn free_kept(&mut self, a: Addr);
     /// Device memory free for the KV cache after the weights, in bytes.
     fn free_bytes(&self) -> R<u64>;
 

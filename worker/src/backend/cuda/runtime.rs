@@ -30,9 +30,9 @@ use std::sync::Arc;
 pub type CudaBackend = DeviceBackend<CudaOps>;
 
 /// Open GPU `ordinal`, compile the kernels and upload `model`.
-pub fn open(ordinal: usize, model: Arc<Model>) -> Result<CudaBackend> {
+pub fn open(ordinal: usize, model: Arc<Model>, opts: &crate::backend::OpenOptions) -> Result<CudaBackend> {
     let ops = CudaOps::new(ordinal)?;
-    DeviceBackend::new(ops, model, None)
+    DeviceBackend::new(ops, model, opts)
 }
 
 enum Buf {
@@ -246,6 +246,13 @@ impl Ops for CudaOps {
     fn alloc_kept(&mut self, n: usize) -> R<Addr> {
         let b = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| self.err("alloc", e))?;
         Ok(self.keep(Buf::F32(b)))
+    }
+
+    fn free_kept(&mut self, a: Addr) {
+        if let Some(i) = self.kept.iter().position(|b| self.buf_ptr(b) == a) {
+            // Freed in stream order, after the kernels queued on it.
+            self.kept.swap_remove(i);
+        }
     }
 
     fn free_bytes(&self) -> R<u64> {

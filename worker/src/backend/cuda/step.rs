@@ -17,7 +17,7 @@ use crate::config::{GroupScore, QkNorm, Scoring};
 use crate::error::Result;
 use crate::kernels::Linear;
 use crate::model::{Ffn, ForwardOutput, LogitsMode, Model, SeqInput};
-use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing};
+use crate::moe::{ExpertExecutor, ExpertFfn, LocalExpertSet, MoeLayer, Routing};
 use std::sync::{Arc, Mutex};
 
 /// Tokens per KV page.
@@ -30,6 +30,7 @@ struct Lin {
     bias: Option<Addr>,
 }
 
+#[derive(Clone, Copy)]
 struct DevFfn {
     gate_up: Mat,
     down: Mat,
@@ -151,6 +152,10 @@ struct State<O> {
     /// Per layer: `[slots × kv_heads × key dim]` and `[slots × kv_heads × value dim]`, f32.
     k_pool: Vec<Addr>,
     v_pool: Vec<Addr>,
+    /// Per MoE layer and expert: placement-slot weights an executor handed over (a one-rank
+    /// group) and their device copy; the `Arc` keeps the host weights alive so that identity
+    /// tells whether an epoch changed them.
+    slot_experts: Vec<Vec<Option<(Arc<ExpertFfn>, DevFfn)>>>,
 }
 
 impl<O: Ops> std::fmt::Debug for DeviceBackend<O> {
@@ -160,18 +165,18 @@ impl<O: Ops> std::fmt::Debug for DeviceBackend<O> {
 }
 
 impl<O: Ops> DeviceBackend<O> {
-    /// Upload `model` through `ops` and give [`KV_MEMORY_SHARE`] of the memory left (at most
-    /// `max_kv_tokens` tokens) to KV pages.
-    pub fn new(mut ops: O, model: Arc<Model>, max_kv_tokens: Option<usize>) -> Result<Self> {
+    /// Upload `model` through `ops` and give [`KV_MEMORY_SHARE`] of the memory left (less
+    /// `opts.reserve_bytes`, at most `opts.max_kv_tokens` tokens) to KV pages.
+    pub fn new(mut ops: O, model: Arc<Model>, opts: &crate::backend::OpenOptions) -> Result<Self> {
         let device = ops.device();
         let weights = upload(&mut ops, &model)?;
         let (kvh, kd, vd) = model.config.attn.kv_layout();
         let (k_row, v_row) = (kvh * kd, kvh * vd);
         let n_layers = model.config.n_layers;
         let per_slot = (n_layers * (k_row + v_row) * 4) as u64;
-        let budget = (ops.free_bytes()? as f64 * KV_MEMORY_SHARE) as u64;
+        let budget = (ops.free_bytes()?.saturating_sub(opts.reserve_bytes) as f64 * KV_MEMORY_SHARE) as u64;
         let mut pages = PagedKv::pages_for_budget(budget, PAGE_SIZE, per_slot).min(i32::MAX as usize / PAGE_SIZE);
-        if let Some(t) = max_kv_tokens {
+        if let Some(t) = opts.max_kv_tokens {
             pages = pages.min(t.div_ceil(PAGE_SIZE));
         }
         let kv = PagedKv::new(PAGE_SIZE, pages).map_err(|e| DeviceError::KvFull { device, msg: format!("no room for a KV page after the weights: {e}") })?;
@@ -183,7 +188,8 @@ impl<O: Ops> DeviceBackend<O> {
             v_pool.push(ops.alloc_kept(slots * v_row)?);
         }
         tracing::info!(%device, kv_pages = pages, kv_tokens = slots, "device backend ready");
-        Ok(DeviceBackend { device, peak_bandwidth_gbs: ops.peak_bandwidth_gbs(), model, state: Mutex::new(State { ops, weights, kv, k_pool, v_pool }) })
+        let slot_experts = vec![Vec::new(); model.moe_layers().count()];
+        Ok(DeviceBackend { device, peak_bandwidth_gbs: ops.peak_bandwidth_gbs(), model, state: Mutex::new(State { ops, weights, kv, k_pool, v_pool, slot_experts }) })
     }
 
     /// KV pages free now (all of them when no sequence holds any).
@@ -275,7 +281,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
     let ids: Vec<u64> = seqs.iter().map(|s| s.cache.id()).collect();
     let lay = layout(st, &ids, &spans)?;
     let t = lay.t;
-    let State { ops, weights, k_pool, v_pool, .. } = st;
+    let State { ops, weights, k_pool, v_pool, slot_experts, .. } = st;
     let o: &mut dyn Ops = ops;
     let x = o.scratch("x", t * h)?;
     let tok = o.step_u32(&tokens)?;
@@ -290,7 +296,8 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
         let f = match (&layer.ffn, &dl.ffn) {
             (Ffn::Dense(_), DevFfnKind::Dense(f)) => dense_ffn(o, f, xn, t, h)?,
             (Ffn::Moe(host), DevFfnKind::Moe(m)) => {
-                let (y, r) = moe(o, host, m, xn, t, h, exec)?;
+                let experts = device_experts(o, host, m, slot_experts, exec)?;
+                let (y, r) = moe(o, host, m, experts.as_deref(), xn, t, h, exec)?;
                 routing.push(r);
                 y
             }
@@ -429,12 +436,38 @@ fn route_rule(host: &MoeLayer) -> RouteRule {
     }
 }
 
-/// A MoE layer. Routed experts on the device when the executor is local and every expert was
-/// uploaded; else the layer input goes to the host and the executor runs the layer as on CPU
-/// workers (its collectives, its host expert weights).
-fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
+/// The routed experts of a layer on the device, where the executor runs them all in-process:
+/// the layer's own (uploaded at open) or a one-rank group's slots (uploaded when first seen,
+/// again when an epoch hands over other weights, the replaced copies freed).
+fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<Option<(Arc<ExpertFfn>, DevFfn)>>], exec: &dyn ExpertExecutor) -> R<Option<Vec<DevFfn>>> {
+    match exec.local_experts(host) {
+        Some(LocalExpertSet::InLayer) => Ok(m.experts.clone()),
+        Some(LocalExpertSet::Slots(ws)) => {
+            let Some(held) = slots.get_mut(host.moe_index) else { return Ok(None) };
+            held.resize(ws.len(), None);
+            for (slot, w) in held.iter_mut().zip(&ws) {
+                if slot.as_ref().is_some_and(|(h, _)| Arc::ptr_eq(h, w)) {
+                    continue;
+                }
+                if let Some((_, old)) = slot.take() {
+                    o.free_kept(old.gate_up.addr);
+                    o.free_kept(old.down.addr);
+                }
+                *slot = Some((w.clone(), ffn(o, w)?));
+            }
+            Ok(held.iter().map(|s| s.as_ref().map(|(_, d)| *d)).collect())
+        }
+        None => Ok(None),
+    }
+}
+
+/// A MoE layer: routed experts on the device where `experts` has them; else the layer input goes
+/// to the host and the executor runs the layer as on CPU workers (its collectives, its host
+/// expert weights).
+#[allow(clippy::too_many_arguments)]
+fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>, xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
     let out = o.scratch("moe_out", t * h)?;
-    let Some(experts) = m.experts.as_ref().filter(|_| exec.is_local()) else {
+    let Some(experts) = experts else {
         let x_host = o.read_f32(xn, t * h)?;
         let (y, r) = host.forward(&x_host, t, exec)?;
         o.write_f32(out, &y)?;
