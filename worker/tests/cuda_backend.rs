@@ -20,8 +20,14 @@ const TOL_F32: f32 = 1e-4;
 /// against transformers, greedy tokens equal.
 const TOL_16BIT: f32 = 3e-2;
 
+/// The fixtures: `SWITCHYARD_FIXTURES_DIR` (a test binary carried to a GPU machine, see
+/// scripts/gpu-check.sh), else the checkout's.
+fn fixtures_root() -> PathBuf {
+    std::env::var_os("SWITCHYARD_FIXTURES_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
+}
+
 fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let root = fixtures_root();
     let mut v = Vec::new();
     let mut stack = vec![root];
     if let Ok(extra) = std::env::var("SWITCHYARD_EXTRA_FIXTURES") {
@@ -76,7 +82,7 @@ fn fixtures_on_the_gpu_match_transformers_and_the_cpu() {
 
 #[test]
 fn concurrent_sequences_on_the_gpu_decode_the_cpu_tokens() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral");
+    let dir = fixtures_root().join("mixtral");
     let cpu = Arc::new(Model::load(&dir, &LoadOptions::default()).expect("load"));
     let Some(gpu) = on_gpu(cpu.clone()) else { return };
     let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| (0..3 + 5 * i).map(|j| (7 * i + 3 * j + 1) % 64).collect()).collect();

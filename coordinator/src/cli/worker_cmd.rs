@@ -85,6 +85,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if a.exit_on_stdin_eof {
         exit_on_stdin_eof();
     }
+    // A device this worker cannot use: exit now, with the reason, instead of failing every regroup.
+    worker::backend::probe(a.device)?;
     if let Some(cpus) = &a.cpu_affinity {
         let threads = worker::affinity::pin_process(cpus)?;
         tracing::info!(%cpus, threads, "pinned to CPUs");

@@ -170,6 +170,14 @@ pub fn open(device: Device, model: Arc<Model>) -> Result<Arc<dyn Backend>> {
     open_with(device, model, &OpenOptions::default())
 }
 
+/// Whether `device` can be used here (a worker checks its `--device` before it registers).
+pub fn probe(device: Device) -> std::result::Result<(), DeviceError> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(ordinal) => cuda::probe(ordinal),
+    }
+}
+
 /// [`open`] with memory options (ignored by the CPU backend).
 pub fn open_with(device: Device, model: Arc<Model>, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     match device {

@@ -34,6 +34,19 @@ pub fn grown_capacity(current: usize, needed: usize) -> usize {
     target.div_ceil(256) * 256
 }
 
+/// Whether GPU `ordinal` can be used (the libraries load and the device exists), without
+/// creating a context: a worker checks its `--device` at start and exits with the reason.
+pub fn probe(ordinal: usize) -> Result<(), super::DeviceError> {
+    #[cfg(feature = "cuda")]
+    {
+        runtime::probe(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(super::DeviceError::NotBuilt { device: super::Device::Cuda(ordinal) })
+    }
+}
+
 /// Open `model` on GPU `ordinal`: weights uploaded once, kernels compiled by NVRTC.
 pub fn open(ordinal: usize, model: Arc<Model>, opts: &super::OpenOptions) -> crate::error::Result<Arc<dyn Backend>> {
     #[cfg(feature = "cuda")]

@@ -74,19 +74,26 @@ fn blas_type(d: WeightDtype) -> blas_sys::cudaDataType {
     }
 }
 
+/// The libraries load and GPU `ordinal` exists.
+pub fn probe(ordinal: usize) -> R<()> {
+    let device = Device::Cuda(ordinal);
+    // SAFETY: only tries to dlopen the libraries (cudarc panics on a missing one otherwise).
+    let present = unsafe { cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present() };
+    if !present {
+        return Err(DeviceError::NoDriver { device });
+    }
+    let count = CudaContext::device_count().map_err(|e| DeviceError::Driver { device, what: "cuDeviceGetCount".into(), msg: format!("{e:?}") })?.max(0) as usize;
+    if ordinal >= count {
+        return Err(DeviceError::NoSuchDevice { device, found: count });
+    }
+    Ok(())
+}
+
 impl CudaOps {
     pub fn new(ordinal: usize) -> R<CudaOps> {
         let device = Device::Cuda(ordinal);
-        // SAFETY: only tries to dlopen the libraries (cudarc panics on a missing one otherwise).
-        let present = unsafe { cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present() };
-        if !present {
-            return Err(DeviceError::NoDriver { device });
-        }
+        probe(ordinal)?;
         let drv = |what: &'static str| move |e: cudarc::driver::DriverError| DeviceError::Driver { device, what: what.into(), msg: format!("{e:?}") };
-        let count = CudaContext::device_count().map_err(drv("cuDeviceGetCount"))?.max(0) as usize;
-        if ordinal >= count {
-            return Err(DeviceError::NoSuchDevice { device, found: count });
-        }
         let ctx = CudaContext::new(ordinal).map_err(drv("cuCtxCreate"))?;
         // SAFETY: one stream does all the work, so cross-stream event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };

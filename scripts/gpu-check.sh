@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every check of the CUDA backend that needs a GPU, in one run (device time is short):
+#   scripts/gpu-check.sh BUNDLE_DIR OUT_DIR
+# BUNDLE_DIR from scripts/gpu-bundle.sh. Writes logs and JSON into OUT_DIR; one failing check
+# does not stop the others (the summary at the end lists them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle=$(realpath "${1:?bundle dir}")
+out=$(realpath "${2:?out dir}")
+mkdir -p "$out"
+sy="$bundle/switchyard"
+export SWITCHYARD_FIXTURES_DIR="$PWD/tests/fixtures" RUST_LOG=info
+failed=()
+check() { # name, command...
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  if "$@" >"$out/$name.log" 2>&1; then echo "ok ($((SECONDS - t0)) s)"; else echo "FAILED ($((SECONDS - t0)) s)"; failed+=("$name"); fi
+  tail -n 15 "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+check gpu-tests "$bundle/cuda_backend" --nocapture --test-threads=1
+for d in $(find tests/fixtures -name expected.safetensors -printf '%h\n' | sort); do
+  check "model-check-$(basename "$d")" "$sy" model check --device cuda:0 --model "$d" --expected "$d/expected.safetensors"
+done
+check cluster-check-1 "$sy" model check --workers 1 --device cuda:0 --model tests/fixtures/qwen3_moe --expected tests/fixtures/qwen3_moe/expected.safetensors
+# JSON on stdout, progress on stderr.
+check bench sh -c "'$sy' model bench --device cuda:0 --batches 1,16,64,256 --decode-steps 16 --json > '$out/bench.json'"
+check bench-large sh -c "'$sy' model bench --device cuda:0 --large --batches 1,16,64,256 --decode-steps 16 --json > '$out/bench-large.json'"
+# PyTorch eager on the same GPU (needs transformers there; skipped checks show in the summary).
+check bench-torch "$sy" model bench --device cuda:0 --batches 1,16,64,256 --decode-steps 16 --compare-torch
+echo "=== summary: ${#failed[@]} failed: ${failed[*]:-none}"
