@@ -5,7 +5,8 @@
 //! skipped (never a silent pass); CI on the CPU-only machine compiles and runs them that way.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use worker::backend::{self, Backend, Device, DeviceError};
 use worker::engine::{Engine, EngineConfig, Request};
@@ -19,36 +20,6 @@ const TOL_F32: f32 = 1e-4;
 /// reference of the same step (tests/device_step.rs) measures ≤ 1.6e-2 (bf16) and ≤ 3.8e-4 (f16)
 /// against transformers, greedy tokens equal.
 const TOL_16BIT: f32 = 3e-2;
-
-/// The fixtures: `SWITCHYARD_FIXTURES_DIR` (a test binary carried to a GPU machine, see
-/// scripts/gpu-check.sh), else the checkout's.
-fn fixtures_root() -> PathBuf {
-    std::env::var_os("SWITCHYARD_FIXTURES_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let root = fixtures_root();
-    let mut v = Vec::new();
-    let mut stack = vec![root];
-    if let Ok(extra) = std::env::var("SWITCHYARD_EXTRA_FIXTURES") {
-        stack.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
-    }
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if p.join("config.json").exists() && p.join("expected.safetensors").exists() {
-                    v.push(p);
-                } else {
-                    stack.push(p);
-                }
-            }
-        }
-    }
-    v.sort();
-    assert!(!v.is_empty(), "no fixtures found");
-    v
-}
 
 /// The model on GPU 0, or `None` (with the reason printed) where there is none.
 fn on_gpu(model: Arc<Model>) -> Option<Arc<dyn Backend>> {
@@ -64,7 +35,7 @@ fn on_gpu(model: Arc<Model>) -> Option<Arc<dyn Backend>> {
 
 #[test]
 fn fixtures_on_the_gpu_match_transformers_and_the_cpu() {
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let cpu = Arc::new(Model::load(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display())));
         let Some(gpu) = on_gpu(cpu.clone()) else { return };
         let dtypes = worker::checkpoint::Checkpoint::open(&dir).expect("checkpoint").dtypes();
@@ -82,7 +53,7 @@ fn fixtures_on_the_gpu_match_transformers_and_the_cpu() {
 
 #[test]
 fn concurrent_sequences_on_the_gpu_decode_the_cpu_tokens() {
-    let dir = fixtures_root().join("mixtral");
+    let dir = common::fixtures_root().join("mixtral");
     let cpu = Arc::new(Model::load(&dir, &LoadOptions::default()).expect("load"));
     let Some(gpu) = on_gpu(cpu.clone()) else { return };
     let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| (0..3 + 5 * i).map(|j| (7 * i + 3 * j + 1) % 64).collect()).collect();

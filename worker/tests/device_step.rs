@@ -2,7 +2,8 @@
 //! reference device (`backend::cuda::reference::HostOps`): on every fixture against the CPU
 //! backend and transformers, batched decode of concurrent sequences, KV pages given back and
 //! exhausted, the host-staged MoE path of an executor that is not local.
-use std::path::{Path, PathBuf};
+
+mod common;
 use std::sync::Arc;
 use worker::backend::cuda::reference::HostOps;
 use worker::backend::cuda::step::DeviceBackend;
@@ -21,39 +22,18 @@ const TOL_F32: f32 = 1e-4;
 /// transformers' reference here ran in f32).
 const TOL_16BIT: f32 = 3e-2;
 
-fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let mut v = Vec::new();
-    let mut stack = vec![root];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if p.join("config.json").exists() && p.join("expected.safetensors").exists() {
-                    v.push(p);
-                } else {
-                    stack.push(p);
-                }
-            }
-        }
-    }
-    v.sort();
-    assert!(v.len() >= 4, "fixtures: {v:?}");
-    v
-}
-
 fn device(model: Arc<Model>, kv_tokens: usize) -> DeviceBackend<HostOps> {
     DeviceBackend::new(HostOps::new(1 << 30), model, &OpenOptions { max_kv_tokens: Some(kv_tokens), reserve_bytes: 0 }).expect("device backend")
 }
 
 fn load(name: &str) -> Arc<Model> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let dir = common::fixtures_root().join(name);
     Arc::new(Model::load(&dir, &LoadOptions::default()).expect("load"))
 }
 
 #[test]
 fn device_step_matches_the_cpu_and_transformers_on_every_fixture() {
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let cpu = Arc::new(Model::load(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display())));
         let dev = device(cpu.clone(), 4096);
         let dtypes = worker::checkpoint::Checkpoint::open(&dir).expect("checkpoint").dtypes();

@@ -1,38 +1,14 @@
 //! Every fixture in tests/fixtures: logits and greedy tokens against transformers.
-use std::path::{Path, PathBuf};
+
+mod common;
 use worker::model::{LoadOptions, LogitsMode, Model, SeqInput};
 use worker::reference::{check_case, read_expected, rel_max_diff};
 
 const TOL: f32 = 1e-4;
 
-fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let mut v = Vec::new();
-    let mut stack = vec![root];
-    // Extra fixture trees (e.g. generated holdout sets), separated by ':'.
-    if let Ok(extra) = std::env::var("SWITCHYARD_EXTRA_FIXTURES") {
-        stack.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
-    }
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if p.join("config.json").exists() && p.join("expected.safetensors").exists() {
-                    v.push(p);
-                } else {
-                    stack.push(p);
-                }
-            }
-        }
-    }
-    v.sort();
-    assert!(!v.is_empty(), "no fixtures found");
-    v
-}
-
 #[test]
 fn fixtures_full_forward_and_greedy() {
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let model = Model::load(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let cases = read_expected(&dir.join("expected.safetensors")).expect("expected");
         assert!(!cases.is_empty());
@@ -47,7 +23,7 @@ fn fixtures_full_forward_and_greedy() {
 
 #[test]
 fn fixtures_cached_decode_matches_full_forward() {
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let model = Model::load(&dir, &LoadOptions::default()).expect("load");
         let v = model.config.vocab_size;
         for c in read_expected(&dir.join("expected.safetensors")).expect("expected") {
@@ -76,7 +52,7 @@ fn fixtures_cached_decode_matches_full_forward() {
 
 #[test]
 fn fixtures_mixed_batch_equals_one_by_one() {
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let model = Model::load(&dir, &LoadOptions::default()).expect("load");
         let cases = read_expected(&dir.join("expected.safetensors")).expect("expected");
         // Batch: all prompts at once (different lengths), each prefilled with a different split.

@@ -143,16 +143,7 @@ pub fn encode(values: &[f32], d: WeightDtype) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::backend::cuda::TestRng as Rng;
 
     fn f16_is_nan(b: u16) -> bool {
         b & 0x7C00 == 0x7C00 && b & 0x03FF != 0

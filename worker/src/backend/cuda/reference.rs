@@ -78,7 +78,7 @@ impl HostOps {
     fn find(&self, a: Addr, elem: u64) -> R<(Addr, usize)> {
         let (&base, r) = self.regions.range(..=a).next_back().ok_or_else(|| self.err(format!("address {a:#x} is not allocated")))?;
         let off = a - base;
-        if off % elem != 0 || off >= r.bytes().max(1) as u64 {
+        if !off.is_multiple_of(elem) || off >= r.bytes().max(1) as u64 {
             return Err(self.err(format!("address {a:#x} is not an element of the buffer at {base:#x}")));
         }
         Ok((base, (off / elem) as usize))

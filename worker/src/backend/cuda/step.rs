@@ -155,8 +155,11 @@ struct State<O> {
     /// Per MoE layer and expert: placement-slot weights an executor handed over (a one-rank
     /// group) and their device copy; the `Arc` keeps the host weights alive so that identity
     /// tells whether an epoch changed them.
-    slot_experts: Vec<Vec<Option<(Arc<ExpertFfn>, DevFfn)>>>,
+    slot_experts: Vec<Vec<SlotExpert>>,
 }
+
+/// One placement slot's weights on the device, with the host weights they were made from.
+type SlotExpert = Option<(Arc<ExpertFfn>, DevFfn)>;
 
 impl<O: Ops> std::fmt::Debug for DeviceBackend<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -439,7 +442,7 @@ fn route_rule(host: &MoeLayer) -> RouteRule {
 /// The routed experts of a layer on the device, where the executor runs them all in-process:
 /// the layer's own (uploaded at open) or a one-rank group's slots (uploaded when first seen,
 /// again when an epoch hands over other weights, the replaced copies freed).
-fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<Option<(Arc<ExpertFfn>, DevFfn)>>], exec: &dyn ExpertExecutor) -> R<Option<Vec<DevFfn>>> {
+fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<SlotExpert>], exec: &dyn ExpertExecutor) -> R<Option<Vec<DevFfn>>> {
     match exec.local_experts(host) {
         Some(LocalExpertSet::InLayer) => Ok(m.experts.clone()),
         Some(LocalExpertSet::Slots(ws)) => {
