@@ -9,6 +9,12 @@ bundle=$(realpath "${1:?bundle dir}")
 out=$(realpath "${2:?out dir}")
 mkdir -p "$out"
 sy="$bundle/switchyard"
+# The driver, NVRTC, cuBLAS and NCCL (cudarc dlopens them): the toolkit's and those of the
+# Python wheels (nvidia-cublas, nvidia-cuda-nvrtc, nvidia-nccl-cu13), plus the carried OpenBLAS.
+libdirs=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+  -maxdepth 6 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libnccl.so*' -o -name 'libcuda.so*' \) -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH="$bundle/lib:${libdirs}${LD_LIBRARY_PATH:-}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 export SWITCHYARD_FIXTURES_DIR="$PWD/tests/fixtures" RUST_LOG=info
 failed=()
 check() { # name, command...
