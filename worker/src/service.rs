@@ -107,6 +107,8 @@ pub struct WorkerConfig {
     pub gpu: usize,
     /// Where the model computes.
     pub device: crate::backend::Device,
+    /// A device backend's KV share of the memory left after the weights (default 0.8).
+    pub kv_memory_share: Option<f64>,
 }
 
 impl WorkerConfig {
@@ -119,6 +121,7 @@ impl WorkerConfig {
             regroup_timeout: Duration::from_secs(30),
             gpu: 0,
             device: crate::backend::Device::Cpu,
+            kv_memory_share: None,
         }
     }
 }
@@ -323,7 +326,7 @@ impl WorkerService {
             }
             None => {
                 // A one-rank group's slots go to the device at its first step: room for them.
-                let opts = crate::backend::OpenOptions { reserve_bytes: loaded_bytes, max_kv_tokens: None };
+                let opts = crate::backend::OpenOptions { reserve_bytes: loaded_bytes, max_kv_tokens: None, kv_memory_share: self.0.cfg.kv_memory_share };
                 let backend = crate::backend::open_with(self.0.cfg.device, model.clone(), &opts).map_err(|e| RegroupError::Failed(e.to_string()))?;
                 let rl = RankLoop::spawn(backend, ex, self.loop_config(&a));
                 *st.model.lock().map_err(|_| RegroupError::Failed("model lock poisoned".into()))? = Some((dir, model));

@@ -23,7 +23,7 @@ const TOL_F32: f32 = 1e-4;
 const TOL_16BIT: f32 = 3e-2;
 
 fn device(model: Arc<Model>, kv_tokens: usize) -> DeviceBackend<HostOps> {
-    DeviceBackend::new(HostOps::new(1 << 30), model, &OpenOptions { max_kv_tokens: Some(kv_tokens), reserve_bytes: 0 }).expect("device backend")
+    DeviceBackend::new(HostOps::new(1 << 30), model, &OpenOptions { max_kv_tokens: Some(kv_tokens), ..Default::default() }).expect("device backend")
 }
 
 fn load(name: &str) -> Arc<Model> {
@@ -132,4 +132,17 @@ fn a_one_rank_group_runs_its_slots_experts_on_the_device() {
         assert_eq!(got, run(cpu), "{name}");
         assert_eq!(ex.timers.moe_layer_calls.load(std::sync::atomic::Ordering::Relaxed), 0, "{name}: the device ran the layers, not the executor");
     }
+}
+
+#[test]
+fn a_kv_memory_share_outside_0_to_1_is_refused() {
+    for share in [0.0, -0.5, 1.5, f64::NAN] {
+        let opts = OpenOptions { kv_memory_share: Some(share), ..Default::default() };
+        let e = DeviceBackend::new(HostOps::new(64 << 20), load("mixtral"), &opts).expect_err("bad share");
+        assert!(e.to_string().contains("KV memory share"), "{e}");
+    }
+    let half = OpenOptions { kv_memory_share: Some(0.5), ..Default::default() };
+    let a = DeviceBackend::new(HostOps::new(64 << 20), load("mixtral"), &half).expect("half");
+    let b = DeviceBackend::new(HostOps::new(64 << 20), load("mixtral"), &OpenOptions::default()).expect("default");
+    assert!(a.free_kv_pages() * 3 < b.free_kv_pages() * 2, "half the share, fewer pages: {} vs {}", a.free_kv_pages(), b.free_kv_pages());
 }

@@ -317,7 +317,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             let model = model.unwrap_or_else(|| PathBuf::from("tests/fixtures/mixtral"));
             println!("{:>7} {:>10} {:>12} {:>14} {:>12} {:>12} {:>12}", "workers", "tokens", "tokens/s", "busy steps", "dispatch µs", "expert µs", "combine µs");
             for &n in &workers {
-                let cl = super::local_cluster::start_local_cluster(&model, n, None, "127.0.0.1:0", None, &[], &[format!("--device={device}")], None)?;
+                let cl = super::local_cluster::start_local_cluster(&model, n, None, "127.0.0.1:0", None, &[], &super::local_cluster::device_args(device, n), None)?;
                 let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
                 let (tokens, dt) = rt.block_on(async {
                     let t0 = Instant::now();

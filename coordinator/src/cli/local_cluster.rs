@@ -49,6 +49,15 @@ pub struct UpArgs {
     pub max_queued_requests: usize,
 }
 
+/// Worker arguments for `device`: workers of one machine on one GPU split its KV memory.
+pub fn device_args(device: worker::Device, workers: usize) -> Vec<String> {
+    let mut v = vec![format!("--device={device}")];
+    if device != worker::Device::Cpu && workers > 1 {
+        v.push(format!("--kv-memory-share={}", 0.8 / workers as f64));
+    }
+    v
+}
+
 /// Compute threads per worker when `workers` share this machine: its cores split evenly.
 pub fn threads_per_local_worker(workers: usize) -> usize {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -363,7 +372,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             HttpArgs { http_listen: Some(a.http_listen.clone()), served_model_name: a.served_model_name.clone(), max_queued_requests: a.max_queued_requests }.to_args(),
         ]
         .concat(),
-        &[format!("--device={}", a.device)],
+        &device_args(a.device, a.workers),
         Some(WorkerCores::for_cluster(a.workers, a.threads_per_worker)),
     )?;
     println!("switchyard is serving {} on {} workers; connect to http://{}", model.display(), a.workers, cl.addr);

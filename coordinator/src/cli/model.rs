@@ -95,7 +95,7 @@ pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
         ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path, device } => {
             let mut args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
             args.push(format!("--data-path={}", data_path.name()));
-            let worker_args = [format!("--device={device}")];
+            let worker_args = super::local_cluster::device_args(device, n);
             super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args, &worker_args)
         }
         ModelCommand::Info { model } => info(&model),

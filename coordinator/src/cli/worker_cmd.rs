@@ -56,6 +56,10 @@ pub struct WorkerArgs {
     /// communicator then uses GPU N too).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu", value_parser = worker::Device::parse)]
     pub device: worker::Device,
+    /// With a GPU: share of its memory left after the weights that the KV cache takes (default
+    /// 0.8; workers sharing one GPU split it, as `switchyard up` does).
+    #[arg(long, env = "SWITCHYARD_KV_MEMORY_SHARE")]
+    pub kv_memory_share: Option<f64>,
     /// Compute threads of this worker (its rayon pool; default: one per core). Ranks that share
     /// a machine should split its cores between them instead of each taking all of them.
     #[arg(long, env = "SWITCHYARD_THREADS")]
@@ -108,6 +112,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
                 worker::Device::Cpu => a.gpu,
             },
             device: a.device,
+            kv_memory_share: a.kv_memory_share,
             ..WorkerConfig::new(tl)
         };
         let svc = WorkerService::new(cfg, Arc::new(WorkerMetrics::new()?));

@@ -163,6 +163,9 @@ pub struct OpenOptions {
     pub reserve_bytes: u64,
     /// Most tokens the KV cache holds (default: what the memory allows).
     pub max_kv_tokens: Option<usize>,
+    /// Share of the device memory left after the weights that the KV cache takes (default
+    /// 0.8); workers sharing one GPU split it.
+    pub kv_memory_share: Option<f64>,
 }
 
 /// Open `model` on `device`: the CPU (the model itself) or a GPU (its weights uploaded once).

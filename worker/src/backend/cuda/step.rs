@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 /// Tokens per KV page.
 pub const PAGE_SIZE: usize = 16;
-/// Share of the device memory left after the weights that the KV cache takes.
+/// Share of the device memory left after the weights that the KV cache takes, by default.
 pub const KV_MEMORY_SHARE: f64 = 0.80;
 
 struct Lin {
@@ -168,8 +168,9 @@ impl<O: Ops> std::fmt::Debug for DeviceBackend<O> {
 }
 
 impl<O: Ops> DeviceBackend<O> {
-    /// Upload `model` through `ops` and give [`KV_MEMORY_SHARE`] of the memory left (less
-    /// `opts.reserve_bytes`, at most `opts.max_kv_tokens` tokens) to KV pages.
+    /// Upload `model` through `ops` and give `opts.kv_memory_share` ([`KV_MEMORY_SHARE`] by
+    /// default) of the memory left (less `opts.reserve_bytes`, at most `opts.max_kv_tokens`
+    /// tokens) to KV pages.
     pub fn new(mut ops: O, model: Arc<Model>, opts: &crate::backend::OpenOptions) -> Result<Self> {
         let device = ops.device();
         let weights = upload(&mut ops, &model)?;
@@ -177,7 +178,11 @@ impl<O: Ops> DeviceBackend<O> {
         let (k_row, v_row) = (kvh * kd, kvh * vd);
         let n_layers = model.config.n_layers;
         let per_slot = (n_layers * (k_row + v_row) * 4) as u64;
-        let budget = (ops.free_bytes()?.saturating_sub(opts.reserve_bytes) as f64 * KV_MEMORY_SHARE) as u64;
+        let share = opts.kv_memory_share.unwrap_or(KV_MEMORY_SHARE);
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(DeviceError::Unsupported { device, msg: format!("KV memory share {share} is not in (0, 1]") }.into());
+        }
+        let budget = (ops.free_bytes()?.saturating_sub(opts.reserve_bytes) as f64 * share) as u64;
         let mut pages = PagedKv::pages_for_budget(budget, PAGE_SIZE, per_slot).min(i32::MAX as usize / PAGE_SIZE);
         if let Some(t) = opts.max_kv_tokens {
             pages = pages.min(t.div_ceil(PAGE_SIZE));
