@@ -16,7 +16,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::model::Model;
-use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing};
+use crate::moe::{DeviceDispatch, ExpertExecutor, ExpertFfn, MoeLayer, Routing};
 use crate::transport::{InterruptHandle, Transport, TransportError};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -781,6 +781,35 @@ impl EpExecutor {
 
     /// Whether forwards take the affinity path: it is set, and tokens have somewhere to go (a
     /// group of several ranks, a model with MoE layers).
+    /// Replica choice for one MoE layer's routing: per destination rank the (token, expert,
+    /// weight) rows to send, in send order (load-aware plans join their collective here; the
+    /// capacity option drops or reroutes overflow).
+    fn dispatch_items(&self, slots: &EpSlots, li: usize, routing: &Routing, t: usize) -> Result<Vec<Vec<(usize, u32, f32)>>> {
+        let mut items: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); self.world];
+        if self.load_aware.load(Ordering::Relaxed) && slots.replicated[li] {
+            let mut plan = self.load_aware_plan(slots, li, routing)?;
+            for tok in 0..t {
+                for k in 0..routing.top_k {
+                    let e = routing.ids[tok * routing.top_k + k];
+                    let w = routing.weights[tok * routing.top_k + k];
+                    let reps = &slots.replicas[li][e as usize];
+                    // The first replica with quota left (the plan covers every token of ours).
+                    let j = plan[e as usize].iter().position(|&q| q > 0).unwrap_or(0);
+                    if let Some(q) = plan[e as usize].get_mut(j) {
+                        *q = q.saturating_sub(1);
+                    }
+                    items[reps[j]].push((tok, e, w));
+                }
+            }
+        } else {
+            items = self.local_choice(slots, li, routing, t);
+        }
+        if let Some(cf) = self.capacity() {
+            self.cap_dispatch(slots, li, &mut items, routing, cf);
+        }
+        Ok(items)
+    }
+
     fn affinity_applies(&self, model: &Model) -> bool {
         matches!(self.data_path(), DataPath::Affinity { .. }) && self.world > 1 && model.moe_layers().next().is_some()
     }
@@ -828,6 +857,12 @@ impl ExpertExecutor for EpExecutor {
         self.affinity_applies(model)
     }
 
+    /// Ranks of a larger group on device backends run their layers through [`DeviceDispatch`]
+    /// (the home data path; the affinity one runs on CPU workers).
+    fn device_dispatch(&self) -> Option<&dyn DeviceDispatch> {
+        (self.world > 1 && !matches!(self.data_path(), DataPath::Affinity { .. })).then_some(self as &dyn DeviceDispatch)
+    }
+
     /// A one-rank group without the capacity option runs every expert here, with no collective
     /// per layer: a device backend may run its layers itself, with this epoch's weights.
     fn local_experts(&self, layer: &MoeLayer) -> Option<crate::moe::LocalExpertSet> {
@@ -855,28 +890,7 @@ impl ExpertExecutor for EpExecutor {
         let started = Instant::now();
         self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         // 1. Replica choice; per destination the (token, expert, weight) items in send order.
-        let mut items: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); self.world];
-        if self.load_aware.load(Ordering::Relaxed) && slots.replicated[li] {
-            let mut plan = self.load_aware_plan(&slots, li, routing)?;
-            for tok in 0..t {
-                for k in 0..routing.top_k {
-                    let e = routing.ids[tok * routing.top_k + k];
-                    let w = routing.weights[tok * routing.top_k + k];
-                    let reps = &slots.replicas[li][e as usize];
-                    // The first replica with quota left (the plan covers every token of ours).
-                    let j = plan[e as usize].iter().position(|&q| q > 0).unwrap_or(0);
-                    if let Some(q) = plan[e as usize].get_mut(j) {
-                        *q = q.saturating_sub(1);
-                    }
-                    items[reps[j]].push((tok, e, w));
-                }
-            }
-        } else {
-            items = self.local_choice(&slots, li, routing, t);
-        }
-        if let Some(cf) = self.capacity() {
-            self.cap_dispatch(&slots, li, &mut items, routing, cf);
-        }
+        let items = self.dispatch_items(&slots, li, routing, t)?;
         // 2. Dispatch: [n u32][n expert ids u32][n rows f32].
         let send: Vec<Vec<u8>> = items
             .iter()
@@ -999,6 +1013,9 @@ impl<const CAP: usize> RecentSteps<CAP> {
         self.0.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
     }
 }
+
+#[path = "expert_parallel_device.rs"]
+mod device;
 
 #[cfg(test)]
 #[path = "expert_parallel_tests.rs"]

@@ -407,11 +407,45 @@ pub trait ExpertExecutor: Sync {
         None
     }
 
+    /// Where this executor is a rank of a group whose MoE layers a device backend runs with the
+    /// rows in device memory: the plan and the collectives ([`DeviceDispatch`]). Every rank of
+    /// the group must then run its layers (idle ones too) through it. Default none.
+    fn device_dispatch(&self) -> Option<&dyn DeviceDispatch> {
+        None
+    }
+
     /// Whether [`ExpertExecutor::forward_step`] runs whole forwards of `model` (a backend that
     /// cannot hand its forward over refuses such an executor).
     fn runs_whole_forward(&self, _model: &crate::model::Model) -> bool {
         false
     }
+}
+
+/// One MoE layer of a group's rank run by a device backend: per layer, [`DeviceDispatch::plan`]
+/// (one collective: the expert ids of the rows each rank sends each other), then two exchanges of
+/// rows ([`DeviceDispatch::exchange`]: rows to their experts, results back), in that order on
+/// every rank.
+pub trait DeviceDispatch: Sync {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Replica choice for `routing` and the exchange of each row's expert id.
+    fn plan(&self, layer: &MoeLayer, routing: &Routing) -> Result<DispatchPlan>;
+    /// One all-to-all-v of host bytes (`send[r]` to rank r), for rows staged through the host.
+    fn exchange(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+    /// One all-to-all-v of device memory where the transport moves it (NCCL): `send[r]` to rank
+    /// r, `recv[r]` from rank r, sizes agreed by the plan; `None`: host bytes only.
+    fn exchange_device(&self, send: &[crate::transport::DeviceSpan], recv: &[crate::transport::DeviceSpan]) -> Option<Result<()>>;
+}
+
+/// What [`DeviceDispatch::plan`] decided for one layer.
+#[derive(Debug, Clone, Default)]
+pub struct DispatchPlan {
+    /// Per destination rank: the (token, expert, weight) rows this rank sends, in send order.
+    pub send: Vec<Vec<(usize, u32, f32)>>,
+    /// Per source rank: the expert of each row it sends this rank, in its send order.
+    pub recv_experts: Vec<Vec<u32>>,
+    /// This rank's weights of the layer's experts (`None` where it holds no slot).
+    pub experts: Vec<Option<Arc<ExpertFfn>>>,
 }
 
 /// The routed experts an executor runs in-process (see [`ExpertExecutor::local_experts`]).

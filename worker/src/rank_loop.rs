@@ -418,7 +418,7 @@ impl LoopState {
         } else if self.engine.has_work() {
             self.decode()
         } else {
-            self.executor.idle_forward(self.model.host_model())
+            self.model.idle_forward(&self.executor)
         };
         let took = t0.elapsed();
         self.stats.forward_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);

@@ -106,6 +106,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The sequence whose cache has id `cache` ended: its device memory can go.
     fn release_sequence(&self, _cache: u64) {}
 
+    /// A step with no work on this rank while its group's others have some: join every
+    /// collective of the step's MoE layers (each backend as its forward would).
+    fn idle_forward(&self, exec: &crate::expert_parallel::EpExecutor) -> Result<()> {
+        exec.idle_forward(self.host_model())
+    }
+
     /// The device's peak memory bandwidth in GB/s where the device reports it (a GPU's memory
     /// clock and bus width); `None` for the CPU, whose bandwidth benchmarks measure.
     fn peak_memory_bandwidth_gbs(&self) -> Option<f64> {

@@ -61,6 +61,14 @@ impl std::fmt::Debug for InterruptHandle {
     }
 }
 
+/// A span of device memory (a GPU address and a byte count) for
+/// [`Transport::all_to_all_device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpan {
+    pub addr: u64,
+    pub bytes: usize,
+}
+
 /// An all-to-all-v communicator over `world()` ranks.
 pub trait Transport: Send {
     fn rank(&self) -> usize;
@@ -70,6 +78,16 @@ pub trait Transport: Send {
     fn all_to_all_v(&mut self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError>;
     /// Short name for logs and benchmarks ("tcp", "nccl", "local").
     fn kind(&self) -> &'static str;
+    /// All-to-all-v of device memory, where the transport moves it (NCCL): `send[r]` goes to rank
+    /// `r`, `recv[r]` receives what rank `r` sends (sizes agreed beforehand; the own slots are
+    /// skipped). `None`: this transport moves host memory only.
+    fn all_to_all_device(&mut self, _send: &[DeviceSpan], _recv: &[DeviceSpan]) -> Option<Result<(), TransportError>> {
+        None
+    }
+    /// Whether [`Transport::all_to_all_device`] moves device memory here.
+    fn moves_device_memory(&self) -> bool {
+        false
+    }
     /// A handle to interrupt collectives from another thread, where the transport can (a group
     /// that regroups without a dead peer's help needs it); `None`: it cannot.
     fn interrupt_handle(&self) -> Option<InterruptHandle> {

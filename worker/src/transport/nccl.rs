@@ -4,8 +4,8 @@
 //! a second group moves the payloads, with one receive buffer per peer.
 //! [`NcclTransport::all_to_all_v_device`] takes device buffers (a CUDA backend's rows);
 //! [`Transport::all_to_all_v`] stages host buffers (CPU workers) through it. Rank 0 makes the unique id ([`new_unique_id`]); the coordinator hands it out.
-use super::{Transport, TransportError};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use super::{DeviceSpan, Transport, TransportError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::safe::{Comm, Id};
 use std::sync::Arc;
 
@@ -96,6 +96,32 @@ impl Transport for NcclTransport {
     fn rank(&self) -> usize {
         self.rank
     }
+
+    fn moves_device_memory(&self) -> bool {
+        true
+    }
+
+    /// One group of per-peer sends and receives on the caller's device memory (no counts phase:
+    /// the sizes were agreed beforehand); waits for it.
+    fn all_to_all_device(&mut self, send: &[DeviceSpan], recv: &[DeviceSpan]) -> Option<Result<(), TransportError>> {
+        if send.len() != self.world || recv.len() != self.world {
+            return Some(Err(TransportError::Usage { rank: self.rank, msg: format!("{} / {} spans for a world of {}", send.len(), recv.len(), self.world) }));
+        }
+        let run = || -> Result<(), TransportError> {
+            cudarc::nccl::result::group_start().map_err(|e| self.err("group start", e))?;
+            for j in (0..self.world).filter(|&j| j != self.rank) {
+                if send[j].bytes > 0 {
+                    self.comm.send(&Span { span: send[j], stream: &self.stream }, j as i32).map_err(|e| self.err("send", e))?;
+                }
+                if recv[j].bytes > 0 {
+                    self.comm.recv(&mut Span { span: recv[j], stream: &self.stream }, j as i32).map_err(|e| self.err("recv", e))?;
+                }
+            }
+            cudarc::nccl::result::group_end().map_err(|e| self.err("group end", e))?;
+            self.stream.synchronize().map_err(|e| self.err("synchronize", e))
+        };
+        Some(run())
+    }
     fn world(&self) -> usize {
         self.world
     }
@@ -129,6 +155,34 @@ impl Transport for NcclTransport {
             }
         }
         Ok(out)
+    }
+}
+
+/// Device memory another owner holds (a backend's buffers), as NCCL's API takes it.
+struct Span<'a> {
+    span: DeviceSpan,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl DeviceSlice<u8> for Span<'_> {
+    fn len(&self) -> usize {
+        self.span.bytes
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl DevicePtr<u8> for Span<'_> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
+        // The owner finished writing before the exchange (it synchronized its stream).
+        (self.span.addr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl DevicePtrMut<u8> for Span<'_> {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.span.addr, SyncOnDrop::Sync(None))
     }
 }
 

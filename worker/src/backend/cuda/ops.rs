@@ -14,6 +14,8 @@
 use super::dtype::WeightDtype;
 use super::geometry::{self, GeometryError, LaunchDims};
 use crate::backend::{Device, DeviceError};
+use crate::error::{ModelError, Result};
+use crate::moe::DeviceDispatch;
 
 /// A byte address in a device's memory.
 pub type Addr = u64;
@@ -188,8 +190,41 @@ pub trait Ops: Send {
         Ok(())
     }
 
+    /// Rows exchanged with the ranks of a group: `send` holds `send_rows[r]` rows (`row_len` f32
+    /// each) for every rank `r`, in rank order; returns a step buffer with the `recv_rows[r]`
+    /// rows from every rank, in rank order. Default: staged through the host.
+    fn exchange_rows(&mut self, dd: &dyn DeviceDispatch, send: Addr, send_rows: &[usize], recv_rows: &[usize], row_len: usize) -> Result<Addr> {
+        stage_rows(self, dd, send, send_rows, recv_rows, row_len)
+    }
+
     /// Peak memory bandwidth where the device reports it.
     fn peak_bandwidth_gbs(&self) -> Option<f64> {
         None
     }
+}
+
+/// [`Ops::exchange_rows`] through host memory: read the rows, one all-to-all of host bytes, write
+/// what came back into a step buffer.
+pub fn stage_rows<O: Ops + ?Sized>(o: &mut O, dd: &dyn DeviceDispatch, send: Addr, send_rows: &[usize], recv_rows: &[usize], row_len: usize) -> Result<Addr> {
+    let total: usize = send_rows.iter().sum();
+    let all = o.read_f32(send, total * row_len)?;
+    let mut msgs = Vec::with_capacity(send_rows.len());
+    let mut at = 0;
+    for &n in send_rows {
+        let mut b = Vec::with_capacity(n * row_len * 4);
+        for v in &all[at * row_len..(at + n) * row_len] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        msgs.push(b);
+        at += n;
+    }
+    let recv = dd.exchange(msgs)?;
+    let mut flat = Vec::with_capacity(recv_rows.iter().sum::<usize>() * row_len);
+    for (r, (b, &n)) in recv.iter().zip(recv_rows).enumerate() {
+        if b.len() != n * row_len * 4 {
+            return Err(ModelError::ExpertParallel(format!("rows from rank {r}: {} bytes, the plan says {n} rows of {row_len}", b.len())));
+        }
+        flat.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+    Ok(o.step_f32(&flat)?)
 }

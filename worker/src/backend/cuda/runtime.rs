@@ -16,7 +16,7 @@
 use super::dtype::{self, WeightDtype};
 use super::geometry::LaunchDims;
 use super::kernel_src;
-use super::ops::{f32_at, Addr, Kernel, Mat, Ops, R};
+use super::ops::{f32_at, stage_rows, Addr, Kernel, Mat, Ops, R};
 use super::step::DeviceBackend;
 use crate::backend::{Device, DeviceError};
 use crate::error::Result;
@@ -501,5 +501,40 @@ impl Ops for CudaOps {
 
     fn peak_bandwidth_gbs(&self) -> Option<f64> {
         self.peak_bandwidth_gbs
+    }
+
+    /// Device to device where the transport moves device memory (NCCL), else through the host.
+    fn exchange_rows(&mut self, dd: &dyn crate::moe::DeviceDispatch, send: Addr, send_rows: &[usize], recv_rows: &[usize], row_len: usize) -> Result<Addr> {
+        use crate::transport::DeviceSpan;
+        let spans = |rows: &[usize], base: Addr| -> Vec<DeviceSpan> {
+            let mut at = 0;
+            rows.iter()
+                .map(|&n| {
+                    let s = DeviceSpan { addr: f32_at(base, at * row_len), bytes: n * row_len * 4 };
+                    at += n;
+                    s
+                })
+                .collect()
+        };
+        let recv = self.step_zeros(recv_rows.iter().sum::<usize>() * row_len)?;
+        let (s, r) = (spans(send_rows, send), spans(recv_rows, recv));
+        // The rows must be written before another stream reads them.
+        self.stream.synchronize().map_err(|e| self.err("synchronize", e))?;
+        match dd.exchange_device(&s, &r) {
+            None => stage_rows(self, dd, send, send_rows, recv_rows, row_len),
+            Some(res) => {
+                res?;
+                // The own rows stay on this device (the transport skips them): one copy.
+                let me = dd.rank();
+                if let (Some(a), Some(b)) = (s.get(me), r.get(me))
+                    && a.bytes > 0
+                {
+                    // SAFETY: both spans lie in live buffers of at least `bytes` (sized by the plan).
+                    unsafe { cudarc::driver::result::memcpy_dtod_async(b.addr, a.addr, a.bytes.min(b.bytes), self.stream.cu_stream()) }
+                        .map_err(|e| self.err("cuMemcpyDtoD", e))?;
+                }
+                Ok(recv)
+            }
+        }
     }
 }

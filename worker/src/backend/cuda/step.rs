@@ -17,7 +17,7 @@ use crate::config::{GroupScore, QkNorm, Scoring};
 use crate::error::Result;
 use crate::kernels::Linear;
 use crate::model::{Ffn, ForwardOutput, LogitsMode, Model, SeqInput};
-use crate::moe::{ExpertExecutor, ExpertFfn, LocalExpertSet, MoeLayer, Routing};
+use crate::moe::{DeviceDispatch, ExpertExecutor, ExpertFfn, LocalExpertSet, MoeLayer, Routing};
 use std::sync::{Arc, Mutex};
 
 /// Tokens per KV page.
@@ -242,6 +242,28 @@ impl<O: Ops> Backend for DeviceBackend<O> {
     fn peak_memory_bandwidth_gbs(&self) -> Option<f64> {
         self.peak_bandwidth_gbs
     }
+
+    /// A group's rank on the device protocol joins each MoE layer's collectives with no rows;
+    /// otherwise the executor's own idle step (the host protocol).
+    fn idle_forward(&self, exec: &crate::expert_parallel::EpExecutor) -> Result<()> {
+        let Some(dd) = exec.device_dispatch() else { return exec.idle_forward(&self.model) };
+        let mut st = self.state.lock().map_err(|_| DeviceError::Unsupported { device: self.device, msg: "an earlier step panicked".into() })?;
+        st.ops.begin_step()?;
+        let State { ops, slot_experts, .. } = &mut *st;
+        let h = self.model.config.hidden_size;
+        let r = (|| -> Result<()> {
+            let xn = ops.scratch("xn", 0)?;
+            let out = ops.scratch("moe_out", 0)?;
+            let empty = Routing::empty(self.model.config.router.top_k);
+            for layer in self.model.moe_layers() {
+                let held = slot_experts.get_mut(layer.moe_index).ok_or_else(|| plan_err(self.device, format!("MoE layer {} has no slot table", layer.moe_index)))?;
+                ep_layer(ops, layer, dd, held, xn, &empty, out, h)?;
+            }
+            Ok(())
+        })();
+        st.ops.end_step();
+        r
+    }
 }
 
 /// The batch layout of one step on the device.
@@ -305,7 +327,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
             (Ffn::Dense(_), DevFfnKind::Dense(f)) => dense_ffn(o, f, xn, t, h)?,
             (Ffn::Moe(host), DevFfnKind::Moe(m)) => {
                 let experts = device_experts(o, host, m, slot_experts, exec)?;
-                let (y, r) = moe(o, host, m, experts.as_deref(), xn, t, h, exec)?;
+                let (y, r) = moe(o, host, m, experts.as_deref(), slot_experts, xn, t, h, exec)?;
                 routing.push(r);
                 y
             }
@@ -444,45 +466,52 @@ fn route_rule(host: &MoeLayer) -> RouteRule {
     }
 }
 
+/// Device copies of placement-slot weights `ws` (per expert; `None`: no slot here), kept in
+/// `held` across steps: uploaded when first seen, replaced when an epoch hands over other weights
+/// (the old copies freed), dropped where the slot went.
+fn sync_slots(o: &mut dyn Ops, held: &mut Vec<SlotExpert>, ws: &[Option<Arc<ExpertFfn>>]) -> R<Vec<Option<DevFfn>>> {
+    held.resize(ws.len(), None);
+    for (slot, w) in held.iter_mut().zip(ws) {
+        let same = match (slot.as_ref(), w) {
+            (Some((h, _)), Some(w)) => Arc::ptr_eq(h, w),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        if let Some((_, old)) = slot.take() {
+            o.free_kept(old.gate_up.addr);
+            o.free_kept(old.down.addr);
+        }
+        if let Some(w) = w {
+            *slot = Some((w.clone(), ffn(o, w)?));
+        }
+    }
+    Ok(held.iter().map(|s| s.as_ref().map(|(_, d)| *d)).collect())
+}
+
 /// The routed experts of a layer on the device, where the executor runs them all in-process:
-/// the layer's own (uploaded at open) or a one-rank group's slots (uploaded when first seen,
-/// again when an epoch hands over other weights, the replaced copies freed).
+/// the layer's own (uploaded at open) or a one-rank group's slots.
 fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<SlotExpert>], exec: &dyn ExpertExecutor) -> R<Option<Vec<DevFfn>>> {
     match exec.local_experts(host) {
         Some(LocalExpertSet::InLayer) => Ok(m.experts.clone()),
         Some(LocalExpertSet::Slots(ws)) => {
             let Some(held) = slots.get_mut(host.moe_index) else { return Ok(None) };
-            held.resize(ws.len(), None);
-            for (slot, w) in held.iter_mut().zip(&ws) {
-                if slot.as_ref().is_some_and(|(h, _)| Arc::ptr_eq(h, w)) {
-                    continue;
-                }
-                if let Some((_, old)) = slot.take() {
-                    o.free_kept(old.gate_up.addr);
-                    o.free_kept(old.down.addr);
-                }
-                *slot = Some((w.clone(), ffn(o, w)?));
-            }
-            Ok(held.iter().map(|s| s.as_ref().map(|(_, d)| *d)).collect())
+            let ws: Vec<Option<Arc<ExpertFfn>>> = ws.into_iter().map(Some).collect();
+            Ok(sync_slots(o, held, &ws)?.into_iter().collect())
         }
         None => Ok(None),
     }
 }
 
-/// A MoE layer: routed experts on the device where `experts` has them; else the layer input goes
-/// to the host and the executor runs the layer as on CPU workers (its collectives, its host
-/// expert weights).
-#[allow(clippy::too_many_arguments)]
-fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>, xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
-    let out = o.scratch("moe_out", t * h)?;
-    let Some(experts) = experts else {
-        let x_host = o.read_f32(xn, t * h)?;
-        let (y, r) = host.forward(&x_host, t, exec)?;
-        o.write_f32(out, &y)?;
-        return Ok((out, r));
-    };
+/// Route `t` rows of `xn` on the device; the choices come to the host.
+fn route(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, xn: Addr, t: usize) -> R<Routing> {
     let rule = route_rule(host);
     let (e, k) = (rule.n_experts, rule.top_k);
+    if t == 0 {
+        return Ok(Routing::empty(k));
+    }
     let logits = o.scratch("router_logits", t * e)?;
     o.gemm(xn, &m.router, logits, t)?;
     let scratch = o.scratch("route_scratch", t * 2 * e)?;
@@ -490,20 +519,68 @@ fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>,
     o.launch(&Kernel::RouteTopk { logits, bias: m.bias, scratch, ids: ids_dev, weights: w_dev, rows: t, rule })?;
     let ids = o.read_u32(ids_dev, t * k)?;
     let weights = o.read_f32(w_dev, t * k)?;
-    let plan = moe_plan::plan(&ids, &weights, t, k, e, &|_| true, false).map_err(|er| DeviceError::Unsupported { device: o.device(), msg: er.to_string() })?;
+    Ok(Routing { top_k: k, ids, weights, alternates: 0, alt_ids: vec![], alt_weights: vec![] })
+}
+
+/// The experts of `plan`'s groups over rows `src` (gathered by `plan.gather`): `y` in grouped
+/// order, one grouped GEMM per projection.
+fn grouped_experts(o: &mut dyn Ops, experts: &[Option<DevFfn>], plan: &moe_plan::MoePlan, src: Addr, h: usize) -> R<Addr> {
     let rows = plan.rows();
-    if rows > 0 {
-        let (gather, src_row, pw) = (o.step_i32(&plan.gather)?, o.step_i32(&plan.src_row)?, o.step_f32(&plan.weights)?);
-        let xg = o.scratch("moe_xg", rows * h)?;
-        o.launch(&Kernel::GatherRows { x: xn, idx: gather, out: xg, rows, hidden: h })?;
-        let inter = experts[plan.groups[0].expert].inter;
-        let (gu, mid, y) = (o.scratch("moe_gate_up", rows * 2 * inter)?, o.scratch("moe_mid", rows * inter)?, o.scratch("moe_y", rows * h)?);
-        let gate_up: Vec<(Mat, usize, usize)> = plan.groups.iter().map(|g| (experts[g.expert].gate_up, g.start, g.rows)).collect();
-        o.grouped_gemm(&gate_up, xg, h, gu, 2 * inter)?;
-        o.launch(&Kernel::SiluMul { gate_up: gu, out: mid, rows, inter })?;
-        let down: Vec<(Mat, usize, usize)> = plan.groups.iter().map(|g| (experts[g.expert].down, g.start, g.rows)).collect();
-        o.grouped_gemm(&down, mid, inter, y, h)?;
-        o.launch(&Kernel::CombineRows { y, src_row, w: pw, out, tokens: t, k, hidden: h })?;
+    let device = o.device();
+    let ffn_of = |e: usize| experts.get(e).copied().flatten().ok_or_else(|| plan_err(device, format!("expert {e} is not on the device")));
+    let first = ffn_of(plan.groups[0].expert)?;
+    let inter = first.inter;
+    let gather = o.step_i32(&plan.gather)?;
+    let xg = o.scratch("moe_xg", rows * h)?;
+    o.launch(&Kernel::GatherRows { x: src, idx: gather, out: xg, rows, hidden: h })?;
+    let (gu, mid, y) = (o.scratch("moe_gate_up", rows * 2 * inter)?, o.scratch("moe_mid", rows * inter)?, o.scratch("moe_y", rows * h)?);
+    let mut gate_up = Vec::with_capacity(plan.groups.len());
+    let mut down = Vec::with_capacity(plan.groups.len());
+    for g in &plan.groups {
+        let f = ffn_of(g.expert)?;
+        gate_up.push((f.gate_up, g.start, g.rows));
+        down.push((f.down, g.start, g.rows));
+    }
+    o.grouped_gemm(&gate_up, xg, h, gu, 2 * inter)?;
+    o.launch(&Kernel::SiluMul { gate_up: gu, out: mid, rows, inter })?;
+    o.grouped_gemm(&down, mid, inter, y, h)?;
+    Ok(y)
+}
+
+fn plan_err(device: Device, e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Unsupported { device, msg: e.to_string() }
+}
+
+/// A MoE layer. Routed experts on the device where `experts` has them all (one process), or
+/// through the device protocol of a group's rank ([`ep_layer`]); else the layer input goes to
+/// the host and the executor runs the layer as on CPU workers.
+#[allow(clippy::too_many_arguments)]
+fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>, slots: &mut [Vec<SlotExpert>], xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
+    let out = o.scratch("moe_out", t * h)?;
+    let dispatch = exec.device_dispatch();
+    if experts.is_none() && dispatch.is_none() {
+        let x_host = o.read_f32(xn, t * h)?;
+        let (y, r) = host.forward(&x_host, t, exec)?;
+        o.write_f32(out, &y)?;
+        return Ok((out, r));
+    }
+    let routing = route(o, host, m, xn, t)?;
+    let k = routing.top_k;
+    match (experts, dispatch) {
+        (Some(experts), _) => {
+            let plan = moe_plan::plan(&routing.ids, &routing.weights, t, k, host.n_experts(), &|_| true, false).map_err(|e| plan_err(o.device(), e))?;
+            if plan.rows() > 0 {
+                let experts: Vec<Option<DevFfn>> = experts.iter().copied().map(Some).collect();
+                let y = grouped_experts(o, &experts, &plan, xn, h)?;
+                let (src_row, pw) = (o.step_i32(&plan.src_row)?, o.step_f32(&plan.weights)?);
+                o.launch(&Kernel::CombineRows { y, src_row, w: pw, out, tokens: t, k, hidden: h })?;
+            }
+        }
+        (None, Some(dd)) => {
+            let held = slots.get_mut(host.moe_index).ok_or_else(|| plan_err(o.device(), format!("MoE layer {} has no slot table", host.moe_index)))?;
+            ep_layer(o, host, dd, held, xn, &routing, out, h)?;
+        }
+        (None, None) => unreachable!("handled above"),
     }
     if let Some((f, gate)) = &m.shared {
         let s = dense_ffn(o, f, xn, t, h)?;
@@ -512,7 +589,53 @@ fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>,
         }
         o.launch(&Kernel::AddInplace { x: out, y: s, n: t * h })?;
     }
-    Ok((out, Routing { top_k: k, ids, weights, alternates: 0, alt_ids: vec![], alt_weights: vec![] }))
+    Ok((out, routing))
+}
+
+/// One MoE layer of a group's rank with the rows in device memory: the plan (replica choice and
+/// the expert ids, one collective), rows to the ranks of their experts, this rank's experts on
+/// what came in, results back to the rows' home ranks, the weighted sum into `out`. Every rank
+/// runs it for every layer, idle ones with no rows ([`idle_layers`]).
+#[allow(clippy::too_many_arguments)]
+fn ep_layer(o: &mut dyn Ops, host: &MoeLayer, dd: &dyn DeviceDispatch, held: &mut Vec<SlotExpert>, xn: Addr, routing: &Routing, out: Addr, h: usize) -> Result<()> {
+    let (t, k) = (routing.n_tokens(), routing.top_k);
+    let plan = dd.plan(host, routing)?;
+    let send_rows: Vec<usize> = plan.send.iter().map(Vec::len).collect();
+    let recv_rows: Vec<usize> = plan.recv_experts.iter().map(Vec::len).collect();
+    let (n_send, n_recv) = (send_rows.iter().sum::<usize>(), recv_rows.iter().sum::<usize>());
+    // 1. Rows to the ranks of their experts, in destination order.
+    let xs = o.scratch("ep_send", n_send * h)?;
+    if n_send > 0 {
+        let tokens: Vec<i32> = plan.send.iter().flatten().map(|it| it.0 as i32).collect();
+        let idx = o.step_i32(&tokens)?;
+        o.launch(&Kernel::GatherRows { x: xn, idx, out: xs, rows: n_send, hidden: h })?;
+    }
+    let xr = o.exchange_rows(dd, xs, &send_rows, &recv_rows, h)?;
+    // 2. This rank's experts over what came in; results in the order the rows came.
+    let devs = sync_slots(o, held, &plan.experts)?;
+    let yb = o.scratch("ep_back", n_recv * h)?;
+    if n_recv > 0 {
+        let ids = plan.recv_experts.concat();
+        let eplan = moe_plan::plan(&ids, &vec![1.0; n_recv], n_recv, 1, host.n_experts(), &|e| devs.get(e).is_some_and(Option::is_some), false).map_err(|e| plan_err(o.device(), e))?;
+        let y = grouped_experts(o, &devs, &eplan, xr, h)?;
+        let back_idx = o.step_i32(&eplan.src_row)?;
+        o.launch(&Kernel::GatherRows { x: y, idx: back_idx, out: yb, rows: n_recv, hidden: h })?;
+    }
+    // 3. Results back to their home ranks (in this rank's send order), then the weighted sum.
+    let back = o.exchange_rows(dd, yb, &recv_rows, &send_rows, h)?;
+    if t > 0 {
+        let (mut src_row, mut w) = (vec![-1i32; t * k], vec![0f32; t * k]);
+        let mut filled = vec![0usize; t];
+        for (j, &(tok, _, weight)) in plan.send.iter().flatten().enumerate() {
+            let slot = filled.get_mut(tok).filter(|f| **f < k).ok_or_else(|| plan_err(o.device(), format!("token {tok}: more than {k} routed rows")))?;
+            src_row[tok * k + *slot] = j as i32;
+            w[tok * k + *slot] = weight;
+            *slot += 1;
+        }
+        let (src_row, w) = (o.step_i32(&src_row)?, o.step_f32(&w)?);
+        o.launch(&Kernel::CombineRows { y: back, src_row, w, out, tokens: t, k, hidden: h })?;
+    }
+    Ok(())
 }
 
 /// Final norm and lm head over the rows asked for; per sequence `[rows × vocab]`.
