@@ -31,6 +31,9 @@ for d in $(find tests/fixtures -name expected.safetensors -printf '%h\n' | sort)
   check "model-check-$(basename "$d")" "$sy" model check --device cuda:0 --model "$d" --expected "$d/expected.safetensors"
 done
 check cluster-check-1 "$sy" model check --workers 1 --device cuda:0 --model tests/fixtures/qwen3_moe --expected tests/fixtures/qwen3_moe/expected.safetensors
+check cluster-check-1-nccl "$sy" model check --workers 1 --transport nccl --device cuda:0 --model tests/fixtures/deepseek_v3 --expected tests/fixtures/deepseek_v3/expected.safetensors
+# Two workers on the one GPU over TCP: the device protocol (rows staged through the host).
+check cluster-check-2 "$sy" model check --workers 2 --device cuda:0 --model tests/fixtures/mixtral --expected tests/fixtures/mixtral/expected.safetensors
 # JSON on stdout, progress on stderr.
 check bench sh -c "'$sy' model bench --device cuda:0 --batches 1,16,64,256 --decode-steps 16 --json > '$out/bench.json'"
 check bench-large sh -c "'$sy' model bench --device cuda:0 --large --batches 1,16,64,256 --decode-steps 16 --json > '$out/bench-large.json'"

@@ -35,6 +35,9 @@ pub enum ModelCommand {
         /// With --workers: where MoE outputs are combined (`home`, `affinity`, `affinity:N`).
         #[arg(long, requires = "workers", default_value = "home", value_parser = worker::expert_parallel::DataPath::parse)]
         data_path: worker::expert_parallel::DataPath,
+        /// With --workers: the all-to-all transport (`tcp`, or `nccl` in a build with `--features cuda`).
+        #[arg(long, requires = "workers", default_value = "tcp")]
+        transport: String,
         /// Where the model computes (with --workers: every worker's device).
         #[arg(long, default_value = "cpu", value_parser = worker::Device::parse)]
         device: worker::Device,
@@ -92,9 +95,10 @@ pub struct GenerateArgs {
 pub fn run(c: ModelCommand) -> anyhow::Result<ExitCode> {
     match c {
         ModelCommand::Check { model, expected, tolerance, workers: None, device, .. } => check(&model, &expected, tolerance, device),
-        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path, device } => {
+        ModelCommand::Check { model, expected, tolerance, workers: Some(n), placement, capacity_factor, data_path, device, transport } => {
             let mut args: Vec<String> = capacity_factor.map(|c| format!("--capacity-factor={c}")).into_iter().collect();
             args.push(format!("--data-path={}", data_path.name()));
+            args.push(format!("--transport={transport}"));
             let worker_args = super::local_cluster::device_args(device, n);
             super::cluster::check_cluster(&model, &expected, tolerance, n, placement.as_deref(), &args, &worker_args)
         }
