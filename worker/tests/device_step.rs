@@ -147,69 +147,95 @@ fn a_kv_memory_share_outside_0_to_1_is_refused() {
     assert!(a.free_kv_pages() * 3 < b.free_kv_pages() * 2, "half the share, fewer pages: {} vs {}", a.free_kv_pages(), b.free_kv_pages());
 }
 
-/// Two ranks over TCP, each a device backend (the host reference) on the device protocol: rows to
-/// their experts' ranks and back through `Ops::exchange_rows`, idle ranks joining with no rows.
-/// Concurrent streams of different lengths on each rank give the single-process tokens.
-#[test]
-fn a_two_rank_group_of_device_backends_serves_the_single_process_tokens() {
+/// Greedy tokens of two ranks over TCP serving `prompts[rank]` concurrently, each rank a device
+/// backend (the host reference: the device protocol) or the CPU backend (the host protocol),
+/// with contiguous halves plus expert 0 replicated on both; per rank also whether the host
+/// protocol ran, how many rows crossed ranks and how many the capacity option rerouted.
+fn two_rank_group(cpu: &Arc<Model>, prompts: &[Vec<Vec<u32>>], max_tokens: usize, on_device: bool, capacity: Option<f64>, load_aware: bool) -> Vec<(Vec<Vec<u32>>, bool, u64, u64)> {
     use std::collections::HashMap;
     use std::time::Duration;
     use worker::expert_parallel::{experts_of_rank, EpExecutor};
     use worker::transport::tcp::TcpTransport;
     use worker::transport::Transport;
+    let n_e = cpu.config.router.n_experts;
+    let layers = cpu.moe_layers().count();
+    let placement: Vec<Vec<Vec<usize>>> = (0..layers).map(|_| vec![(0..n_e / 2).collect(), std::iter::once(0).chain(n_e / 2..n_e).collect()]).collect();
+    let mesh = TcpTransport::local_mesh(2, Duration::from_secs(30)).expect("mesh");
+    let handles: Vec<_> = mesh
+        .into_iter()
+        .zip(prompts.to_vec())
+        .map(|(t, prompts)| {
+            let (placement, cpu) = (placement.clone(), cpu.clone());
+            std::thread::spawn(move || {
+                let r = t.rank();
+                let mut m = (*cpu).clone();
+                // This rank's slots: the executor holds them; the model keeps none.
+                let all = m.take_routed_experts();
+                let mine = experts_of_rank(&placement, r);
+                let experts: Vec<Vec<Option<worker::moe::ExpertFfn>>> =
+                    all.into_iter().zip(&mine).map(|(l, keep)| l.into_iter().enumerate().map(|(e, w)| w.filter(|_| keep.contains(&e))).collect()).collect();
+                let ex = Arc::new(EpExecutor::new(Box::new(t), &placement, n_e, vec![0, 0], experts).expect("ep"));
+                ex.set_capacity_factor(capacity);
+                ex.set_load_aware(load_aware);
+                let backend: Arc<dyn Backend> = if on_device { Arc::new(device(Arc::new(m), 1024)) } else { Arc::new(m) };
+                let mut engine = Engine::new(backend.clone(), EngineConfig { max_seqs: 8, max_batch_tokens: 5 });
+                engine.set_executor(ex.clone());
+                let ids: Vec<_> = prompts.iter().map(|p| engine.add_request(Request::new(p.clone(), max_tokens)).expect("add")).collect();
+                let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+                while ex.exchange_step(engine.has_work()).expect("header") {
+                    if engine.has_work() {
+                        for ev in engine.step().expect("step") {
+                            out.entry(ev.id).or_default().extend(ev.token);
+                        }
+                    } else {
+                        backend.idle_forward(&ex).expect("idle");
+                    }
+                }
+                let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                // The host protocol (`run`) times its dispatch and combine; the device protocol does not.
+                let host_protocol = ld(&ex.timers.dispatch_us) + ld(&ex.timers.combine_us) > 0 || ld(&ex.timers.expert_us) > 0;
+                (ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect::<Vec<_>>(), host_protocol, ld(&ex.timers.remote_rows), ld(&ex.timers.rerouted_rows))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank")).collect()
+}
+
+fn group_prompts(vocab: u32) -> Vec<Vec<Vec<u32>>> {
+    // Rank 1 has more and longer streams: rank 0 goes idle while rank 1 still decodes.
+    (0..2).map(|r| (0..2 + r).map(|i| (0..3 + 4 * i + r).map(|j| (7 * j as u32 + 11 * i as u32 + 5 * r as u32 + 1) % vocab).collect()).collect()).collect()
+}
+
+/// Two device ranks (rows to their experts' ranks and back through `Ops::exchange_rows`, idle
+/// ranks joining with no rows) give the single-process tokens, without the host protocol.
+#[test]
+fn a_two_rank_group_of_device_backends_serves_the_single_process_tokens() {
     for name in ["mixtral", "qwen3_moe", "deepseek_v3"] {
         let cpu = load(name);
-        let n_e = cpu.config.router.n_experts;
-        let layers = cpu.moe_layers().count();
-        // Contiguous halves, and expert 0 replicated on both ranks.
-        let placement: Vec<Vec<Vec<usize>>> = (0..layers).map(|_| vec![(0..n_e / 2).collect(), std::iter::once(0).chain(n_e / 2..n_e).collect()]).collect();
-        let vocab = cpu.config.vocab_size as u32;
-        let prompts: Vec<Vec<Vec<u32>>> = (0..2).map(|r| (0..2 + r).map(|i| (0..3 + 4 * i + r).map(|j| (7 * j as u32 + 11 * i as u32 + 5 * r as u32 + 1) % vocab).collect()).collect()).collect();
-        let max_tokens = 5;
-        let mesh = TcpTransport::local_mesh(2, Duration::from_secs(30)).expect("mesh");
-        let handles: Vec<_> = mesh
-            .into_iter()
-            .zip(prompts.clone())
-            .map(|(t, prompts)| {
-                let (placement, cpu) = (placement.clone(), cpu.clone());
-                std::thread::spawn(move || {
-                    let r = t.rank();
-                    let mut m = (*cpu).clone();
-                    // This rank's slots: the executor holds them; the model keeps none.
-                    let all = m.take_routed_experts();
-                    let mine = experts_of_rank(&placement, r);
-                    let experts: Vec<Vec<Option<worker::moe::ExpertFfn>>> = all
-                        .into_iter()
-                        .zip(&mine)
-                        .map(|(l, keep)| l.into_iter().enumerate().map(|(e, w)| w.filter(|_| keep.contains(&e))).collect())
-                        .collect();
-                    let ex = Arc::new(EpExecutor::new(Box::new(t), &placement, n_e, vec![0, 0], experts).expect("ep"));
-                    let dev: Arc<dyn Backend> = Arc::new(device(Arc::new(m), 1024));
-                    let mut engine = Engine::new(dev.clone(), EngineConfig { max_seqs: 8, max_batch_tokens: 5 });
-                    engine.set_executor(ex.clone());
-                    let ids: Vec<_> = prompts.iter().map(|p| engine.add_request(Request::new(p.clone(), max_tokens)).expect("add")).collect();
-                    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
-                    while ex.exchange_step(engine.has_work()).expect("header") {
-                        if engine.has_work() {
-                            for ev in engine.step().expect("step") {
-                                out.entry(ev.id).or_default().extend(ev.token);
-                            }
-                        } else {
-                            dev.idle_forward(&ex).expect("idle");
-                        }
-                    }
-                    let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-                    // The host protocol (`run`) times its dispatch; the device protocol does not.
-                    assert_eq!(ld(&ex.timers.dispatch_us) + ld(&ex.timers.combine_us), 0, "rank {r} ran a layer through the host protocol");
-                    (ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect::<Vec<_>>(), ld(&ex.timers.remote_rows))
-                })
-            })
-            .collect();
-        for (r, h) in handles.into_iter().enumerate() {
-            let (got, remote) = h.join().expect("rank");
-            let want: Vec<Vec<u32>> = prompts[r].iter().map(|p| cpu.generate_greedy(p, max_tokens).expect("greedy")).collect();
+        let prompts = group_prompts(cpu.config.vocab_size as u32);
+        for (r, (got, host_protocol, remote, _)) in two_rank_group(&cpu, &prompts, 5, true, None, false).into_iter().enumerate() {
+            let want: Vec<Vec<u32>> = prompts[r].iter().map(|p| cpu.generate_greedy(p, 5).expect("greedy")).collect();
             assert_eq!(got, want, "{name}: rank {r}");
+            assert!(!host_protocol, "{name}: rank {r} ran a layer through the host protocol");
             assert!(remote > 0, "{name}: rank {r} sent no rows to the other rank");
         }
+    }
+}
+
+/// With the capacity option (overflow rerouted to next-best experts) and load-aware replicas,
+/// the device protocol decides as the host protocol does: the same tokens as CPU ranks.
+#[test]
+fn device_and_cpu_groups_agree_under_capacity_and_load_aware_replicas() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let cpu = load(name);
+        let prompts = group_prompts(cpu.config.vocab_size as u32);
+        let on_cpu = two_rank_group(&cpu, &prompts, 5, false, Some(0.6), true);
+        let on_dev = two_rank_group(&cpu, &prompts, 5, true, Some(0.6), true);
+        for (r, (d, c)) in on_dev.iter().zip(&on_cpu).enumerate() {
+            assert_eq!(d.0, c.0, "{name}: rank {r}");
+            assert!(!d.1 && c.1, "{name}: rank {r}: device ranks on the device protocol, CPU ranks on the host one");
+            assert_eq!(d.3, c.3, "{name}: rank {r}: rows rerouted");
+        }
+        assert!(on_dev.iter().map(|x| x.3).sum::<u64>() > 0, "{name}: the capacity option rerouted nothing: the test does not test it");
     }
 }

@@ -505,12 +505,17 @@ fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec
     }
 }
 
-/// Route `t` rows of `xn` on the device; the choices come to the host.
-fn route(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, xn: Addr, t: usize) -> R<Routing> {
+/// Route `t` rows of `xn` on the device; the choices come to the host. With `alternates` (the
+/// capacity option reroutes overflow to next-best experts) the host router ranks them.
+fn route(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, xn: Addr, t: usize, alternates: usize) -> R<Routing> {
     let rule = route_rule(host);
     let (e, k) = (rule.n_experts, rule.top_k);
     if t == 0 {
         return Ok(Routing::empty(k));
+    }
+    if alternates > 0 {
+        let x = o.read_f32(xn, t * host.hidden)?;
+        return Ok(host.router.route_with_alternates(&x, t, alternates));
     }
     let logits = o.scratch("router_logits", t * e)?;
     o.gemm(xn, &m.router, logits, t)?;
@@ -564,7 +569,7 @@ fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>,
         o.write_f32(out, &y)?;
         return Ok((out, r));
     }
-    let routing = route(o, host, m, xn, t)?;
+    let routing = route(o, host, m, xn, t, exec.routing_alternates(host))?;
     let k = routing.top_k;
     match (experts, dispatch) {
         (Some(experts), _) => {
