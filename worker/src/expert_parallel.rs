@@ -522,11 +522,16 @@ impl EpExecutor {
             let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
             t.all_to_all_v(send).map_err(ep_err)?
         };
+        self.start_segment();
+        Ok(recv)
+    }
+
+    /// Open the next compute segment (after a collective).
+    fn start_segment(&self) {
         let now = self.compute_cpu_us();
         if let Ok(mut c) = self.critical.lock() {
             c.mark_us = now;
         }
-        Ok(recv)
     }
 
     /// The previous step's length on ranks with cores of their own: per segment the slowest
@@ -779,12 +784,12 @@ impl EpExecutor {
         self.load_aware.store(on, Ordering::Relaxed);
     }
 
-    /// Whether forwards take the affinity path: it is set, and tokens have somewhere to go (a
-    /// group of several ranks, a model with MoE layers).
-    /// Replica choice for one MoE layer's routing: per destination rank the (token, expert,
-    /// weight) rows to send, in send order (load-aware plans join their collective here; the
-    /// capacity option drops or reroutes overflow).
+    /// Replica choice for one MoE layer's routing, the start of a layer in both protocols (host
+    /// `run`, device `plan`): per destination rank the (token, expert, weight) rows to send, in
+    /// send order (load-aware plans join their collective here; the capacity option drops or
+    /// reroutes overflow). Counts the layer and its local and remote rows.
     fn dispatch_items(&self, slots: &EpSlots, li: usize, routing: &Routing, t: usize) -> Result<Vec<Vec<(usize, u32, f32)>>> {
+        self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         let mut items: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); self.world];
         if self.load_aware.load(Ordering::Relaxed) && slots.replicated[li] {
             let mut plan = self.load_aware_plan(slots, li, routing)?;
@@ -807,9 +812,14 @@ impl EpExecutor {
         if let Some(cf) = self.capacity() {
             self.cap_dispatch(slots, li, &mut items, routing, cf);
         }
+        let remote: u64 = items.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, v)| v.len() as u64).sum();
+        self.timers.remote_rows.fetch_add(remote, Ordering::Relaxed);
+        self.timers.local_rows.fetch_add(items[self.rank].len() as u64, Ordering::Relaxed);
         Ok(items)
     }
 
+    /// Whether forwards take the affinity path: it is set, and tokens have somewhere to go (a
+    /// group of several ranks, a model with MoE layers).
     fn affinity_applies(&self, model: &Model) -> bool {
         matches!(self.data_path(), DataPath::Affinity { .. }) && self.world > 1 && model.moe_layers().next().is_some()
     }
@@ -818,12 +828,17 @@ impl EpExecutor {
         let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, b)| b.len() as u64).sum();
         let t0 = Instant::now();
         let recv = self.collective(send)?;
+        self.count_alltoall(bytes, t0);
+        Ok(recv)
+    }
+
+    /// Counters and the observer of one data all-to-all that sent `bytes` to peers since `t0`.
+    fn count_alltoall(&self, bytes: u64, t0: Instant) {
         self.timers.alltoall_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.timers.alltoalls.fetch_add(1, Ordering::Relaxed);
         if let Some(o) = self.observer.lock().ok().and_then(|o| o.clone()) {
             o(t0.elapsed(), bytes);
         }
-        Ok(recv)
     }
 }
 
@@ -869,9 +884,8 @@ impl ExpertExecutor for EpExecutor {
         if self.world != 1 || self.capacity().is_some() {
             return None;
         }
-        let slots = self.slots();
-        let ws: Option<Vec<Arc<ExpertFfn>>> = slots.experts.get(layer.moe_index)?.iter().cloned().collect();
-        ws.map(crate::moe::LocalExpertSet::Slots)
+        // A one-rank placement gives the rank every expert.
+        self.slots().experts.get(layer.moe_index).cloned().map(crate::moe::LocalExpertSet::Slots)
     }
 
     fn release_sequence(&self, cache: u64) {
@@ -888,7 +902,6 @@ impl ExpertExecutor for EpExecutor {
             return Err(proto_err(format!("MoE layer {li} is not in the placement")));
         }
         let started = Instant::now();
-        self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         // 1. Replica choice; per destination the (token, expert, weight) items in send order.
         let items = self.dispatch_items(&slots, li, routing, t)?;
         // 2. Dispatch: [n u32][n expert ids u32][n rows f32].
@@ -906,9 +919,6 @@ impl ExpertExecutor for EpExecutor {
                 b
             })
             .collect();
-        let remote: u64 = items.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, v)| v.len() as u64).sum();
-        self.timers.remote_rows.fetch_add(remote, Ordering::Relaxed);
-        self.timers.local_rows.fetch_add(items[self.rank].len() as u64, Ordering::Relaxed);
         let recv = self.a2a(send)?;
         let t_dispatch = Instant::now();
         // 3. Expert FFNs over everything received, grouped per expert across sources.

@@ -7,7 +7,7 @@ use super::{ep_err, proto_err, EpExecutor};
 use crate::error::{ModelError, Result};
 use crate::moe::{DeviceDispatch, DispatchPlan, MoeLayer, Routing};
 use crate::transport::DeviceSpan;
-use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// The device protocol of a MoE layer (see [`DeviceDispatch`]): the ids collective here, then
 /// the backend's two row exchanges. Same replica choice and capacity as [`EpExecutor::run`].
@@ -22,11 +22,7 @@ impl DeviceDispatch for EpExecutor {
         if li >= slots.replicas.len() {
             return Err(proto_err(format!("MoE layer {li} is not in the placement")));
         }
-        self.timers.moe_layer_calls.fetch_add(1, Ordering::Relaxed);
         let send = self.dispatch_items(&slots, li, routing, routing.n_tokens())?;
-        let remote: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, v)| v.len() as u64).sum();
-        self.timers.remote_rows.fetch_add(remote, Ordering::Relaxed);
-        self.timers.local_rows.fetch_add(send[self.rank].len() as u64, Ordering::Relaxed);
         let msgs: Vec<Vec<u8>> = send
             .iter()
             .map(|its| {
@@ -56,23 +52,20 @@ impl DeviceDispatch for EpExecutor {
         self.a2a(send)
     }
 
-    fn exchange_device(&self, send: &[DeviceSpan], recv: &[DeviceSpan]) -> Option<Result<()>> {
-        let mut t = match self.transport.lock() {
-            Ok(t) => t,
-            Err(_) => return Some(Err(proto_err("transport lock poisoned".into()))),
-        };
-        if !t.moves_device_memory() {
-            return None;
-        }
+    fn moves_device_memory(&self) -> bool {
+        self.transport.lock().is_ok_and(|t| t.moves_device_memory())
+    }
+
+    fn exchange_device(&self, send: &[DeviceSpan], recv: &[DeviceSpan]) -> Result<()> {
+        let t0 = Instant::now();
         self.end_segment();
-        let r = t.all_to_all_device(send, recv)?;
-        drop(t);
-        if let Ok(mut c) = self.critical.lock() {
-            c.mark_us = self.compute_cpu_us();
+        {
+            let mut t = self.transport.lock().map_err(|_| proto_err("transport lock poisoned".into()))?;
+            t.all_to_all_device(send, recv).map_err(ep_err)?;
         }
+        self.start_segment();
         let bytes: u64 = send.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, s)| s.bytes as u64).sum();
-        self.timers.alltoall_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.timers.alltoalls.fetch_add(1, Ordering::Relaxed);
-        Some(r.map_err(ep_err))
+        self.count_alltoall(bytes, t0);
+        Ok(())
     }
 }

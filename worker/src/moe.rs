@@ -432,9 +432,11 @@ pub trait DeviceDispatch: Sync {
     fn plan(&self, layer: &MoeLayer, routing: &Routing) -> Result<DispatchPlan>;
     /// One all-to-all-v of host bytes (`send[r]` to rank r), for rows staged through the host.
     fn exchange(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
-    /// One all-to-all-v of device memory where the transport moves it (NCCL): `send[r]` to rank
-    /// r, `recv[r]` from rank r, sizes agreed by the plan; `None`: host bytes only.
-    fn exchange_device(&self, send: &[crate::transport::DeviceSpan], recv: &[crate::transport::DeviceSpan]) -> Option<Result<()>>;
+    /// Whether the group's transport moves device memory ([`DeviceDispatch::exchange_device`]).
+    fn moves_device_memory(&self) -> bool;
+    /// One all-to-all-v of device memory (NCCL): `send[r]` to rank r, `recv[r]` from rank r,
+    /// sizes agreed by the plan, the own slots skipped.
+    fn exchange_device(&self, send: &[crate::transport::DeviceSpan], recv: &[crate::transport::DeviceSpan]) -> Result<()>;
 }
 
 /// What [`DeviceDispatch::plan`] decided for one layer.
@@ -453,8 +455,8 @@ pub struct DispatchPlan {
 pub enum LocalExpertSet {
     /// The layer's own weights ([`MoeLayer::experts`]).
     InLayer,
-    /// Weights held outside the layer (a one-rank group's placement slots), every expert.
-    Slots(Vec<Arc<ExpertFfn>>),
+    /// Weights held outside the layer: a one-rank group's placement slots, per expert.
+    Slots(Vec<Option<Arc<ExpertFfn>>>),
 }
 
 /// Runs every routed expert in this process (all needed experts must be loaded).

@@ -325,7 +325,7 @@ impl WorkerService {
                 kept.unwrap_or_else(|| rl.stats.active.load(Ordering::Relaxed) as u32)
             }
             None => {
-                // A one-rank group's slots go to the device at its first step: room for them.
+                // The rank's slots go to a device at its first step (and with each epoch): room for them.
                 let opts = crate::backend::OpenOptions { reserve_bytes: loaded_bytes, max_kv_tokens: None, kv_memory_share: self.0.cfg.kv_memory_share };
                 let backend = crate::backend::open_with(self.0.cfg.device, model.clone(), &opts).map_err(|e| RegroupError::Failed(e.to_string()))?;
                 let rl = RankLoop::spawn(backend, ex, self.loop_config(&a));

@@ -78,15 +78,15 @@ pub trait Transport: Send {
     fn all_to_all_v(&mut self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, TransportError>;
     /// Short name for logs and benchmarks ("tcp", "nccl", "local").
     fn kind(&self) -> &'static str;
-    /// All-to-all-v of device memory, where the transport moves it (NCCL): `send[r]` goes to rank
-    /// `r`, `recv[r]` receives what rank `r` sends (sizes agreed beforehand; the own slots are
-    /// skipped). `None`: this transport moves host memory only.
-    fn all_to_all_device(&mut self, _send: &[DeviceSpan], _recv: &[DeviceSpan]) -> Option<Result<(), TransportError>> {
-        None
-    }
-    /// Whether [`Transport::all_to_all_device`] moves device memory here.
+    /// Whether [`Transport::all_to_all_device`] moves device memory (NCCL); the others move
+    /// host memory only.
     fn moves_device_memory(&self) -> bool {
         false
+    }
+    /// All-to-all-v of device memory: `send[r]` goes to rank `r`, `recv[r]` receives what rank
+    /// `r` sends (sizes agreed beforehand; the own slots are skipped).
+    fn all_to_all_device(&mut self, _send: &[DeviceSpan], _recv: &[DeviceSpan]) -> Result<(), TransportError> {
+        Err(TransportError::Usage { rank: self.rank(), msg: format!("the {} transport moves host memory only", self.kind()) })
     }
     /// A handle to interrupt collectives from another thread, where the transport can (a group
     /// that regroups without a dead peer's help needs it); `None`: it cannot.

@@ -103,24 +103,21 @@ impl Transport for NcclTransport {
 
     /// One group of per-peer sends and receives on the caller's device memory (no counts phase:
     /// the sizes were agreed beforehand); waits for it.
-    fn all_to_all_device(&mut self, send: &[DeviceSpan], recv: &[DeviceSpan]) -> Option<Result<(), TransportError>> {
+    fn all_to_all_device(&mut self, send: &[DeviceSpan], recv: &[DeviceSpan]) -> Result<(), TransportError> {
         if send.len() != self.world || recv.len() != self.world {
-            return Some(Err(TransportError::Usage { rank: self.rank, msg: format!("{} / {} spans for a world of {}", send.len(), recv.len(), self.world) }));
+            return Err(TransportError::Usage { rank: self.rank, msg: format!("{} / {} spans for a world of {}", send.len(), recv.len(), self.world) });
         }
-        let run = || -> Result<(), TransportError> {
-            cudarc::nccl::result::group_start().map_err(|e| self.err("group start", e))?;
-            for j in (0..self.world).filter(|&j| j != self.rank) {
-                if send[j].bytes > 0 {
-                    self.comm.send(&Span { span: send[j], stream: &self.stream }, j as i32).map_err(|e| self.err("send", e))?;
-                }
-                if recv[j].bytes > 0 {
-                    self.comm.recv(&mut Span { span: recv[j], stream: &self.stream }, j as i32).map_err(|e| self.err("recv", e))?;
-                }
+        cudarc::nccl::result::group_start().map_err(|e| self.err("group start", e))?;
+        for j in (0..self.world).filter(|&j| j != self.rank) {
+            if send[j].bytes > 0 {
+                self.comm.send(&Span { span: send[j], stream: &self.stream }, j as i32).map_err(|e| self.err("send", e))?;
             }
-            cudarc::nccl::result::group_end().map_err(|e| self.err("group end", e))?;
-            self.stream.synchronize().map_err(|e| self.err("synchronize", e))
-        };
-        Some(run())
+            if recv[j].bytes > 0 {
+                self.comm.recv(&mut Span { span: recv[j], stream: &self.stream }, j as i32).map_err(|e| self.err("recv", e))?;
+            }
+        }
+        cudarc::nccl::result::group_end().map_err(|e| self.err("group end", e))?;
+        self.stream.synchronize().map_err(|e| self.err("synchronize", e))
     }
     fn world(&self) -> usize {
         self.world

@@ -516,25 +516,23 @@ impl Ops for CudaOps {
                 })
                 .collect()
         };
+        if !dd.moves_device_memory() {
+            return stage_rows(self, dd, send, send_rows, recv_rows, row_len);
+        }
         let recv = self.step_zeros(recv_rows.iter().sum::<usize>() * row_len)?;
         let (s, r) = (spans(send_rows, send), spans(recv_rows, recv));
         // The rows must be written before another stream reads them.
         self.stream.synchronize().map_err(|e| self.err("synchronize", e))?;
-        match dd.exchange_device(&s, &r) {
-            None => stage_rows(self, dd, send, send_rows, recv_rows, row_len),
-            Some(res) => {
-                res?;
-                // The own rows stay on this device (the transport skips them): one copy.
-                let me = dd.rank();
-                if let (Some(a), Some(b)) = (s.get(me), r.get(me))
-                    && a.bytes > 0
-                {
-                    // SAFETY: both spans lie in live buffers of at least `bytes` (sized by the plan).
-                    unsafe { cudarc::driver::result::memcpy_dtod_async(b.addr, a.addr, a.bytes.min(b.bytes), self.stream.cu_stream()) }
-                        .map_err(|e| self.err("cuMemcpyDtoD", e))?;
-                }
-                Ok(recv)
-            }
+        dd.exchange_device(&s, &r)?;
+        // The own rows stay on this device (the transport skips them): one copy.
+        let me = dd.rank();
+        if let (Some(a), Some(b)) = (s.get(me), r.get(me))
+            && a.bytes > 0
+        {
+            // SAFETY: both spans lie in live buffers of at least `bytes` (sized by the plan).
+            unsafe { cudarc::driver::result::memcpy_dtod_async(b.addr, a.addr, a.bytes.min(b.bytes), self.stream.cu_stream()) }
+                .map_err(|e| self.err("cuMemcpyDtoD", e))?;
         }
+        Ok(recv)
     }
 }

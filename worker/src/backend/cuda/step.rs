@@ -152,9 +152,9 @@ struct State<O> {
     /// Per layer: `[slots × kv_heads × key dim]` and `[slots × kv_heads × value dim]`, f32.
     k_pool: Vec<Addr>,
     v_pool: Vec<Addr>,
-    /// Per MoE layer and expert: placement-slot weights an executor handed over (a one-rank
-    /// group) and their device copy; the `Arc` keeps the host weights alive so that identity
-    /// tells whether an epoch changed them.
+    /// Per MoE layer and expert: the placement-slot weights an executor handed over (a rank's
+    /// slots, in a group of one or more) and their device copy; the `Arc` keeps the host weights
+    /// alive so that identity tells whether an epoch changed them.
     slot_experts: Vec<Vec<SlotExpert>>,
 }
 
@@ -200,6 +200,15 @@ impl<O: Ops> DeviceBackend<O> {
         Ok(DeviceBackend { device, peak_bandwidth_gbs: ops.peak_bandwidth_gbs(), model, state: Mutex::new(State { ops, weights, kv, k_pool, v_pool, slot_experts }) })
     }
 
+    /// Run `f` as one step on the device: the state locked, the step's buffers freed after.
+    fn with_step<T>(&self, f: impl FnOnce(&mut State<O>) -> Result<T>) -> Result<T> {
+        let mut st = self.state.lock().map_err(|_| DeviceError::Unsupported { device: self.device, msg: "an earlier step panicked".into() })?;
+        st.ops.begin_step()?;
+        let r = f(&mut st);
+        st.ops.end_step();
+        r
+    }
+
     /// KV pages free now (all of them when no sequence holds any).
     pub fn free_kv_pages(&self) -> usize {
         self.state.lock().map_or(0, |s| s.kv.free_pages())
@@ -226,11 +235,7 @@ impl<O: Ops> Backend for DeviceBackend<O> {
         if exec.runs_whole_forward(&self.model) {
             return Err(DeviceError::Unsupported { device: self.device, msg: "the affinity data path runs on CPU workers only (use --data-path home)".into() }.into());
         }
-        let mut st = self.state.lock().map_err(|_| DeviceError::Unsupported { device: self.device, msg: "an earlier step panicked".into() })?;
-        st.ops.begin_step()?;
-        let r = forward(&self.model, &mut st, seqs, mode, exec);
-        st.ops.end_step();
-        r
+        self.with_step(|st| forward(&self.model, st, seqs, mode, exec))
     }
 
     fn release_sequence(&self, cache: u64) {
@@ -247,22 +252,17 @@ impl<O: Ops> Backend for DeviceBackend<O> {
     /// otherwise the executor's own idle step (the host protocol).
     fn idle_forward(&self, exec: &crate::expert_parallel::EpExecutor) -> Result<()> {
         let Some(dd) = exec.device_dispatch() else { return exec.idle_forward(&self.model) };
-        let mut st = self.state.lock().map_err(|_| DeviceError::Unsupported { device: self.device, msg: "an earlier step panicked".into() })?;
-        st.ops.begin_step()?;
-        let State { ops, slot_experts, .. } = &mut *st;
         let h = self.model.config.hidden_size;
-        let r = (|| -> Result<()> {
-            let xn = ops.scratch("xn", 0)?;
-            let out = ops.scratch("moe_out", 0)?;
+        self.with_step(|st| {
+            let State { ops, slot_experts, .. } = st;
+            let (xn, out) = (ops.scratch("xn", 0)?, ops.scratch("moe_out", 0)?);
             let empty = Routing::empty(self.model.config.router.top_k);
             for layer in self.model.moe_layers() {
                 let held = slot_experts.get_mut(layer.moe_index).ok_or_else(|| plan_err(self.device, format!("MoE layer {} has no slot table", layer.moe_index)))?;
                 ep_layer(ops, layer, dd, held, xn, &empty, out, h)?;
             }
             Ok(())
-        })();
-        st.ops.end_step();
-        r
+        })
     }
 }
 
@@ -326,8 +326,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
         let f = match (&layer.ffn, &dl.ffn) {
             (Ffn::Dense(_), DevFfnKind::Dense(f)) => dense_ffn(o, f, xn, t, h)?,
             (Ffn::Moe(host), DevFfnKind::Moe(m)) => {
-                let experts = device_experts(o, host, m, slot_experts, exec)?;
-                let (y, r) = moe(o, host, m, experts.as_deref(), slot_experts, xn, t, h, exec)?;
+                let (y, r) = moe(o, host, m, slot_experts, xn, t, h, exec)?;
                 routing.push(r);
                 y
             }
@@ -493,14 +492,10 @@ fn sync_slots(o: &mut dyn Ops, held: &mut Vec<SlotExpert>, ws: &[Option<Arc<Expe
 
 /// The routed experts of a layer on the device, where the executor runs them all in-process:
 /// the layer's own (uploaded at open) or a one-rank group's slots.
-fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<SlotExpert>], exec: &dyn ExpertExecutor) -> R<Option<Vec<DevFfn>>> {
+fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, held: &mut Vec<SlotExpert>, exec: &dyn ExpertExecutor) -> R<Option<Vec<Option<DevFfn>>>> {
     match exec.local_experts(host) {
-        Some(LocalExpertSet::InLayer) => Ok(m.experts.clone()),
-        Some(LocalExpertSet::Slots(ws)) => {
-            let Some(held) = slots.get_mut(host.moe_index) else { return Ok(None) };
-            let ws: Vec<Option<Arc<ExpertFfn>>> = ws.into_iter().map(Some).collect();
-            Ok(sync_slots(o, held, &ws)?.into_iter().collect())
-        }
+        Some(LocalExpertSet::InLayer) => Ok(m.experts.as_ref().map(|v| v.iter().copied().map(Some).collect())),
+        Some(LocalExpertSet::Slots(ws)) => sync_slots(o, held, &ws).map(Some),
         None => Ok(None),
     }
 }
@@ -556,12 +551,14 @@ fn plan_err(device: Device, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Unsupported { device, msg: e.to_string() }
 }
 
-/// A MoE layer. Routed experts on the device where `experts` has them all (one process), or
-/// through the device protocol of a group's rank ([`ep_layer`]); else the layer input goes to
-/// the host and the executor runs the layer as on CPU workers.
+/// A MoE layer. Routed experts on the device where the executor runs them all in-process
+/// ([`device_experts`]), or through the device protocol of a group's rank ([`ep_layer`]); else
+/// the layer input goes to the host and the executor runs the layer as on CPU workers.
 #[allow(clippy::too_many_arguments)]
-fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>, slots: &mut [Vec<SlotExpert>], xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
+fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<SlotExpert>], xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
     let out = o.scratch("moe_out", t * h)?;
+    let held = slots.get_mut(host.moe_index).ok_or_else(|| plan_err(o.device(), format!("MoE layer {} has no slot table", host.moe_index)))?;
+    let experts = device_experts(o, host, m, held, exec)?;
     let dispatch = exec.device_dispatch();
     if experts.is_none() && dispatch.is_none() {
         let x_host = o.read_f32(xn, t * h)?;
@@ -571,21 +568,15 @@ fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>,
     }
     let routing = route(o, host, m, xn, t, exec.routing_alternates(host))?;
     let k = routing.top_k;
-    match (experts, dispatch) {
-        (Some(experts), _) => {
-            let plan = moe_plan::plan(&routing.ids, &routing.weights, t, k, host.n_experts(), &|_| true, false).map_err(|e| plan_err(o.device(), e))?;
-            if plan.rows() > 0 {
-                let experts: Vec<Option<DevFfn>> = experts.iter().copied().map(Some).collect();
-                let y = grouped_experts(o, &experts, &plan, xn, h)?;
-                let (src_row, pw) = (o.step_i32(&plan.src_row)?, o.step_f32(&plan.weights)?);
-                o.launch(&Kernel::CombineRows { y, src_row, w: pw, out, tokens: t, k, hidden: h })?;
-            }
+    if let Some(experts) = experts {
+        let plan = moe_plan::plan(&routing.ids, &routing.weights, t, k, host.n_experts(), &|_| true, false).map_err(|e| plan_err(o.device(), e))?;
+        if plan.rows() > 0 {
+            let y = grouped_experts(o, &experts, &plan, xn, h)?;
+            let (src_row, pw) = (o.step_i32(&plan.src_row)?, o.step_f32(&plan.weights)?);
+            o.launch(&Kernel::CombineRows { y, src_row, w: pw, out, tokens: t, k, hidden: h })?;
         }
-        (None, Some(dd)) => {
-            let held = slots.get_mut(host.moe_index).ok_or_else(|| plan_err(o.device(), format!("MoE layer {} has no slot table", host.moe_index)))?;
-            ep_layer(o, host, dd, held, xn, &routing, out, h)?;
-        }
-        (None, None) => unreachable!("handled above"),
+    } else if let Some(dd) = dispatch {
+        ep_layer(o, host, dd, held, xn, &routing, out, h)?;
     }
     if let Some((f, gate)) = &m.shared {
         let s = dense_ffn(o, f, xn, t, h)?;
@@ -600,7 +591,7 @@ fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, experts: Option<&[DevFfn]>,
 /// One MoE layer of a group's rank with the rows in device memory: the plan (replica choice and
 /// the expert ids, one collective), rows to the ranks of their experts, this rank's experts on
 /// what came in, results back to the rows' home ranks, the weighted sum into `out`. Every rank
-/// runs it for every layer, idle ones with no rows ([`idle_layers`]).
+/// runs it for every layer, idle ones with no rows ([`Backend::idle_forward`]).
 #[allow(clippy::too_many_arguments)]
 fn ep_layer(o: &mut dyn Ops, host: &MoeLayer, dd: &dyn DeviceDispatch, held: &mut Vec<SlotExpert>, xn: Addr, routing: &Routing, out: Addr, h: usize) -> Result<()> {
     let (t, k) = (routing.n_tokens(), routing.top_k);
