@@ -60,7 +60,8 @@ pub fn rel_max_diff(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
         return f32::INFINITY;
     }
-    let md = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    // A NaN on either side is an infinite difference (f32::max alone would drop it).
+    let md = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
     let mx = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
     if mx == 0.0 { md } else { md / mx }
 }
@@ -88,4 +89,18 @@ pub fn check_case(model: &dyn Backend, case: &RefCase) -> Result<CaseResult> {
         greedy_ok: greedy == case.greedy,
         greedy,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rel_max_diff;
+
+    #[test]
+    fn a_nan_is_an_infinite_difference() {
+        assert_eq!(rel_max_diff(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_max_diff(&[1.0, 2.5], &[1.0, 2.0]) - 0.25).abs() < 1e-7);
+        assert_eq!(rel_max_diff(&[f32::NAN, 2.0], &[1.0, 2.0]), f32::INFINITY);
+        assert_eq!(rel_max_diff(&[1.0, 2.0], &[1.0, f32::NAN]), f32::INFINITY);
+        assert_eq!(rel_max_diff(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+    }
 }

@@ -11,7 +11,7 @@ use worker::backend::{Backend, DeviceError, OpenOptions};
 use worker::engine::{Engine, EngineConfig, Request};
 use worker::error::ModelError;
 use worker::model::{LoadOptions, LogitsMode, Model, SeqInput};
-use worker::moe::{ExpertExecutor, LocalExperts, MoeLayer, Routing};
+use worker::moe::{ExpertExecutor, ExpertFfn, LocalExpertSet, LocalExperts, MoeLayer, Routing};
 use worker::reference::{check_case, read_expected, rel_max_diff};
 
 /// f32 checkpoints: the step must reproduce the CPU backend.
@@ -132,6 +132,60 @@ fn a_one_rank_group_runs_its_slots_experts_on_the_device() {
         assert_eq!(got, run(cpu), "{name}");
         assert_eq!(ex.timers.moe_layer_calls.load(std::sync::atomic::Ordering::Relaxed), 0, "{name}: the device ran the layers, not the executor");
     }
+}
+
+/// Rows rounded to bf16 (so the device stores them as bf16).
+fn bf16_rows(v: &[f32]) -> Vec<f32> {
+    use worker::backend::cuda::dtype::{bf16_bits_to_f32, to_bf16_bits};
+    to_bf16_bits(v).into_iter().map(bf16_bits_to_f32).collect()
+}
+
+#[test]
+fn experts_stored_in_two_dtypes_run_in_one_layer() {
+    // Every other expert of an f32 checkpoint made bf16-exact: the device keeps those in bf16,
+    // so each projection of a layer takes one launch per dtype over the same grouped rows.
+    let mut model = (*load("mixtral")).clone();
+    for layer in &mut model.layers {
+        if let worker::model::Ffn::Moe(m) = &mut layer.ffn {
+            for f in m.experts.iter_mut().step_by(2).flatten() {
+                *f = ExpertFfn::from_rows(&bf16_rows(&f.gate_up.to_rows()), &bf16_rows(&f.down.to_rows()), f.hidden, f.inter);
+            }
+        }
+    }
+    let cpu = Arc::new(model);
+    let dev = device(cpu.clone(), 1024);
+    let p: Vec<u32> = (1..20).collect();
+    let d = rel_max_diff(&dev.logits(&p).expect("device"), &cpu.logits(&p).expect("cpu"));
+    // Activations into the bf16 experts are rounded to bf16 on the device, not on the CPU.
+    assert!(d < TOL_16BIT, "mixed-dtype experts vs cpu {d:.3e}");
+    assert!(d > 0.0, "the bf16 experts were not run in bf16 (device equals CPU bit for bit)");
+    assert_eq!(dev.generate_greedy(&p, 6).expect("device"), cpu.generate_greedy(&p, 6).expect("cpu"));
+}
+
+/// A one-rank group's slots with expert 0 of every layer missing.
+struct MissingExpert(Vec<Vec<Option<Arc<ExpertFfn>>>>);
+
+impl ExpertExecutor for MissingExpert {
+    fn local_experts(&self, layer: &MoeLayer) -> Option<LocalExpertSet> {
+        Some(LocalExpertSet::Slots(self.0[layer.moe_index].clone()))
+    }
+
+    fn run(&self, _: &MoeLayer, _: &[f32], _: usize, _: &Routing) -> worker::error::Result<Vec<f32>> {
+        Err(ModelError::ExpertParallel("the device runs these layers".into()))
+    }
+}
+
+#[test]
+fn a_routed_expert_missing_from_the_device_fails_the_step() {
+    let cpu = load("mixtral");
+    let mut rank_model = (*cpu).clone();
+    let experts = rank_model.take_routed_experts();
+    let slots = experts.into_iter().map(|l| l.into_iter().enumerate().map(|(e, f)| f.filter(|_| e != 0).map(Arc::new)).collect()).collect();
+    let dev = device(Arc::new(rank_model), 1024);
+    let p: Vec<u32> = (1..30).collect();
+    let mut cache = dev.new_cache();
+    let err = dev.forward_step(&mut [SeqInput { tokens: &p, cache: &mut cache }], LogitsMode::Last, &MissingExpert(slots)).expect_err("expert 0 is routed to and missing");
+    assert!(matches!(&err, ModelError::Device(DeviceError::Unsupported { msg, .. }) if msg.contains("no weights on this device")), "{err}");
 }
 
 #[test]

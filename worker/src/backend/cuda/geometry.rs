@@ -12,6 +12,7 @@
 //! ([`GeometryError::Empty`]): CUDA rejects zero-sized grids, so callers skip empty work instead
 //! of launching it.
 
+use super::kernel_src::expert_grouping::{ALIGN_BLOCK, EXPERT_GEMM_BLOCK, EXPERT_TILE_M, EXPERT_TILE_N, MAX_ALIGN_EXPERTS};
 use super::kernel_src::{ATTENTION_BLOCK, MAX_ATTENTION_VD, MAX_ROPE_HALF, ROPE_BLOCK, ROUTE_BLOCK, ROW_BLOCK};
 
 /// CUDA's limit on `gridDim.x` (compute capability 3.0 and later).
@@ -51,6 +52,8 @@ pub enum GeometryError {
     SharedMemoryTooLarge { bytes: u64, limit: u64 },
     #[error("n_heads = {n_heads} is not a multiple of n_kv = {n_kv}")]
     HeadsNotMultipleOfKv { n_heads: usize, n_kv: usize },
+    #[error("{n_experts} experts exceed MAX_ALIGN_EXPERTS = {max} of the device grouping")]
+    TooManyExperts { n_experts: usize, max: usize },
 }
 
 /// One block of [`ROW_BLOCK`] threads per row (embed_rows, rmsnorm, kv_write, gather_rows,
@@ -117,6 +120,35 @@ pub fn route(rows: usize) -> Result<LaunchDims, GeometryError> {
     }
     let blocks = (rows as u64).div_ceil(ROUTE_BLOCK as u64);
     Ok(LaunchDims { grid: (blocks as u32, 1, 1), block: (ROUTE_BLOCK, 1, 1), shared_bytes: 0 })
+}
+
+/// `moe_align`: one block of [`ALIGN_BLOCK`] threads; `n_experts` bounded by its shared arrays,
+/// the grouped buffer's rows (`max_tiles * EXPERT_TILE_M`) by its `int` row numbers.
+pub fn moe_align(choices: usize, n_experts: usize, max_tiles: usize) -> Result<LaunchDims, GeometryError> {
+    nonzero("choices", choices)?;
+    nonzero("n_experts", n_experts)?;
+    if n_experts > MAX_ALIGN_EXPERTS {
+        return Err(GeometryError::TooManyExperts { n_experts, max: MAX_ALIGN_EXPERTS });
+    }
+    let rows = (max_tiles as u64).saturating_mul(EXPERT_TILE_M as u64);
+    if rows > MAX_INT {
+        return Err(GeometryError::IntOverflow { what: "grouped rows", value: rows, limit: MAX_INT });
+    }
+    Ok(LaunchDims { grid: (1, 1, 1), block: (ALIGN_BLOCK, 1, 1), shared_bytes: 0 })
+}
+
+/// `expert_gemm_*`: one block of [`EXPERT_GEMM_BLOCK`] threads per (tile, [`EXPERT_TILE_N`]
+/// output columns).
+pub fn expert_gemm(tiles: usize, n: usize, k: usize) -> Result<LaunchDims, GeometryError> {
+    nonzero("tiles", tiles)?;
+    nonzero("n", n)?;
+    nonzero("k", k)?;
+    for (what, v) in [("n", n), ("k", k)] {
+        if v as u64 > MAX_INT {
+            return Err(GeometryError::IntOverflow { what, value: v as u64, limit: MAX_INT });
+        }
+    }
+    Ok(LaunchDims { grid: (grid_x(tiles)?, grid_yz('y', n.div_ceil(EXPERT_TILE_N))?, 1), block: (EXPERT_GEMM_BLOCK, 1, 1), shared_bytes: 0 })
 }
 
 fn nonzero(what: &'static str, value: usize) -> Result<(), GeometryError> {
@@ -251,6 +283,19 @@ mod tests {
         let grid = msg(per_row(1 << 32).unwrap_err());
         assert!(grid.contains("4294967296") && grid.contains("2147483647"), "{grid}");
         assert!(msg(per_row(0).unwrap_err()).contains("rows is 0"));
+    }
+
+    #[test]
+    fn expert_grouping_shapes() {
+        assert_eq!(moe_align(8, 64, 9).unwrap(), LaunchDims { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: 0 });
+        assert_eq!(moe_align(8, 1025, 9), Err(GeometryError::TooManyExperts { n_experts: 1025, max: 1024 }));
+        assert!(matches!(moe_align(8, 8, 1 << 28), Err(GeometryError::IntOverflow { what: "grouped rows", .. })));
+        assert_eq!(moe_align(0, 8, 0), Err(GeometryError::Empty { what: "choices" }));
+        let d = expert_gemm(9, 2 * 1408, 2048).unwrap();
+        assert_eq!(d.grid, (9, 44, 1));
+        assert_eq!(d.block.0, EXPERT_GEMM_BLOCK);
+        assert_eq!(expert_gemm(1, 65, 8).unwrap().grid.1, 2);
+        assert_eq!(expert_gemm(0, 8, 8), Err(GeometryError::Empty { what: "tiles" }));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod dtype;
 pub mod geometry;
 pub mod kernel_src;
+mod moe_layer;
 pub mod moe_plan;
 pub mod ops;
 pub mod paged_kv;

@@ -68,6 +68,28 @@ pub enum Kernel {
     SharedGate { x: Addr, g: Addr, y: Addr, rows: usize, hidden: usize },
     SplitCols { src: Addr, a: Addr, b: Addr, rows: usize, a_cols: usize, b_cols: usize },
     MlaAssemble { kv: Addr, k_pe: Addr, k: Addr, v: Addr, rows: usize, n_heads: usize, nope: usize, rope_dim: usize, vd: usize },
+    /// Group `choices` router ids by expert on the device (see `kernel_src::expert_grouping`).
+    MoeAlign { ids: Addr, choices: usize, n_experts: usize, max_tiles: usize, sorted: Addr, tile_expert: Addr, src_row: Addr, error: Addr },
+    /// The grouped expert GEMM over `tiles` tiles: `weights` is a table of one [`Addr`] per
+    /// expert (0: not here) of `[n × k]` matrices in `dtype`.
+    ExpertGemm(ExpertGemmArgs),
+}
+
+/// `expert_gemm_*`'s arguments (see `kernel_src::expert_grouping`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertGemmArgs {
+    pub x: Addr,
+    pub sorted: Addr,
+    /// Input row of grouped row `p`: `sorted[p] / row_div` (the router's top-k), or `p` when 0.
+    pub row_div: usize,
+    pub weights: Addr,
+    pub dtype: WeightDtype,
+    pub tile_expert: Addr,
+    pub out: Addr,
+    pub tiles: usize,
+    pub n: usize,
+    pub k: usize,
+    pub error: Addr,
 }
 
 /// `attention`'s arguments (see the kernel table).
@@ -117,6 +139,12 @@ impl Kernel {
             Kernel::SharedGate { .. } => "shared_gate",
             Kernel::SplitCols { .. } => "split_cols",
             Kernel::MlaAssemble { .. } => "mla_assemble",
+            Kernel::MoeAlign { .. } => "moe_align",
+            Kernel::ExpertGemm(g) => match g.dtype {
+                WeightDtype::F32 => "expert_gemm_f32",
+                WeightDtype::Bf16 => "expert_gemm_bf16",
+                WeightDtype::F16 => "expert_gemm_f16",
+            },
         }
     }
 
@@ -137,6 +165,8 @@ impl Kernel {
             Kernel::Rope { rows, n_heads, half, .. } => geometry::rope(*rows, *n_heads, *half),
             Kernel::Attention(a) => geometry::attention(a.rows, a.n_heads, a.n_kv, a.qd, a.vd),
             Kernel::RouteTopk { rows, .. } => geometry::route(*rows),
+            Kernel::MoeAlign { choices, n_experts, max_tiles, .. } => geometry::moe_align(*choices, *n_experts, *max_tiles),
+            Kernel::ExpertGemm(g) => geometry::expert_gemm(g.tiles, g.n, g.k),
         }
     }
 }
@@ -165,10 +195,13 @@ pub trait Ops: Send {
     fn step_u32(&mut self, v: &[u32]) -> R<Addr>;
     fn step_f32(&mut self, v: &[f32]) -> R<Addr>;
     fn step_zeros(&mut self, n: usize) -> R<Addr>;
+    /// A step buffer of addresses (a table of expert weights for `expert_gemm_*`).
+    fn step_addrs(&mut self, v: &[Addr]) -> R<Addr>;
     /// Copy `v` to `a` (f32 values).
     fn write_f32(&mut self, a: Addr, v: &[f32]) -> R<()>;
     /// Read `n` values at `a` (waits for the work queued before).
     fn read_f32(&mut self, a: Addr, n: usize) -> R<Vec<f32>>;
+    /// Read `n` 32-bit words at `a` (ids, row numbers, error words), as unsigned.
     fn read_u32(&mut self, a: Addr, n: usize) -> R<Vec<u32>>;
 
     /// Before a step's first call (the thread that steps may change between steps).

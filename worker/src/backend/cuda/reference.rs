@@ -10,7 +10,8 @@
 //! meets on the GPU.
 
 use super::dtype::{self, WeightDtype};
-use super::ops::{Addr, AttentionArgs, Kernel, Mat, Ops, RouteRule, R};
+use super::kernel_src::expert_grouping::{ERROR_BAD_ID, ERROR_NO_WEIGHTS, EXPERT_TILE_M, WEIGHTS_IN_OTHER_LAUNCH};
+use super::ops::{Addr, AttentionArgs, ExpertGemmArgs, Kernel, Mat, Ops, RouteRule, R};
 use crate::backend::{Device, DeviceError};
 use crate::config::{GroupLimit, GroupScore, RouterConfig, Scoring};
 use crate::kernels::{self, Rope};
@@ -22,6 +23,7 @@ enum Region {
     U16(Vec<u16>, WeightDtype),
     I32(Vec<i32>),
     U32(Vec<u32>),
+    U64(Vec<u64>),
 }
 
 impl Region {
@@ -31,6 +33,7 @@ impl Region {
             Region::U16(v, _) => v.len() * 2,
             Region::I32(v) => v.len() * 4,
             Region::U32(v) => v.len() * 4,
+            Region::U64(v) => v.len() * 8,
         }
     }
 }
@@ -108,7 +111,44 @@ impl HostOps {
         match &self.regions[&base] {
             Region::I32(v) if i + n <= v.len() => Ok(v[i..i + n].to_vec()),
             Region::U32(v) if i + n <= v.len() => Ok(v[i..i + n].iter().map(|&u| u as i32).collect()),
-            _ => Err(self.err(format!("{n} i32 at {a:#x}: out of bounds or not integers"))),
+            Region::F32(v) if i + n <= v.len() => Ok(v[i..i + n].iter().map(|f| f.to_bits() as i32).collect()),
+            _ => Err(self.err(format!("{n} i32 at {a:#x}: out of bounds or not 32-bit"))),
+        }
+    }
+
+    /// `n` 32-bit words at `a`, whatever the buffer holds (ids are written as bits into f32
+    /// buffers, as on the GPU).
+    fn words(&self, a: Addr, n: usize) -> R<Vec<u32>> {
+        let (base, i) = self.find(a, 4)?;
+        match &self.regions[&base] {
+            Region::F32(v) if i + n <= v.len() => Ok(v[i..i + n].iter().map(|f| f.to_bits()).collect()),
+            Region::I32(v) if i + n <= v.len() => Ok(v[i..i + n].iter().map(|&x| x as u32).collect()),
+            Region::U32(v) if i + n <= v.len() => Ok(v[i..i + n].to_vec()),
+            _ => Err(self.err(format!("{n} words at {a:#x}: out of bounds or not 32-bit"))),
+        }
+    }
+
+    fn set_i32s(&mut self, a: Addr, x: &[i32]) -> R<()> {
+        let (base, i) = self.find(a, 4)?;
+        match self.regions.get_mut(&base) {
+            Some(Region::I32(v)) if i + x.len() <= v.len() => {
+                v[i..i + x.len()].copy_from_slice(x);
+                Ok(())
+            }
+            // A zeroed step buffer holds integers as bits, as device memory does.
+            Some(Region::F32(v)) if i + x.len() <= v.len() => {
+                v[i..i + x.len()].iter_mut().zip(x).for_each(|(d, &s)| *d = f32::from_bits(s as u32));
+                Ok(())
+            }
+            _ => Err(self.err(format!("{} i32 to {a:#x}: out of bounds or not 32-bit", x.len()))),
+        }
+    }
+
+    fn addrs(&self, a: Addr, n: usize) -> R<Vec<Addr>> {
+        let (base, i) = self.find(a, 8)?;
+        match &self.regions[&base] {
+            Region::U64(v) if i + n <= v.len() => Ok(v[i..i + n].to_vec()),
+            _ => Err(self.err(format!("{n} addresses at {a:#x}: out of bounds or not an address table"))),
         }
     }
 
@@ -235,8 +275,13 @@ impl Ops for HostOps {
     }
 
     fn read_u32(&mut self, a: Addr, n: usize) -> R<Vec<u32>> {
-        // route_topk writes ids as u32 into a zeroed f32 step buffer (as the GPU does).
-        Ok(self.f32s(a, n)?.iter().map(|f| f.to_bits()).collect())
+        self.words(a, n)
+    }
+
+    fn step_addrs(&mut self, v: &[Addr]) -> R<Addr> {
+        let a = self.put(Region::U64(v.to_vec()))?;
+        self.step.push(a);
+        Ok(a)
     }
 
     fn end_step(&mut self) {
@@ -372,6 +417,18 @@ impl Ops for HostOps {
                 self.set_f32s(*k, &kk)?;
                 self.set_f32s(*v, &vv)
             }
+            Kernel::MoeAlign { ids, choices, n_experts, max_tiles, sorted, tile_expert, src_row, error } => {
+                let ids = self.words(*ids, *choices)?;
+                let g = group_by_expert(&ids, *n_experts, *max_tiles);
+                self.set_i32s(*sorted, &g.sorted)?;
+                self.set_i32s(*tile_expert, &g.tile_expert)?;
+                self.set_i32s(*src_row, &g.src_row)?;
+                if g.bad_id {
+                    self.set_i32s(*error, &[ERROR_BAD_ID])?;
+                }
+                Ok(())
+            }
+            Kernel::ExpertGemm(g) => self.expert_gemm(g),
         }
     }
 
@@ -388,7 +445,80 @@ impl Ops for HostOps {
     }
 }
 
+/// `moe_align`'s outputs, computed on the host: choices of each expert in ascending order (the
+/// kernel's atomic order is any order; no value depends on it).
+struct Grouping {
+    sorted: Vec<i32>,
+    tile_expert: Vec<i32>,
+    src_row: Vec<i32>,
+    bad_id: bool,
+}
+
+fn group_by_expert(ids: &[u32], n_experts: usize, max_tiles: usize) -> Grouping {
+    let mut count = vec![0usize; n_experts];
+    let bad_id = ids.iter().any(|&e| e as usize >= n_experts);
+    for &e in ids.iter().filter(|&&e| (e as usize) < n_experts) {
+        count[e as usize] += 1;
+    }
+    let (mut sorted, mut tile_expert) = (vec![-1i32; max_tiles * EXPERT_TILE_M], vec![-1i32; max_tiles]);
+    let mut start = Vec::with_capacity(n_experts);
+    let mut at = 0;
+    for (e, &c) in count.iter().enumerate() {
+        start.push(at);
+        for t in at / EXPERT_TILE_M..(at + c).div_ceil(EXPERT_TILE_M) {
+            if let Some(te) = tile_expert.get_mut(t) {
+                *te = e as i32;
+            }
+        }
+        at += c.div_ceil(EXPERT_TILE_M) * EXPERT_TILE_M;
+    }
+    let mut src_row = vec![-1i32; ids.len()];
+    for (i, &e) in ids.iter().enumerate() {
+        if let Some(p) = start.get_mut(e as usize) {
+            if let Some(slot) = sorted.get_mut(*p) {
+                *slot = i as i32;
+                src_row[i] = *p as i32;
+            }
+            *p += 1;
+        }
+    }
+    Grouping { sorted, tile_expert, src_row, bad_id }
+}
+
 impl HostOps {
+    /// `expert_gemm_*`: every used tile's rows through its expert's weights.
+    fn expert_gemm(&mut self, g: &ExpertGemmArgs) -> R<()> {
+        let rows = g.tiles * EXPERT_TILE_M;
+        let sorted = self.i32s(g.sorted, rows)?;
+        let tile_expert = self.i32s(g.tile_expert, g.tiles)?;
+        let mut out = self.f32s(g.out, rows * g.n)?;
+        for (tile, &e) in tile_expert.iter().enumerate() {
+            if e < 0 {
+                continue;
+            }
+            let addr = self.addrs(g.weights + 8 * e as u64, 1)?[0];
+            if addr == 0 {
+                return self.set_i32s(g.error, &[ERROR_NO_WEIGHTS]);
+            }
+            if addr == WEIGHTS_IN_OTHER_LAUNCH {
+                continue;
+            }
+            let w = self.matrix(&Mat { addr, dtype: g.dtype, n: g.n, k: g.k })?;
+            for p in tile * EXPERT_TILE_M..(tile + 1) * EXPERT_TILE_M {
+                let y = &mut out[p * g.n..(p + 1) * g.n];
+                if sorted[p] < 0 {
+                    y.fill(0.0);
+                    continue;
+                }
+                let row = if g.row_div > 0 { sorted[p] as usize / g.row_div } else { p };
+                let mut xr = self.f32s(g.x + 4 * (row * g.k) as u64, g.k)?;
+                round_to(&mut xr, g.dtype);
+                kernels::matmul_bt(&xr, 1, g.k, &w, g.n, y);
+            }
+        }
+        self.set_f32s(g.out, &out)
+    }
+
     fn attention(&mut self, a: &AttentionArgs) -> R<()> {
         let (t, nh, nkv, qd, vd) = (a.rows, a.n_heads, a.n_kv, a.qd, a.vd);
         let q = self.f32s(a.q, t * nh * qd)?;

@@ -40,6 +40,7 @@ enum Buf {
     U16(CudaSlice<u16>),
     I32(CudaSlice<i32>),
     U32(CudaSlice<u32>),
+    U64(CudaSlice<u64>),
 }
 
 /// A GPU, its stream, cuBLAS and the compiled kernels.
@@ -144,6 +145,7 @@ impl CudaOps {
             Buf::U16(s) => self.ptr(s),
             Buf::I32(s) => self.ptr(s),
             Buf::U32(s) => self.ptr(s),
+            Buf::U64(s) => self.ptr(s),
         }
     }
 
@@ -293,6 +295,11 @@ impl Ops for CudaOps {
         Ok(self.for_step(Buf::F32(b)))
     }
 
+    fn step_addrs(&mut self, v: &[Addr]) -> R<Addr> {
+        let b = self.stream.clone_htod(if v.is_empty() { &[0][..] } else { v }).map_err(|e| self.err("upload", e))?;
+        Ok(self.for_step(Buf::U64(b)))
+    }
+
     fn step_zeros(&mut self, n: usize) -> R<Addr> {
         let b = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| self.err("alloc", e))?;
         Ok(self.for_step(Buf::F32(b)))
@@ -435,6 +442,18 @@ impl Ops for CudaOps {
                 let (r, nh, np, rd, vdi) = (i(*rows), i(*n_heads), i(*nope), i(*rope_dim), i(*vd));
                 self.run(name, dims, |b| {
                     b.arg(kv).arg(k_pe).arg(kk).arg(v).arg(&r).arg(&nh).arg(&np).arg(&rd).arg(&vdi);
+                })
+            }
+            Kernel::MoeAlign { ids, choices, n_experts, max_tiles, sorted, tile_expert, src_row, error } => {
+                let (c, e, mt) = (i(*choices), i(*n_experts), i(*max_tiles));
+                self.run(name, dims, |b| {
+                    b.arg(ids).arg(&c).arg(&e).arg(&mt).arg(sorted).arg(tile_expert).arg(src_row).arg(error);
+                })
+            }
+            Kernel::ExpertGemm(g) => {
+                let (div, n, k) = (i(g.row_div), i(g.n), i(g.k));
+                self.run(name, dims, |b| {
+                    b.arg(&g.x).arg(&g.sorted).arg(&div).arg(&g.weights).arg(&g.tile_expert).arg(&g.out).arg(&n).arg(&k).arg(&g.error);
                 })
             }
         }

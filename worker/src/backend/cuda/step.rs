@@ -3,21 +3,22 @@
 //! model, the batch layout over paged KV, embedding, decoder layers (GQA or MLA attention; dense
 //! or MoE FFN), head.
 //!
-//! Per step the device keeps the residual stream, attention inputs, KV and routing; two things
-//! come to the host: each MoE layer's routing ids (the row grouping by expert is planned here, a
-//! device-side sort would remove that wait) and the logits. A rank of an expert-parallel group
-//! (an executor that is not local) hands each MoE layer's input to the executor on the host.
+//! Per step the device keeps the residual stream, attention inputs, KV and routing between
+//! layers; the host waits for the device once, for the logits, and then reads the step's routing
+//! (for load statistics) in one go. MoE layers are in [`super::moe_layer`]: a rank of a larger
+//! expert-parallel group brings each layer's choices to the host, where they size its
+//! all-to-all.
 
-use super::moe_plan;
-use super::ops::{Addr, AttentionArgs, Kernel, Mat, Ops, RouteRule, R};
+use super::moe_layer::{self, plan_err, RoutingSink};
+use super::ops::{Addr, AttentionArgs, Kernel, Mat, Ops, R};
 use super::paged_kv::PagedKv;
 use crate::attention::{Attention, KvCache, MlaQuery, SeqSpan};
 use crate::backend::{Backend, Device, DeviceError};
-use crate::config::{GroupScore, QkNorm, Scoring};
+use crate::config::QkNorm;
 use crate::error::Result;
 use crate::kernels::Linear;
 use crate::model::{Ffn, ForwardOutput, LogitsMode, Model, SeqInput};
-use crate::moe::{DeviceDispatch, ExpertExecutor, ExpertFfn, LocalExpertSet, MoeLayer, Routing};
+use crate::moe::{ExpertExecutor, ExpertFfn, MoeLayer, Routing};
 use std::sync::{Arc, Mutex};
 
 /// Tokens per KV page.
@@ -31,10 +32,10 @@ struct Lin {
 }
 
 #[derive(Clone, Copy)]
-struct DevFfn {
-    gate_up: Mat,
-    down: Mat,
-    inter: usize,
+pub(super) struct DevFfn {
+    pub(super) gate_up: Mat,
+    pub(super) down: Mat,
+    pub(super) inter: usize,
 }
 
 // One per layer, built once: the variants' size difference costs nothing.
@@ -49,12 +50,12 @@ enum MlaQ {
     LowRank { a: Lin, norm: Addr, b: Lin },
 }
 
-struct DevMoe {
-    router: Mat,
-    bias: Option<Addr>,
+pub(super) struct DevMoe {
+    pub(super) router: Mat,
+    pub(super) bias: Option<Addr>,
     /// Every routed expert, when the host model holds them all (one process runs the layer).
-    experts: Option<Vec<DevFfn>>,
-    shared: Option<(DevFfn, Option<Addr>)>,
+    pub(super) experts: Option<Vec<DevFfn>>,
+    pub(super) shared: Option<(DevFfn, Option<Addr>)>,
 }
 
 enum DevFfnKind {
@@ -82,7 +83,7 @@ fn lin(o: &mut dyn Ops, l: &Linear) -> R<Lin> {
     Ok(Lin { w: o.upload_matrix(&l.weight.to_rows(), l.out_dim, l.in_dim)?, bias })
 }
 
-fn ffn(o: &mut dyn Ops, f: &ExpertFfn) -> R<DevFfn> {
+pub(super) fn ffn(o: &mut dyn Ops, f: &ExpertFfn) -> R<DevFfn> {
     Ok(DevFfn { gate_up: o.upload_matrix(&f.gate_up.to_rows(), 2 * f.inter, f.hidden)?, down: o.upload_matrix(&f.down.to_rows(), f.hidden, f.inter)?, inter: f.inter })
 }
 
@@ -159,7 +160,7 @@ struct State<O> {
 }
 
 /// One placement slot's weights on the device, with the host weights they were made from.
-type SlotExpert = Option<(Arc<ExpertFfn>, DevFfn)>;
+pub(super) type SlotExpert = Option<(Arc<ExpertFfn>, DevFfn)>;
 
 impl<O: Ops> std::fmt::Debug for DeviceBackend<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -259,7 +260,7 @@ impl<O: Ops> Backend for DeviceBackend<O> {
             let empty = Routing::empty(self.model.config.router.top_k);
             for layer in self.model.moe_layers() {
                 let held = slot_experts.get_mut(layer.moe_index).ok_or_else(|| plan_err(self.device, format!("MoE layer {} has no slot table", layer.moe_index)))?;
-                ep_layer(ops, layer, dd, held, xn, &empty, out, h)?;
+                moe_layer::ep_layer(ops, layer, dd, held, xn, &empty, out, h)?;
             }
             Ok(())
         })
@@ -317,6 +318,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
     let tok = o.step_u32(&tokens)?;
     o.launch(&Kernel::EmbedRows { table: weights.embed, ids: tok, out: x, rows: t })?;
     let mut routing = Vec::new();
+    let mut sink = RoutingSink::new(model.moe_layers().count(), t, c.router.top_k);
     for (li, (layer, dl)) in model.layers.iter().zip(&weights.layers).enumerate() {
         let xn = o.scratch("xn", t * h)?;
         o.launch(&Kernel::Rmsnorm { x, w: dl.input_norm, y: xn, rows: t, n: h, eps: c.rms_norm_eps })?;
@@ -326,7 +328,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
         let f = match (&layer.ffn, &dl.ffn) {
             (Ffn::Dense(_), DevFfnKind::Dense(f)) => dense_ffn(o, f, xn, t, h)?,
             (Ffn::Moe(host), DevFfnKind::Moe(m)) => {
-                let (y, r) = moe(o, host, m, slot_experts, xn, t, h, exec)?;
+                let (y, r) = moe_layer::moe(o, host, m, slot_experts, &mut sink, xn, t, h, exec)?;
                 routing.push(r);
                 y
             }
@@ -335,6 +337,7 @@ fn forward<O: Ops>(model: &Model, st: &mut State<O>, seqs: &mut [SeqInput], mode
         o.launch(&Kernel::AddInplace { x, y: f, n: t * h })?;
     }
     let logits = head(o, model, weights, x, &spans, mode)?;
+    let routing = sink.finish(o, routing)?;
     for (sp, s) in spans.iter().zip(seqs.iter_mut()) {
         s.cache.set_len(sp.start + sp.n);
     }
@@ -444,194 +447,12 @@ fn attention(o: &mut dyn Ops, model: &Model, w: &Weights, li: usize, dl: &DevLay
 }
 
 /// A SwiGLU block: `down(silu(gate(x)) · up(x))`.
-fn dense_ffn(o: &mut dyn Ops, f: &DevFfn, xn: Addr, t: usize, h: usize) -> R<Addr> {
+pub(super) fn dense_ffn(o: &mut dyn Ops, f: &DevFfn, xn: Addr, t: usize, h: usize) -> R<Addr> {
     let (gu, mid, out) = (o.scratch("ffn_gate_up", t * 2 * f.inter)?, o.scratch("ffn_mid", t * f.inter)?, o.scratch("ffn_out", t * h)?);
     o.gemm(xn, &f.gate_up, gu, t)?;
     o.launch(&Kernel::SiluMul { gate_up: gu, out: mid, rows: t, inter: f.inter })?;
     o.gemm(mid, &f.down, out, t)?;
     Ok(out)
-}
-
-fn route_rule(host: &MoeLayer) -> RouteRule {
-    let cfg = &host.router.cfg;
-    RouteRule {
-        n_experts: cfg.n_experts,
-        top_k: cfg.top_k,
-        sigmoid: cfg.scoring == Scoring::Sigmoid,
-        group_limit: cfg.group_limit.as_ref().map(|g| (g.n_group, g.topk_group, g.score == GroupScore::SumTop2, g.masked_value)),
-        norm_topk: cfg.norm_topk_prob,
-        norm_eps: cfg.norm_eps,
-        scaling: cfg.routed_scaling_factor,
-    }
-}
-
-/// Device copies of placement-slot weights `ws` (per expert; `None`: no slot here), kept in
-/// `held` across steps: uploaded when first seen, replaced when an epoch hands over other weights
-/// (the old copies freed), dropped where the slot went.
-fn sync_slots(o: &mut dyn Ops, held: &mut Vec<SlotExpert>, ws: &[Option<Arc<ExpertFfn>>]) -> R<Vec<Option<DevFfn>>> {
-    held.resize(ws.len(), None);
-    for (slot, w) in held.iter_mut().zip(ws) {
-        let same = match (slot.as_ref(), w) {
-            (Some((h, _)), Some(w)) => Arc::ptr_eq(h, w),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
-            continue;
-        }
-        if let Some((_, old)) = slot.take() {
-            o.free_kept(old.gate_up.addr);
-            o.free_kept(old.down.addr);
-        }
-        if let Some(w) = w {
-            *slot = Some((w.clone(), ffn(o, w)?));
-        }
-    }
-    Ok(held.iter().map(|s| s.as_ref().map(|(_, d)| *d)).collect())
-}
-
-/// The routed experts of a layer on the device, where the executor runs them all in-process:
-/// the layer's own (uploaded at open) or a one-rank group's slots.
-fn device_experts(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, held: &mut Vec<SlotExpert>, exec: &dyn ExpertExecutor) -> R<Option<Vec<Option<DevFfn>>>> {
-    match exec.local_experts(host) {
-        Some(LocalExpertSet::InLayer) => Ok(m.experts.as_ref().map(|v| v.iter().copied().map(Some).collect())),
-        Some(LocalExpertSet::Slots(ws)) => sync_slots(o, held, &ws).map(Some),
-        None => Ok(None),
-    }
-}
-
-/// Route `t` rows of `xn` on the device; the choices come to the host. With `alternates` (the
-/// capacity option reroutes overflow to next-best experts) the host router ranks them.
-fn route(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, xn: Addr, t: usize, alternates: usize) -> R<Routing> {
-    let rule = route_rule(host);
-    let (e, k) = (rule.n_experts, rule.top_k);
-    if t == 0 {
-        return Ok(Routing::empty(k));
-    }
-    if alternates > 0 {
-        let x = o.read_f32(xn, t * host.hidden)?;
-        return Ok(host.router.route_with_alternates(&x, t, alternates));
-    }
-    let logits = o.scratch("router_logits", t * e)?;
-    o.gemm(xn, &m.router, logits, t)?;
-    let scratch = o.scratch("route_scratch", t * 2 * e)?;
-    let (ids_dev, w_dev) = (o.step_zeros(t * k)?, o.step_zeros(t * k)?);
-    o.launch(&Kernel::RouteTopk { logits, bias: m.bias, scratch, ids: ids_dev, weights: w_dev, rows: t, rule })?;
-    let ids = o.read_u32(ids_dev, t * k)?;
-    let weights = o.read_f32(w_dev, t * k)?;
-    Ok(Routing { top_k: k, ids, weights, alternates: 0, alt_ids: vec![], alt_weights: vec![] })
-}
-
-/// The experts of `plan`'s groups over rows `src` (gathered by `plan.gather`): `y` in grouped
-/// order, one grouped GEMM per projection.
-fn grouped_experts(o: &mut dyn Ops, experts: &[Option<DevFfn>], plan: &moe_plan::MoePlan, src: Addr, h: usize) -> R<Addr> {
-    let rows = plan.rows();
-    let device = o.device();
-    let ffn_of = |e: usize| experts.get(e).copied().flatten().ok_or_else(|| plan_err(device, format!("expert {e} is not on the device")));
-    let first = ffn_of(plan.groups[0].expert)?;
-    let inter = first.inter;
-    let gather = o.step_i32(&plan.gather)?;
-    let xg = o.scratch("moe_xg", rows * h)?;
-    o.launch(&Kernel::GatherRows { x: src, idx: gather, out: xg, rows, hidden: h })?;
-    let (gu, mid, y) = (o.scratch("moe_gate_up", rows * 2 * inter)?, o.scratch("moe_mid", rows * inter)?, o.scratch("moe_y", rows * h)?);
-    let mut gate_up = Vec::with_capacity(plan.groups.len());
-    let mut down = Vec::with_capacity(plan.groups.len());
-    for g in &plan.groups {
-        let f = ffn_of(g.expert)?;
-        gate_up.push((f.gate_up, g.start, g.rows));
-        down.push((f.down, g.start, g.rows));
-    }
-    o.grouped_gemm(&gate_up, xg, h, gu, 2 * inter)?;
-    o.launch(&Kernel::SiluMul { gate_up: gu, out: mid, rows, inter })?;
-    o.grouped_gemm(&down, mid, inter, y, h)?;
-    Ok(y)
-}
-
-fn plan_err(device: Device, e: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Unsupported { device, msg: e.to_string() }
-}
-
-/// A MoE layer. Routed experts on the device where the executor runs them all in-process
-/// ([`device_experts`]), or through the device protocol of a group's rank ([`ep_layer`]); else
-/// the layer input goes to the host and the executor runs the layer as on CPU workers.
-#[allow(clippy::too_many_arguments)]
-fn moe(o: &mut dyn Ops, host: &MoeLayer, m: &DevMoe, slots: &mut [Vec<SlotExpert>], xn: Addr, t: usize, h: usize, exec: &dyn ExpertExecutor) -> Result<(Addr, Routing)> {
-    let out = o.scratch("moe_out", t * h)?;
-    let held = slots.get_mut(host.moe_index).ok_or_else(|| plan_err(o.device(), format!("MoE layer {} has no slot table", host.moe_index)))?;
-    let experts = device_experts(o, host, m, held, exec)?;
-    let dispatch = exec.device_dispatch();
-    if experts.is_none() && dispatch.is_none() {
-        let x_host = o.read_f32(xn, t * h)?;
-        let (y, r) = host.forward(&x_host, t, exec)?;
-        o.write_f32(out, &y)?;
-        return Ok((out, r));
-    }
-    let routing = route(o, host, m, xn, t, exec.routing_alternates(host))?;
-    let k = routing.top_k;
-    if let Some(experts) = experts {
-        let plan = moe_plan::plan(&routing.ids, &routing.weights, t, k, host.n_experts(), &|_| true, false).map_err(|e| plan_err(o.device(), e))?;
-        if plan.rows() > 0 {
-            let y = grouped_experts(o, &experts, &plan, xn, h)?;
-            let (src_row, pw) = (o.step_i32(&plan.src_row)?, o.step_f32(&plan.weights)?);
-            o.launch(&Kernel::CombineRows { y, src_row, w: pw, out, tokens: t, k, hidden: h })?;
-        }
-    } else if let Some(dd) = dispatch {
-        ep_layer(o, host, dd, held, xn, &routing, out, h)?;
-    }
-    if let Some((f, gate)) = &m.shared {
-        let s = dense_ffn(o, f, xn, t, h)?;
-        if let Some(g) = *gate {
-            o.launch(&Kernel::SharedGate { x: xn, g, y: s, rows: t, hidden: h })?;
-        }
-        o.launch(&Kernel::AddInplace { x: out, y: s, n: t * h })?;
-    }
-    Ok((out, routing))
-}
-
-/// One MoE layer of a group's rank with the rows in device memory: the plan (replica choice and
-/// the expert ids, one collective), rows to the ranks of their experts, this rank's experts on
-/// what came in, results back to the rows' home ranks, the weighted sum into `out`. Every rank
-/// runs it for every layer, idle ones with no rows ([`Backend::idle_forward`]).
-#[allow(clippy::too_many_arguments)]
-fn ep_layer(o: &mut dyn Ops, host: &MoeLayer, dd: &dyn DeviceDispatch, held: &mut Vec<SlotExpert>, xn: Addr, routing: &Routing, out: Addr, h: usize) -> Result<()> {
-    let (t, k) = (routing.n_tokens(), routing.top_k);
-    let plan = dd.plan(host, routing)?;
-    let send_rows: Vec<usize> = plan.send.iter().map(Vec::len).collect();
-    let recv_rows: Vec<usize> = plan.recv_experts.iter().map(Vec::len).collect();
-    let (n_send, n_recv) = (send_rows.iter().sum::<usize>(), recv_rows.iter().sum::<usize>());
-    // 1. Rows to the ranks of their experts, in destination order.
-    let xs = o.scratch("ep_send", n_send * h)?;
-    if n_send > 0 {
-        let tokens: Vec<i32> = plan.send.iter().flatten().map(|it| it.0 as i32).collect();
-        let idx = o.step_i32(&tokens)?;
-        o.launch(&Kernel::GatherRows { x: xn, idx, out: xs, rows: n_send, hidden: h })?;
-    }
-    let xr = o.exchange_rows(dd, xs, &send_rows, &recv_rows, h)?;
-    // 2. This rank's experts over what came in; results in the order the rows came.
-    let devs = sync_slots(o, held, &plan.experts)?;
-    let yb = o.scratch("ep_back", n_recv * h)?;
-    if n_recv > 0 {
-        let ids = plan.recv_experts.concat();
-        let eplan = moe_plan::plan(&ids, &vec![1.0; n_recv], n_recv, 1, host.n_experts(), &|e| devs.get(e).is_some_and(Option::is_some), false).map_err(|e| plan_err(o.device(), e))?;
-        let y = grouped_experts(o, &devs, &eplan, xr, h)?;
-        let back_idx = o.step_i32(&eplan.src_row)?;
-        o.launch(&Kernel::GatherRows { x: y, idx: back_idx, out: yb, rows: n_recv, hidden: h })?;
-    }
-    // 3. Results back to their home ranks (in this rank's send order), then the weighted sum.
-    let back = o.exchange_rows(dd, yb, &recv_rows, &send_rows, h)?;
-    if t > 0 {
-        let (mut src_row, mut w) = (vec![-1i32; t * k], vec![0f32; t * k]);
-        let mut filled = vec![0usize; t];
-        for (j, &(tok, _, weight)) in plan.send.iter().flatten().enumerate() {
-            let slot = filled.get_mut(tok).filter(|f| **f < k).ok_or_else(|| plan_err(o.device(), format!("token {tok}: more than {k} routed rows")))?;
-            src_row[tok * k + *slot] = j as i32;
-            w[tok * k + *slot] = weight;
-            *slot += 1;
-        }
-        let (src_row, w) = (o.step_i32(&src_row)?, o.step_f32(&w)?);
-        o.launch(&Kernel::CombineRows { y: back, src_row, w, out, tokens: t, k, hidden: h })?;
-    }
-    Ok(())
 }
 
 /// Final norm and lm head over the rows asked for; per sequence `[rows × vocab]`.
