@@ -11,6 +11,11 @@
 //   rmsnorm               kernels.rs rmsnorm / rmsnorm_inplace
 //   silu_mul              kernels.rs silu_mul_fused
 //   shared_gate           moe.rs MoeLayer::shared_forward's gate: y * sigmoid(dot(x, g))
+//   moe_align             the grouping it documents: every choice once, in a tile of its expert,
+//                         tiles in expert order, padding -1, src_row pointing back; bad ids flagged
+//   expert_gemm_*         per grouped row, W_e · x[token] with x rounded to W's dtype (naive, in
+//                         double); padding rows 0, a missing expert flagged, another launch's
+//                         experts left alone
 //   cast_f32_bf16         half::bf16::from_f32 (round to nearest even, quiet NaN)
 //   the rest              direct restatements of the documented data movement (embed_rows_*,
 //                         cast_f32_f16, add_inplace, add_bias, clamp_inplace, kv_write,
@@ -503,6 +508,153 @@ static void check_elementwise() {
   }
 }
 
+// ---- moe_align + expert_gemm_*: a MoE layer's experts with the routing on the device ----
+
+struct Aligned {
+  std::vector<int> sorted, tile_expert, src_row;
+  int error = 0;
+};
+
+static Aligned run_align(const std::vector<unsigned>& ids, int n_experts) {
+  const int choices = (int)ids.size();
+  const int tiles = (choices + 15) / 16 + std::min(n_experts, choices);
+  Aligned a;
+  a.sorted.assign(tiles * 16, 77);
+  a.tile_expert.assign(tiles, 77);
+  a.src_row.assign(choices, 77);
+  launch(dim(1), dim(1024), 0, [&] {
+    moe_align(ids.data(), choices, n_experts, tiles, a.sorted.data(), a.tile_expert.data(), a.src_row.data(), &a.error);
+  });
+  return a;
+}
+
+// How many ways the grouping breaks its contract (0: none).
+static size_t align_violations(const std::vector<unsigned>& ids, int n_experts, const Aligned& a) {
+  size_t bad = 0;
+  const int tiles = (int)a.tile_expert.size();
+  std::vector<int> seen(ids.size(), 0);
+  int prev = -1;
+  bool past_end = false;
+  for (int t = 0; t < tiles; ++t) {
+    const int e = a.tile_expert[t];
+    if (e < 0) { past_end = true; for (int r = 0; r < 16; ++r) bad += a.sorted[t * 16 + r] != -1; continue; }
+    bad += past_end || e < prev || e >= n_experts;  // used tiles first, experts ascending
+    prev = e;
+    bool padding = false;
+    for (int r = 0; r < 16; ++r) {
+      const int c = a.sorted[t * 16 + r];
+      if (c < 0) { padding = true; bad += c != -1; continue; }
+      bad += padding;  // padding only at the end of an expert's rows
+      if (c >= (int)ids.size() || (int)ids[c] != e) { ++bad; continue; }
+      ++seen[c];
+      bad += a.src_row[c] != t * 16 + r;
+    }
+  }
+  for (size_t i = 0; i < ids.size(); ++i) bad += ids[i] < (unsigned)n_experts ? seen[i] != 1 : (seen[i] != 0 || a.src_row[i] != -1);
+  // Each expert's rows fill whole tiles but the last: ceil(count / 16) tiles.
+  std::vector<int> count(n_experts, 0), owned(n_experts, 0);
+  for (unsigned e : ids) if (e < (unsigned)n_experts) ++count[e];
+  for (int e : a.tile_expert) if (e >= 0 && e < n_experts) ++owned[e];
+  for (int e = 0; e < n_experts; ++e) bad += owned[e] != (count[e] + 15) / 16;
+  return bad;
+}
+
+static void check_moe_align() {
+  size_t violations = 0, total = 0;
+  for (int n_experts : {1, 3, 8, 64, 256}) {
+    for (int choices : {1, 5, 16, 17, 100, 2500}) {
+      std::vector<unsigned> ids(choices);
+      // Skewed: half the choices on two experts, so some experts span several tiles.
+      for (auto& id : ids) id = urand(0, 1) < 0.5f ? (unsigned)(rng() % std::min(2, n_experts)) : (unsigned)(rng() % n_experts);
+      const Aligned a = run_align(ids, n_experts);
+      violations += align_violations(ids, n_experts, a) + (a.error != 0);
+      total += ids.size();
+    }
+  }
+  ++n_checks;
+  n_failures += violations != 0;
+  printf("%-4s %-58s %zu violations over %zu choices\n", violations ? "FAIL" : "ok", "moe_align (5 expert counts x 6 batch sizes)", violations, total);
+  std::vector<unsigned> ids = {0, 5, 1, 9, 2};
+  const Aligned a = run_align(ids, 4);
+  exact("moe_align flags ids out of range", std::vector<int>{a.error, a.src_row[1], a.src_row[3]}, std::vector<int>{1, -1, -1});
+  exact("moe_align places the valid choices", std::vector<size_t>{align_violations(ids, 4, a)}, std::vector<size_t>{0});
+}
+
+template <class T>
+static float weight_value(const T& w) {
+  if constexpr (std::is_same_v<T, float>) return w;
+  else return __uint_as_float((unsigned)w << 16);
+}
+
+static void check_expert_gemm() {
+  // t tokens x top-k choices over e experts; n output columns, k_dim the reduction (neither a
+  // multiple of its tile); x rounded to bf16 for the bf16 weights, as the cast does.
+  const int t = 9, top_k = 2, e = 5, n = 70, k_dim = 45;
+  std::vector<unsigned> ids(t * top_k);
+  for (int i = 0; i < t * top_k; ++i) ids[i] = (i % top_k == 0) ? 1 : (unsigned)(rng() % e);
+  const Aligned a = run_align(ids, e);
+  const int tiles = (int)a.tile_expert.size(), rows = tiles * 16;
+  auto x = rv(t * k_dim);
+  std::vector<std::vector<float>> wf(e);
+  std::vector<std::vector<unsigned short>> wb(e);
+  for (int j = 0; j < e; ++j) {
+    wf[j] = rv(n * k_dim);
+    for (float v : wf[j]) wb[j].push_back(bf16_ref(v));
+  }
+  // Row p's reference for expert weights w (as float), x rounded by round.
+  auto want = [&](auto& w, auto round) {
+    std::vector<float> out(rows * n, -5.0f);
+    for (int p = 0; p < rows; ++p) {
+      if (a.tile_expert[p / 16] < 0) continue;
+      const int c = a.sorted[p];
+      for (int col = 0; col < n; ++col) {
+        if (c < 0) { out[p * n + col] = 0; continue; }
+        double s = 0;
+        for (int i = 0; i < k_dim; ++i) s += (double)round(x[(c / top_k) * k_dim + i]) * weight_value(w[ids[c]][col * k_dim + i]);
+        out[p * n + col] = (float)s;
+      }
+    }
+    return out;
+  };
+  auto grid = dim(tiles, (n + 63) / 64);
+  {
+    std::vector<unsigned long long> table(e);
+    for (int j = 0; j < e; ++j) table[j] = (unsigned long long)wf[j].data();
+    std::vector<float> out(rows * n, -5.0f);
+    int error = 0;
+    launch(grid, dim(256), 0, [&] { expert_gemm_f32(x.data(), a.sorted.data(), top_k, table.data(), a.tile_expert.data(), out.data(), n, k_dim, &error); });
+    near("expert_gemm_f32 (gathered rows, padding 0)", out, want(wf, [](float v) { return v; }), 1e-5);
+    exact("expert_gemm_f32 error word", std::vector<int>{error}, std::vector<int>{0});
+  }
+  {
+    std::vector<unsigned long long> table(e);
+    for (int j = 0; j < e; ++j) table[j] = (unsigned long long)wb[j].data();
+    std::vector<float> out(rows * n, -5.0f);
+    int error = 0;
+    launch(grid, dim(256), 0, [&] { expert_gemm_bf16(x.data(), a.sorted.data(), top_k, table.data(), a.tile_expert.data(), out.data(), n, k_dim, &error); });
+    near("expert_gemm_bf16 (x rounded to bf16)", out, want(wb, [](float v) { return __uint_as_float((unsigned)bf16_ref(v) << 16); }), 1e-5);
+  }
+  {  // row_div 0: the input is already grouped (row p); expert 1 in another launch; 3 missing
+    std::vector<float> xg(rows * k_dim);
+    for (int p = 0; p < rows; ++p)
+      for (int i = 0; i < k_dim; ++i) xg[p * k_dim + i] = a.sorted[p] >= 0 ? x[(a.sorted[p] / top_k) * k_dim + i] : NAN;
+    std::vector<unsigned long long> table(e);
+    for (int j = 0; j < e; ++j) table[j] = (unsigned long long)wf[j].data();
+    table[1] = 1;  // WEIGHTS_IN_OTHER_LAUNCH
+    std::vector<float> out(rows * n, -5.0f);
+    int error = 0;
+    launch(grid, dim(256), 0, [&] { expert_gemm_f32(xg.data(), a.sorted.data(), 0, table.data(), a.tile_expert.data(), out.data(), n, k_dim, &error); });
+    auto ref = want(wf, [](float v) { return v; });
+    for (int p = 0; p < rows; ++p)
+      if (a.tile_expert[p / 16] == 1) for (int col = 0; col < n; ++col) ref[p * n + col] = -5.0f;  // untouched
+    near("expert_gemm_f32 on grouped rows, one expert skipped", out, ref, 1e-5);
+    table[3] = 0;
+    const bool routed_to_3 = std::find(ids.begin(), ids.end(), 3u) != ids.end();
+    launch(grid, dim(256), 0, [&] { expert_gemm_f32(xg.data(), a.sorted.data(), 0, table.data(), a.tile_expert.data(), out.data(), n, k_dim, &error); });
+    exact("expert_gemm_* flags a routed expert with no weights", std::vector<int>{error}, std::vector<int>{routed_to_3 ? 2 : 0});
+  }
+}
+
 int main() {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hung run still shows how far it got
   check_conversions();
@@ -511,6 +663,8 @@ int main() {
   check_rope();
   check_attention();
   check_route_topk();
+  check_moe_align();
+  check_expert_gemm();
   if (n_failures) printf("FAILED: %d of %d checks\n", n_failures, n_checks);
   else printf("all %d checks passed\n", n_checks);
   return n_failures != 0;

@@ -15,6 +15,7 @@
 //   extern __shared__ T name[];                      ->  T* name = (T*)emu_dynamic_shared;
 // Everything else is handled by the macros and functions below.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -47,6 +48,7 @@ inline void* emu_dynamic_shared;
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   emu::warp_exchange[emu::warp][emu::lane] = v;
   emu::warp_barriers[emu::warp]->arrive_and_wait();

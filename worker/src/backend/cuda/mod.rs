@@ -3,7 +3,8 @@
 //! Everything that decides *what* to launch is plain Rust that compiles and is unit-tested
 //! without a GPU (and without the `cuda` feature): [`kernel_src`] generates the CUDA C that NVRTC
 //! compiles at start-up, [`geometry`] the launch shapes, [`paged_kv`] the KV page tables,
-//! [`moe_plan`] the per-expert row grouping of a MoE layer, [`dtype`] the upload dtype of each
+//! [`moe_plan`] the host-side row grouping a rank of an expert-parallel group plans its
+//! all-to-all with (one process running every expert groups on the device instead), [`dtype`] the upload dtype of each
 //! weight. The forward step ([`step`]) is written once against [`ops::Ops`]: `runtime` (feature
 //! `cuda`, the only code that touches the driver, cuBLAS and NVRTC through `cudarc`) implements it
 //! on a GPU, [`reference`] on the host with the CPU backend's numerics, so the step is tested

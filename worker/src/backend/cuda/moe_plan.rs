@@ -7,8 +7,9 @@
 //! ([`MoePlan::gather`]), runs one grouped GEMM over the [`MoePlan::groups`], and combines the
 //! outputs back per token with [`MoePlan::src_row`] and [`MoePlan::weights`]. Under expert
 //! parallelism, choices of experts this device does not hold are left out (`src_row == -1`)
-//! and run on another rank. The plan is computed on the host from the router's output; it
-//! is plain Rust so that it is unit-tested on the CPU.
+//! and run on another rank. The plan is computed on the host from the router's output, which a
+//! rank of a larger group has there anyway (the counts size its all-to-all); a device running
+//! every expert of a layer groups on the device (`kernel_src::expert_grouping`).
 
 /// Why routing could not be planned.
 #[derive(Debug, thiserror::Error, PartialEq)]

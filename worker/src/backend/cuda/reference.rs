@@ -510,7 +510,7 @@ impl HostOps {
                     y.fill(0.0);
                     continue;
                 }
-                let row = if g.row_div > 0 { sorted[p] as usize / g.row_div } else { p };
+                let row = (sorted[p] as usize).checked_div(g.row_div).unwrap_or(p);
                 let mut xr = self.f32s(g.x + 4 * (row * g.k) as u64, g.k)?;
                 round_to(&mut xr, g.dtype);
                 kernels::matmul_bt(&xr, 1, g.k, &w, g.n, y);

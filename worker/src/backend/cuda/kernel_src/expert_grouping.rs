@@ -51,7 +51,7 @@ pub const ERROR_NO_WEIGHTS: i32 = 2;
 
 const ROW_LANES: usize = EXPERT_GEMM_BLOCK as usize / EXPERT_TILE_N;
 const ROWS_PER_THREAD: usize = EXPERT_TILE_M / ROW_LANES;
-const _: () = assert!(EXPERT_GEMM_BLOCK as usize % EXPERT_TILE_N == 0 && EXPERT_TILE_M % ROW_LANES == 0);
+const _: () = assert!((EXPERT_GEMM_BLOCK as usize).is_multiple_of(EXPERT_TILE_N) && EXPERT_TILE_M.is_multiple_of(ROW_LANES));
 const _: () = assert!(ALIGN_BLOCK <= 1024 && MAX_ALIGN_EXPERTS >= 1);
 
 /// Tiles the grouped buffer needs at most for `choices` routed rows over `n_experts` experts:
