@@ -522,7 +522,7 @@ static Aligned run_align(const std::vector<unsigned>& ids, int n_experts) {
   a.sorted.assign(tiles * 16, 77);
   a.tile_expert.assign(tiles, 77);
   a.src_row.assign(choices, 77);
-  launch(dim(1), dim(1024), 0, [&] {
+  launch(dim(1), dim(256), 0, [&] {
     moe_align(ids.data(), choices, n_experts, tiles, a.sorted.data(), a.tile_expert.data(), a.src_row.data(), &a.error);
   });
   return a;

@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn expert_grouping_shapes() {
-        assert_eq!(moe_align(8, 64, 9).unwrap(), LaunchDims { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: 0 });
+        assert_eq!(moe_align(8, 64, 9).unwrap(), LaunchDims { grid: (1, 1, 1), block: (ALIGN_BLOCK, 1, 1), shared_bytes: 0 });
         assert_eq!(moe_align(8, 1025, 9), Err(GeometryError::TooManyExperts { n_experts: 1025, max: 1024 }));
         assert!(matches!(moe_align(8, 8, 1 << 28), Err(GeometryError::IntOverflow { what: "grouped rows", .. })));
         assert_eq!(moe_align(0, 8, 0), Err(GeometryError::Empty { what: "choices" }));

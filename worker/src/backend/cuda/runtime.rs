@@ -100,7 +100,9 @@ impl CudaOps {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (major, minor) = ctx.compute_capability().map_err(drv("compute capability"))?;
-        let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture=sm_{major}{minor}")], ..Default::default() };
+        // A virtual architecture: NVRTC emits PTX for it (a real `sm_XY` makes it emit a cubin,
+        // and `compile_ptx` asks for PTX), which the driver compiles for this GPU at load.
+        let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}")], ..Default::default() };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernel_src::source(), opts).map_err(|e| DeviceError::Compile { device, log: format!("{e:?}") })?;
         let module = ctx.load_module(ptx).map_err(drv("cuModuleLoad"))?;
         let mut functions = HashMap::new();

@@ -29,8 +29,9 @@
 
 use super::{WeightType, WEIGHT_TYPES};
 
-/// Threads of `moe_align`'s single block.
-pub const ALIGN_BLOCK: u32 = 1024;
+/// Threads of `moe_align`'s single block. At most 256 like every block here: 256 threads × 255
+/// registers fit any GPU's register file, so no launch can fail for lack of registers.
+pub const ALIGN_BLOCK: u32 = 256;
 /// Most experts `moe_align` groups (its shared count and offset arrays).
 pub const MAX_ALIGN_EXPERTS: usize = 1024;
 /// Rows per tile of `expert_gemm_*`: every expert's rows are padded to a multiple of it.
@@ -52,7 +53,7 @@ pub const ERROR_NO_WEIGHTS: i32 = 2;
 const ROW_LANES: usize = EXPERT_GEMM_BLOCK as usize / EXPERT_TILE_N;
 const ROWS_PER_THREAD: usize = EXPERT_TILE_M / ROW_LANES;
 const _: () = assert!((EXPERT_GEMM_BLOCK as usize).is_multiple_of(EXPERT_TILE_N) && EXPERT_TILE_M.is_multiple_of(ROW_LANES));
-const _: () = assert!(ALIGN_BLOCK <= 1024 && MAX_ALIGN_EXPERTS >= 1);
+const _: () = assert!(ALIGN_BLOCK <= 256 && EXPERT_GEMM_BLOCK <= 256 && MAX_ALIGN_EXPERTS >= 1);
 
 /// Tiles the grouped buffer needs at most for `choices` routed rows over `n_experts` experts:
 /// every expert's last tile may be partly padding.
