@@ -43,6 +43,8 @@ pub struct RegistrationConfig {
     pub grpc_address: String,
     pub transport_address: String,
     pub node: String,
+    /// GPUs the worker computes on (0: CPU).
+    pub gpus: u32,
     /// Where the membership key goes (etcd); `None`: no key (the embedded store lives in the
     /// coordinator, which then relies on health polls alone).
     pub store: Option<AnyStore>,
@@ -137,6 +139,7 @@ impl Registration {
             rank_hint: -1,
             node: self.cfg.node.clone(),
             worker_id: self.membership.id().unwrap_or_default().to_string(),
+            gpus: self.cfg.gpus,
         };
         let mut last = String::new();
         for addr in &self.cfg.coordinators {
@@ -169,7 +172,7 @@ impl Registration {
                 if let Some(old) = old {
                     typed::remove_member(store, &old).await.map_err(|e| Attempt::Fatal(e.into()))?;
                 }
-                let m = Member { id, rank: 0, node: self.cfg.node.clone(), addr: self.cfg.grpc_address.clone(), transport_addr: self.cfg.transport_address.clone(), gpus: 0 };
+                let m = Member { id, rank: 0, node: self.cfg.node.clone(), addr: self.cfg.grpc_address.clone(), transport_addr: self.cfg.transport_address.clone(), gpus: self.cfg.gpus };
                 typed::put_member(store, &m, Some(*lease)).await.map_err(|e| Attempt::Fatal(e.into()))?;
             }
             return Ok(());

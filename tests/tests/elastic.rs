@@ -220,6 +220,31 @@ fn a_drained_rank_leaves_without_failing_a_request() {
     eprintln!("drain: rank 1 left after {:.2} s (generation {} -> {}); {done} requests, none failed", t0.elapsed().as_secs_f64(), before.generation, s.generation);
 }
 
+/// A worker that computes on GPUs asks to join a group of CPU workers (a real coordinator, its
+/// Control API called as a worker would): refused with FAILED_PRECONDITION and a stable code,
+/// and the group keeps serving as it was.
+#[test]
+fn a_worker_of_the_other_device_kind_is_refused_and_the_group_serves_on() {
+    use switchyard_proto::v1 as pb;
+    let model = model();
+    let mut g = Group::new();
+    let (_c, addr) = g.coordinator(&model, 1, None, &[]);
+    let _w = g.worker(&addr, None);
+    until_served(&addr, Duration::from_secs(60));
+    let before = wait_status(&addr, Duration::from_secs(10), "1 rank serving", |s| s.serving && s.world_size == 1);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let refused = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("url").connect().await.expect("connect");
+        let req = pb::RegisterRequest { grpc_address: "127.0.0.1:1".into(), transport_address: "127.0.0.1:2".into(), rank_hint: -1, node: "gpu-node".into(), worker_id: String::new(), gpus: 1 };
+        pb::control_client::ControlClient::new(ch).register(req).await.expect_err("a GPU worker beside a CPU one")
+    });
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("CONTROL_MIXED_COMPUTE") && refused.message().contains("one kind of device"), "{}", refused.message());
+    std::thread::sleep(Duration::from_millis(500));
+    let after = wait_status(&addr, Duration::from_secs(10), "still serving", |s| s.serving);
+    assert_eq!((after.generation, after.world_size, after.workers.len()), (before.generation, 1, before.workers.len()), "nothing changed: {after:#?}");
+}
+
 #[test]
 fn survivors_without_room_refuse_clearly_then_recover_when_a_worker_joins() {
     let model = model();

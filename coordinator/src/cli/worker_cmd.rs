@@ -159,6 +159,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             grpc_address: grpc_addr.clone(),
             transport_address: transport_addr.clone(),
             node: a.node.clone(),
+            gpus: u32::from(matches!(a.device, worker::Device::Cuda(_))),
             store,
             lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
         };

@@ -130,7 +130,7 @@ mod tests {
         let initial = placement::solver::contiguous::solve(1, 4, &topo, 2).expect("placement");
         let mut g = Group::new(GroupSettings { min_workers: 2, max_slots_per_rank: None, min_replicas: 1, initial }).expect("group");
         for i in 0..2 {
-            g.register(format!("g{i}"), format!("t{i}"), "n".into(), None);
+            g.register(format!("g{i}"), format!("t{i}"), "n".into(), 0, None);
         }
         let next = g.next_generation(None).expect("a generation");
         g.regroup_finished(next.number).expect("formed");

@@ -23,6 +23,9 @@ pub enum ControlError {
     /// A number from the past: a generation or epoch at or below the current one.
     #[error("stale {what} {got}: the current one is {have}")]
     Stale { what: &'static str, got: u64, have: u64 },
+    /// A worker of the other kind of device than the group's (see `Group::admits`).
+    #[error("a worker computing on {joining} cannot join a group computing on {members} (member {member}): one group, one kind of device")]
+    MixedCompute { joining: &'static str, members: &'static str, member: String },
     #[error("no live worker {0}")]
     UnknownWorker(String),
     #[error("no rank {0} in the active generation")]
@@ -41,6 +44,7 @@ impl ControlError {
             ControlError::NotServing(_) => "CONTROL_NOT_SERVING",
             ControlError::NotLeader { .. } => "CONTROL_NOT_LEADER",
             ControlError::Stale { .. } => "CONTROL_STALE",
+            ControlError::MixedCompute { .. } => "CONTROL_MIXED_COMPUTE",
             ControlError::UnknownWorker(_) => "CONTROL_UNKNOWN_WORKER",
             ControlError::UnknownRank(_) => "CONTROL_UNKNOWN_RANK",
             ControlError::Store(e) => e.code(),
@@ -62,7 +66,7 @@ impl ControlError {
         match self {
             ControlError::InvalidSettings(_) | ControlError::InvalidPlacement(_) => tonic::Status::invalid_argument(msg),
             ControlError::NoRoom { .. } | ControlError::NotServing(_) | ControlError::NotLeader { .. } => tonic::Status::unavailable(msg),
-            ControlError::Stale { .. } => tonic::Status::failed_precondition(msg),
+            ControlError::Stale { .. } | ControlError::MixedCompute { .. } => tonic::Status::failed_precondition(msg),
             ControlError::UnknownWorker(_) | ControlError::UnknownRank(_) => tonic::Status::not_found(msg),
             ControlError::Store(e) if e.is_retryable() => tonic::Status::unavailable(msg),
             ControlError::Store(_) => tonic::Status::internal(msg),

@@ -38,6 +38,8 @@ pub struct WorkerInfo {
     pub transport: String,
     /// Node (machine) name: ranks of one node form one topology node.
     pub node: String,
+    /// GPUs it computes on (0: CPU); one group computes on one kind ([`Group::admits`]).
+    pub gpus: u32,
 }
 
 /// One generation of the expert-parallel group.
@@ -225,7 +227,19 @@ impl Group {
     /// still has it at the same address it stays what it is. Any other member at the same address
     /// was an earlier process there (it died and restarted, or an earlier registration's reply
     /// was lost): it is lost, since whatever it held is gone with it.
-    pub fn register(&mut self, grpc: String, transport: String, node: String, previous: Option<&str>) -> WorkerInfo {
+    /// Whether a worker computing on `gpus` GPUs (0: CPU) may join: the live members compute on
+    /// the same kind of device (GPU ranks run each MoE layer by the device protocol, CPU ranks by
+    /// the host protocol; the two do not meet in one collective). A member returning under its
+    /// `previous` id is judged without itself.
+    pub fn admits(&self, gpus: u32, previous: Option<&str>) -> Result<(), ControlError> {
+        let kind = |g: u32| if g > 0 { "GPUs" } else { "the CPU" };
+        match self.workers.values().find(|e| Some(e.info.id.as_str()) != previous && (e.info.gpus > 0) != (gpus > 0)) {
+            Some(e) => Err(ControlError::MixedCompute { joining: kind(gpus), members: kind(e.info.gpus), member: e.info.id.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn register(&mut self, grpc: String, transport: String, node: String, gpus: u32, previous: Option<&str>) -> WorkerInfo {
         if let Some(e) = previous.and_then(|id| self.workers.get(id)).filter(|e| e.info.grpc == grpc && e.info.transport == transport) {
             return e.info.clone();
         }
@@ -235,7 +249,7 @@ impl Group {
         }
         let id = format!("w{}", self.next_id);
         self.next_id += 1;
-        let info = WorkerInfo { id: id.clone(), grpc, transport, node };
+        let info = WorkerInfo { id: id.clone(), grpc, transport, node, gpus };
         self.workers.insert(id.clone(), Entry { info: info.clone(), draining: false });
         self.order.push(id);
         self.dirty = true;

@@ -19,6 +19,8 @@ pub struct RankRecord {
     pub grpc: String,
     pub transport: String,
     pub node: String,
+    #[serde(default)]
+    pub gpus: u32,
 }
 
 /// The active generation as the leader formed it: what a new leader adopts.
@@ -38,7 +40,7 @@ impl GenerationRecord {
         GenerationRecord {
             number: g.number,
             epoch: g.epoch,
-            ranks: g.ranks.iter().map(|w| RankRecord { id: w.id.clone(), grpc: w.grpc.clone(), transport: w.transport.clone(), node: w.node.clone() }).collect(),
+            ranks: g.ranks.iter().map(|w| RankRecord { id: w.id.clone(), grpc: w.grpc.clone(), transport: w.transport.clone(), node: w.node.clone(), gpus: w.gpus }).collect(),
             placement: serde_json::to_value(&g.placement).unwrap_or(serde_json::Value::Null),
             model_path: model_path.to_string(),
             transport: transport.to_string(),
@@ -48,7 +50,7 @@ impl GenerationRecord {
     /// The generation, with its placement parsed and checked.
     pub fn generation(&self) -> Result<Generation, placement::PlacementError> {
         let placement = placement::Placement::from_json(&self.placement.to_string())?;
-        let ranks = self.ranks.iter().map(|r| WorkerInfo { id: r.id.clone(), grpc: r.grpc.clone(), transport: r.transport.clone(), node: r.node.clone() }).collect();
+        let ranks = self.ranks.iter().map(|r| WorkerInfo { id: r.id.clone(), grpc: r.grpc.clone(), transport: r.transport.clone(), node: r.node.clone(), gpus: r.gpus }).collect();
         Ok(Generation { number: self.number, epoch: self.epoch, ranks, placement })
     }
 }

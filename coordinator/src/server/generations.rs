@@ -39,7 +39,7 @@ impl CoordSvc {
             None => Vec::new(),
         };
         let members = match typed::list_members(&seat.store).await {
-            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node }).collect(),
+            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node, gpus: m.gpus }).collect(),
             Err(e) => {
                 tracing::warn!("cannot list the members [{}]: {e}", e.code());
                 Vec::new()

@@ -213,7 +213,10 @@ impl Control for CoordSvc {
         self.require_leader()?;
         let r = req.into_inner();
         let previous = Some(r.worker_id.as_str()).filter(|id| !id.is_empty());
-        let w = self.group(|g| g.register(r.grpc_address, r.transport_address, r.node, previous));
+        let w = self.group(|g| {
+            g.admits(r.gpus, previous)?;
+            Ok::<_, crate::control::ControlError>(g.register(r.grpc_address, r.transport_address, r.node, r.gpus, previous))
+        })?;
         self.0.membership_changed.notify_one();
         println!("worker {} registered ({})", w.id, w.grpc);
         Ok(Response::new(pb::RegisterResponse { worker_id: w.id }))

@@ -31,6 +31,7 @@ pub struct Member {
     /// Address of the all-to-all transport (TCP) or empty for NCCL.
     #[serde(default)]
     pub transport_addr: String,
+    /// GPUs it computes on (0: CPU).
     #[serde(default)]
     pub gpus: u32,
 }

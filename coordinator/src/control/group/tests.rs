@@ -14,7 +14,7 @@ fn settings(min_workers: usize, slots: usize, budget: Option<usize>, min_replica
 }
 
 fn register(g: &mut Group, n: usize) -> Vec<WorkerId> {
-    (0..n).map(|i| g.register(format!("grpc{i}"), format!("tx{i}"), format!("node{i}"), None).id).collect()
+    (0..n).map(|i| g.register(format!("grpc{i}"), format!("tx{i}"), format!("node{i}"), 0, None).id).collect()
 }
 
 /// A group of `n` workers (min_workers = n, each expert once) with its first generation formed.
@@ -52,7 +52,7 @@ fn first_generation_waits_for_min_workers() {
     assert!(g.next_generation(None).is_none());
     assert_eq!(g.serving(), Serving::WaitingForWorkers { have: 2, want: 3 });
     assert!(g.routable().is_empty());
-    g.register("g".into(), "t".into(), "n".into(), None);
+    g.register("g".into(), "t".into(), "n".into(), 0, None);
     let first = g.next_generation(None).unwrap();
     assert_eq!(first.world(), 3);
     g.regroup_finished(first.number).unwrap();
@@ -82,7 +82,7 @@ fn a_loss_plans_a_smaller_generation_in_order() {
 #[test]
 fn a_joiner_comes_last() {
     let (mut g, ids) = formed(3, Some(3));
-    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), 0, None).id;
     assert_eq!(g.spare_workers(), 1);
     assert_eq!(g.serving(), Serving::Yes, "a join being formed does not stop serving");
     let next = g.next_generation(None).unwrap();
@@ -103,7 +103,7 @@ fn no_room_names_the_missing_experts_and_a_join_resolves_it() {
     assert!(missing.iter().all(|&(l, e)| l < LAYERS && e < EXPERTS));
     assert!(g.serving().reason().contains("experts missing"));
     assert!(g.routable().is_empty());
-    g.register("j".into(), "tj".into(), "nj".into(), None);
+    g.register("j".into(), "tj".into(), "nj".into(), 0, None);
     let next = g.next_generation(None).expect("a join resolves NoRoom");
     assert_eq!(next.world(), 4);
     check_placement(&next, Some(2));
@@ -168,7 +168,7 @@ fn adopting_a_generation_with_a_dead_member_plans_at_once_above_it() {
     assert_eq!(ids_of(&next), alive.iter().map(String::as_str).collect::<Vec<_>>());
     check_placement(&next, Some(3));
     // New registrations do not reuse the recorded ids.
-    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), 0, None).id;
     assert!(!ids.contains(&j));
 }
 
@@ -209,7 +209,7 @@ fn a_failed_join_reforms_the_survivors_that_left_the_active_generation() {
     // in generation 1.
     let (mut g, ids) = formed(3, None);
     let active = g.active().unwrap().number;
-    let j = g.register("j".into(), "tj".into(), "nj".into(), None).id;
+    let j = g.register("j".into(), "tj".into(), "nj".into(), 0, None).id;
     let next = g.next_generation(None).unwrap();
     g.regroup_abandoned(next.number, std::slice::from_ref(&j)).unwrap();
     assert!(!g.serving().is_serving(), "the survivors left generation {active}");
@@ -255,4 +255,21 @@ fn a_loss_with_replicas_serves_first_and_restores_the_floor_next() {
     check_placement(&restore, Some(8));
     g.regroup_finished(restore.number).unwrap();
     assert!(g.next_generation(None).is_none(), "nothing left to do");
+}
+
+#[test]
+fn a_worker_of_the_other_device_kind_is_refused() {
+    let mut g = Group::new(settings(2, EXPERTS / 2, None, 1)).unwrap();
+    register(&mut g, 2);
+    assert_eq!(g.admits(0, None), Ok(()));
+    let err = g.admits(1, None).expect_err("a GPU worker beside CPU workers");
+    assert_eq!(err.code(), "CONTROL_MIXED_COMPUTE");
+    assert_eq!(err.to_status().code(), tonic::Code::FailedPrecondition);
+    assert!(err.to_string().contains("computing on GPUs cannot join a group computing on the CPU"), "{err}");
+    // Alone, a member may come back as anything; an empty group takes either kind.
+    let mut solo = Group::new(settings(2, EXPERTS / 2, None, 1)).unwrap();
+    let id = solo.register("g".into(), "t".into(), "n".into(), 1, None).id;
+    assert_eq!(solo.admits(1, None), Ok(()));
+    assert!(solo.admits(0, None).is_err());
+    assert_eq!(solo.admits(0, Some(&id)), Ok(()), "the member itself is not its own obstacle");
 }

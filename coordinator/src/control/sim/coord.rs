@@ -225,7 +225,7 @@ impl World {
         let Role::Adopting(a) = std::mem::replace(&mut self.coords[c].role, Role::Standby) else { return };
         let mut group = Group::new(self.settings.clone()).expect("valid sim settings");
         let members = match ready(typed::list_members(&self.store)) {
-            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node }),
+            Ok((m, _)) => m.into_iter().map(|m| WorkerInfo { id: m.id, grpc: m.addr, transport: m.transport_addr, node: m.node, gpus: m.gpus }),
             Err(e) => return self.violation = Some(format!("members cannot be listed: {e}")),
         };
         let reserved = match ready(record::reserved_generation(&self.store)) {
@@ -524,7 +524,7 @@ impl World {
         match m {
             Msg::Register { w, previous } => {
                 // As the Control service's `register`.
-                let id = lead.group.register(address(w), format!("tx{w}"), format!("node{w}"), previous.as_deref()).id;
+                let id = lead.group.register(address(w), format!("tx{w}"), format!("node{w}"), 0, previous.as_deref()).id;
                 self.send(To::Worker(w), Msg::Registered { id });
             }
             Msg::RegroupReply { w, number, ok } => {
