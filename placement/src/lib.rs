@@ -12,6 +12,7 @@ pub mod routing_file;
 pub mod robust;
 pub mod stats;
 pub mod synth;
+pub mod synth_latent;
 pub mod eval;
 pub mod plot;
 pub mod solver;

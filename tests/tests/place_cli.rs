@@ -194,3 +194,29 @@ fn place_bench_scores_real_routing_across_domains() {
     }
     fails(&["place", "bench", "--real-routing", routing, "--only", "no such scenario"], "no such scenario");
 }
+
+/// The residual-stream generator writes a trace another domain mix of which moves the loads; its
+/// bad inputs are clear errors.
+#[test]
+fn the_latent_generator_writes_traces_and_refuses_bad_mixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (p(dir.path(), "a.safetensors"), p(dir.path(), "b.safetensors"));
+    let synth = |out: &str, weights: &str| {
+        ok(&["trace", "synth", "--generator", "latent", "--preset", "mixtral", "--layers", "4", "--sequences", "64", "--domain-weights", weights, "--out", out])
+    };
+    assert!(synth(&a, "1,0,0,0").contains("latent generator"));
+    synth(&b, "0,0,0,1");
+    let hottest = |f: &str| -> Vec<u64> {
+        let s: serde_json::Value = serde_json::from_str(&ok(&["trace", "stats", "--trace", f, "--json"])).unwrap();
+        assert_eq!((s["layers"].as_u64(), s["experts"].as_u64(), s["sequences"].as_u64()), (Some(4), Some(8), Some(64)), "{s}");
+        s["per_layer"].as_array().unwrap().iter().map(|l| l["hottest_expert"].as_u64().unwrap()).collect()
+    };
+    // Each domain has its own topic: another mix, other hot experts (the unit tests measure by how much).
+    assert_ne!(hottest(&a), hottest(&b), "two domains route alike");
+    let out = p(dir.path(), "bad.safetensors");
+    fails(&["trace", "synth", "--generator", "latent", "--domain-weights", "1,2", "--out", &out], "domain_weights");
+    fails(&["trace", "synth", "--generator", "latent", "--zipf", "0.5", "--out", &out], "--generator table");
+    fails(&["trace", "synth", "--generator", "table", "--domain-weights", "1,1,1,1", "--out", &out], "--generator latent");
+    fails(&["trace", "synth", "--generator", "tables", "--out", &out], "unknown generator");
+    assert!(!Path::new(&out).exists(), "nothing written on bad input");
+}

@@ -7,6 +7,7 @@ use anyhow::Context;
 use placement::eval::{Evaluation, HardwareProfile};
 use placement::solver::{self, Mode, SolveOptions, SolveReport, SolverKind};
 use placement::synth::{SynthConfig, synthesize};
+use placement::synth_latent::{LatentConfig, synthesize_latent};
 use placement::{Placement, RoutingTrace, Topology};
 
 use placement::RoutingFile;
@@ -451,6 +452,9 @@ struct BenchRow {
 enum Source {
     /// Two samples of one synthetic routing model.
     Synth(SynthConfig),
+    /// Two samples of one residual-stream routing model (`placement::synth_latent`), the second
+    /// with the domain mix reversed: another day's traffic of the same model.
+    Latent(LatentConfig),
     /// Two real traces (solve on the first, score on the second).
     Real(RoutingTrace, RoutingTrace),
 }
@@ -518,6 +522,14 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let name = format!("mixtral (32x8 top-2, 4 ranks, {slots} slots)");
         scenarios.push(Scenario { name, source: tuned(SynthConfig::mixtral()), ranks: 4, nodes: 1, slots, groups: None });
     }
+    // The residual-stream generator: solved on one domain mix, scored on the reversed mix.
+    let latent = |l: LatentConfig| Source::Latent(LatentConfig { num_sequences: seqs, tokens_per_sequence: per_seq, domain_weights: vec![4.0, 3.0, 2.0, 1.0], ..l });
+    if !a.mixtral_only {
+        let name = "latent deepseek-v3 (58x256 top-8, 32 ranks / 4 nodes, 9 slots)".to_string();
+        scenarios.push(Scenario { name, source: latent(LatentConfig::deepseek_v3()), ranks: 32, nodes: 4, slots: 9, groups: Some(8) });
+    }
+    let name = "latent mixtral (32x8 top-2, 4 ranks, 2 slots)".to_string();
+    scenarios.push(Scenario { name, source: latent(LatentConfig::mixtral()), ranks: 4, nodes: 1, slots: 2, groups: None });
     if let Some(only) = &a.only {
         scenarios.retain(|s| s.name.contains(only.as_str()));
         anyhow::ensure!(!scenarios.is_empty(), "no place bench scenario's name contains {only:?}");
@@ -528,6 +540,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let (solve_trace, held_out) = match &sc.source {
             // Same routing model (model_seed), two independent samples: solve on one, score on the other.
             Source::Synth(s) => (synthesize(&SynthConfig { seed: s.seed, ..s.clone() })?, synthesize(&SynthConfig { seed: s.seed.wrapping_add(1_000_003), ..s.clone() })?),
+            Source::Latent(l) => {
+                let reversed: Vec<f64> = l.domain_weights.iter().rev().copied().collect();
+                (synthesize_latent(l)?, synthesize_latent(&LatentConfig { seed: l.seed.wrapping_add(1_000_003), domain_weights: reversed, ..l.clone() })?)
+            }
             Source::Real(a, b) => (a.clone(), b.clone()),
         };
         let stats = placement::RoutingStats::from_trace(&solve_trace, Some(sc.ranks));
@@ -577,6 +593,12 @@ fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     for sc in &scenarios {
         if let Source::Synth(s) = &sc.source {
             println!("  {}: zipf {}, transition strength {} (fanout {}), {} domains", sc.name, s.zipf_exponent, s.transition_strength, s.transition_fanout, s.domains);
+        }
+        if let Source::Latent(l) = &sc.source {
+            println!(
+                "  {}: residual-stream router (placement::synth_latent), persistence {}, topic share {}, {} domains mixed {:?}, scored on the reversed mix",
+                sc.name, l.persistence, l.topic_share, l.domains, l.domain_weights
+            );
         }
     }
     println!();

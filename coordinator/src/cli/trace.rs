@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use placement::synth::{SynthConfig, synthesize};
+use placement::synth_latent::{LatentConfig, synthesize_latent};
 use placement::{RoutingStats, RoutingTrace};
 
 use placement::RoutingFile;
@@ -67,6 +68,13 @@ pub struct SynthArgs {
     /// Start from a model shape: `deepseek-v3` (58 layers, 256 experts, top-8) or `mixtral` (32, 8, top-2).
     #[arg(long, default_value = "mixtral")]
     preset: String,
+    /// Routing model: `table` (popularity and successor tables, `placement::synth`) or `latent`
+    /// (a router reading a residual-stream state, `placement::synth_latent`).
+    #[arg(long, default_value = "table")]
+    generator: String,
+    /// Latent generator: probability of each domain per sequence, comma-separated (default uniform).
+    #[arg(long, value_delimiter = ',')]
+    domain_weights: Vec<f64>,
     #[arg(long)]
     layers: Option<usize>,
     #[arg(long)]
@@ -95,10 +103,34 @@ pub struct SynthArgs {
     out: PathBuf,
 }
 
+/// `trace synth --generator latent`.
+fn synth_latent(a: SynthArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.zipf.is_none() && a.transition_strength.is_none(), "--zipf and --transition-strength are for --generator table");
+    let mut c = match a.preset.as_str() {
+        "deepseek-v3" => LatentConfig::deepseek_v3(),
+        "mixtral" => LatentConfig::mixtral(),
+        other => anyhow::bail!("unknown preset {other:?} (deepseek-v3 or mixtral)"),
+    };
+    macro_rules! set {
+        ($($field:ident <- $arg:expr),*) => { $( if let Some(v) = $arg { c.$field = v; } )* };
+    }
+    set!(num_layers <- a.layers, num_experts <- a.experts, top_k <- a.top_k,
+         num_sequences <- a.sequences, tokens_per_sequence <- a.tokens_per_sequence,
+         domains <- a.domains, model_seed <- a.model_seed, seed <- a.seed);
+    c.domain_weights = a.domain_weights;
+    let t = synthesize_latent(&c)?;
+    t.write(&a.out)?;
+    println!("wrote {}: {} tokens, {} layers, {} experts, top-{} (latent generator)", a.out.display(), t.num_tokens(), t.num_layers, t.num_experts, t.top_k);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TraceCommand::Record { endpoint, seconds, out } => super::admin::record(endpoint, seconds, &out),
+        TraceCommand::Synth(a) if a.generator == "latent" => synth_latent(a),
         TraceCommand::Synth(a) => {
+            anyhow::ensure!(a.generator == "table", "unknown generator {:?} (table or latent)", a.generator);
+            anyhow::ensure!(a.domain_weights.is_empty(), "--domain-weights is for --generator latent");
             let mut c = match a.preset.as_str() {
                 "deepseek-v3" => SynthConfig::deepseek_v3(),
                 "mixtral" => SynthConfig::mixtral(),

@@ -96,6 +96,12 @@ pub struct SolveOptions {
     /// ([`crate::robust::shifted_loads`]); empty: the swap search draws independent per-expert
     /// drift instead.
     pub load_shifts: Vec<Vec<Vec<f64>>>,
+    /// Draws like [`Self::load_resamples`] and [`Self::load_shifts`] but independent of them
+    /// (other seeds): the swap search keeps a layer's swaps only as far as the layer stays within
+    /// its caps on these too, which it never chose swaps on. Empty: the sampled loads and
+    /// independent drift of another seed.
+    pub check_resamples: Vec<Vec<Vec<f64>>>,
+    pub check_shifts: Vec<Vec<Vec<f64>>>,
     /// Primary-expert transitions of bootstrap resamples of the solved trace,
     /// `[resample][layer][e · E + e2]` ([`crate::robust::bootstrap_transitions`]); empty: the swap
     /// search takes a swap on its in-sample hop gain alone.
@@ -117,6 +123,8 @@ impl SolveOptions {
             load_drift: crate::robust::DEFAULT_DRIFT,
             load_resamples: Vec::new(),
             load_shifts: Vec::new(),
+            check_resamples: Vec::new(),
+            check_shifts: Vec::new(),
             transition_resamples: Vec::new(),
         }
     }
@@ -128,6 +136,8 @@ impl SolveOptions {
         use crate::robust::{RESAMPLES, bootstrap_loads, bootstrap_transitions, shifted_loads};
         self.load_resamples = bootstrap_loads(trace, RESAMPLES, 0);
         self.load_shifts = shifted_loads(trace, RESAMPLES, self.load_drift, 3);
+        self.check_resamples = bootstrap_loads(trace, RESAMPLES, 7);
+        self.check_shifts = shifted_loads(trace, RESAMPLES, self.load_drift, 9);
         self.transition_resamples = bootstrap_transitions(trace, RESAMPLES, 5);
     }
 }
