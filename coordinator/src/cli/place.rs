@@ -430,7 +430,10 @@ fn print_report(r: &SolveReport) {
         );
     }
     if r.mode == Mode::Affinity && r.solver == SolverKind::Ilp {
-        println!("swaps       {} expert swaps on {} layers kept more hops at no loss of expected balance", r.search_swaps, r.search_layers_changed);
+        println!(
+            "swaps       {} expert swaps kept more hops at no loss of expected balance, {} undone (they broke a cap on independent check draws); {} layers differ from EPLB's",
+            r.search_swaps, r.search_swaps_rolled_back, r.search_layers_changed
+        );
     }
     println!("time        {:.2} s", r.solve_seconds);
 }

@@ -199,6 +199,9 @@ pub struct SolveReport {
     /// changed (see `scenario_search.rs`).
     pub search_swaps: usize,
     pub search_layers_changed: usize,
+    /// Swaps the search took on its scenarios and undid because the layer then broke its caps on
+    /// the independent check draws.
+    pub search_swaps_rolled_back: usize,
     /// The first subproblem failure, if any (that layer kept its warm-start placement).
     pub layer_error: Option<String>,
     pub solve_seconds: f64,
@@ -243,6 +246,7 @@ pub fn solve(
         subproblems_hit_time_limit: 0,
         layers_improved: 0,
         search_swaps: 0,
+        search_swaps_rolled_back: 0,
         search_layers_changed: 0,
         layer_error: None,
         solve_seconds: started.elapsed().as_secs_f64(),
@@ -275,6 +279,7 @@ pub fn solve(
             };
             let mut r = report(kind, &p, Some(warm));
             r.search_swaps = search.swaps;
+            r.search_swaps_rolled_back = search.swaps_rolled_back;
             r.search_layers_changed = search.layers_changed;
             r.balance_gap = run.balance_gap;
             r.traffic_gap = run.traffic_gap;
