@@ -103,6 +103,48 @@ pub struct SynthArgs {
     out: PathBuf,
 }
 
+/// Applies the `trace synth` flags both generators share to config `$c` (fields of one name).
+macro_rules! shared_synth_flags {
+    ($c:ident, $a:ident) => {
+        let shape = [
+            (&mut $c.num_layers, $a.layers),
+            (&mut $c.num_experts, $a.experts),
+            (&mut $c.top_k, $a.top_k),
+            (&mut $c.num_sequences, $a.sequences),
+            (&mut $c.tokens_per_sequence, $a.tokens_per_sequence),
+            (&mut $c.domains, $a.domains),
+        ];
+        for (field, value) in shape {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        for (field, value) in [(&mut $c.model_seed, $a.model_seed), (&mut $c.seed, $a.seed)] {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+    };
+}
+
+/// `trace synth --generator table`.
+fn synth_table(a: SynthArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.domain_weights.is_empty(), "--domain-weights is for --generator latent");
+    let mut c = match a.preset.as_str() {
+        "deepseek-v3" => SynthConfig::deepseek_v3(),
+        "mixtral" => SynthConfig::mixtral(),
+        other => anyhow::bail!("unknown preset {other:?} (deepseek-v3 or mixtral)"),
+    };
+    shared_synth_flags!(c, a);
+    if let Some(z) = a.zipf {
+        c.zipf_exponent = z;
+    }
+    if let Some(t) = a.transition_strength {
+        c.transition_strength = t;
+    }
+    wrote(&synthesize(&c)?, &a.out, "")
+}
+
 /// `trace synth --generator latent`.
 fn synth_latent(a: SynthArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.zipf.is_none() && a.transition_strength.is_none(), "--zipf and --transition-strength are for --generator table");
@@ -111,50 +153,25 @@ fn synth_latent(a: SynthArgs) -> anyhow::Result<ExitCode> {
         "mixtral" => LatentConfig::mixtral(),
         other => anyhow::bail!("unknown preset {other:?} (deepseek-v3 or mixtral)"),
     };
-    macro_rules! set {
-        ($($field:ident <- $arg:expr),*) => { $( if let Some(v) = $arg { c.$field = v; } )* };
-    }
-    set!(num_layers <- a.layers, num_experts <- a.experts, top_k <- a.top_k,
-         num_sequences <- a.sequences, tokens_per_sequence <- a.tokens_per_sequence,
-         domains <- a.domains, model_seed <- a.model_seed, seed <- a.seed);
+    shared_synth_flags!(c, a);
     c.domain_weights = a.domain_weights;
-    let t = synthesize_latent(&c)?;
-    t.write(&a.out)?;
-    println!("wrote {}: {} tokens, {} layers, {} experts, top-{} (latent generator)", a.out.display(), t.num_tokens(), t.num_layers, t.num_experts, t.top_k);
+    wrote(&synthesize_latent(&c)?, &a.out, " (latent generator)")
+}
+
+fn wrote(t: &RoutingTrace, out: &std::path::Path, what: &str) -> anyhow::Result<ExitCode> {
+    t.write(out)?;
+    println!("wrote {}: {} tokens, {} layers, {} experts, top-{}{what}", out.display(), t.num_tokens(), t.num_layers, t.num_experts, t.top_k);
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TraceCommand::Record { endpoint, seconds, out } => super::admin::record(endpoint, seconds, &out),
-        TraceCommand::Synth(a) if a.generator == "latent" => synth_latent(a),
-        TraceCommand::Synth(a) => {
-            anyhow::ensure!(a.generator == "table", "unknown generator {:?} (table or latent)", a.generator);
-            anyhow::ensure!(a.domain_weights.is_empty(), "--domain-weights is for --generator latent");
-            let mut c = match a.preset.as_str() {
-                "deepseek-v3" => SynthConfig::deepseek_v3(),
-                "mixtral" => SynthConfig::mixtral(),
-                other => anyhow::bail!("unknown preset {other:?} (deepseek-v3 or mixtral)"),
-            };
-            macro_rules! set {
-                ($($field:ident <- $arg:expr),*) => { $( if let Some(v) = $arg { c.$field = v; } )* };
-            }
-            set!(num_layers <- a.layers, num_experts <- a.experts, top_k <- a.top_k,
-                 num_sequences <- a.sequences, tokens_per_sequence <- a.tokens_per_sequence,
-                 zipf_exponent <- a.zipf, transition_strength <- a.transition_strength,
-                 domains <- a.domains, model_seed <- a.model_seed, seed <- a.seed);
-            let t = synthesize(&c)?;
-            t.write(&a.out)?;
-            println!(
-                "wrote {}: {} tokens, {} layers, {} experts, top-{}",
-                a.out.display(),
-                t.num_tokens(),
-                t.num_layers,
-                t.num_experts,
-                t.top_k
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        TraceCommand::Synth(a) => match a.generator.as_str() {
+            "table" => synth_table(a),
+            "latent" => synth_latent(a),
+            other => anyhow::bail!("unknown generator {other:?} (table or latent)"),
+        },
         TraceCommand::Capture { model, input, seq_len, max_tokens, out } => {
             anyhow::ensure!(seq_len >= 1 && max_tokens >= 1, "--seq-len and --max-tokens must be at least 1");
             let m = worker::model::Model::load(&model, &worker::model::LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
