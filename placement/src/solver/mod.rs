@@ -98,8 +98,8 @@ pub struct SolveOptions {
     pub load_shifts: Vec<Vec<Vec<f64>>>,
     /// Draws like [`Self::load_resamples`] and [`Self::load_shifts`] but independent of them
     /// (other seeds): the swap search keeps a layer's swaps only as far as the layer stays within
-    /// its caps on these too, which it never chose swaps on. Empty: the sampled loads and
-    /// independent drift of another seed.
+    /// its caps on these too, which it never chose swaps on. Both empty: no check (nothing
+    /// independent to check on); shifts alone empty: independent drift of another seed.
     pub check_resamples: Vec<Vec<Vec<f64>>>,
     pub check_shifts: Vec<Vec<Vec<f64>>>,
     /// Primary-expert transitions of bootstrap resamples of the solved trace,

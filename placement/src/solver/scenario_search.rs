@@ -333,10 +333,10 @@ fn gain_holds(tables: &[HopTable], hosts: &[Vec<usize>], (e, a, f, b): (usize, u
     held as f64 >= HOP_GAIN_CONFIDENCE * tables.len() as f64
 }
 
-/// One layer's swap search with its neighbours fixed; returns the swaps applied.
-/// Returns the swaps kept and the swaps rolled back by the check.
+/// One layer's swap search with its neighbours fixed; returns the swaps kept and the swaps the
+/// check rolled back.
 fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &[Vec<Vec<f64>>], views: Views, deadline: Instant) -> (usize, usize) {
-    let Views { search: sc, cap, check, check_cap } = views;
+    let Views { search: sc, cap, check } = views;
     let (ne, ranks) = (stats.num_experts, p.num_ranks());
     let mut layer = p.layers[l].clone();
     let visit_start = layer.clone();
@@ -410,9 +410,12 @@ fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &
             }
         }
     }
-    if swaps == 0 {
-        return (0, 0);
-    }
+    let Some((check, check_cap)) = check.filter(|_| swaps > 0) else {
+        if swaps > 0 {
+            p.layers[l] = layer;
+        }
+        return (swaps, 0);
+    };
     // The check: the longest prefix of the swaps (taken best gain first) that stays within the
     // caps on the check scenarios — or no worse than the visit's start where that was above them.
     let start_cost = layer_cost(check, &visit_start, ne);
@@ -432,23 +435,20 @@ fn improve_layer(p: &mut Placement, l: usize, stats: &RoutingStats, resampled: &
                 hi = mid;
             }
         }
-        layer = prefix(lo);
-        if lo > 0 {
-            p.layers[l] = layer;
-        }
+        p.layers[l] = prefix(lo);
         return (lo, order.len() - lo);
     }
     p.layers[l] = layer;
     (swaps, 0)
 }
 
-/// One layer's scenarios and caps: the search's, and the check's (see [`split_scenarios`]).
+/// One layer's scenarios and caps: the search's, and the check's (none: no check draws, the check
+/// is off).
 #[derive(Clone, Copy)]
 struct Views<'a> {
     search: &'a LayerScenarios,
     cap: &'a [f64],
-    check: &'a LayerScenarios,
-    check_cap: &'a [f64],
+    check: Option<(&'a LayerScenarios, &'a [f64])>,
 }
 
 /// Expert `e` (on rank `a`) and `f` (on rank `b`) trade slots.
@@ -470,13 +470,10 @@ pub(crate) fn improve(stats: &RoutingStats, opts: &SolveOptions, reference: &Pla
         return (start, SearchRun::default());
     }
     let scen = scenarios(stats, &opts.load_resamples, &opts.load_shifts, opts.load_drift, DRIFT_SEED);
-    // Without check draws (statistics that came without a trace) the search's own scenarios are
-    // the check, which then passes whatever the search took.
-    let check = if opts.check_resamples.is_empty() && opts.check_shifts.is_empty() {
-        scenarios(stats, &opts.load_resamples, &opts.load_shifts, opts.load_drift, DRIFT_SEED)
-    } else {
-        scenarios(stats, &opts.check_resamples, &opts.check_shifts, opts.load_drift, CHECK_DRIFT_SEED)
-    };
+    // Without check draws (statistics that came without a trace) there is nothing independent to
+    // check on: the check is off.
+    let check = (!opts.check_resamples.is_empty() || !opts.check_shifts.is_empty())
+        .then(|| scenarios(stats, &opts.check_resamples, &opts.check_shifts, opts.load_drift, CHECK_DRIFT_SEED));
     let mut from_start = start;
     let mut reverted = 0;
     for (l, sc) in scen.iter().enumerate() {
@@ -488,14 +485,15 @@ pub(crate) fn improve(stats: &RoutingStats, opts: &SolveOptions, reference: &Pla
         }
     }
     let caps = layer_caps(&scen, reference, &from_start, stats.num_experts);
-    let check_caps = layer_caps(&check, reference, &from_start, stats.num_experts);
+    let check = check.as_ref().map(|c| (c.as_slice(), layer_caps(c, reference, &from_start, stats.num_experts)));
+    let check = check.as_ref().map(|(c, caps)| (*c, caps.as_slice()));
     // Each start gets half of what is left of the time.
     let now = Instant::now();
     let halfway = now + deadline.saturating_duration_since(now) / 2;
     let resampled = &opts.transition_resamples;
-    let (a, mut run_a) = sweep(stats, resampled, (&scen, &caps), (&check, &check_caps), from_start, reference, halfway);
+    let (a, mut run_a) = sweep(stats, resampled, (&scen, &caps), check, from_start, reference, halfway);
     run_a.layers_reverted = reverted;
-    let (b, run_b) = sweep(stats, resampled, (&scen, &caps), (&check, &check_caps), reference.clone(), reference, deadline);
+    let (b, run_b) = sweep(stats, resampled, (&scen, &caps), check, reference.clone(), reference, deadline);
     let hops = |p: &Placement| super::objective(p, stats, super::Mode::Affinity, 1.0).traffic;
     if hops(&b) < hops(&a) - 1e-12 {
         return (b, run_b);
@@ -515,9 +513,7 @@ fn layer_caps(scen: &[LayerScenarios], reference: &Placement, start: &Placement,
         .collect()
 }
 
-
-
-/// Mean max rank load of each view for one layer's placement.
+/// [`LoadState::cost`] of one layer's placement.
 fn layer_cost(sc: &LayerScenarios, layer: &LayerPlacement, ne: usize) -> Vec<f64> {
     let mut copies = vec![0usize; ne];
     layer.ranks.iter().flatten().for_each(|&e| copies[e] += 1);
@@ -529,7 +525,7 @@ fn sweep(
     stats: &RoutingStats,
     resampled: &[Vec<Vec<f64>>],
     (scen, caps): (&[LayerScenarios], &[Vec<f64>]),
-    (check, check_caps): (&[LayerScenarios], &[Vec<f64>]),
+    check: Option<(&[LayerScenarios], &[Vec<f64>])>,
     mut p: Placement,
     reference: &Placement,
     deadline: Instant,
@@ -539,7 +535,7 @@ fn sweep(
         run.sweeps += 1;
         let mut any = false;
         for l in 0..stats.num_layers {
-            let views = Views { search: &scen[l], cap: &caps[l], check: &check[l], check_cap: &check_caps[l] };
+            let views = Views { search: &scen[l], cap: &caps[l], check: check.map(|(c, caps)| (&c[l], caps[l].as_slice())) };
             let (n, rolled_back) = improve_layer(&mut p, l, stats, resampled, views, deadline);
             run.swaps += n;
             run.swaps_rolled_back += rolled_back;
@@ -732,7 +728,7 @@ mod tests {
         let run = |check: &LayerScenarios| {
             let check_cap = layer_cost(check, &start.layers[0], 6);
             let mut p = start.clone();
-            let views = Views { search: &even, cap: &cap, check, check_cap: &check_cap };
+            let views = Views { search: &even, cap: &cap, check: Some((check, check_cap.as_slice())) };
             let kept = improve_layer(&mut p, 0, &stats, &[], views, Instant::now() + std::time::Duration::from_secs(10));
             (p, kept)
         };
